@@ -1,0 +1,158 @@
+"""Uniform access to the residual stream, attention and FFN updates, final norm and unembedding.
+
+A small declarative table per architecture (in the spirit of TransformerLens' `component_mapping`) over the
+Hugging Face module tree. Every entry is proven by two identities, tested for every family on tiny random models:
+
+    block_output(i) == block_input(i) + attn_update(i) + ffn_update(i)
+    decode(block_output(L - 1)) == the model's own logits
+
+Where a family's `mlp` module is not the FFN update (BLOOM adds the residual inside it, Gemma 2/3 normalise after
+it, OPT has none, Falcon edits it in place), the table points at the module that is; see
+shared/notes/architectures.md.
+
+Layer numbering used by every probe: residual index 0 is the embedding output (the input of block 0) and index
+i >= 1 is the output of block i - 1, so a model with L blocks has L + 1 residual positions and index L is the last.
+FFN and attention updates are indexed by block, 0..L-1; the FFN of block i moves residual i to residual i + 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ProbeError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    layers: str  # path of the ModuleList of blocks, from the model root
+    final_norm: str | None  # final norm applied before the unembedding (None: post-norm model without one)
+    unembed: str
+    attn: str  # module under a block whose output (first element if a tuple) is the attention update
+    ffn: str  # module under a block whose output is the FFN update
+    attn_weights: str = ""  # module under a block whose output[1] is the attention probabilities (eager)
+    pre_unembed: str | None = None  # projection between final norm and unembedding (OPT-350m's project_out)
+    ffn_flat: bool = False  # the FFN module works on (batch*seq, d) (OPT)
+    ffn_inplace: bool = False  # the FFN output is edited in place later in the block (Falcon): clone on read
+
+    @property
+    def attn_probs_module(self) -> str:
+        return self.attn_weights or self.attn
+
+
+_DECODER = dict(layers="model.layers", final_norm="model.norm", unembed="lm_head", attn="self_attn", ffn="mlp")
+_GEMMA_POSTNORM = dict(_DECODER, attn="post_attention_layernorm", ffn="post_feedforward_layernorm",
+                       attn_weights="self_attn")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp"),
+    "gptj": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp"),
+    "bloom": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="self_attention.dense",
+                      ffn="mlp.dense_4h_to_h", attn_weights="self_attention"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head", attn="attention", ffn="mlp"),
+    "opt": ArchSpec("model.decoder.layers", "model.decoder.final_layer_norm", "lm_head", attn="self_attn",
+                    ffn="fc2", pre_unembed="model.decoder.project_out", ffn_flat=True),
+    "llama": ArchSpec(**_DECODER),
+    "mistral": ArchSpec(**_DECODER),
+    "qwen2": ArchSpec(**_DECODER),
+    "qwen3": ArchSpec(**_DECODER),
+    "gemma": ArchSpec(**_DECODER),
+    "gemma2": ArchSpec(**_GEMMA_POSTNORM),
+    "gemma3_text": ArchSpec(**_GEMMA_POSTNORM),
+    "falcon": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="self_attention", ffn="mlp",
+                       ffn_inplace=True),
+}
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    if model_type not in ARCHITECTURES:
+        raise ProbeError(f"unknown architecture {model_type!r}; accepted: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[model_type]
+
+
+def _get(root, path: str | None):
+    """Follow a dotted path of attributes; None where the path or any step is missing/None."""
+    if not path:
+        return None
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+class Arch:
+    """An nnsight model seen through its architecture's table.
+
+    Methods returning activations (`resid`, `attn_update`, `ffn_update`) must be called inside a trace, in
+    forward order; `decode` is plain torch on the real modules and can be called anywhere.
+    """
+
+    def __init__(self, model):
+        self.model = model  # nnsight TransformersModel
+        self.hf = model._module
+        self.config = self.hf.config
+        self.model_type = self.config.model_type
+        self.spec = arch_spec(self.model_type)
+        self.n_layers = len(_get(self.hf, self.spec.layers))
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self._norm = _get(self.hf, self.spec.final_norm)
+        self._pre_unembed = _get(self.hf, self.spec.pre_unembed)
+        self._unembed = _get(self.hf, self.spec.unembed)
+
+    # --- inside a trace -------------------------------------------------------------------------------------
+    def block(self, i: int):
+        return _get(self.model, self.spec.layers)[i]
+
+    def block_input(self, i: int):
+        return self.block(i).input
+
+    def block_output(self, i: int):
+        return _first(self.block(i).output)
+
+    def resid(self, index: int):
+        """Residual stream at residual index `index` (0 = embeddings, i = output of block i-1)."""
+        return self.block_input(0) if index == 0 else self.block_output(index - 1)
+
+    def attn_update(self, i: int):
+        return _first(_get(self.block(i), self.spec.attn).output)
+
+    def ffn_module(self, i: int):
+        return _get(self.block(i), self.spec.ffn)
+
+    def ffn_update(self, i: int, like=None):
+        """FFN update of block i; `like` (the block input) gives the (batch, seq) shape for flat FFNs."""
+        out = self.ffn_module(i).output
+        if self.spec.ffn_inplace:
+            out = out.clone()
+        if self.spec.ffn_flat:
+            out = out.view(*like.shape[:-1], out.shape[-1])
+        return out
+
+    # --- plain torch ----------------------------------------------------------------------------------------
+    @property
+    def unembed_device(self) -> torch.device:
+        return self._unembed.weight.device
+
+    @torch.no_grad()
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """Residual vectors (..., d) -> logits, through final norm, projection, unembedding and softcap."""
+        if self._norm is not None:
+            h = self._norm(h.to(self._norm.weight.device))
+        if self._pre_unembed is not None:
+            h = self._pre_unembed(h.to(self._pre_unembed.weight.device))
+        w = self._unembed.weight
+        logits = self._unembed(h.to(device=w.device, dtype=self._unembed_dtype()))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+    def _unembed_dtype(self) -> torch.dtype:
+        w = self._unembed.weight
+        return w.dtype if w.dtype.is_floating_point else torch.bfloat16

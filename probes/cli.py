@@ -1,0 +1,112 @@
+"""The `probe` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import ProbeError
+
+RESULTS = Path(os.environ.get("PROBE_RESULTS", "results"))
+
+
+def _fmt_params(n: int | None) -> str:
+    if not n:
+        return "?"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.4g}{unit}"
+    return str(n)
+
+
+def cmd_models(args) -> None:
+    from .registry import load_registry
+
+    rows = [(s.name, s.family, _fmt_params(s.params), s.where() + ("" if s.pinned or s.source != "hub" else " (unpinned)"),
+             "yes" if s.available() else "no") for s in load_registry().values()]
+    _print_table(("name", "family", "params", "loads from", "available here"), rows)
+
+
+def cmd_tasks(args) -> None:
+    from .tasks import available_tasks, load_task_file
+
+    rows = []
+    for name, path in available_tasks().items():
+        t = load_task_file(path)
+        rows.append((name, t.kind, str(len(t.rows())), str(t.shots), t.source))
+    _print_table(("task", "kind", "items", "shots", "source"), rows)
+
+
+def cmd_run(args) -> None:
+    from .execution import default_output, get_probe, run_probe
+    from .loading import load_model
+    from .registry import resolve_model
+    from .tasks import load_task
+
+    spec = resolve_model(args.model)
+    task = load_task(args.task)
+    get_probe(args.probe)
+    if args.batch_size < 1:
+        raise ProbeError(f"bad --batch-size {args.batch_size}; accepted: a positive integer")
+    print(f"loading {spec.name} ({spec.where()}) ...", file=sys.stderr)
+    loaded = load_model(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
+                        max_memory=args.max_memory)
+    print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
+    out = Path(args.output) if args.output else default_output(RESULTS, spec.name, task.name, args.probe)
+    table, summary = run_probe(loaded, task, args.probe, out, limit=args.limit, batch_size=args.batch_size,
+                               options={"topk": args.topk}, overwrite=args.overwrite)
+    print(get_probe(args.probe).report(table, summary))
+    print(f"\nresults: {out}/table.csv  metadata: {out}/meta.json")
+
+
+def _print_table(header, rows) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="probe", description="Probe the internals of pretrained language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list the model registry").set_defaults(func=cmd_models)
+    sub.add_parser("tasks", help="list tasks with item counts").set_defaults(func=cmd_tasks)
+    r = sub.add_parser("run", help="run a probe on a task")
+    r.add_argument("--model", required=True, help="registry name, checkpoint folder, or config .json/.yaml")
+    r.add_argument("--task", required=True, help="task name (see `probe tasks`) or a task .yaml file")
+    r.add_argument("--probe", default="logit-lens")
+    r.add_argument("--limit", type=int, help="only the first N items")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--topk", type=int, default=5, help="top-k tokens kept per layer")
+    r.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
+    r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
+    r.add_argument("--device-map", help="auto, balanced, sequential or cpu (accelerate)")
+    r.add_argument("--max-memory", help="per-device limits, e.g. '0=75GiB,cpu=200GiB'")
+    r.add_argument("--output", help="run folder (default: results/<model>/<task>/<probe>)")
+    r.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ProbeError as e:
+        print(f"probe: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "out of memory" not in str(e).lower():
+            raise
+        print(f"probe: error: out of memory ({type(e).__name__}); finished batches are kept: rerun with a "
+              "smaller --batch-size, --quantize or more devices", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("probe: interrupted; finished batches are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

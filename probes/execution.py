@@ -1,0 +1,89 @@
+"""Local execution: run a probe over a task's items in batches, writing each finished batch at once (resumable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from .errors import ProbeError, choice_error
+from .lens import report_lens, run_lens, summarize_lens
+from .results import RunDir, environment
+
+
+@dataclass(frozen=True)
+class Probe:
+    run: Callable  # (loaded, items, **options) -> rows
+    summarize: Callable  # (DataFrame) -> dict
+    report: Callable  # (DataFrame, summary) -> printable text
+    about: str
+
+
+PROBES: dict[str, Probe] = {
+    "logit-lens": Probe(run_lens, summarize_lens, report_lens,
+                        "decode the last position's residual stream at every layer (0 = embeddings)"),
+}
+
+
+def get_probe(name: str) -> Probe:
+    if name not in PROBES:
+        raise choice_error("probe", name, PROBES)
+    return PROBES[name]
+
+
+def context_length(loaded) -> int | None:
+    cfg = loaded.arch.config
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return None
+
+
+def check_context(loaded, items) -> None:
+    limit = context_length(loaded)
+    if limit is None:
+        return
+    for it in items:
+        n = len(loaded.tokenizer(it.prompt).input_ids)
+        if n > limit:
+            raise ProbeError(f"prompt of item {it.index} ({it.input!r}) is {n} tokens, longer than the context of "
+                             f"{loaded.spec.name} ({limit} tokens); accepted: prompts of at most {limit} tokens")
+
+
+def run_config(loaded, task, probe: str, limit: int | None, options: dict) -> dict:
+    """What identifies a run's results: a rerun with the same config resumes, a different one is refused."""
+    spec = loaded.spec
+    return {"model": spec.name, "source": spec.where(), "revision": spec.revision, "dtype": loaded.dtype,
+            "quantize": loaded.quantize, "task": task.name, "task_version": task.version, "seed": task.seed,
+            "probe": probe, "limit": limit, "options": options}
+
+
+def default_output(results: Path, model: str, task: str, probe: str) -> Path:
+    return Path(results) / model / task / probe
+
+
+def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int = 8,
+              options: dict | None = None, overwrite: bool = False, progress: bool = True):
+    """Run `probe` on `task`, resuming from finished batches under `output`; returns (table, summary)."""
+    options = options or {}
+    spec = get_probe(probe)
+    items = task.items(limit)
+    check_context(loaded, items)
+    run = RunDir(output, run_config(loaded, task, probe, limit, options), overwrite=overwrite)
+    run.start({"batch_size": batch_size, "load_seconds": round(loaded.load_seconds, 2),
+               "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map,
+               "task_source": task.source, "task_license": task.license, **environment()})
+    done = run.done_items()
+    todo = [it for it in items if it.index not in done]
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{loaded.spec.name} {task.name} {probe}",
+              unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            run.write_part(spec.run(loaded, batch, **options))
+            bar.update(len(batch))
+    table = run.table()
+    summary = spec.summarize(table)
+    run.finish(table, summary)
+    return table, summary

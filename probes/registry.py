@@ -1,0 +1,158 @@
+"""The model registry (`models.yaml`) and how a `--model` value becomes a `ModelSpec`.
+
+A `--model` value is a registry name, a local folder holding a Hugging Face checkpoint, or a JSON/YAML file with
+a model config (a tiny random model). Entries are validated when the registry is read, so a malformed file fails
+before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ProbeError, choice_error
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZE = ("8bit", "4bit")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
+SOURCES = ("hub", "gguf", "local", "random")
+_ENTRY_KEYS = {"repo", "revision", "family", "params", "dtype", "gguf", "path", "random", "load", "notes"}
+_LOAD_KEYS = {"device_map", "max_memory", "quantize", "bnb_4bit_compute_dtype", "trust_remote_code",
+              "use_safetensors"}
+
+
+def registry_path() -> Path:
+    return Path(os.environ.get("PROBE_REGISTRY", ROOT / "models.yaml"))
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    source: str  # one of SOURCES
+    family: str
+    params: int | None = None
+    repo: str | None = None
+    revision: str = "main"
+    dtype: str = "float32"
+    gguf: dict | None = None  # {package, file} or {package, assemble: true}
+    path: str | None = None  # local folder
+    random: dict | None = None  # config kwargs, `model_type` required
+    load: dict = field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def pinned(self) -> bool:
+        return bool(re.fullmatch(r"[0-9a-f]{40}", self.revision or ""))
+
+    def where(self) -> str:
+        if self.source == "hub":
+            return f"hub:{self.repo}@{self.revision[:10]}"
+        if self.source == "gguf":
+            return f"gguf:{self.gguf['package']}"
+        if self.source == "local":
+            return f"local:{self.path}"
+        return f"random:{self.random['model_type']}"
+
+    def available(self) -> bool:
+        """Loadable on this machine without a network (hub entries: only if already in the HF cache)."""
+        if self.source == "gguf":
+            return importlib.util.find_spec(self.gguf["package"]) is not None
+        if self.source == "local":
+            return Path(self.path).is_dir()
+        if self.source == "random":
+            return True
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(self.repo, "config.json", revision=self.revision)
+        return isinstance(hit, str)
+
+
+def _parse_params(value, where: str) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    m = re.fullmatch(r"([0-9.]+)\s*([KMBT]?)", str(value).strip(), re.I)
+    if not m:
+        raise ProbeError(f"{where}: bad params {value!r}; accepted: an integer or a number with K, M, B or T")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_entry(name: str, entry, where: str) -> ModelSpec:
+    """Validate one registry entry (a mapping) and build its spec; errors name the entry and the field."""
+    if not isinstance(entry, dict):
+        raise ProbeError(f"{where}: entry {name!r} must be a mapping, got {type(entry).__name__}")
+    unknown = set(entry) - _ENTRY_KEYS
+    if unknown:
+        raise ProbeError(f"{where}: entry {name!r} has unknown field(s) {', '.join(sorted(unknown))}; "
+                         f"accepted: {', '.join(sorted(_ENTRY_KEYS))}")
+    kinds = [k for k in ("gguf", "path", "random") if k in entry]
+    if len(kinds) > 1:
+        raise ProbeError(f"{where}: entry {name!r} names several sources ({', '.join(kinds)}); give one")
+    source = {"gguf": "gguf", "path": "local", "random": "random"}[kinds[0]] if kinds else "hub"
+    if source == "hub" and not entry.get("repo"):
+        raise ProbeError(f"{where}: entry {name!r} needs 'repo' (a Hugging Face repo id) or one of gguf, path, random")
+    if source == "random" and not (isinstance(entry["random"], dict) and "model_type" in entry["random"]):
+        raise ProbeError(f"{where}: entry {name!r}: 'random' must be a mapping of config values with a model_type")
+    if source == "gguf" and not (isinstance(entry["gguf"], dict) and "package" in entry["gguf"]):
+        raise ProbeError(f"{where}: entry {name!r}: 'gguf' must be a mapping with 'package' and 'file' or 'assemble'")
+    dtype = entry.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ProbeError(f"{where}: entry {name!r} has dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+    load = entry.get("load") or {}
+    if not isinstance(load, dict) or set(load) - _LOAD_KEYS:
+        bad = sorted(set(load) - _LOAD_KEYS) if isinstance(load, dict) else load
+        raise ProbeError(f"{where}: entry {name!r} has bad load option(s) {bad}; accepted: {', '.join(sorted(_LOAD_KEYS))}")
+    if load.get("quantize") not in (None,) + QUANTIZE:
+        raise ProbeError(f"{where}: entry {name!r} has quantize {load['quantize']!r}; accepted: {', '.join(QUANTIZE)}")
+    family = entry.get("family") or (entry["random"]["model_type"] if source == "random" else None)
+    if not family:
+        raise ProbeError(f"{where}: entry {name!r} needs 'family'")
+    return ModelSpec(name=name, source=source, family=family, params=_parse_params(entry.get("params"), where),
+                     repo=entry.get("repo"), revision=str(entry.get("revision", "main")), dtype=dtype,
+                     gguf=entry.get("gguf"), path=entry.get("path"), random=entry.get("random"), load=load,
+                     notes=entry.get("notes", ""))
+
+
+def load_registry(path: Path | None = None) -> dict[str, ModelSpec]:
+    path = Path(path or registry_path())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ProbeError(f"model registry {str(path)!r} not found; set PROBE_REGISTRY or run from the repository")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ProbeError(f"malformed model registry {str(path)!r}{at}: {getattr(e, 'problem', e)}")
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
+        raise ProbeError(f"malformed model registry {str(path)!r}: expected a top-level 'models:' mapping")
+    return {name: parse_entry(name, entry, str(path)) for name, entry in data["models"].items()}
+
+
+def resolve_model(value: str, registry: dict[str, ModelSpec] | None = None) -> ModelSpec:
+    """A registry name, a local checkpoint folder, or a config file (JSON/YAML) for a random model."""
+    registry = load_registry() if registry is None else registry
+    if value in registry:
+        return registry[value]
+    p = Path(value)
+    if p.is_dir():
+        cfg = p / "config.json"
+        if not cfg.exists():
+            raise ProbeError(f"model folder {value!r} has no config.json; accepted: a Hugging Face checkpoint folder")
+        family = json.loads(cfg.read_text()).get("model_type", "unknown")
+        return ModelSpec(name=p.resolve().name, source="local", family=family, path=str(p.resolve()))
+    if p.is_file() and p.suffix in (".json", ".yaml", ".yml"):
+        try:
+            cfg = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            raise ProbeError(f"malformed model config {value!r}: {getattr(e, 'problem', e)}")
+        if not isinstance(cfg, dict) or "model_type" not in cfg:
+            raise ProbeError(f"model config {value!r} must be a mapping with a model_type")
+        return parse_entry(p.stem, {"random": cfg}, value)
+    raise choice_error("model", value, list(registry) + ["<checkpoint folder>", "<config .json/.yaml>"])
