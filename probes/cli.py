@@ -41,7 +41,7 @@ def cmd_tasks(args) -> None:
 
 def cmd_run(args) -> None:
     from .execution import default_output, get_probe, run_probe
-    from .loading import load_model
+    from .loading import load_model, load_options
     from .registry import resolve_model
     from .tasks import load_task
 
@@ -50,9 +50,10 @@ def cmd_run(args) -> None:
     get_probe(args.probe)
     if args.batch_size < 1:
         raise ProbeError(f"bad --batch-size {args.batch_size}; accepted: a positive integer")
-    print(f"loading {spec.name} ({spec.where()}) ...", file=sys.stderr)
-    loaded = load_model(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
+    opts = load_options(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
                         max_memory=args.max_memory)
+    print(f"loading {spec.name} ({spec.where()}) ...", file=sys.stderr)
+    loaded = load_model(spec, **opts)
     print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
     out = Path(args.output) if args.output else default_output(RESULTS, spec.name, task.name, args.probe)
     table, summary = run_probe(loaded, task, args.probe, out, limit=args.limit, batch_size=args.batch_size,

@@ -18,7 +18,7 @@ def last_residuals(loaded, prompts: list[str]) -> torch.Tensor:
     """(batch, L + 1, d) residual stream at the last position of each (left-padded) prompt, every layer."""
     arch = loaded.arch
     saved = []
-    with loaded.model.trace(prompts):
+    with loaded.model.trace(prompts, logits_to_keep=1):  # the lens decodes itself: skip the full-vocab logits
         for index in range(arch.n_layers + 1):
             saved.append(arch.resid(index)[:, -1].save())
     return torch.stack([s.to(arch.unembed_device) for s in saved], dim=1)

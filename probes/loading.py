@@ -171,14 +171,9 @@ def _random_checkpoint(spec: ModelSpec) -> tuple[Path, bool]:
     return _atomic_dir(target, write), False
 
 
-def load_model(spec: ModelSpec, dtype: str | None = None, device_map=None, quantize: str | None = None,
-               max_memory=None, compute_dtype: str | None = None, attn_implementation: str | None = None) -> Loaded:
-    """Load `spec` with its registry options, each overridable; returns the nnsight model and friends."""
-    from nnsight.modeling.transformers import TransformersModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # transformers' loading and saving bars are noise next to ours
+def load_options(spec: ModelSpec, dtype: str | None = None, device_map=None, quantize: str | None = None,
+                 max_memory=None, compute_dtype: str | None = None) -> dict:
+    """The registry entry's loading options with command-line overrides, validated."""
     load = spec.load
     dtype = dtype or spec.dtype
     quantize = quantize or load.get("quantize")
@@ -191,7 +186,21 @@ def load_model(spec: ModelSpec, dtype: str | None = None, device_map=None, quant
     if isinstance(device_map, str):
         _check_choice("device map", device_map, DEVICE_MAPS)
     arch_spec(spec.family)  # an unknown architecture fails here, before anything is downloaded
+    return dict(dtype=dtype, quantize=quantize, device_map=device_map,
+                max_memory=parse_max_memory(max_memory or load.get("max_memory")), compute_dtype=compute_dtype)
 
+
+def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overrides) -> Loaded:
+    """Load `spec` with its registry options, each overridable (see `load_options`)."""
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    opts = load_options(spec, **overrides)
+    dtype, quantize, device_map, compute_dtype = (opts[k] for k in ("dtype", "quantize", "device_map",
+                                                                    "compute_dtype"))
+    hf_logging.disable_progress_bar()  # transformers' loading and saving bars are noise next to ours
+    load = spec.load
     start = time.perf_counter()
     revision, cache_hit = {}, True
     if spec.source == "gguf":
@@ -206,8 +215,8 @@ def load_model(spec: ModelSpec, dtype: str | None = None, device_map=None, quant
     kwargs = dict(dtype=getattr(torch, dtype if not quantize else compute_dtype), **revision)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if max_memory := parse_max_memory(max_memory or load.get("max_memory")):
-        kwargs["max_memory"] = max_memory
+    if opts["max_memory"]:
+        kwargs["max_memory"] = opts["max_memory"]
     if quantize:
         kwargs["quantization_config"] = _quantization_config(quantize, compute_dtype)
     if attn_implementation:

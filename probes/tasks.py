@@ -94,10 +94,17 @@ class Task:
             raise ProbeError(f"task {self.name!r}: data file {file.name!r} has no rows")
         return rows
 
-    def items(self, limit: int | None = None) -> list[Item]:
+    def items(self, limit: int | None = None, inputs: list[str] | None = None) -> list[Item]:
+        """The first `limit` items, or those whose input is in `inputs`; prompts never depend on either."""
         rows = self.rows()
+        if inputs is not None:
+            unknown = set(inputs) - {r["input"] for r in rows}
+            if unknown:
+                raise ProbeError(f"task {self.name!r} has no item(s) {', '.join(sorted(unknown))}")
         out = []
-        for i, row in enumerate(rows[:limit] if limit else rows):
+        for i, row in enumerate(rows):
+            if (limit and i >= limit) or (inputs is not None and row["input"] not in inputs):
+                continue
             shots = self._shots(i, len(rows))
             parts = [self.template.format(**rows[j]) + self.answer.format(**rows[j]) for j in shots]
             prompt = self.separator.join(parts + [self.template.format(**row)])

