@@ -29,24 +29,60 @@ def cmd_models(args) -> None:
     _print_table(("name", "family", "params", "loads from", "available here"), rows)
 
 
+def _tokenizer(model: str):
+    """Only the tokenizer of a model (cheap: no weights), for task listings and prompts."""
+    from .loading import load_tokenizer
+    from .registry import resolve_model
+
+    return load_tokenizer(resolve_model(model))
+
+
 def cmd_tasks(args) -> None:
     from .tasks import available_tasks, load_task_file
 
+    tok = _tokenizer(args.model) if args.model else None
+    header = ("task", "kind", "items") + (("ambiguous", "rule") if tok else ()) + ("source",)
     rows = []
     for name, path in available_tasks().items():
         t = load_task_file(path)
-        rows.append((name, t.kind, str(len(t.rows())), str(t.shots), t.source))
-    _print_table(("task", "kind", "items", "shots", "source"), rows)
+        n = len(t.items())
+        extra = ()
+        if tok is not None:
+            extra = (str(len(t.scored_items(tok)[1])), t.ambiguous if t.kind != "nback" else "-")
+        rows.append((name, t.kind, str(n), *extra, t.source))
+    _print_table(header, rows)
+
+
+def cmd_prompt(args) -> None:
+    from .tasks import answer_token, first_token, load_task, parse_overrides
+
+    task = load_task(args.task, parse_overrides(args.task_option))
+    tok = _tokenizer(args.model)
+    items = task.items()
+    if not 0 <= args.index < len(items):
+        raise ProbeError(f"bad --index {args.index}; accepted: 0 to {len(items) - 1} for task {task.name!r}")
+    item = items[args.index]
+    _, reasons = task.scored_items(tok, inputs=[item.input]) if task.kind != "nback" else (None, {})
+    ids = tok(item.prompt).input_ids
+    print(f"--- prompt ({len(ids)} tokens) ---\n{item.prompt}\n--- tokens ---")
+    print(" ".join(f"{i}:{tok.decode(i)!r}" for i in ids))
+    target = answer_token(tok, item)
+    print(f"--- target ---\nanswer {item.answer!r} -> first token {target} {tok.decode(target)!r}")
+    if item.argument:
+        arg = first_token(tok, item.argument)
+        print(f"argument {item.argument!r} -> first token {arg} {tok.decode(arg)!r}")
+    if item.index in reasons:
+        print(f"ambiguous: {reasons[item.index]} (task rule: {task.ambiguous})")
 
 
 def cmd_run(args) -> None:
     from .execution import default_output, get_probe, run_probe
     from .loading import load_model, load_options
     from .registry import resolve_model
-    from .tasks import load_task
+    from .tasks import load_task, parse_overrides
 
     spec = resolve_model(args.model)
-    task = load_task(args.task)
+    task = load_task(args.task, parse_overrides(args.task_option))
     get_probe(args.probe)
     if args.batch_size < 1:
         raise ProbeError(f"bad --batch-size {args.batch_size}; accepted: a positive integer")
@@ -72,11 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="probe", description="Probe the internals of pretrained language models.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the model registry").set_defaults(func=cmd_models)
-    sub.add_parser("tasks", help="list tasks with item counts").set_defaults(func=cmd_tasks)
+    t = sub.add_parser("tasks", help="list tasks with item counts")
+    t.add_argument("--model", help="also count the items ambiguous for this model's tokenizer")
+    t.set_defaults(func=cmd_tasks)
+    pr = sub.add_parser("prompt", help="show the exact text, token ids and target a model will see")
+    pr.add_argument("--task", required=True)
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--index", type=int, default=0)
+    pr.add_argument("--task-option", action="append", metavar="FIELD=VALUE")
+    pr.set_defaults(func=cmd_prompt)
     r = sub.add_parser("run", help="run a probe on a task")
     r.add_argument("--model", required=True, help="registry name, checkpoint folder, or config .json/.yaml")
     r.add_argument("--task", required=True, help="task name (see `probe tasks`) or a task .yaml file")
     r.add_argument("--probe", default="logit-lens")
+    r.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
+                   help="override a task field, e.g. n=2 or shots=3 (repeatable)")
     r.add_argument("--limit", type=int, help="only the first N items")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--topk", type=int, default=5, help="top-k tokens kept per layer")

@@ -9,6 +9,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from .errors import ProbeError, choice_error
+from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import report_lens, run_lens, summarize_lens
 from .results import RunDir, environment
 
@@ -19,11 +20,14 @@ class Probe:
     summarize: Callable  # (DataFrame) -> dict
     report: Callable  # (DataFrame, summary) -> printable text
     about: str
+    options: tuple[str, ...] = ()  # names of the command-line options it takes
 
 
 PROBES: dict[str, Probe] = {
     "logit-lens": Probe(run_lens, summarize_lens, report_lens,
-                        "decode the last position's residual stream at every layer (0 = embeddings)"),
+                        "decode the last position's residual stream at every layer (0 = embeddings)", ("topk",)),
+    "accuracy": Probe(run_accuracy, summarize_accuracy, report_accuracy,
+                      "greedy answer: is the answer's first token the top-1 next token"),
 }
 
 
@@ -57,7 +61,7 @@ def run_config(loaded, task, probe: str, limit: int | None, options: dict) -> di
     spec = loaded.spec
     return {"model": spec.name, "source": spec.where(), "revision": spec.revision, "dtype": loaded.dtype,
             "quantize": loaded.quantize, "task": task.name, "task_version": task.version, "seed": task.seed,
-            "probe": probe, "limit": limit, "options": options}
+            "task_options": task.overrides, "probe": probe, "limit": limit, "options": options}
 
 
 def default_output(results: Path, model: str, task: str, probe: str) -> Path:
@@ -67,12 +71,14 @@ def default_output(results: Path, model: str, task: str, probe: str) -> Path:
 def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int = 8,
               options: dict | None = None, overwrite: bool = False, progress: bool = True):
     """Run `probe` on `task`, resuming from finished batches under `output`; returns (table, summary)."""
-    options = options or {}
     spec = get_probe(probe)
-    items = task.items(limit)
+    options = {k: v for k, v in (options or {}).items() if k in spec.options}
+    items, ambiguous = task.scored_items(loaded.tokenizer, limit)
     check_context(loaded, items)
     run = RunDir(output, run_config(loaded, task, probe, limit, options), overwrite=overwrite)
     run.start({"batch_size": batch_size, "load_seconds": round(loaded.load_seconds, 2),
+               "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,
+               "ambiguous": {str(k): v for k, v in ambiguous.items()},
                "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map,
                "task_source": task.source, "task_license": task.license, **environment()})
     done = run.done_items()
@@ -81,7 +87,11 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
               unit="prompt", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            run.write_part(spec.run(loaded, batch, **options))
+            rows = spec.run(loaded, batch, **options)
+            if task.ambiguous == "flag":
+                for row in rows:
+                    row["ambiguous"] = row["item"] in ambiguous
+            run.write_part(rows)
             bar.update(len(batch))
     table = run.table()
     summary = spec.summarize(table)

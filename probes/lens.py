@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from .tasks import Item, first_token
+from .tasks import Item, answer_token, first_token, item_columns
 
 
 def last_residuals(loaded, prompts: list[str]) -> torch.Tensor:
@@ -33,8 +33,8 @@ def rank_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def decode_rows(loaded, items: list[Item], hidden: torch.Tensor, topk: int = 5, prefix: str = "") -> list[dict]:
     """Lens statistics of `hidden` (batch, n, d), one row per item x index, column names prefixed by `prefix`."""
     tok = loaded.tokenizer
-    targets = {name: torch.tensor([first_token(tok, getattr(it, name)) for it in items], device=hidden.device)
-               for name in ("answer", "argument")}
+    targets = {"answer": torch.tensor([answer_token(tok, it) for it in items], device=hidden.device),
+               "argument": torch.tensor([first_token(tok, it.argument) for it in items], device=hidden.device)}
     rows = [dict() for _ in range(len(items) * hidden.shape[1])]
     for layer in range(hidden.shape[1]):
         logits = loaded.arch.decode(hidden[:, layer])  # (batch, vocab), one layer at a time to bound memory
@@ -55,18 +55,11 @@ def decode_rows(loaded, items: list[Item], hidden: torch.Tensor, topk: int = 5, 
     return rows
 
 
-def item_columns(loaded, item: Item) -> dict:
-    tok = loaded.tokenizer
-    return {"item": item.index, "input": item.input, "output": item.output,
-            "answer_token": tok.decode(first_token(tok, item.answer)),
-            "argument_token": tok.decode(first_token(tok, item.argument))}
-
-
 def run_lens(loaded, items: list[Item], topk: int = 5) -> list[dict]:
     hidden = last_residuals(loaded, [it.prompt for it in items])
     stats = decode_rows(loaded, items, hidden, topk=topk)
     n = hidden.shape[1]
-    return [{**item_columns(loaded, it), "layer": layer, **stats[b * n + layer]}
+    return [{**item_columns(loaded.tokenizer, it), "layer": layer, **stats[b * n + layer]}
             for b, it in enumerate(items) for layer in range(n)]
 
 

@@ -171,6 +171,29 @@ def _random_checkpoint(spec: ModelSpec) -> tuple[Path, bool]:
     return _atomic_dir(target, write), False
 
 
+def checkpoint(spec: ModelSpec) -> tuple[str, dict, bool]:
+    """Where from_pretrained reads `spec`: (path or repo id, revision kwargs, whether a cache was hit)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' conversion, loading and saving bars are noise next to ours
+    if spec.source == "gguf":
+        path, hit = _gguf_checkpoint(spec)
+        return str(path), {}, hit
+    if spec.source == "random":
+        path, hit = _random_checkpoint(spec)
+        return str(path), {}, hit
+    if spec.source == "local":
+        return spec.path, {}, True
+    return spec.repo, {"revision": spec.revision}, True
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    src, revision, _ = checkpoint(spec)
+    return AutoTokenizer.from_pretrained(src, trust_remote_code=bool(spec.load.get("trust_remote_code")), **revision)
+
+
 def load_options(spec: ModelSpec, dtype: str | None = None, device_map=None, quantize: str | None = None,
                  max_memory=None, compute_dtype: str | None = None) -> dict:
     """The registry entry's loading options with command-line overrides, validated."""
@@ -193,25 +216,13 @@ def load_options(spec: ModelSpec, dtype: str | None = None, device_map=None, qua
 def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overrides) -> Loaded:
     """Load `spec` with its registry options, each overridable (see `load_options`)."""
     from nnsight.modeling.transformers import TransformersModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
+    from transformers import AutoModelForCausalLM
     opts = load_options(spec, **overrides)
     dtype, quantize, device_map, compute_dtype = (opts[k] for k in ("dtype", "quantize", "device_map",
                                                                     "compute_dtype"))
-    hf_logging.disable_progress_bar()  # transformers' loading and saving bars are noise next to ours
     load = spec.load
     start = time.perf_counter()
-    revision, cache_hit = {}, True
-    if spec.source == "gguf":
-        src, cache_hit = _gguf_checkpoint(spec)
-    elif spec.source == "random":
-        src, cache_hit = _random_checkpoint(spec)
-    elif spec.source == "local":
-        src = Path(spec.path)
-    else:
-        src = spec.repo
-        revision = {"revision": spec.revision}
+    src, revision, cache_hit = checkpoint(spec)
     kwargs = dict(dtype=getattr(torch, dtype if not quantize else compute_dtype), **revision)
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -222,9 +233,9 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     trust = bool(load.get("trust_remote_code", False))
-    hf = AutoModelForCausalLM.from_pretrained(str(src), trust_remote_code=trust,
+    hf = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust,
                                               use_safetensors=load.get("use_safetensors"), **kwargs)
-    tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust, **revision)
+    tok = load_tokenizer(spec)
     hf.eval()
     model = TransformersModel(hf, task="text-generation", tokenizer=tok)
     return Loaded(model=model, tokenizer=model.tokenizer, arch=Arch(model), spec=spec, dtype=dtype,

@@ -1,0 +1,36 @@
+"""Accuracy of plain greedy answers: is the answer's first token the model's top-1 next token?"""
+
+from __future__ import annotations
+
+import torch
+
+from .lens import rank_of
+from .tasks import Item, answer_token, item_columns
+
+
+def run_accuracy(loaded, items: list[Item]) -> list[dict]:
+    tok = loaded.tokenizer
+    with loaded.model.trace([it.prompt for it in items], logits_to_keep=1):
+        logits = loaded.model.output.logits[:, -1].save()
+    logits = logits.float()
+    ids = torch.tensor([answer_token(tok, it) for it in items], device=logits.device)
+    rank = rank_of(logits, ids).tolist()
+    prob = logits.softmax(-1).gather(-1, ids[:, None])[:, 0].tolist()
+    top = logits.argmax(-1).tolist()
+    return [{**item_columns(tok, it), "predicted": tok.decode(top[b]), "correct": rank[b] == 0,
+             "answer_rank": rank[b], "answer_prob": prob[b]} for b, it in enumerate(items)]
+
+
+def summarize_accuracy(df) -> dict:
+    by_group = df.groupby(df["group"].fillna("")).correct.mean() if "group" in df else None
+    out = {"items": int(len(df)), "accuracy": float(df.correct.mean())}
+    if by_group is not None and len(by_group) > 1:
+        out["by_group"] = {str(k): float(v) for k, v in by_group.items()}
+    return out
+
+
+def report_accuracy(df, summary) -> str:
+    lines = [f"items {summary['items']}  accuracy {summary['accuracy']:.3f}"]
+    for group, acc in summary.get("by_group", {}).items():
+        lines.append(f"  {group}: {acc:.3f} ({int((df['group'].fillna('') == group).sum())} items)")
+    return "\n".join(lines)
