@@ -1,4 +1,9 @@
-"""Accuracy of plain greedy answers: is the answer's first token the model's top-1 next token?"""
+"""Accuracy of plain greedy answers: is the answer's first token the model's top-1 next token?
+
+`correct` is the paper's strict rule (top-1 == the answer's first token as the tokenizer writes it).
+`consistent` is looser: the top-1 token's text is a non-blank prefix of the answer (" S" for " SOLVE"), for
+models that would spell the right answer with other tokens.
+"""
 
 from __future__ import annotations
 
@@ -16,21 +21,24 @@ def run_accuracy(loaded, items: list[Item]) -> list[dict]:
     ids = torch.tensor([answer_token(tok, it) for it in items], device=logits.device)
     rank = rank_of(logits, ids).tolist()
     prob = logits.softmax(-1).gather(-1, ids[:, None])[:, 0].tolist()
-    top = logits.argmax(-1).tolist()
-    return [{**item_columns(tok, it), "predicted": tok.decode(top[b]), "correct": rank[b] == 0,
+    predicted = [tok.decode(t) for t in logits.argmax(-1).tolist()]
+    return [{**item_columns(tok, it), "predicted": predicted[b], "correct": rank[b] == 0,
+             "consistent": bool(predicted[b].strip()) and it.answer.startswith(predicted[b]),
              "answer_rank": rank[b], "answer_prob": prob[b]} for b, it in enumerate(items)]
 
 
 def summarize_accuracy(df) -> dict:
     by_group = df.groupby(df["group"].fillna("")).correct.mean() if "group" in df else None
-    out = {"items": int(len(df)), "accuracy": float(df.correct.mean())}
+    out = {"items": int(len(df)), "accuracy": float(df.correct.mean()),
+           "consistent": float(df.consistent.mean())}
     if by_group is not None and len(by_group) > 1:
         out["by_group"] = {str(k): float(v) for k, v in by_group.items()}
     return out
 
 
 def report_accuracy(df, summary) -> str:
-    lines = [f"items {summary['items']}  accuracy {summary['accuracy']:.3f}"]
+    lines = [f"items {summary['items']}  accuracy {summary['accuracy']:.3f}  "
+             f"(top-1 a prefix of the answer: {summary['consistent']:.3f})"]
     for group, acc in summary.get("by_group", {}).items():
         lines.append(f"  {group}: {acc:.3f} ({int((df['group'].fillna('') == group).sum())} items)")
     return "\n".join(lines)

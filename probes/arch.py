@@ -31,6 +31,7 @@ class ArchSpec:
     unembed: str
     attn: str  # module under a block whose output (first element if a tuple) is the attention update
     ffn: str  # module under a block whose output is the FFN update
+    ffn_in: str = "mlp"  # module under a block whose first input is the FFN's (normalised) input
     attn_weights: str = ""  # module under a block whose output[1] is the attention probabilities (eager)
     pre_unembed: str | None = None  # projection between final norm and unembedding (OPT-350m's project_out)
     ffn_flat: bool = False  # the FFN module works on (batch*seq, d) (OPT)
@@ -52,7 +53,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                       ffn="mlp.dense_4h_to_h", attn_weights="self_attention"),
     "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head", attn="attention", ffn="mlp"),
     "opt": ArchSpec("model.decoder.layers", "model.decoder.final_layer_norm", "lm_head", attn="self_attn",
-                    ffn="fc2", pre_unembed="model.decoder.project_out", ffn_flat=True),
+                    ffn="fc2", ffn_in="fc1", pre_unembed="model.decoder.project_out", ffn_flat=True),
     "llama": ArchSpec(**_DECODER),
     "mistral": ArchSpec(**_DECODER),
     "qwen2": ArchSpec(**_DECODER),
@@ -126,14 +127,22 @@ class Arch:
     def ffn_module(self, i: int):
         return _get(self.block(i), self.spec.ffn)
 
+    def _unflat(self, t, like):
+        return t.view(*like.shape[:-1], t.shape[-1]) if self.spec.ffn_flat else t
+
+    def ffn_input(self, i: int, like=None):
+        """What the FFN of block i reads (its normalised input), shaped (batch, seq, d)."""
+        return self._unflat(_get(self.block(i), self.spec.ffn_in).input, like)
+
+    def ffn_output(self, i: int, like=None):
+        """The FFN update of block i as the live tensor (batch, seq, d): write into it to change the update.
+        `like` (the block input) gives the (batch, seq) shape for flat FFNs."""
+        return self._unflat(self.ffn_module(i).output, like)
+
     def ffn_update(self, i: int, like=None):
-        """FFN update of block i; `like` (the block input) gives the (batch, seq) shape for flat FFNs."""
-        out = self.ffn_module(i).output
-        if self.spec.ffn_inplace:
-            out = out.clone()
-        if self.spec.ffn_flat:
-            out = out.view(*like.shape[:-1], out.shape[-1])
-        return out
+        """The FFN update of block i, safe to keep (cloned where the family edits it in place later)."""
+        out = self.ffn_output(i, like)
+        return out.clone() if self.spec.ffn_inplace else out
 
     # --- plain torch ----------------------------------------------------------------------------------------
     @property

@@ -82,8 +82,11 @@ def cmd_run(args) -> None:
     from .tasks import load_task, parse_overrides
 
     spec = resolve_model(args.model)
-    task = load_task(args.task, parse_overrides(args.task_option))
-    get_probe(args.probe)
+    overrides = parse_overrides(args.task_option)
+    tasks = [load_task(name, overrides) for name in args.task.split(",")]
+    probe = get_probe(args.probe)
+    if args.output and len(tasks) > 1:
+        raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
     if args.batch_size < 1:
         raise ProbeError(f"bad --batch-size {args.batch_size}; accepted: a positive integer")
     opts = load_options(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
@@ -91,11 +94,36 @@ def cmd_run(args) -> None:
     print(f"loading {spec.name} ({spec.where()}) ...", file=sys.stderr)
     loaded = load_model(spec, **opts)
     print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
-    out = Path(args.output) if args.output else default_output(RESULTS, spec.name, task.name, args.probe)
-    table, summary = run_probe(loaded, task, args.probe, out, limit=args.limit, batch_size=args.batch_size,
-                               options={"topk": args.topk}, overwrite=args.overwrite)
-    print(get_probe(args.probe).report(table, summary))
-    print(f"\nresults: {out}/table.csv  metadata: {out}/meta.json")
+    options = {"topk": args.topk, "mode": args.mode, "layers": args.layers, "scales": args.scales,
+               "positions": args.positions, "controls": not args.no_controls, "sources": args.sources,
+               "source_items": args.source_items, "source_layer": args.source_layer, "context": args.context,
+               "how": args.ablation}
+    tables = {}
+    for task in tasks:
+        out = Path(args.output) if args.output else default_output(RESULTS, spec.name, task.name, args.probe)
+        table, summary = run_probe(loaded, task, args.probe, out, limit=args.limit, batch_size=args.batch_size,
+                                   options=options, overwrite=args.overwrite)
+        tables[task.name] = table
+        print(f"\n== {spec.name} · {task.name} ({task.kind}) · {args.probe}")
+        print(probe.report(table, summary))
+        print(f"results: {out}/table.csv  metadata: {out}/meta.json" + ("  plot: plot.png" if probe.plot else ""))
+    if len(tasks) > 1 and args.probe == "ffn-ablation":
+        print_ablation_comparison(tables, {t.name: t.kind for t in tasks}, spec.name)
+
+
+def print_ablation_comparison(tables: dict, kinds: dict, model: str) -> None:
+    """Abstractive and extractive tasks side by side (table and plot)."""
+    import pandas as pd
+
+    from .plots import plot_ablation_compare
+
+    acc = pd.DataFrame({f"{t} ({kinds[t]})": df.groupby("variant", sort=False).correct.mean()
+                        for t, df in tables.items()})
+    print("\n== accuracy by FFN blocks removed\n" + acc.round(3).to_string())
+    path = RESULTS / model / ("ablation-" + "+".join(tables) + ".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_ablation_compare(tables, kinds, path, model)
+    print(f"plot: {path}")
 
 
 def _print_table(header, rows) -> None:
@@ -119,13 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_prompt)
     r = sub.add_parser("run", help="run a probe on a task")
     r.add_argument("--model", required=True, help="registry name, checkpoint folder, or config .json/.yaml")
-    r.add_argument("--task", required=True, help="task name (see `probe tasks`) or a task .yaml file")
+    r.add_argument("--task", required=True, help="task name(s), comma-separated (see `probe tasks`), or a .yaml file")
     r.add_argument("--probe", default="logit-lens")
     r.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
                    help="override a task field, e.g. n=2 or shots=3 (repeatable)")
     r.add_argument("--limit", type=int, help="only the first N items")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--topk", type=int, default=5, help="top-k tokens kept per layer")
+    f = r.add_argument_group("FFN probes")
+    f.add_argument("--layers", help="blocks: 'all', '5', '3,7' or '10-17' (ablation: 'sixths', the default)")
+    f.add_argument("--mode", help="ffn-transplant: add (to the residual after each block; default) or replace "
+                                  "(the FFN updates of a range of blocks)")
+    f.add_argument("--scales", help="ffn-transplant: multiples of o, e.g. '1,2' (default 1)")
+    f.add_argument("--positions", help="ffn-transplant replace: all (broadcast, default) or last")
+    f.add_argument("--no-controls", action="store_true", help="ffn-transplant: skip shuffled and random vectors")
+    f.add_argument("--sources", type=int, help="ffn-transplant: average o over this many source prompts")
+    f.add_argument("--source-items", help="ffn-transplant: source inputs, e.g. 'Poland,France'")
+    f.add_argument("--source-layer", type=int, help="ffn-transplant: block of o (default: the FFN switch block)")
+    f.add_argument("--context", help="ffn-transplant targets: copy (the paper's neutral prompt; default) or "
+                                     "zero-shot (the task's template without shots)")
+    f.add_argument("--ablation", help="ffn-ablation: zero (default) or identity")
     r.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
     r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
     r.add_argument("--device-map", help="auto, balanced, sequential or cpu (accelerate)")

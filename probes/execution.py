@@ -9,6 +9,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from .errors import ProbeError, choice_error
+from . import ffn, plots
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import report_lens, run_lens, summarize_lens
 from .results import RunDir, environment
@@ -20,14 +21,30 @@ class Probe:
     summarize: Callable  # (DataFrame) -> dict
     report: Callable  # (DataFrame, summary) -> printable text
     about: str
+    plot: Callable | None  # (DataFrame, meta, path) -> writes a figure
     options: tuple[str, ...] = ()  # names of the command-line options it takes
+    prepare: Callable | None = None  # (loaded, task, items, options) -> (items, state, meta), once per run
+    run_options: tuple[str, ...] = ()  # the options `run` takes (the rest go to `prepare` only)
 
 
 PROBES: dict[str, Probe] = {
     "logit-lens": Probe(run_lens, summarize_lens, report_lens,
-                        "decode the last position's residual stream at every layer (0 = embeddings)", ("topk",)),
+                        "decode the last position's residual stream at every layer (0 = embeddings)", plots.plot_lens, ("topk",),
+                        run_options=("topk",)),
     "accuracy": Probe(run_accuracy, summarize_accuracy, report_accuracy,
-                      "greedy answer: is the answer's first token the top-1 next token"),
+                      "greedy answer: is the answer's first token the top-1 next token", None),
+    "ffn-readout": Probe(ffn.run_readout, ffn.summarize_readout, ffn.report_readout,
+                         "each block's FFN update decoded, its norm and effect on the answer; stage layers", plots.plot_readout,
+                         ("topk",), run_options=("topk",)),
+    "ffn-transplant": Probe(ffn.run_transplant, ffn.summarize_transplant, ffn.report_transplant,
+                            "put a source prompt's FFN update o into other prompts (add or replace), with controls",
+                            plots.plot_transplant,
+                            ("mode", "layers", "scales", "positions", "controls", "sources", "source_items",
+                             "source_layer", "context"), prepare=ffn.prepare_transplant,
+                            run_options=("mode", "layers", "scales", "positions", "controls")),
+    "ffn-ablation": Probe(ffn.run_ablation, ffn.summarize_ablation, ffn.report_ablation,
+                          "zero (or identity-replace) FFN updates of chosen blocks, or the top sixths", plots.plot_ablation,
+                          ("layers", "how"), run_options=("layers", "how")),
 }
 
 
@@ -72,11 +89,18 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
               options: dict | None = None, overwrite: bool = False, progress: bool = True):
     """Run `probe` on `task`, resuming from finished batches under `output`; returns (table, summary)."""
     spec = get_probe(probe)
-    options = {k: v for k, v in (options or {}).items() if k in spec.options}
+    options = {k: v for k, v in (options or {}).items() if k in spec.options and v is not None}
     items, ambiguous = task.scored_items(loaded.tokenizer, limit)
-    check_context(loaded, items)
+    if not items:
+        raise ProbeError(f"all {len(ambiguous)} items of task {task.name!r} are ambiguous for {loaded.spec.name}'s "
+                         "tokenizer and dropped; use --task-option ambiguous=flag or a larger --limit")
     run = RunDir(output, run_config(loaded, task, probe, limit, options), overwrite=overwrite)
-    run.start({"batch_size": batch_size, "load_seconds": round(loaded.load_seconds, 2),
+    kwargs = {k: v for k, v in options.items() if k in spec.run_options}
+    prepared = {}
+    if spec.prepare is not None:
+        items, kwargs["state"], prepared = spec.prepare(loaded, task, items, options)
+    check_context(loaded, items)
+    run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
                "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,
                "ambiguous": {str(k): v for k, v in ambiguous.items()},
                "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map,
@@ -87,7 +111,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
               unit="prompt", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            rows = spec.run(loaded, batch, **options)
+            rows = spec.run(loaded, batch, **kwargs)
             if task.ambiguous == "flag":
                 for row in rows:
                     row["ambiguous"] = row["item"] in ambiguous
@@ -95,5 +119,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
             bar.update(len(batch))
     table = run.table()
     summary = spec.summarize(table)
+    if spec.plot is not None:
+        spec.plot(table, {"model": loaded.spec.name, "task": task.name}, run.path / "plot.png")
     run.finish(table, summary)
     return table, summary

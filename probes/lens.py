@@ -30,37 +30,46 @@ def rank_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (logits > target).sum(-1)
 
 
-def decode_rows(loaded, items: list[Item], hidden: torch.Tensor, topk: int = 5, prefix: str = "") -> list[dict]:
-    """Lens statistics of `hidden` (batch, n, d), one row per item x index, column names prefixed by `prefix`."""
+def target_ids(loaded, items: list[Item]) -> dict[str, torch.Tensor]:
+    """First token ids of each item's answer (as emitted after its prompt) and argument."""
+    tok, device = loaded.tokenizer, loaded.arch.unembed_device
+    return {"answer": torch.tensor([answer_token(tok, it) for it in items], device=device),
+            "argument": torch.tensor([first_token(tok, it.argument) for it in items], device=device)}
+
+
+def decode_stats(loaded, targets: dict, hidden: torch.Tensor, topk: int = 5, prefix: str = "",
+                 logit: bool = False) -> list[list[dict]]:
+    """Lens statistics of `hidden` (batch, n, d) as stats[b][index]: top-1 and top-k tokens, and per target its
+    rank, reciprocal rank and probability (and raw logit if asked); column names prefixed by `prefix`."""
     tok = loaded.tokenizer
-    targets = {"answer": torch.tensor([answer_token(tok, it) for it in items], device=hidden.device),
-               "argument": torch.tensor([first_token(tok, it.argument) for it in items], device=hidden.device)}
-    rows = [dict() for _ in range(len(items) * hidden.shape[1])]
-    for layer in range(hidden.shape[1]):
-        logits = loaded.arch.decode(hidden[:, layer])  # (batch, vocab), one layer at a time to bound memory
+    batch, n = hidden.shape[:2]
+    out = [[{} for _ in range(n)] for _ in range(batch)]
+    for index in range(n):
+        logits = loaded.arch.decode(hidden[:, index])  # (batch, vocab), one index at a time to bound memory
         logp = logits.log_softmax(-1)
         top = logits.topk(topk, dim=-1).indices.tolist()
-        stats = {}
+        cols = {}
         for name, ids in targets.items():
             rank = rank_of(logits, ids)
-            stats[f"{name}_rank"] = rank.tolist()
-            stats[f"{name}_rr"] = (1.0 / (rank + 1)).tolist()
-            stats[f"{name}_prob"] = logp.gather(-1, ids[:, None])[:, 0].exp().tolist()
-        for b in range(len(items)):
-            row = rows[b * hidden.shape[1] + layer]
+            cols[f"{name}_rank"] = rank.tolist()
+            cols[f"{name}_rr"] = (1.0 / (rank + 1)).tolist()
+            cols[f"{name}_prob"] = logp.gather(-1, ids[:, None])[:, 0].exp().tolist()
+            if logit:
+                cols[f"{name}_logit"] = logits.gather(-1, ids[:, None])[:, 0].tolist()
+        for b in range(batch):
+            row = out[b][index]
             row[prefix + "top1"] = tok.decode(top[b][0])
             row[prefix + "topk"] = json.dumps([tok.decode(t) for t in top[b]], ensure_ascii=False)
-            for key, values in stats.items():
+            for key, values in cols.items():
                 row[prefix + key] = values[b]
-    return rows
+    return out
 
 
 def run_lens(loaded, items: list[Item], topk: int = 5) -> list[dict]:
     hidden = last_residuals(loaded, [it.prompt for it in items])
-    stats = decode_rows(loaded, items, hidden, topk=topk)
-    n = hidden.shape[1]
-    return [{**item_columns(loaded.tokenizer, it), "layer": layer, **stats[b * n + layer]}
-            for b, it in enumerate(items) for layer in range(n)]
+    stats = decode_stats(loaded, target_ids(loaded, items), hidden, topk=topk)
+    return [{**item_columns(loaded.tokenizer, it), "layer": index, **stats[b][index]}
+            for b, it in enumerate(items) for index in range(hidden.shape[1])]
 
 
 def summarize_lens(df) -> dict:

@@ -236,7 +236,7 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
     hf = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust,
                                               use_safetensors=load.get("use_safetensors"), **kwargs)
     tok = load_tokenizer(spec)
-    hf.eval()
+    hf.eval().requires_grad_(False)  # probes read and write activations; no autograd graph is needed
     model = TransformersModel(hf, task="text-generation", tokenizer=tok)
     return Loaded(model=model, tokenizer=model.tokenizer, arch=Arch(model), spec=spec, dtype=dtype,
                   quantize=quantize, device_map=device_map, load_seconds=time.perf_counter() - start,

@@ -1,0 +1,88 @@
+"""One figure per probe, written next to its table as plot.png (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _title(meta: dict) -> str:
+    return f"{meta.get('model', '')} · {meta.get('task', '')}"
+
+
+def plot_lens(df, meta: dict, path: Path, layer_col: str = "layer") -> None:
+    """The paper's "X": mean reciprocal rank of argument and answer across layers."""
+    rr = df.groupby(layer_col)[["argument_rr", "answer_rr"]].mean()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(rr.index, rr.argument_rr, "o-", label="argument (e.g. Poland)")
+    ax.plot(rr.index, rr.answer_rr, "s-", label="answer (e.g. Warsaw)")
+    ax.set(xlabel="residual index (0 = embeddings)", ylabel="mean reciprocal rank", ylim=(0, 1.02),
+           title=f"logit lens · {_title(meta)}")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_readout(df, meta: dict, path: Path) -> None:
+    per = df.groupby("block").agg(arg=("argument_rank_after_ffn", lambda r: (1 / (r + 1)).mean()),
+                                  ans=("answer_rank_after_ffn", lambda r: (1 / (r + 1)).mean()),
+                                  ffn=("ffn_answer_rank", lambda r: (1 / (r + 1)).mean()))
+    items = df.groupby("item").first()
+    switches = items[items.switch_by == "ffn"].switch_block.value_counts().sort_index()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(per.index + 1, per.arg, "o-", label="argument, residual")
+    a.plot(per.index + 1, per.ans, "s-", label="answer, residual")
+    a.plot(per.index + 1, per.ffn, "^--", label="answer, FFN update alone")
+    a.set(xlabel="residual index after block's FFN", ylabel="mean reciprocal rank", ylim=(0, 1.02),
+          title=f"FFN read-out · {_title(meta)}")
+    a.legend(fontsize=8)
+    b.bar(switches.index, switches.values)
+    b.set(xlabel="block whose FFN makes the answer top-1", ylabel="prompts", title="function application")
+    _save(fig, path)
+
+
+def plot_transplant(df, meta: dict, path: Path) -> None:
+    moved = df[df.vector != "none"]
+    base = df[df.vector == "none"].top1.mean()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for (vector, scale), g in moved.groupby(["vector", "scale"], sort=False):
+        by = g.groupby("blocks", sort=False).top1.mean()
+        x = range(len(by))
+        ax.plot(x, by.values, "o-", label=f"{vector} x{scale:g}")
+        ax.set_xticks(list(x), list(by.index), rotation=90 if len(by) > 12 else 0, fontsize=7)
+    ax.axhline(base, color="gray", ls=":", label="without o")
+    ax.set(xlabel="blocks where o is put", ylabel="answer top-1 (fraction)", ylim=(0, 1.02),
+           title=f"FFN transplant · {_title(meta)}")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_ablation(df, meta: dict, path: Path) -> None:
+    acc = df.groupby("n_ablated").correct.mean()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(acc.index, acc.values, "o-", label=meta.get("task", ""))
+    ax.set(xlabel="FFN blocks removed (from the top)", ylabel="accuracy", ylim=(0, 1.02),
+           title=f"FFN ablation · {_title(meta)}")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_ablation_compare(tables: dict, kinds: dict, path: Path, model: str) -> None:
+    """Abstractive and extractive tasks side by side: accuracy against FFN blocks removed."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for task, df in tables.items():
+        acc = df.groupby("n_ablated").correct.mean()
+        ax.plot(acc.index, acc.values, "o-" if kinds[task] == "abstractive" else "s--", label=f"{task} ({kinds[task]})")
+    ax.set(xlabel="FFN blocks removed (from the top)", ylabel="accuracy", ylim=(0, 1.02),
+           title=f"FFN ablation · {model}")
+    ax.legend(fontsize=8)
+    _save(fig, path)
