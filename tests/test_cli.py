@@ -18,11 +18,13 @@ def probe(*args, env=None, cwd=None):
 
 def test_run_writes_table_and_metadata_and_resumes(tmp_path):
     out = tmp_path / "run"
-    r = probe("run", "--model", "tiny-llama", "--task", "capitals", "--limit", "6", "--batch-size", "2",
+    flag = ["--task-option", "ambiguous=flag"]  # the tiny tokenizer makes most answers ambiguous: keep them
+    r = probe("run", "--model", "tiny-llama", "--task", "capitals", *flag, "--limit", "6", "--batch-size", "2",
               "--output", str(out))
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout and "argument_rr" in r.stdout
     table = pd.read_csv(out / "table.csv")
+    assert table.ambiguous.dtype == bool
     assert len(table) == 6 * 3 and set(table.layer) == {0, 1, 2}  # 6 prompts x (embeddings + 2 blocks)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["config"]["model"] == "tiny-llama"
@@ -33,21 +35,21 @@ def test_run_writes_table_and_metadata_and_resumes(tmp_path):
     assert len(parts) == 3
     parts[1].unlink()
     (out / "table.csv").unlink()
-    r = probe("run", "--model", "tiny-llama", "--task", "capitals", "--limit", "6", "--batch-size", "4",
+    r = probe("run", "--model", "tiny-llama", "--task", "capitals", *flag, "--limit", "6", "--batch-size", "4",
               "--output", str(out))
     assert r.returncode == 0, r.stderr
     pd.testing.assert_frame_equal(pd.read_csv(out / "table.csv"), table)
     assert len(list((out / "parts").glob("*.csv"))) == 3  # only the missing batch was recomputed
 
     # a different computation into the same folder is refused, not mixed in
-    r = probe("run", "--model", "tiny-llama", "--task", "capitals", "--limit", "5", "--output", str(out))
+    r = probe("run", "--model", "tiny-llama", "--task", "capitals", *flag, "--limit", "5", "--output", str(out))
     assert r.returncode == 2 and "limit: 6 -> 5" in r.stderr and "--overwrite" in r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
     (["run", "--model", "gpt5", "--task", "capitals"], "unknown model 'gpt5'; accepted:"),
     (["run", "--model", "tiny-gpt2", "--task", "capitols"], "unknown task 'capitols'; accepted: "),
-    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--probe", "x-ray"], "unknown probe 'x-ray'; accepted: logit-lens"),
+    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--probe", "x-ray"], "unknown probe 'x-ray'; accepted: accuracy, ffn-ablation, ffn-readout, ffn-transplant, logit-lens"),
     (["run", "--model", "tiny-gpt2", "--task", "capitals", "--dtype", "float8"],
      "unknown dtype 'float8'; accepted: float32, float16, bfloat16"),
     (["run", "--model", "tiny-gpt2", "--task", "capitals", "--quantize", "3bit"],
@@ -79,7 +81,8 @@ def test_malformed_registry_and_unknown_architecture(tmp_path):
 def test_prompt_longer_than_the_context_is_refused(tmp_path):
     cfg = tmp_path / "short.yaml"
     cfg.write_text("model_type: gpt2\nn_layer: 1\nn_embd: 32\nn_head: 2\nn_positions: 8\n")
-    r = probe("run", "--model", str(cfg), "--task", "capitals", "--limit", "2", "--output", str(tmp_path / "o"))
+    r = probe("run", "--model", str(cfg), "--task", "capitals", "--task-option", "ambiguous=flag", "--limit", "2",
+              "--output", str(tmp_path / "o"))
     assert r.returncode == 2 and "longer than the context" in r.stderr and "(8 tokens)" in r.stderr
 
 
