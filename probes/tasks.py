@@ -331,7 +331,11 @@ def parse_overrides(pairs: list[str] | None) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ProbeError(f"bad --task-option {pair!r}; accepted: FIELD=VALUE, e.g. n=2 or shots=3")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = None
+        out[key.strip()] = value if parsed is None else parsed  # blank or non-YAML values stay text
     return out
 
 

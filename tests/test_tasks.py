@@ -45,8 +45,10 @@ def test_the_queried_item_is_never_its_own_shot(name):
             assert item.prompt.count(fact) == 1
 
 
-def test_extractive_context_holds_three_facts_with_the_query_among_them():
-    task = load_task("capitals-extractive")
+def test_extractive_context_holds_the_fact_and_optional_distractors():
+    item = load_task("capitals-extractive").items(inputs=["Poland"])[0]
+    assert item.prompt == "The capital of Poland is Warsaw. The capital of Poland is"
+    task = load_task("capitals-extractive", {"context_items": 3})
     positions = set()
     for item in task.items(limit=60):
         fact = f"The capital of {item.input} is {item.output}."
