@@ -26,8 +26,10 @@ def test_seeded_prompts_are_reproducible_and_limit_does_not_change_them(name):
     a, b = load_task(name).items(), load_task(name).items()
     assert [i.prompt for i in a] == [i.prompt for i in b]
     assert [i.prompt for i in load_task(name).items(limit=5)] == [i.prompt for i in a[:5]]
-    other = load_task(name, {"seed": 1}).items()
-    assert sum(x.prompt != y.prompt for x, y in zip(a, other)) > len(a) // 2
+    task = load_task(name)
+    if task.shots or task.context_items > 1:  # something is drawn: another seed draws differently
+        other = load_task(name, {"seed": 1}).items()
+        assert sum(x.prompt != y.prompt for x, y in zip(a, other)) > len(a) // 2
 
 
 @pytest.mark.parametrize("name", RELATIONAL)
