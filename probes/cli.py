@@ -92,7 +92,7 @@ def cmd_run(args) -> None:
     opts = load_options(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
                         max_memory=args.max_memory)
     print(f"loading {spec.name} ({spec.where()}) ...", file=sys.stderr)
-    loaded = load_model(spec, **opts)
+    loaded = load_model(spec, **opts, **probe.load)
     print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
     options = {"topk": args.topk, "mode": args.mode, "layers": args.layers, "scales": args.scales,
                "positions": args.positions, "controls": not args.no_controls, "sources": args.sources,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
 
 from .errors import ProbeError, choice_error
-from . import ffn, plots
+from . import attention, ffn, plots
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import report_lens, run_lens, summarize_lens
 from .results import RunDir, environment
@@ -25,6 +25,7 @@ class Probe:
     options: tuple[str, ...] = ()  # names of the command-line options it takes
     prepare: Callable | None = None  # (loaded, task, items, options) -> (items, state, meta), once per run
     run_options: tuple[str, ...] = ()  # the options `run` takes (the rest go to `prepare` only)
+    load: dict = field(default_factory=dict)  # what it needs from loading (eager attention)
 
 
 PROBES: dict[str, Probe] = {
@@ -45,6 +46,11 @@ PROBES: dict[str, Probe] = {
     "ffn-ablation": Probe(ffn.run_ablation, ffn.summarize_ablation, ffn.report_ablation,
                           "zero (or identity-replace) FFN updates of chosen blocks, or the top sixths", plots.plot_ablation,
                           ("layers", "how"), run_options=("layers", "how")),
+    "nback": Probe(attention.run_nback, attention.summarize_nback, attention.report_nback,
+                   "N-back hit rate, false alarms, accuracy and signed d' by N", plots.plot_nback),
+    "attention": Probe(attention.run_attention, attention.summarize_attention, attention.report_attention,
+                       "attention entropy and mass to the N-back letter, by N x layer x head", plots.plot_attention,
+                       load=attention.EAGER),
 }
 
 

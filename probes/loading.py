@@ -131,12 +131,18 @@ def _gguf_checkpoint(spec: ModelSpec) -> tuple[Path, bool]:
     return _atomic_dir(target, write), False
 
 
+def _tiny_corpus() -> list[str]:
+    tasks = ROOT / "tasks"
+    files = sorted(tasks.glob("*.yaml")) + sorted(p for p in (tasks / "data").glob("*") if p.is_file())
+    return [p.read_text(errors="ignore") for p in files]
+
+
 def tiny_tokenizer():
-    """A deterministic byte-level BPE (vocab 1024) trained on the bundled task data, for random models."""
+    """A deterministic byte-level BPE (vocab 1024) trained on the task files and data, for random models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [p.read_text(errors="ignore") for p in sorted((ROOT / "tasks" / "data").glob("*")) if p.is_file()]
+    corpus = _tiny_corpus()
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -151,7 +157,8 @@ def tiny_tokenizer():
 def _random_checkpoint(spec: ModelSpec) -> tuple[Path, bool]:
     cfg = dict(spec.random)
     seed = cfg.pop("seed", 0)
-    key = hashlib.sha256(json.dumps([CACHE_FORMAT, cfg, seed], sort_keys=True).encode()).hexdigest()[:12]
+    corpus = hashlib.sha256("".join(_tiny_corpus()).encode()).hexdigest()  # the tokenizer's training text
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, cfg, seed, corpus], sort_keys=True).encode()).hexdigest()[:12]
     target = cache_root() / "random" / f"{cfg['model_type']}-{key}"
     if target.exists():
         return target, True

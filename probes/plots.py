@@ -86,3 +86,46 @@ def plot_ablation_compare(tables: dict, kinds: dict, path: Path, model: str) -> 
            title=f"FFN ablation · {model}")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def plot_nback(df, meta: dict, path: Path) -> None:
+    from .attention import nback_table
+
+    t = nback_table(df)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(t.index, t.accuracy, "o-", label="accuracy")
+    a.plot(t.index, t.hit_rate, "s--", label="hit rate")
+    a.plot(t.index, t.false_alarm_rate, "^--", label="false-alarm rate")
+    a.set(xlabel="N", ylabel="rate", ylim=(0, 1.02), title=f"N-back · {_title(meta)}")
+    a.legend(fontsize=8)
+    b.plot(t.index, t.dprime, "o-")
+    b.axhline(0, color="gray", ls=":")
+    b.set(xlabel="N", ylabel="d' (signed)", title="sensitivity")
+    _save(fig, path)
+
+
+def plot_attention(df, meta: dict, path: Path) -> None:
+    """Entropy against N per layer, and the trial-averaged letter-to-letter attention of the best N-back head."""
+    import json
+
+    import numpy as np
+
+    from .attention import attention_table
+
+    t = attention_table(df)
+    ns = sorted(df.n.unique())
+    fig, axes = plt.subplots(1, 1 + len(ns), figsize=(4 + 3 * len(ns), 3.5))
+    per_layer = t.groupby(["n", "layer"]).entropy_nosink.mean().unstack("layer")
+    for layer in per_layer.columns:
+        axes[0].plot(per_layer.index, per_layer[layer], "o-", lw=1, label=f"layer {layer}")
+    axes[0].set(xlabel="N", ylabel="row entropy, no sink (nats)", title=f"attention · {_title(meta)}")
+    if len(per_layer.columns) <= 10:
+        axes[0].legend(fontsize=6)
+    score = (t.nback_mass_match - t.other_letter_mass)
+    for ax, n in zip(axes[1:], ns):
+        _, layer, head = score.xs(n, level="n", drop_level=False).idxmax()
+        rows = df[(df.n == n) & (df.layer == layer) & (df["head"] == head)].letter_attention
+        mean = np.mean([np.array(json.loads(x)) for x in rows], axis=0)
+        ax.imshow(mean, cmap="viridis")
+        ax.set(title=f"N={n}: layer {layer} head {head}", xlabel="key letter", ylabel="query letter")
+    _save(fig, path)

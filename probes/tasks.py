@@ -360,6 +360,6 @@ def answer_token(tokenizer, item: Item) -> int:
 def item_columns(tokenizer, item: Item) -> dict:
     """The columns every probe's rows start with: which item, its group, and the tokens it is scored on."""
     return {"item": item.index, "input": item.input, "output": item.output, "group": item.group,
-            "answer_token": tokenizer.decode(answer_token(tokenizer, item)),
+            "answer_token": tokenizer.decode(answer_token(tokenizer, item)) if item.answer else "",
             "argument_token": tokenizer.decode(first_token(tokenizer, item.argument)) if item.argument else "",
             **item.extra}

@@ -1,0 +1,191 @@
+"""Working-memory probes (Gong & Zhang): N-back performance and the attention behind it.
+
+- nback: per N, hit rate, false-alarm rate, accuracy and signed d' = z(H) - z(F), with the log-linear correction
+  (0.5 added to hits and false alarms, 1 to each count). The model's choice is the likelier of the two allowed
+  responses (" m" or " -") at the answer position; its plain greedy token is kept too.
+- attention: per layer and head, on whole N-back sequences (task `nback-sequence`), from each letter's token to
+  all earlier tokens: Shannon entropy of the row (natural log, over the causal keys), with and without the
+  first-token attention sink (key 0 removed, row renormalised); attention mass to the letter N back, split by
+  match and non-match, against the mean mass to the other earlier letters. Letter positions come from the
+  tokenizer's offsets. The letter-to-letter attention matrix (rows renormalised over letters) is kept per
+  sequence so the paper's "total entropy" (entropy of the trial-averaged rows, summed over rows) and heat maps
+  can be computed across trials.
+Attention weights need eager attention; grouped-query models come out per query head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+from .arch import _get
+from .errors import ProbeError
+from .tasks import Item, first_token, item_columns
+
+EAGER = {"attn_implementation": "eager"}
+
+
+# --- N-back behaviour -----------------------------------------------------------------------------------------
+def run_nback(loaded, items: list[Item]) -> list[dict]:
+    if not items or "match" not in items[0].extra:
+        raise ProbeError("the nback probe needs N-back trials; accepted: --task nback")
+    tok = loaded.tokenizer
+    m_id, n_id = first_token(tok, " m"), first_token(tok, " -")
+    if m_id == n_id:
+        raise ProbeError(f"{loaded.spec.name}'s tokenizer gives ' m' and ' -' the same first token")
+    with loaded.model.trace([it.prompt for it in items], logits_to_keep=1):
+        logits = loaded.model.output.logits[:, -1].save()
+    logits = logits.float()
+    pair = logits[:, [m_id, n_id]].log_softmax(-1).exp()[:, 0].tolist()
+    top = logits.argmax(-1).tolist()
+    rows = []
+    for b, it in enumerate(items):
+        choice = "m" if pair[b] > 0.5 else "-"
+        rows.append({**item_columns(tok, it), "p_match": pair[b], "choice": choice, "correct": choice == it.output,
+                     "greedy": tok.decode(top[b])})
+    return rows
+
+
+def dprime(hits: int, n_signal: int, false_alarms: int, n_noise: int) -> tuple[float, float, float]:
+    """(hit rate, false-alarm rate, d') with the log-linear correction; d' is signed."""
+    h = (hits + 0.5) / (n_signal + 1)
+    f = (false_alarms + 0.5) / (n_noise + 1)
+    z = NormalDist().inv_cdf
+    return hits / n_signal if n_signal else math.nan, false_alarms / n_noise if n_noise else math.nan, z(h) - z(f)
+
+
+def nback_table(df):
+    import pandas as pd
+
+    out = []
+    for n, g in df.groupby("n"):
+        match, non = g[g.match], g[~g.match]
+        hit, fa, d = dprime(int((match.choice == "m").sum()), len(match), int((non.choice == "m").sum()), len(non))
+        out.append({"n": int(n), "trials": len(g), "hit_rate": hit, "false_alarm_rate": fa,
+                    "accuracy": float(g.correct.mean()), "dprime": d})
+    return pd.DataFrame(out).set_index("n")
+
+
+def summarize_nback(df) -> dict:
+    t = nback_table(df)
+    return {"by_n": {int(n): {k: float(v) for k, v in r.items()} for n, r in t.iterrows()},
+            "accuracy": float(df.correct.mean())}
+
+
+def report_nback(df, summary) -> str:
+    return nback_table(df).round(3).to_string() + "\n\n(d' signed, log-linear correction; choice = likelier of ' m' / ' -')"
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+def entropy(rows: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of each row of probabilities (zeros contribute nothing)."""
+    p = rows.clamp_min(0)
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+
+
+def without_sink(rows: torch.Tensor) -> torch.Tensor:
+    """Rows with key 0 (the first token) removed and renormalised."""
+    rest = rows[..., 1:]
+    return rest / rest.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def letter_positions(tokenizer, prompt: str, pattern: str = r"Letter: ([A-Z])") -> list[int]:
+    """Token index of each letter of an N-back prompt, through the tokenizer's character offsets."""
+    enc = tokenizer(prompt, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    out = []
+    for m in re.finditer(pattern, prompt):
+        char = m.start(1)
+        hit = [i for i, (a, b) in enumerate(offsets) if a <= char < b]
+        if not hit:
+            raise ProbeError(f"letter at character {char} has no token in {tokenizer.name_or_path}")
+        out.append(hit[0])
+    return out
+
+
+def attention_weights(loaded, prompt: str) -> list[torch.Tensor]:
+    """Per block, the attention probabilities (heads, seq, seq) of one prompt (eager attention)."""
+    arch = loaded.arch
+    saved = []
+    with loaded.model.trace(prompt, logits_to_keep=1):
+        for i in range(arch.n_layers):
+            out = _get(arch.block(i), arch.spec.attn_probs_module).output
+            saved.append(out[1].save() if isinstance(out, tuple) and len(out) > 1 else None)
+    if any(w is None for w in saved):
+        raise ProbeError(f"{loaded.spec.name} returns no attention weights from its attention modules; "
+                         "accepted: models loaded with eager attention (the attention probe loads them so)")
+    return [w[0].float() for w in saved]
+
+
+def run_attention(loaded, items: list[Item]) -> list[dict]:
+    if not items or "matches" not in items[0].extra:
+        raise ProbeError("the attention probe needs whole N-back sequences; accepted: --task nback-sequence")
+    tok = loaded.tokenizer
+    rows = []
+    for it in items:
+        pos = letter_positions(tok, it.prompt)
+        n, letters = it.extra["n"], it.extra["letters"]
+        match = [t >= n and letters[t] == letters[t - n] for t in range(len(letters))]
+        cols = item_columns(tok, it)
+        for layer, w in enumerate(attention_weights(loaded, it.prompt)):
+            q = w[:, pos]  # (heads, letters, seq): rows of the letter queries
+            ent = entropy(q)
+            ent_ns = torch.stack([entropy(without_sink(q[:, t, :p + 1])) for t, p in enumerate(pos)], dim=1)
+            sub = q[:, :, pos]  # letter -> letter, renormalised over the earlier letters
+            sub = torch.tril(sub)
+            sub = sub / sub.sum(-1, keepdim=True).clamp_min(1e-12)
+            for h in range(w.shape[0]):
+                back = {True: [], False: []}
+                other = []
+                for t in range(n, len(pos)):
+                    back[match[t]].append(float(w[h, pos[t], pos[t - n]]))
+                    other += [float(w[h, pos[t], pos[t - k]]) for k in range(1, t + 1) if k != n]
+                rows.append({**cols, "layer": layer, "head": h,
+                             "entropy": float(ent[h, 1:].mean()), "entropy_nosink": float(ent_ns[h, 1:].mean()),
+                             "nback_mass_match": float(np.mean(back[True])) if back[True] else math.nan,
+                             "nback_mass_nonmatch": float(np.mean(back[False])) if back[False] else math.nan,
+                             "other_letter_mass": float(np.mean(other)) if other else math.nan,
+                             "letter_attention": json.dumps(np.round(sub[h].numpy(), 5).tolist())})
+    return rows
+
+
+def total_entropy(matrices: list[np.ndarray]) -> float:
+    """The paper's total entropy: average the attention matrices over trials, sum the entropies of its rows."""
+    mean = np.mean(matrices, axis=0)
+    return float(entropy(torch.tensor(mean)).sum())
+
+
+def attention_table(df):
+    grouped = df.groupby(["n", "layer", "head"])
+    table = grouped[["entropy", "entropy_nosink", "nback_mass_match", "nback_mass_nonmatch",
+                     "other_letter_mass"]].mean()
+    table["total_entropy"] = grouped.letter_attention.apply(
+        lambda s: total_entropy([np.array(json.loads(x)) for x in s]))
+    return table
+
+
+def summarize_attention(df) -> dict:
+    t = attention_table(df)
+    by_n = t.groupby("n")[["entropy", "entropy_nosink", "total_entropy"]].mean()
+    best = t.assign(score=t.nback_mass_match - t.other_letter_mass).score.groupby("n").idxmax()
+    return {"by_n": {int(n): {k: float(v) for k, v in r.items()} for n, r in by_n.iterrows()},
+            "nback_head": {int(n): {"layer": int(i[1]), "head": int(i[2]),
+                                    "nback_mass_match": float(t.loc[i].nback_mass_match),
+                                    "other_letter_mass": float(t.loc[i].other_letter_mass)} for n, i in best.items()}}
+
+
+def report_attention(df, summary) -> str:
+    lines = ["mean over layers and heads, by N:",
+             "   N  entropy  entropy(no sink)  total entropy"]
+    for n, r in summary["by_n"].items():
+        lines.append(f"  {n:2d}  {r['entropy']:7.3f}  {r['entropy_nosink']:16.3f}  {r['total_entropy']:13.3f}")
+    lines.append("head putting the most mass on the N-back letter (match trials, above other letters):")
+    for n, h in summary["nback_head"].items():
+        lines.append(f"  N={n}: layer {h['layer']} head {h['head']}: {h['nback_mass_match']:.3f} vs "
+                     f"{h['other_letter_mass']:.3f} to other letters")
+    return "\n".join(lines)
