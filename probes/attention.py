@@ -172,11 +172,19 @@ def attention_table(df):
 def summarize_attention(df) -> dict:
     t = attention_table(df)
     by_n = t.groupby("n")[["entropy", "entropy_nosink", "total_entropy"]].mean()
-    best = t.assign(score=t.nback_mass_match - t.other_letter_mass).score.groupby("n").idxmax()
+    best = nback_heads(t)
     return {"by_n": {int(n): {k: float(v) for k, v in r.items()} for n, r in by_n.iterrows()},
             "nback_head": {int(n): {"layer": int(i[1]), "head": int(i[2]),
                                     "nback_mass_match": float(t.loc[i].nback_mass_match),
+                                    "nback_mass_nonmatch": float(t.loc[i].nback_mass_nonmatch),
                                     "other_letter_mass": float(t.loc[i].other_letter_mass)} for n, i in best.items()}}
+
+
+def nback_heads(table):
+    """Per N, the (n, layer, head) with the most mass on the N-back letter above the other letters, judged on
+    non-match trials: on match trials the N-back letter is the current letter again, which any head attending
+    to repeated tokens finds without tracking positions."""
+    return (table.nback_mass_nonmatch - table.other_letter_mass).groupby("n").idxmax()
 
 
 def report_attention(df, summary) -> str:
@@ -184,8 +192,8 @@ def report_attention(df, summary) -> str:
              "   N  entropy  entropy(no sink)  total entropy"]
     for n, r in summary["by_n"].items():
         lines.append(f"  {n:2d}  {r['entropy']:7.3f}  {r['entropy_nosink']:16.3f}  {r['total_entropy']:13.3f}")
-    lines.append("head putting the most mass on the N-back letter (match trials, above other letters):")
+    lines.append("head putting the most mass on the N-back letter in non-match trials, above other letters:")
     for n, h in summary["nback_head"].items():
-        lines.append(f"  N={n}: layer {h['layer']} head {h['head']}: {h['nback_mass_match']:.3f} vs "
-                     f"{h['other_letter_mass']:.3f} to other letters")
+        lines.append(f"  N={n}: layer {h['layer']} head {h['head']}: non-match {h['nback_mass_nonmatch']:.3f}, "
+                     f"match {h['nback_mass_match']:.3f}, other letters {h['other_letter_mass']:.3f}")
     return "\n".join(lines)

@@ -110,7 +110,7 @@ def plot_attention(df, meta: dict, path: Path) -> None:
 
     import numpy as np
 
-    from .attention import attention_table
+    from .attention import attention_table, nback_heads
 
     t = attention_table(df)
     ns = sorted(df.n.unique())
@@ -121,9 +121,9 @@ def plot_attention(df, meta: dict, path: Path) -> None:
     axes[0].set(xlabel="N", ylabel="row entropy, no sink (nats)", title=f"attention · {_title(meta)}")
     if len(per_layer.columns) <= 10:
         axes[0].legend(fontsize=6)
-    score = (t.nback_mass_match - t.other_letter_mass)
+    heads = nback_heads(t)
     for ax, n in zip(axes[1:], ns):
-        _, layer, head = score.xs(n, level="n", drop_level=False).idxmax()
+        _, layer, head = heads[n]
         rows = df[(df.n == n) & (df.layer == layer) & (df["head"] == head)].letter_attention
         mean = np.mean([np.array(json.loads(x)) for x in rows], axis=0)
         ax.imshow(mean, cmap="viridis")
