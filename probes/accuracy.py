@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .lens import rank_of
+from .lens import next_token_logits, rank_of
 from .tasks import Item, answer_token, item_columns
 
 
 def run_accuracy(loaded, items: list[Item]) -> list[dict]:
     tok = loaded.tokenizer
-    with loaded.model.trace([it.prompt for it in items], logits_to_keep=1):
-        logits = loaded.model.output.logits[:, -1].save()
-    logits = logits.float()
+    logits = next_token_logits(loaded, [it.prompt for it in items])
     ids = torch.tensor([answer_token(tok, it) for it in items], device=logits.device)
     rank = rank_of(logits, ids).tolist()
     prob = logits.softmax(-1).gather(-1, ids[:, None])[:, 0].tolist()

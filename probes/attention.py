@@ -25,6 +25,7 @@ import torch
 
 from .arch import _get
 from .errors import ProbeError
+from .lens import next_token_logits
 from .tasks import Item, first_token, item_columns
 
 EAGER = {"attn_implementation": "eager"}
@@ -38,9 +39,7 @@ def run_nback(loaded, items: list[Item]) -> list[dict]:
     m_id, n_id = first_token(tok, " m"), first_token(tok, " -")
     if m_id == n_id:
         raise ProbeError(f"{loaded.spec.name}'s tokenizer gives ' m' and ' -' the same first token")
-    with loaded.model.trace([it.prompt for it in items], logits_to_keep=1):
-        logits = loaded.model.output.logits[:, -1].save()
-    logits = logits.float()
+    logits = next_token_logits(loaded, [it.prompt for it in items])
     pair = logits[:, [m_id, n_id]].log_softmax(-1).exp()[:, 0].tolist()
     top = logits.argmax(-1).tolist()
     rows = []

@@ -24,6 +24,13 @@ def last_residuals(loaded, prompts: list[str]) -> torch.Tensor:
     return torch.stack([s.to(arch.unembed_device) for s in saved], dim=1)
 
 
+def next_token_logits(loaded, prompts: list[str]) -> torch.Tensor:
+    """(batch, vocab) float logits of the next token after each (left-padded) prompt."""
+    with loaded.model.trace(prompts, logits_to_keep=1):
+        logits = loaded.model.output.logits[:, -1].save()
+    return logits.float()
+
+
 def rank_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """0-based rank of token ids[b] in logits[b, ..., :] (number of strictly larger logits)."""
     target = logits.gather(-1, ids.view(-1, *[1] * (logits.dim() - 1)).expand(*logits.shape[:-1], 1))
