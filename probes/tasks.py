@@ -108,8 +108,15 @@ class Relational(Task):
     separator: str = "\n"
     context: str = ""
     context_items: int = 0
+    _rows: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def rows(self) -> list[dict]:
+        """The data rows, read once per task object (items and scored_items ask for them several times)."""
+        if self._rows is None:
+            self._rows = self._read_rows()
+        return self._rows
+
+    def _read_rows(self) -> list[dict]:
         from datasets import disable_progress_bars, load_dataset
 
         disable_progress_bars()
@@ -281,7 +288,7 @@ def build_task(spec: dict, path: Path | None = None, overrides: dict | None = No
     if missing:
         raise ProbeError(f"task {name!r} ({where}) is missing field(s) {', '.join(missing)}; "
                          f"a {spec['kind']} task requires: {', '.join(_REQUIRED[spec['kind']])}")
-    accepted = [f.name for f in fields(cls) if f.name not in ("path", "overrides")]
+    accepted = [f.name for f in fields(cls) if f.init and f.name not in ("path", "overrides")]
     unknown = set(spec) - set(accepted)
     if unknown:
         raise ProbeError(f"task {name!r} has unknown field(s) {', '.join(sorted(unknown))}; "
