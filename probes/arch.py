@@ -112,6 +112,7 @@ class Arch:
         self.model_type = self.config.model_type
         self.spec = arch_spec(self.model_type)
         self.n_layers = len(_get(self.hf, self.spec.layers))
+        self.n_params = sum(p.numel() for p in self.hf.parameters())  # packed, for bitsandbytes weights
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         self._norm = _get(self.hf, self.spec.final_norm)
         self._pre_unembed = _get(self.hf, self.spec.pre_unembed)

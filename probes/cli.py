@@ -148,6 +148,65 @@ def cmd_plan(args) -> None:
                          f"is not enough; accepted: --gpus {need} or more" + (f", or {fits}" if fits else ""))
 
 
+def cmd_sweep(args) -> None:
+    from .sweep import load_sweep, run_local, submit_slurm, wait
+
+    sweep = load_sweep(args.file)
+    if args.executor not in ("local", "slurm"):
+        raise ProbeError(f"unknown executor {args.executor!r}; accepted: local, slurm")
+    if args.executor == "local":
+        outcome = run_local(sweep, only=args.unit, progress=not args.quiet)
+        failed = {u: o for u, o in outcome.items() if o.startswith("failed")}
+        counts = {k: sum(o.split(":")[0] == k for o in outcome.values()) for k in ("done", "skipped", "failed")}
+        print(f"sweep {sweep.name}: {counts['done']} unit(s) run, {counts['skipped']} skipped (finished or running "
+              f"elsewhere), {counts['failed']} failed; results under {sweep.results}")
+        if failed:
+            raise ProbeError(f"{len(failed)} unit(s) failed (rerun to retry): "
+                             + "; ".join(f"{u}: {o[8:]}" for u, o in failed.items())[:1500])
+        return
+    records = submit_slurm(sweep, dry_run=args.dry_run)
+    for r in records:
+        res = ", ".join(f"{k}={v}" for k, v in r["resources"].items())
+        print(f"{'would submit' if args.dry_run else 'submitted job ' + r['job']}: {len(r['units'])} unit(s) "
+              f"({res}) {r['script']}")
+    if not records:
+        print(f"sweep {sweep.name}: nothing to submit (every unit done, queued or running)")
+    if args.wait and records and not args.dry_run:
+        wait(sweep)
+        cmd_status(args)
+
+
+def cmd_status(args) -> None:
+    from .sweep import load_sweep, unit_states
+
+    rows = unit_states(load_sweep(args.file))
+    _print_table(("unit", "state", "detail"), [(u.id, state, detail[:100]) for u, state, detail in rows])
+    counts = {}
+    for _, state, _ in rows:
+        counts[state] = counts.get(state, 0) + 1
+    print("\n" + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+
+
+def cmd_aggregate(args) -> None:
+    from .aggregate import aggregate, to_markdown, write_tables
+
+    results = Path(args.results or RESULTS)
+    tables = aggregate(results, [b.strip() for b in args.by.split(",") if b.strip()])
+    out = Path(args.out or results / "aggregate")
+    write_tables(tables, out)
+    for name, df in tables.items():
+        print(f"\n## {name}\n\n{to_markdown(df)}")
+    print(f"\ntables: {out}/<table>.csv, .parquet, .md (all in {out}/tables.md)")
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    results = Path(args.results or RESULTS)
+    out = write_report(results, [b.strip() for b in args.by.split(",") if b.strip()], args.out)
+    print(f"report: {out}")
+
+
 def print_ablation_comparison(tables: dict, kinds: dict, model: str) -> None:
     """Abstractive and extractive tasks side by side (table and plot)."""
     import pandas as pd
@@ -222,6 +281,28 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch-size", type=int, default=8)
     pl.add_argument("--seq-len", type=int, default=64, help="prompt length in tokens (default 64)")
     pl.set_defaults(func=cmd_plan)
+    sw = sub.add_parser("sweep", help="run a sweep file (models x tasks x probes x seeds) locally or on Slurm")
+    sw.add_argument("file")
+    sw.add_argument("--executor", default="local", help="local (in this process) or slurm (job arrays via sbatch)")
+    sw.add_argument("--unit", action="append", help="only this unit (model/task/probe[/seed-N]); repeatable")
+    sw.add_argument("--dry-run", action="store_true", help="slurm: write the job scripts, submit nothing")
+    sw.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then print the status")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw.set_defaults(func=cmd_sweep)
+    st = sub.add_parser("status", help="done / running / queued / failed / pending for each unit of a sweep")
+    st.add_argument("file")
+    st.set_defaults(func=cmd_status)
+    ag = sub.add_parser("aggregate", help="tables across all complete runs (CSV, Parquet, Markdown)")
+    ag.add_argument("results", nargs="?", help="results folder (default: results/)")
+    ag.add_argument("--by", default="model,task,probe", help="group rows by these columns, averaging the rest "
+                                                             "(of model, task, probe, seed, family, kind, params)")
+    ag.add_argument("--out", help="folder for the tables (default: RESULTS/aggregate)")
+    ag.set_defaults(func=cmd_aggregate)
+    rp = sub.add_parser("report", help="a static HTML page of the tables and plots, viewable offline")
+    rp.add_argument("results", nargs="?", help="results folder (default: results/)")
+    rp.add_argument("--by", default="model,task,probe")
+    rp.add_argument("--out", help="HTML file (default: RESULTS/report.html)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

@@ -79,12 +79,18 @@ def check_context(loaded, items) -> None:
                              f"{loaded.spec.name} ({limit} tokens); accepted: prompts of at most {limit} tokens")
 
 
-def run_config(loaded, task, probe: str, limit: int | None, options: dict) -> dict:
-    """What identifies a run's results: a rerun with the same config resumes, a different one is refused."""
-    spec = loaded.spec
-    return {"model": spec.name, "source": spec.where(), "revision": spec.revision, "dtype": loaded.dtype,
-            "quantize": loaded.quantize, "task": task.name, "task_version": task.version, "seed": task.seed,
-            "task_options": task.overrides, "probe": probe, "limit": limit, "options": options}
+def probe_options(probe: str, options: dict | None) -> dict:
+    """The options `probe` takes, without unset ones (what identifies its computation)."""
+    spec = get_probe(probe)
+    return {k: v for k, v in (options or {}).items() if k in spec.options and v is not None}
+
+
+def run_config(spec, dtype: str, quantize: str | None, task, probe: str, limit: int | None, options: dict) -> dict:
+    """What identifies a run's results: a rerun with the same config resumes, a different one is refused.
+    Computable before loading (a sweep checks it to skip finished units)."""
+    return {"model": spec.name, "source": spec.where(), "revision": spec.revision, "dtype": dtype,
+            "quantize": quantize, "task": task.name, "task_version": task.version, "seed": task.seed,
+            "task_options": task.overrides, "probe": probe, "limit": limit, "options": probe_options(probe, options)}
 
 
 def default_output(results: Path, model: str, task: str, probe: str) -> Path:
@@ -113,7 +119,8 @@ def _free_cached_memory() -> None:
 
 
 def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int | str = 8,
-              options: dict | None = None, overwrite: bool = False, progress: bool = True):
+              options: dict | None = None, overwrite: bool = False, progress: bool = True,
+              extra_meta: dict | None = None):
     """Run `probe` on `task`, resuming from finished batches under `output`; returns (table, summary).
 
     batch_size='auto' starts at AUTO_START prompts and halves on out-of-memory, retrying the same prompts; batches
@@ -121,48 +128,51 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     batch_size = parse_batch_size(batch_size)
     auto = batch_size == "auto"
     spec = get_probe(probe)
-    options = {k: v for k, v in (options or {}).items() if k in spec.options and v is not None}
+    options = probe_options(probe, options)
     items, ambiguous = task.scored_items(loaded.tokenizer, limit)
     if not items:
         raise ProbeError(f"all {len(ambiguous)} items of task {task.name!r} are ambiguous for {loaded.spec.name}'s "
                          "tokenizer and dropped; use --task-option ambiguous=flag or a larger --limit")
-    run = RunDir(output, run_config(loaded, task, probe, limit, options), overwrite=overwrite)
-    kwargs = {k: v for k, v in options.items() if k in spec.run_options}
-    prepared = {}
-    if spec.prepare is not None:
-        items, kwargs["state"], prepared = spec.prepare(loaded, task, items, options)
-    check_context(loaded, items)
-    size = AUTO_START if auto else batch_size
-    run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
-               "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,
-               "ambiguous": {str(k): v for k, v in ambiguous.items()},
-               "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map,
-               "task_source": task.source, "task_license": task.license, **environment()})
-    done = run.done_items()
-    todo = [it for it in items if it.index not in done]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{loaded.spec.name} {task.name} {probe}",
-              unit="prompt", disable=not progress) as bar:
-        start = 0
-        while start < len(todo):
-            batch = todo[start:start + size]
-            try:
-                rows = spec.run(loaded, batch, **kwargs)
-            except Exception as e:
-                if not (auto and is_out_of_memory(e) and size > 1):
-                    raise
-                _free_cached_memory()
-                size //= 2
-                bar.set_postfix(batch_size=size)
-                continue
-            start += len(batch)
-            if task.ambiguous == "flag":
-                for row in rows:
-                    row["ambiguous"] = row["item"] in ambiguous
-            run.write_part(rows)
-            bar.update(len(batch))
-    table = run.table()
-    summary = spec.summarize(table)
-    if spec.plot is not None:
-        spec.plot(table, {"model": loaded.spec.name, "task": task.name}, run.path / "plot.png")
-    run.finish(table, summary, {"batch_size_used": size} if auto else {})
+    config = run_config(loaded.spec, loaded.dtype, loaded.quantize, task, probe, limit, options)
+    with RunDir(output, config, overwrite=overwrite) as run:
+        kwargs = {k: v for k, v in options.items() if k in spec.run_options}
+        prepared = {}
+        if spec.prepare is not None:
+            items, kwargs["state"], prepared = spec.prepare(loaded, task, items, options)
+        check_context(loaded, items)
+        size = AUTO_START if auto else batch_size
+        run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
+                   "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,
+                   "ambiguous": {str(k): v for k, v in ambiguous.items()},
+                   "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map,
+                   "model_params": loaded.spec.params or loaded.arch.n_params, "family": loaded.spec.family,
+                   "task_kind": task.kind, **(extra_meta or {}),
+                   "task_source": task.source, "task_license": task.license, **environment()})
+        done = run.done_items()
+        todo = [it for it in items if it.index not in done]
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{loaded.spec.name} {task.name} {probe}",
+                  unit="prompt", disable=not progress) as bar:
+            start = 0
+            while start < len(todo):
+                batch = todo[start:start + size]
+                try:
+                    rows = spec.run(loaded, batch, **kwargs)
+                except Exception as e:
+                    if not (auto and is_out_of_memory(e) and size > 1):
+                        raise
+                    _free_cached_memory()
+                    size //= 2
+                    bar.set_postfix(batch_size=size)
+                    continue
+                start += len(batch)
+                if task.ambiguous == "flag":
+                    for row in rows:
+                        row["ambiguous"] = row["item"] in ambiguous
+                run.write_part(rows)
+                bar.update(len(batch))
+        table = run.table()
+        summary = spec.summarize(table)
+        if spec.plot is not None:
+            spec.plot(table, {"model": loaded.spec.name, "task": task.name}, run.path / "plot.png")
+        run.finish(table, summary, {"batch_size_used": size} if auto else {})
     return table, summary

@@ -2,10 +2,13 @@
 
     <results>/<model>/<task>/<probe>/
         meta.json       what ran (model, revision, dtype, task + version, seed, probe, versions, git commit, time)
+                        and its status: running, complete or failed (with the error)
         table.csv       all rows, written when the run completes
         parts/          one CSV per finished batch, written atomically; a rerun skips the items found here
+        .lock           held while a process writes the folder (host, pid, Slurm job); see `RunLock`
 
-Every file is written to a temporary name and renamed, so a killed run never leaves a torn file.
+Every file is written to a temporary name and renamed, so a killed run never leaves a torn file, and a folder has
+one writer at a time, so two jobs pointed at the same results never interleave their parts.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import socket
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +32,10 @@ from .registry import ROOT
 PACKAGES = ("probe", "torch", "transformers", "nnsight", "accelerate", "bitsandbytes", "datasets", "pandas")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, write) -> None:
     """`write(file_object)` into a temporary file next to `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +43,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for the whole group to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -70,23 +79,108 @@ def git_commit() -> str | None:
         return None
 
 
+class RunLock:
+    """An exclusive claim on a folder: `.lock`, created with O_EXCL, names the holder (host, pid, Slurm job).
+
+    A lock whose holder is a dead process on this host (a run killed with SIGKILL) is stale and taken over; a lock
+    from another host is trusted, since its process cannot be checked from here."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def alive(self) -> bool:
+        info = self.holder()
+        if info is None:
+            return False
+        if info.get("host") != socket.gethostname():
+            return True
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> bool:
+        """Take the lock; False if a live process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(),
+              "slurm_job": os.environ.get("SLURM_JOB_ID")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self.alive():
+                    return False
+                stale = self.path.with_name(f".lock.stale.{os.getpid()}")
+                try:  # rename, not unlink: of two processes reclaiming it, one wins and the other retries
+                    os.rename(self.path, stale)
+                    stale.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return True
+        return False
+
+    def release(self) -> None:
+        info = self.holder()
+        if info and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+
+
 class RunDir:
-    """A run's folder; `config` identifies the computation, so a rerun with the same config resumes."""
+    """A run's folder; `config` identifies the computation, so a rerun with the same config resumes.
+    Use as a context manager: it holds the folder's lock, and marks the run failed if the body raises."""
 
     def __init__(self, path: Path, config: dict, overwrite: bool = False):
         self.path = Path(path)
         self.config = config
+        self.lock = RunLock(self.path)
+        if not self.lock.acquire():
+            h = self.lock.holder() or {}
+            raise ProbeError(f"{self.path} is being written by pid {h.get('pid')} on {h.get('host')} (since "
+                             f"{h.get('since')}); accepted: wait for it, or another --output")
+        try:
+            self._check(overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check(self, overwrite: bool) -> None:
         meta = self.path / "meta.json"
-        if overwrite and self.path.exists():
-            shutil.rmtree(self.path)
+        if overwrite:
+            for child in self.path.iterdir():
+                if child.name != ".lock":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         elif meta.exists():
             old = json.loads(meta.read_text()).get("config", {})
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
             if diff:
-                shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+                shown = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in diff)
                 raise ProbeError(f"{self.path} holds a different run ({shown}); pass --overwrite or another --output")
         self.parts = self.path / "parts"
         self.parts.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            meta = self.path / "meta.json"
+            if exc is not None and meta.exists():
+                write_json(meta, {**json.loads(meta.read_text()), "status": "failed", "finished": _now(),
+                                  "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        finally:
+            self.lock.release()
 
     def start(self, meta: dict) -> None:
         write_json(self.path / "meta.json", {"config": self.config, **meta, "status": "running",

@@ -1,0 +1,141 @@
+"""Tables across runs: every complete run folder under a results folder, one row per run, grouped as asked.
+
+Each run's meta.json carries its config and its probe's summary; summaries are flattened into columns
+("best.top1", "by_n.3.dprime"), so a new probe needs no code here. Summaries keyed by a dimension (ablation
+variants, N-back N) also come out as long "curves" tables. Model size (`params`) and family are columns, so a
+sweep over model sizes gives the across-scale tables directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import ProbeError, choice_error
+from .results import atomic_write, write_csv
+
+UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed"]
+# probe -> (summary key holding {dimension value: metrics}, dimension name)
+CURVES = {"ffn-ablation": ("accuracy", "variant"), "nback": ("by_n", "n"), "attention": ("by_n", "n")}
+# the headline metric of each probe, for the report's scale plots
+HEADLINE = {"accuracy": "accuracy", "logit-lens": "accuracy", "ffn-readout": "answer_top1_layer",
+            "ffn-transplant": "best.top1", "ffn-ablation": "accuracy.none", "nback": "accuracy"}
+
+
+def complete_runs(results: Path) -> list[dict]:
+    """meta.json of every complete run under `results` (folders being written or failed are left out)."""
+    runs = []
+    for meta_path in sorted(Path(results).rglob("meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            continue  # cannot happen with atomic writes; a hand-edited file is not a run
+        if meta.get("status") == "complete" and "config" in meta:
+            meta["path"] = str(meta_path.parent)
+            runs.append(meta)
+    return runs
+
+
+def _unit(meta: dict) -> dict:
+    c = meta["config"]
+    return {"model": c["model"], "params": meta.get("model_params"), "family": meta.get("family"),
+            "task": c["task"], "kind": meta.get("task_kind"), "probe": c["probe"], "seed": c.get("seed")}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif not isinstance(v, list):
+            out[key] = v
+    return out
+
+
+def summary_table(runs: list[dict], probe: str) -> pd.DataFrame:
+    rows = [{**_unit(m), **_flat(m.get("summary") or {})} for m in runs if m["config"]["probe"] == probe]
+    return pd.DataFrame(rows)
+
+
+def curve_table(runs: list[dict], probe: str) -> pd.DataFrame:
+    key, dim = CURVES[probe]
+    rows = []
+    for m in runs:
+        if m["config"]["probe"] != probe:
+            continue
+        summary = m.get("summary") or {}
+        for value, metrics in (summary.get(key) or {}).items():
+            row = {**_unit(m), dim: value}
+            if isinstance(metrics, dict):
+                row.update(metrics)
+            else:  # ablation: {variant: accuracy} plus a parallel relative_drop mapping
+                row.update({key: metrics, "relative_drop": (summary.get("relative_drop") or {}).get(value)})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame:
+    """Mean of the numeric columns over the rows sharing `by` (+ `keep`, e.g. a curve's dimension); with
+    several seeds per group the count of runs is a column."""
+    if df.empty:
+        return df
+    keys = [c for c in [*by, *keep] if c in df]
+    carried = [c for c in ("params", "family", "kind") if c not in keys and c in df
+               and df.groupby(keys, dropna=False)[c].nunique(dropna=False).max() <= 1]
+    df = df.copy()
+    numeric = []
+    for c in df.columns:  # metrics that are numbers where defined (None where undefined, e.g. a drop from 0)
+        if c in keys + carried + UNIT_COLUMNS or df[c].dtype == bool:
+            continue
+        if pd.api.types.is_numeric_dtype(df[c]) or df[c].map(
+                lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool)).all():
+            df[c] = pd.to_numeric(df[c])
+            numeric.append(c)
+    g = df.groupby(keys, dropna=False, sort=False)
+    out = g[numeric].mean()
+    out.insert(0, "runs", g.size())
+    for c in carried:
+        out.insert(0, c, g[c].first())
+    out = out.reset_index()
+    sort = [c for c in ("params", "model", "task", "probe") if c in out]
+    return out.sort_values(sort, kind="stable").reset_index(drop=True) if sort else out
+
+
+def aggregate(results: Path, by: list[str]) -> dict[str, pd.DataFrame]:
+    """{table name: DataFrame}: '<probe>' summaries and '<probe>-curve' tables, grouped by `by`."""
+    bad = [b for b in by if b not in UNIT_COLUMNS]
+    if bad:
+        raise choice_error("--by column", bad[0], UNIT_COLUMNS)
+    runs = complete_runs(results)
+    if not runs:
+        raise ProbeError(f"no complete runs under {str(results)!r}; accepted: a results folder written by "
+                         "`probe run` or `probe sweep`")
+    tables = {}
+    for probe in sorted({m["config"]["probe"] for m in runs}):
+        tables[probe] = group(summary_table(runs, probe), by)
+        if probe in CURVES:
+            tables[f"{probe}-curve"] = group(curve_table(runs, probe), by, [CURVES[probe][1]])
+    return tables
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, floatfmt=".4g")
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out: Path) -> list[Path]:
+    """Each table as CSV, Parquet and Markdown under `out`, plus all of them in one tables.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, df in tables.items():
+        write_csv(out / f"{name}.csv", df)
+        atomic_write(out / f"{name}.md", lambda f, df=df: f.write(to_markdown(df) + "\n"))
+        tmp = out / f".{name}.parquet.tmp"
+        df.to_parquet(tmp, index=False)
+        tmp.replace(out / f"{name}.parquet")
+        written += [out / f"{name}.{ext}" for ext in ("csv", "parquet", "md")]
+    atomic_write(out / "tables.md", lambda f: f.write("\n\n".join(f"## {name}\n\n{to_markdown(df)}"
+                                                                    for name, df in tables.items()) + "\n"))
+    return written

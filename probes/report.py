@@ -1,0 +1,101 @@
+"""A static HTML report of a results folder: the aggregate tables, a scale plot per probe and every run's plot,
+in one self-contained file (images inlined), so it opens offline and can be mailed or archived as is."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+from pathlib import Path
+
+from .aggregate import HEADLINE, aggregate, complete_runs
+from .results import atomic_write
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: .85em; margin: .5em 0 1em; }
+th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: right; } th { background: #f4f4f4; }
+td:first-child, th:first-child { text-align: left; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; width: 560px; } figure img { width: 100%; border: 1px solid #eee; }
+figcaption { font-size: .8em; color: #555; }
+"""
+
+
+def _png(path_or_fig) -> str:
+    if isinstance(path_or_fig, Path):
+        data = path_or_fig.read_bytes()
+    else:
+        buf = io.BytesIO()
+        path_or_fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _figure(src: str, caption: str) -> str:
+    return (f'<figure><img src="{src}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def scale_plot(df, probe: str):
+    """Headline metric against model size, one line per task (None if fewer than two model sizes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = HEADLINE.get(probe)
+    if metric not in df or "params" not in df or df.params.nunique() < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for task, d in df.groupby("task"):
+        d = d.groupby("params")[metric].mean()
+        ax.plot(d.index, d.values, marker="o", label=task)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{probe}: {metric} by model size")
+    ax.legend(fontsize=7)
+    plt.close(fig)
+    return fig
+
+
+def build_report(results: Path, by: list[str]) -> str:
+    results = Path(results)
+    tables = aggregate(results, by)
+    runs = complete_runs(results)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>probe report: {html.escape(str(results))}"
+             f"</title><style>{STYLE}</style></head><body>",
+             f"<h1>probe report</h1><p>{len(runs)} complete run(s) under <code>{html.escape(str(results))}</code>, "
+             f"grouped by {', '.join(by)}; written {_dt.datetime.now().isoformat(timespec='seconds')}.</p>"]
+    for probe in sorted({m["config"]["probe"] for m in runs}):
+        parts.append(f"<h2 id='{probe}'>{html.escape(probe)}</h2>")
+        df = tables[probe]
+        parts.append(df.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", border=0))
+        if f"{probe}-curve" in tables:
+            parts.append(f"<h3>{html.escape(probe)} by {tables[f'{probe}-curve'].columns[len(by) + 1]}</h3>")
+            parts.append(tables[f"{probe}-curve"].to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="",
+                                                          border=0))
+        figures = []
+        fig = scale_plot(df, probe)
+        if fig is not None:
+            figures.append(_figure(_png(fig), f"{probe}: {HEADLINE[probe]} by model size"))
+        for m in sorted((m for m in runs if m["config"]["probe"] == probe), key=lambda m: m["path"]):
+            plot = Path(m["path"]) / "plot.png"
+            if plot.exists():
+                c = m["config"]
+                figures.append(_figure(_png(plot), f"{c['model']} · {c['task']} · seed {c.get('seed')} "
+                                                   f"({Path(m['path']).relative_to(results)})"))
+        if figures:
+            parts.append("<div class='plots'>" + "".join(figures) + "</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(results: Path, by: list[str], out: Path | None = None) -> Path:
+    out = Path(out or Path(results) / "report.html")
+    text = build_report(results, by)
+    atomic_write(out, lambda f: f.write(text))
+    return out

@@ -1,0 +1,375 @@
+"""Sweeps: a YAML grid of models x tasks x probes x seeds, run in-process or as Slurm job arrays.
+
+    name: capitals-scale                 # names the sweep's bookkeeping folder
+    models: [gpt2, gpt2-medium]          # registry names (or checkpoint folders / config files)
+    tasks: [capitals, capitals-extractive]
+    probes: [logit-lens, ffn-ablation]
+    seeds: [0, 1]                        # optional: task seeds (shots, N-back letters); one unit each
+    limit: 40                            # optional, as `probe run`
+    batch_size: 8                        # or auto
+    options: {topk: 5}                   # probe options, as `probe run` (underscores for dashes)
+    task_options: {shots: 1}             # as --task-option
+    load: {dtype: bfloat16, quantize: 8bit, device_map: auto}
+    results: results                     # default: $PROBE_RESULTS or results/, relative to the sweep file's folder
+    slurm: {partition: gpu, time: "04:00:00", gpus: 1, mem: 64G, cpus_per_task: 8, gpu_mem: 80GiB}
+
+Each unit writes its own run folder (a shard: parts, table.csv, meta.json, all written atomically, under a lock)
+at <results>/<model>/<task>/<probe>[/seed-<s>]. A unit whose meta.json is complete and whose config matches is
+skipped, so running a sweep again resumes it and retries what failed. Slurm resources come from `probe plan`
+(GPUs needed, host memory for the weights) unless the sweep's `slurm` mapping sets them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ProbeError, choice_error
+from .results import RunLock, write_json
+
+KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
+        "results", "slurm"}
+LOAD_KEYS = {"dtype", "quantize", "device_map", "max_memory", "compute_dtype"}
+SLURM_KEYS = {"partition", "time", "gpus", "mem", "cpus_per_task", "gpu_mem", "account", "qos", "extra"}
+SLURM_DEFAULTS = {"time": "04:00:00", "cpus_per_task": 4, "gpu_mem": "80GiB"}
+
+
+@dataclass(frozen=True)
+class Unit:
+    model: str
+    task: str
+    probe: str
+    seed: int | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}/{self.task}/{self.probe}" + ("" if self.seed is None else f"/seed-{self.seed}")
+
+
+@dataclass
+class Sweep:
+    path: Path
+    name: str
+    models: list
+    tasks: list
+    probes: list
+    seeds: list = field(default_factory=lambda: [None])
+    limit: int | None = None
+    batch_size: int | str = 8
+    options: dict = field(default_factory=dict)
+    task_options: dict = field(default_factory=dict)
+    load: dict = field(default_factory=dict)
+    results: Path = Path("results")
+    slurm: dict = field(default_factory=dict)
+    _configs: dict = field(default_factory=dict, repr=False)
+
+    def units(self) -> list[Unit]:
+        return [Unit(m, t, p, s) for m, t, p, s in itertools.product(self.models, self.tasks, self.probes, self.seeds)]
+
+    def output(self, unit: Unit) -> Path:
+        return self.results / unit.id
+
+    def task(self, unit: Unit):
+        from .tasks import load_task
+
+        return load_task(unit.task, {**self.task_options, **({} if unit.seed is None else {"seed": unit.seed})})
+
+    def spec(self, unit: Unit):
+        from .registry import resolve_model
+
+        return resolve_model(unit.model)
+
+    def load_options(self, unit: Unit) -> dict:
+        from .loading import load_options
+
+        return load_options(self.spec(unit), **self.load)
+
+    def config(self, unit: Unit) -> dict:
+        """The run config its shard must carry to count as done (see execution.run_config)."""
+        from .execution import run_config
+
+        if unit not in self._configs:
+            opts = self.load_options(unit)
+            self._configs[unit] = run_config(self.spec(unit), opts["dtype"], opts["quantize"], self.task(unit),
+                                             unit.probe, self.limit, self.options)
+        return self._configs[unit]
+
+    @property
+    def bookkeeping(self) -> Path:
+        return self.results / ".sweeps" / self.name
+
+
+def _list(data: dict, key: str, where: str) -> list:
+    value = data.get(key)
+    if isinstance(value, (str, int)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ProbeError(f"{where}: '{key}' must be a non-empty list")
+    return value
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file: every model, task, probe and option is checked before anything runs."""
+    from .execution import PROBES, get_probe, parse_batch_size
+    from .registry import load_registry, resolve_model
+
+    path = Path(path)
+    where = str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ProbeError(f"sweep file {where!r} not found")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ProbeError(f"malformed sweep file {where!r}{f' at line {mark.line + 1}' if mark else ''}: "
+                         f"{getattr(e, 'problem', e)}")
+    if not isinstance(data, dict):
+        raise ProbeError(f"sweep file {where!r} must be a mapping with models, tasks and probes")
+    unknown = set(data) - KEYS
+    if unknown:
+        raise ProbeError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(KEYS))}")
+    for key, accepted in (("load", LOAD_KEYS), ("slurm", SLURM_KEYS)):
+        bad = set(data.get(key) or {}) - accepted
+        if bad:
+            raise ProbeError(f"{where}: unknown {key} option(s) {', '.join(sorted(bad))}; "
+                             f"accepted: {', '.join(sorted(accepted))}")
+    options = data.get("options") or {}
+    known_options = {o for p in PROBES.values() for o in p.options}
+    if set(options) - known_options:
+        raise ProbeError(f"{where}: unknown probe option(s) {', '.join(sorted(set(options) - known_options))}; "
+                         f"accepted: {', '.join(sorted(known_options))}")
+    base = path.resolve().parent
+    results = Path(data.get("results") or os.environ.get("PROBE_RESULTS", "results"))
+    sweep = Sweep(path=path.resolve(), name=str(data.get("name") or path.stem), models=_list(data, "models", where),
+                  tasks=_list(data, "tasks", where), probes=_list(data, "probes", where),
+                  seeds=data.get("seeds") or [None], limit=data.get("limit"),
+                  batch_size=parse_batch_size(data.get("batch_size", 8)), options=options,
+                  task_options=data.get("task_options") or {}, load=data.get("load") or {},
+                  results=results if results.is_absolute() else base / results, slurm=data.get("slurm") or {})
+    registry = load_registry()
+    for m in sweep.models:
+        try:
+            resolve_model(str(m), registry)
+        except ProbeError as e:
+            raise ProbeError(f"{where}: {e}")
+    for p in sweep.probes:
+        get_probe(p)
+    for unit in sweep.units():  # every task with every seed, and every model's load options
+        sweep.config(unit)
+    return sweep
+
+
+# --- state of each unit -----------------------------------------------------------------------------------------
+
+def _meta(sweep: Sweep, unit: Unit) -> dict | None:
+    try:
+        return json.loads((sweep.output(unit) / "meta.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _queued(sweep: Sweep) -> dict[str, str]:
+    """Unit id -> Slurm state ('PENDING', 'RUNNING', ...) for units of this sweep's jobs still in the queue."""
+    log = sweep.bookkeeping / "submissions.jsonl"
+    if not log.exists() or shutil.which("squeue") is None:
+        return {}
+    subs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, check=False).stdout
+    states = dict(line.split("|", 1) for line in out.split() if "|" in line)
+    found = {}
+    for s in subs:
+        for i, uid in enumerate(s["units"]):
+            state = states.get(f"{s['job']}_{i}")
+            if state:
+                found[uid] = f"{state.lower()} (job {s['job']}_{i})"
+    return found
+
+
+def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
+    """(unit, state, detail) with state one of done, running, queued, failed, pending."""
+    queued = _queued(sweep)
+    rows = []
+    for unit in sweep.units():
+        meta = _meta(sweep, unit)
+        lock = RunLock(sweep.output(unit))
+        if meta and meta.get("status") == "complete" and meta.get("config") == sweep.config(unit):
+            rows.append((unit, "done", f"{meta.get('finished', '')}"))
+        elif lock.alive():
+            h = lock.holder() or {}
+            rows.append((unit, "running", f"pid {h.get('pid')} on {h.get('host')}"
+                         + (f", job {h['slurm_job']}" if h.get("slurm_job") else "")))
+        elif unit.id in queued:
+            state = queued[unit.id]
+            rows.append((unit, "running" if state.startswith("running") else "queued", state))
+        elif meta and meta.get("status") == "failed":
+            rows.append((unit, "failed", meta.get("error", "")))
+        elif meta and meta.get("status") == "running":
+            parts = len(list((sweep.output(unit) / "parts").glob("*.csv")))
+            rows.append((unit, "failed", f"killed ({parts} batch file(s) kept; a rerun resumes)"))
+        elif meta and meta.get("status") == "complete":
+            rows.append((unit, "pending", "stale: ran with another config; a rerun replaces it"))
+        elif _last_job(sweep, unit):
+            job, log = _last_job(sweep, unit)
+            rows.append((unit, "pending", f"no shard; last submitted as job {job}, which has ended (log: {log})"))
+        else:
+            rows.append((unit, "pending", ""))
+    return rows
+
+
+def _last_job(sweep: Sweep, unit: Unit) -> tuple[str, Path] | None:
+    """(array task id, its log file) of the last submission of `unit`, if any."""
+    log = sweep.bookkeeping / "submissions.jsonl"
+    if not log.exists():
+        return None
+    found = None
+    for line in log.read_text().splitlines():
+        if line.strip() and unit.id in (s := json.loads(line))["units"]:
+            task = f"{s['job']}_{s['units'].index(unit.id)}"
+            found = (task, sweep.bookkeeping / s["folder"] / f"{task}.out")
+    return found
+
+
+# --- local execution --------------------------------------------------------------------------------------------
+
+def run_unit(sweep: Sweep, unit: Unit, loaded, progress: bool = True) -> str:
+    """Run one unit into its shard; 'done', 'skipped' (finished, or another process holds it) or 'failed: ...'."""
+    from .execution import run_probe
+
+    meta = _meta(sweep, unit)
+    config = sweep.config(unit)
+    if meta and meta.get("status") == "complete" and meta.get("config") == config:
+        return "skipped"
+    stale = bool(meta) and meta.get("config") != config
+    if RunLock(sweep.output(unit)).alive():
+        return "skipped"
+    try:
+        run_probe(loaded, sweep.task(unit), unit.probe, sweep.output(unit), limit=sweep.limit,
+                  batch_size=sweep.batch_size, options=sweep.options, overwrite=stale, progress=progress,
+                  extra_meta={"sweep": sweep.name, "unit": unit.id})
+    except ProbeError as e:
+        if "is being written by" in str(e):  # another process took it between our check and the lock
+            return "skipped"
+        return f"failed: {e}"
+    except Exception as e:  # one unit's failure must not stop the others; its meta.json records it
+        return f"failed: {type(e).__name__}: {e}"
+    return "done"
+
+
+def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True) -> dict[str, str]:
+    """Run the units (or those named in `only`) that are not done, loading each model once."""
+    from .loading import load_model
+
+    wanted = [u for u in sweep.units() if only is None or u.id in only]
+    if only is not None and len(wanted) != len(only):
+        raise choice_error("sweep unit", sorted(set(only) - {u.id for u in wanted})[0], [u.id for u in sweep.units()])
+    outcome = {}
+    for model in dict.fromkeys(u.model for u in wanted):
+        units = [u for u in wanted if u.model == model]
+        todo = [u for u in units if not _finished(sweep, u)]
+        outcome.update({u.id: "skipped" for u in units if u not in todo})
+        if not todo:
+            continue
+        from .execution import get_probe
+
+        needs = {k: v for u in todo for k, v in get_probe(u.probe).load.items()}
+        try:
+            loaded = load_model(sweep.spec(todo[0]), **sweep.load_options(todo[0]), **needs)
+        except Exception as e:
+            outcome.update({u.id: f"failed: loading {model}: {type(e).__name__}: {e}" for u in todo})
+            continue
+        for unit in todo:
+            outcome[unit.id] = run_unit(sweep, unit, loaded, progress)
+            print(f"{unit.id}: {outcome[unit.id]}", file=sys.stderr, flush=True)
+    return outcome
+
+
+def _finished(sweep: Sweep, unit: Unit) -> bool:
+    meta = _meta(sweep, unit)
+    return bool(meta) and meta.get("status") == "complete" and meta.get("config") == sweep.config(unit)
+
+
+# --- Slurm --------------------------------------------------------------------------------------------------------
+
+def resources(sweep: Sweep, unit: Unit) -> dict:
+    """Slurm resources of a unit: GPUs and host memory from `probe plan`, the rest from defaults; the sweep's
+    `slurm` mapping overrides any of them."""
+    from .planning import GiB, plan
+
+    res = {**SLURM_DEFAULTS, **{k: v for k, v in sweep.slurm.items() if k != "extra"}}
+    if "gpus" not in res or "mem" not in res:
+        opts = sweep.load_options(unit)
+        p = plan(sweep.spec(unit), dtype=opts["dtype"], quantize=opts["quantize"],
+                 compute_dtype=opts["compute_dtype"], gpu_mem=str(res["gpu_mem"]))
+        res.setdefault("gpus", p.gpus_needed or 0)
+        # loading passes the weights through host memory; 4 GiB for Python, torch and the tokenizer
+        res.setdefault("mem", f"{math.ceil(1.2 * p.weight_bytes / GiB) + 4}G")
+    res.pop("gpu_mem")
+    return res
+
+
+def job_script(sweep: Sweep, res: dict, units_file: Path, logs: Path) -> str:
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=probe-{sweep.name}", f"#SBATCH --output={logs}/%A_%a.out",
+             f"#SBATCH --time={res['time']}", f"#SBATCH --mem={res['mem']}",
+             f"#SBATCH --cpus-per-task={res['cpus_per_task']}"]
+    if int(res.get("gpus") or 0):
+        lines.append(f"#SBATCH --gres=gpu:{int(res['gpus'])}")
+    for key in ("partition", "account", "qos"):
+        if res.get(key):
+            lines.append(f"#SBATCH --{key}={res[key]}")
+    lines += [f"#SBATCH {x}" for x in sweep.slurm.get("extra", [])]
+    lines += ["set -euo pipefail", f"cd {Path.cwd()}",
+              f'UNIT=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {units_file})',
+              f'exec {sys.executable} -m probes sweep {sweep.path} --executor local --unit "$UNIT" --quiet']
+    return "\n".join(lines) + "\n"
+
+
+def submit_slurm(sweep: Sweep, dry_run: bool = False) -> list[dict]:
+    """Submit every unit that is not done, running or queued: one job array per set of equal resources."""
+    if not dry_run and shutil.which("sbatch") is None:
+        raise ProbeError("--executor slurm needs Slurm's sbatch on PATH; accepted: --executor local")
+    todo = [u for u, state, _ in unit_states(sweep) if state in ("pending", "failed")]
+    groups: dict[str, list] = {}
+    for unit in todo:
+        res = resources(sweep, unit)
+        groups.setdefault(json.dumps(res, sort_keys=True), []).append(unit)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    submitted = []
+    for n, (key, units) in enumerate(groups.items()):
+        res = json.loads(key)
+        folder = sweep.bookkeeping / f"{stamp}-{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        units_file = folder / "units.txt"
+        units_file.write_text("".join(u.id + "\n" for u in units))
+        script = folder / "job.sh"
+        script.write_text(job_script(sweep, res, units_file, folder))
+        cmd = ["sbatch", "--parsable", f"--array=0-{len(units) - 1}", str(script)]
+        record = {"units": [u.id for u in units], "resources": res, "script": str(script), "command": cmd}
+        if not dry_run:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                raise ProbeError(f"sbatch refused {script}: {out.stderr.strip()}")
+            record["job"] = out.stdout.strip().split(";")[0]
+            with open(sweep.bookkeeping / "submissions.jsonl", "a") as f:
+                f.write(json.dumps({"job": record["job"], "units": record["units"], "folder": folder.name}) + "\n")
+        write_json(folder / "submission.json", record)
+        submitted.append(record)
+    return submitted
+
+
+def wait(sweep: Sweep, poll: float = 2.0, timeout: float | None = None) -> None:
+    """Block until none of the sweep's units is queued or running."""
+    start = time.monotonic()
+    while any(state in ("queued", "running") for _, state, _ in unit_states(sweep)):
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise ProbeError(f"sweep {sweep.name!r} still has units queued or running after {timeout:.0f}s")
+        time.sleep(poll)

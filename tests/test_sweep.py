@@ -1,0 +1,203 @@
+"""Sweeps: local and real-Slurm execution, resumable shards under SIGKILL, concurrent writers, aggregate, report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from probes.aggregate import aggregate
+from probes.errors import ProbeError
+from probes.results import RunDir
+from probes.sweep import load_sweep, unit_states
+
+from .cluster import Slurm, chromium
+from .test_cli import ENV
+
+GRID = {"models": ["tiny-gpt2", "tiny-llama"], "tasks": ["capitals", "past-tense"],
+        "probes": ["logit-lens", "ffn-ablation"], "batch_size": 2, "task_options": {"ambiguous": "flag"},
+        "slurm": {"gpus": 0, "mem": "1G", "cpus_per_task": 1, "time": "00:10:00"}}
+
+
+def write_sweep(folder: Path, limit: int = 6, **changes) -> Path:
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "grid", **GRID, "limit": limit, "results": "results", **changes}))
+    return path
+
+
+def sweep_cmd(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "probes", "sweep", *map(str, args), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV, **kw)
+
+
+def status(run: Path) -> str | None:
+    try:
+        return json.loads((run / "meta.json").read_text())["status"]
+    except FileNotFoundError:
+        return None
+
+
+def tables(results: Path) -> dict[str, pd.DataFrame]:
+    return aggregate(results, ["model", "task", "probe"])
+
+
+def assert_same_tables(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], obj=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted local run of the grid (limit 12), to compare interrupted and Slurm runs against."""
+    folder = tmp_path_factory.mktemp("reference")
+    p = sweep_cmd("--executor", "local", write_sweep(folder, limit=12))
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err
+    assert "8 unit(s) run, 0 skipped" in out
+    return folder / "results"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"models": ["tiny-gpt2", "gpt5"]}, "unknown model 'gpt5'; accepted:"),
+    ({"tasks": ["capitols"]}, "unknown task 'capitols'; accepted:"),
+    ({"probes": ["logit-lens", "x-ray"]}, "unknown probe 'x-ray'; accepted:"),
+    ({"options": {"topk": 3, "colour": "red"}}, "unknown probe option(s) colour; accepted:"),
+    ({"slurm": {"gpu": 1}}, "unknown slurm option(s) gpu; accepted:"),
+])
+@pytest.mark.parametrize("executor", ["local", "slurm"])
+def test_a_bad_sweep_is_refused_before_anything_runs(tmp_path, change, message, executor):
+    p = sweep_cmd("--executor", executor, write_sweep(tmp_path, **change))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "results").exists()
+
+
+def test_sigkill_part_way_then_rerun_gives_the_uninterrupted_aggregate(tmp_path, reference):
+    path = write_sweep(tmp_path, limit=12)
+    p = sweep_cmd("--executor", "local", path)
+    results = tmp_path / "results"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # kill once a unit is complete and the next has written a batch
+        done = [m for m in results.rglob("meta.json") if status(m.parent) == "complete"]
+        partial = [d for d in results.rglob("parts") if any(d.glob("*.csv")) and status(d.parent) == "running"]
+        if done and partial:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    states = {u.id: s for u, s, _ in unit_states(load_sweep(path))}
+    assert "done" in states.values() and "failed" in states.values()  # the killed unit is reported, not "running"
+    assert any(Path(d.parent, ".lock").exists() for d in partial)  # its lock is stale, and must be taken over
+
+    p = sweep_cmd("--executor", "local", path)
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err
+    assert_same_tables(tables(results), tables(reference))
+    for table in reference.rglob("table.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(results / table.relative_to(reference)), pd.read_csv(table))
+    assert not list(results.rglob(".lock")) and not list(results.rglob("*.tmp"))
+
+
+def test_two_processes_writing_one_results_folder_lose_nothing(tmp_path, reference):
+    """Two runs of the same sweep at once (they share the units) and a third sweep into the same folder."""
+    path = write_sweep(tmp_path, limit=12)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_path = write_sweep(other, limit=12, models=["tiny-opt"], results=str(tmp_path / "results"))
+    procs = [sweep_cmd("--executor", "local", path), sweep_cmd("--executor", "local", path),
+             sweep_cmd("--executor", "local", other_path)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    ran = [int(o[0].split(" unit(s) run")[0].split()[-1]) for o in outs[:2]]
+    assert sum(ran) == 8  # each shared unit computed by exactly one of the two
+    results = tmp_path / "results"
+    metas = [json.loads(m.read_text()) for m in results.rglob("meta.json")]
+    assert len(metas) == 12 and all(m["status"] == "complete" for m in metas)
+    for table in results.rglob("table.csv"):
+        assert len(pd.read_csv(table)) > 0
+    got = tables(results)
+    ref = tables(reference)
+    for name in ref:
+        pd.testing.assert_frame_equal(got[name][got[name].model != "tiny-opt"].reset_index(drop=True), ref[name])
+    assert set(got["logit-lens"].model) == {"tiny-gpt2", "tiny-llama", "tiny-opt"}
+
+
+def test_a_held_run_folder_is_refused_to_a_second_writer(tmp_path):
+    with RunDir(tmp_path / "run", {"a": 1}):
+        with pytest.raises(ProbeError, match=r"is being written by pid \d+ on .*; accepted: wait for it"):
+            RunDir(tmp_path / "run", {"a": 1})
+    with RunDir(tmp_path / "run", {"a": 1}):  # released on exit
+        pass
+
+
+def test_aggregate_writes_csv_parquet_markdown_and_groups(tmp_path, reference):
+    r = subprocess.run([sys.executable, "-m", "probes", "aggregate", str(reference), "--out", str(tmp_path / "agg")],
+                       capture_output=True, text=True, env=ENV, check=False)
+    assert r.returncode == 0, r.stderr
+    csv = pd.read_csv(tmp_path / "agg" / "ffn-ablation-curve.csv")
+    pq = pd.read_parquet(tmp_path / "agg" / "ffn-ablation-curve.parquet")
+    pd.testing.assert_frame_equal(csv, pq, check_dtype=False)
+    assert {"model", "params", "family", "task", "variant", "accuracy", "relative_drop"} <= set(csv.columns)
+    assert set(csv.variant) >= {"none"} and (tmp_path / "agg" / "tables.md").read_text().startswith("## ffn-ablation")
+    lens = pd.read_csv(tmp_path / "agg" / "logit-lens.csv")
+    assert len(lens) == 4 and lens.params.notna().all()
+    by_model = aggregate(reference, ["model", "probe"])["logit-lens"]
+    assert list(by_model.runs) == [2, 2]  # two tasks averaged per model
+    expected = lens.groupby("model", sort=False).accuracy.mean()
+    assert np.allclose(by_model.set_index("model").accuracy[expected.index], expected)
+    r = subprocess.run([sys.executable, "-m", "probes", "aggregate", str(reference), "--by", "model,size"],
+                       capture_output=True, text=True, env=ENV, check=False)
+    assert r.returncode == 2 and "unknown --by column 'size'; accepted:" in r.stderr
+
+
+def test_report_opens_in_headless_chromium_with_its_plots(tmp_path, reference):
+    report = tmp_path / "report.html"
+    r = subprocess.run([sys.executable, "-m", "probes", "report", str(reference), "--out", str(report)],
+                       capture_output=True, text=True, env=ENV, check=False)
+    assert r.returncode == 0, r.stderr
+    text = report.read_text()
+    assert text.count("<img src=\"data:image/png;base64,") == 8 + 2  # every run's plot + a scale plot per probe
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
+    # matplotlib's first two line colours (C0 blue, C1 orange) appear only if the inlined plots were drawn
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (np.abs(pixels - colour).sum(1) < 30).sum() > 200, colour
+
+
+def test_slurm_array_completes_aggregates_and_reruns_only_a_deleted_unit(tmp_path_factory, reference):
+    slurm = Slurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        folder = tmp_path_factory.mktemp("slurm-sweep")
+        path = write_sweep(folder, limit=12)
+        p = sweep_cmd("--executor", "slurm", "--wait", path, env=slurm.env)
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err
+        assert "submitted job" in out and "8 unit(s) (cpus_per_task=1, gpus=0, mem=1G" in out and "8 done" in out
+        results = folder / "results"
+        assert_same_tables(tables(results), tables(reference))
+
+        victim = results / "tiny-llama" / "past-tense" / "ffn-ablation"
+        for f in sorted(victim.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+        victim.rmdir()
+        p = sweep_cmd("--executor", "slurm", "--wait", path, env=slurm.env)
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err
+        assert "1 unit(s)" in out and "8 done" in out
+        last = sorted((results / ".sweeps" / "grid").glob("*/submission.json"))[-1]
+        assert json.loads(last.read_text())["units"] == ["tiny-llama/past-tense/ffn-ablation"]
+        assert_same_tables(tables(results), tables(reference))
+    finally:
+        slurm.stop()
