@@ -111,7 +111,7 @@ def attention_weights(loaded, prompt: str) -> list[torch.Tensor]:
     """Per block, the attention probabilities (heads, seq, seq) of one prompt (eager attention)."""
     arch = loaded.arch
     saved = []
-    with loaded.model.trace(prompt, logits_to_keep=1):
+    with loaded.trace(prompt, logits_to_keep=1):
         for i in range(arch.n_layers):
             out = _get(arch.block(i), arch.spec.attn_probs_module).output
             saved.append(out[1].save() if isinstance(out, tuple) and len(out) > 1 else None)

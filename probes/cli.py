@@ -88,14 +88,19 @@ def cmd_run(args) -> None:
     if args.output and len(tasks) > 1:
         raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
     batch_size = parse_batch_size(args.batch_size)
-    opts = load_options(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
-                        max_memory=args.max_memory, gpus=args.gpus)
-    if spec.source == "hub":
-        from .planning import check_fits
+    if args.remote:
+        from .loading import load_remote
 
-        check_fits(spec, opts, args.gpus)
-    print(f"loading {spec.name} ({spec.where()}) ...", file=sys.stderr)
-    loaded = load_model(spec, **opts, **probe.load)
+        loaded = load_remote(spec, args.probe)
+    else:
+        opts = load_options(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
+                            max_memory=args.max_memory, gpus=args.gpus)
+        if spec.source == "hub":
+            from .planning import check_fits
+
+            check_fits(spec, opts, args.gpus)
+        print(f"loading {spec.name} ({spec.where()}) ...", file=sys.stderr)
+        loaded = load_model(spec, **opts, **probe.load)
     print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
     options = {"topk": args.topk, "mode": args.mode, "layers": args.layers, "scales": args.scales,
                "positions": args.positions, "controls": not args.no_controls, "sources": args.sources,
@@ -268,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
     r.add_argument("--device-map", help="auto, balanced, sequential or cpu (accelerate)")
     r.add_argument("--max-memory", help="per-device limits, e.g. '0=75GiB,cpu=200GiB'")
+    r.add_argument("--remote", action="store_true", help="run on NDIF through nnsight (hub models it hosts; "
+                                                          "API key from NDIF_API_KEY)")
     r.add_argument("--gpus", type=int, help="spread the model over the first N GPUs (device map auto)")
     r.add_argument("--output", help="run folder (default: results/<model>/<task>/<probe>)")
     r.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
@@ -307,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):  # `probe aggregate | head` ends quietly, as shell tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -144,7 +144,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
         run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
                    "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,
                    "ambiguous": {str(k): v for k, v in ambiguous.items()},
-                   "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map,
+                   "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map, "remote": loaded.remote,
                    "model_params": loaded.spec.params or loaded.arch.n_params, "family": loaded.spec.family,
                    "task_kind": task.kind, **(extra_meta or {}),
                    "task_source": task.source, "task_license": task.license, **environment()})

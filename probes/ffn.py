@@ -39,7 +39,7 @@ def last_position_updates(loaded, prompts: list[str]) -> dict[str, torch.Tensor]
     """At the last position: residual (batch, L+1, d), attention and FFN updates (batch, L, d)."""
     arch = loaded.arch
     resid, attn, ffn = [], [], []
-    with loaded.model.trace(prompts, logits_to_keep=1):
+    with loaded.trace(prompts, logits_to_keep=1):
         x = arch.block_input(0)
         resid.append(x[:, -1].save())
         for i in range(arch.n_layers):
@@ -180,7 +180,7 @@ def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> to
     last = ids[:, -1:].repeat(len(variants), 1)
     mask = torch.ones(len(variants), ids.shape[1], dtype=torch.long, device=ids.device)
     by_block = _rows_by_block(variants, arch.n_layers)
-    with loaded.model.trace({"input_ids": last, "attention_mask": mask}, past_key_values=cache, use_cache=True):
+    with loaded.trace({"input_ids": last, "attention_mask": mask}, past_key_values=cache, use_cache=True):
         for i in range(arch.n_layers):
             if by_block[i]:
                 h = arch.block_output(i)
@@ -195,7 +195,7 @@ def replace_ffn(loaded, prompt: str, variants: list[Variant], vectors: dict, pos
     its vector, at all positions (broadcast) or the last one."""
     arch = loaded.arch
     by_block = _rows_by_block(variants, arch.n_layers)
-    with loaded.model.trace([prompt] * len(variants), logits_to_keep=1):
+    with loaded.trace([prompt] * len(variants), logits_to_keep=1):
         for i in range(arch.n_layers):
             if by_block[i]:
                 x = arch.block_input(i)
@@ -337,7 +337,7 @@ def ablate(loaded, prompts: list[str], variants: list[tuple[int, ...]], how: str
     arch = loaded.arch
     batch = [p for p in prompts for _ in variants]
     rows = [[r for r in range(len(batch)) if i in variants[r % len(variants)]] for i in range(arch.n_layers)]
-    with loaded.model.trace(batch, logits_to_keep=1):
+    with loaded.trace(batch, logits_to_keep=1):
         for i in range(arch.n_layers):
             if rows[i]:
                 x = arch.block_input(i)

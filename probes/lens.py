@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import nnsight
 import torch
 
 from .tasks import Item, answer_token, first_token, item_columns
@@ -18,7 +19,7 @@ def last_residuals(loaded, prompts: list[str]) -> torch.Tensor:
     """(batch, L + 1, d) residual stream at the last position of each (left-padded) prompt, every layer."""
     arch = loaded.arch
     saved = []
-    with loaded.model.trace(prompts, logits_to_keep=1):  # the lens decodes itself: skip the full-vocab logits
+    with loaded.trace(prompts, logits_to_keep=1):  # the lens decodes itself: skip the full-vocab logits
         for index in range(arch.n_layers + 1):
             saved.append(arch.resid(index)[:, -1].save())
     return torch.stack([s.to(arch.unembed_device) for s in saved], dim=1)
@@ -26,7 +27,7 @@ def last_residuals(loaded, prompts: list[str]) -> torch.Tensor:
 
 def next_token_logits(loaded, prompts: list[str]) -> torch.Tensor:
     """(batch, vocab) float logits of the next token after each (left-padded) prompt."""
-    with loaded.model.trace(prompts, logits_to_keep=1):
+    with loaded.trace(prompts, logits_to_keep=1):
         logits = loaded.model.output.logits[:, -1].save()
     return logits.float()
 
@@ -39,44 +40,71 @@ def rank_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def target_ids(loaded, items: list[Item]) -> dict[str, torch.Tensor]:
     """First token ids of each item's answer (as emitted after its prompt) and argument."""
-    tok, device = loaded.tokenizer, loaded.arch.unembed_device
-    return {"answer": torch.tensor([answer_token(tok, it) for it in items], device=device),
-            "argument": torch.tensor([first_token(tok, it.argument) for it in items], device=device)}
-
-
-def decode_stats(loaded, targets: dict, hidden: torch.Tensor, topk: int = 5, prefix: str = "",
-                 logit: bool = False) -> list[list[dict]]:
-    """Lens statistics of `hidden` (batch, n, d) as stats[b][index]: top-1 and top-k tokens, and per target its
-    rank, reciprocal rank and probability (and raw logit if asked); column names prefixed by `prefix`."""
     tok = loaded.tokenizer
-    batch, n = hidden.shape[:2]
-    out = [[{} for _ in range(n)] for _ in range(batch)]
-    for index in range(n):
-        logits = loaded.arch.decode(hidden[:, index])  # (batch, vocab), one index at a time to bound memory
-        logp = logits.log_softmax(-1)
-        top = logits.topk(topk, dim=-1).indices.tolist()
+    return {"answer": torch.tensor([answer_token(tok, it) for it in items]),
+            "argument": torch.tensor([first_token(tok, it.argument) for it in items])}
+
+
+def lens_tensors(arch, h: torch.Tensor, targets: dict, topk: int, logit: bool = False) -> dict:
+    """Decode residual vectors h (batch, d) and reduce the logits to what the rows keep: top-k ids, and per
+    target its rank, probability (and raw logit if asked). Plain torch on the model's modules, so it also runs
+    inside a trace, where a remote model's weights are."""
+    logits = arch.decode(h)  # (batch, vocab)
+    logp = logits.log_softmax(-1)
+    out = {"top": logits.topk(topk, dim=-1).indices}
+    for name, ids in targets.items():
+        ids = ids.to(logits.device)
+        out[f"{name}_rank"] = rank_of(logits, ids)
+        out[f"{name}_prob"] = logp.gather(-1, ids[:, None])[:, 0].exp()
+        if logit:
+            out[f"{name}_logit"] = logits.gather(-1, ids[:, None])[:, 0]
+    return out
+
+
+def stats_rows(tok, per_index: list[dict], prefix: str = "") -> list[list[dict]]:
+    """`lens_tensors` of each residual index -> stats[b][index]: top-1 and top-k tokens, and per target its rank,
+    reciprocal rank and probability (and logit); column names prefixed by `prefix`."""
+    batch = len(per_index[0]["top"])
+    out = [[{} for _ in per_index] for _ in range(batch)]
+    for index, t in enumerate(per_index):
+        top = t["top"].tolist()
         cols = {}
-        for name, ids in targets.items():
-            rank = rank_of(logits, ids)
-            cols[f"{name}_rank"] = rank.tolist()
-            cols[f"{name}_rr"] = (1.0 / (rank + 1)).tolist()
-            cols[f"{name}_prob"] = logp.gather(-1, ids[:, None])[:, 0].exp().tolist()
-            if logit:
-                cols[f"{name}_logit"] = logits.gather(-1, ids[:, None])[:, 0].tolist()
+        for key, values in t.items():
+            if key == "top":
+                continue
+            cols[key] = values.tolist()
+            if key.endswith("_rank"):
+                cols[key[:-5] + "_rr"] = (1.0 / (values + 1)).tolist()
         for b in range(batch):
             row = out[b][index]
             row[prefix + "top1"] = tok.decode(top[b][0])
-            row[prefix + "topk"] = json.dumps([tok.decode(t) for t in top[b]], ensure_ascii=False)
+            row[prefix + "topk"] = json.dumps([tok.decode(i) for i in top[b]], ensure_ascii=False)
             for key, values in cols.items():
                 row[prefix + key] = values[b]
     return out
 
 
+def decode_stats(loaded, targets: dict, hidden: torch.Tensor, topk: int = 5, prefix: str = "",
+                 logit: bool = False) -> list[list[dict]]:
+    """Lens statistics of `hidden` (batch, n, d) as stats[b][index] (see `stats_rows`), one index at a time to
+    bound memory."""
+    return stats_rows(loaded.tokenizer, [lens_tensors(loaded.arch, hidden[:, i], targets, topk, logit)
+                                         for i in range(hidden.shape[1])], prefix)
+
+
 def run_lens(loaded, items: list[Item], topk: int = 5) -> list[dict]:
-    hidden = last_residuals(loaded, [it.prompt for it in items])
-    stats = decode_stats(loaded, target_ids(loaded, items), hidden, topk=topk)
+    """Decoded inside the trace: the residuals never leave the model's devices (or the remote server), only the
+    per-layer ranks, probabilities and top-k ids do."""
+    arch = loaded.arch
+    targets = target_ids(loaded, items)
+    per_index = []
+    with loaded.trace([it.prompt for it in items], logits_to_keep=1):
+        for index in range(arch.n_layers + 1):
+            per_index.append(lens_tensors(arch, arch.resid(index)[:, -1], targets, topk))
+        per_index = nnsight.save(per_index)  # assigned: a remote trace returns only names it assigns and saves
+    stats = stats_rows(loaded.tokenizer, per_index)
     return [{**item_columns(loaded.tokenizer, it), "layer": index, **stats[b][index]}
-            for b, it in enumerate(items) for index in range(hidden.shape[1])]
+            for b, it in enumerate(items) for index in range(arch.n_layers + 1)]
 
 
 def summarize_lens(df) -> dict:

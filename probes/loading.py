@@ -46,6 +46,11 @@ class Loaded:
     device_map: object
     load_seconds: float
     cache_hit: bool
+    remote: bool = False  # traces run on NDIF; the local model has no weights
+
+    def trace(self, *inputs, **kwargs):
+        """The model's trace, sent to NDIF for a remote model (see `load_remote`)."""
+        return self.model.trace(*inputs, **({"remote": True} if self.remote else {}), **kwargs)
 
 
 def _check_choice(what: str, value, accepted):
@@ -260,3 +265,34 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
     return Loaded(model=model, tokenizer=model.tokenizer, arch=Arch(model), spec=spec, dtype=dtype,
                   quantize=quantize, device_map=device_map, load_seconds=time.perf_counter() - start,
                   cache_hit=cache_hit)
+
+
+REMOTE_PROBES = ("logit-lens", "accuracy", "nback")  # their traces read, decode and save; nothing runs outside
+
+
+def load_remote(spec: ModelSpec, probe: str) -> Loaded:
+    """A weightless local copy of a hub model whose traces run on NDIF (nnsight's remote execution).
+
+    The API key comes from NDIF_API_KEY (and the server from NDIF_HOST, if set); it is handed to nnsight in memory
+    and never written to results or logs. Only probes whose whole computation happens inside their traces can run
+    remotely: the FFN and attention probes also run the model's modules on their own between traces."""
+    from nnsight import CONFIG
+    from nnsight.modeling.transformers import TransformersModel
+
+    if spec.source != "hub":
+        raise ProbeError(f"--remote runs hub models hosted by NDIF; {spec.name!r} is a {spec.source} model")
+    if probe not in REMOTE_PROBES:
+        raise ProbeError(f"--remote does not run probe {probe!r} yet; accepted: {', '.join(REMOTE_PROBES)}")
+    key = os.environ.get("NDIF_API_KEY")
+    if not key:
+        raise ProbeError("--remote needs an NDIF API key in the environment variable NDIF_API_KEY "
+                         "(https://login.ndif.us); it is never written to results")
+    CONFIG.API.APIKEY = key
+    if os.environ.get("NDIF_HOST"):
+        CONFIG.API.HOST = os.environ["NDIF_HOST"]
+    start = time.perf_counter()
+    tok = load_tokenizer(spec)
+    model = TransformersModel(spec.repo, revision=spec.revision, task="text-generation", tokenizer=tok)
+    return Loaded(model=model, tokenizer=model.tokenizer, arch=Arch(model), spec=spec, dtype=spec.dtype,
+                  quantize=None, device_map=None, load_seconds=time.perf_counter() - start, cache_hit=True,
+                  remote=True)
