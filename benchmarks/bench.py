@@ -1,10 +1,17 @@
-"""What each probe costs against a bare forward pass, measured in one run (medians over repetitions).
+"""What each probe costs against a bare forward pass, and how the cost scales, measured in one run.
 
-    python benchmarks/bench.py [--models smollm2-135m gemma3-270m] [--batch 8] [--reps 3]
+    python benchmarks/bench.py [--models smollm2-135m gemma3-270m] [--batch 8] [--reps 3] [--no-cold] [--no-scale]
 
-Baseline: a bare transformers forward pass with output_hidden_states on the same prompts and batch. Ratios are
-probe time / baseline time. The transplant sweep puts a vector after every block of the model, one variant per
-block, for one prompt; its cost is given in bare single-prompt forward passes, against the target of L/4.
+Per bundled model (medians over --reps after a warm-up):
+- baseline: a bare transformers forward pass with output_hidden_states on the same prompts and batch;
+- each probe on those prompts: logit-lens, ffn-readout, ffn-ablation, a transplant sweep over all blocks (one
+  prompt, in bare single-prompt forwards against the target L/4) and attention (eager; whole N-back sequences,
+  against a bare eager forward with output_attentions on the same sequences);
+- where the lens's time goes: the traced forward with every residual saved, and the decoding of those residuals;
+- peak memory (resident set, sampled every 2 ms) above what the process held before loading, against the weights
+  plus the activations the probe keeps;
+- load time: cold (GGUF dequantized into an empty cache) and cached.
+Scale curves on tiny random Llamas: time and peak memory against batch size, prompt length and layer count.
 Writes benchmarks/results.json.
 """
 
@@ -12,60 +19,188 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
+from probes.attention import run_attention
 from probes.ffn import Variant, add_sweep, control_vectors, last_position_updates, run_ablation, run_readout
-from probes.lens import run_lens
+from probes.lens import decode_stats, last_residuals, run_lens, target_ids
 from probes.loading import load_model
-from probes.registry import resolve_model
+from probes.registry import parse_entry, resolve_model
 from probes.tasks import load_task
 
+PROC = psutil.Process()
 
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
+
+class PeakRSS:
+    """Peak resident set size while the block runs (a sampling thread), in bytes."""
+
+    def __enter__(self):
+        self.peak = PROC.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, PROC.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, PROC.memory_info().rss)
+
+
+def measure(fn, reps: int) -> tuple[float, int]:
+    """(median seconds, peak RSS bytes) of fn over `reps` runs after a warm-up."""
+    fn()
+    times, peak = [], 0
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        with PeakRSS() as m:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        peak = max(peak, m.peak)
+    return statistics.median(times), peak
 
 
-def bench_model(name: str, batch: int, reps: int) -> dict:
+def weight_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
+    loads = {}
+    if cold:  # an empty cache: the GGUF is dequantized and written, then read back as safetensors
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["PROBE_CACHE"] = cache
+            first = load_model(resolve_model(name))
+            loads["cold"] = first.load_seconds
+            del first
+            loads["cached"] = load_model(resolve_model(name)).load_seconds
+            del os.environ["PROBE_CACHE"]
+    base_rss = PROC.memory_info().rss
     lm = load_model(resolve_model(name))
+    eager = load_model(resolve_model(name), attn_implementation="eager")
     hf, tok = lm.model._module, lm.tokenizer
     items = load_task("capitals").items(limit=batch)
     prompts = [it.prompt for it in items]
     enc = tok(prompts, return_tensors="pt", padding=True)
     one = tok(prompts[:1], return_tensors="pt")
-
-    def bare():
-        with torch.no_grad():
-            hf(**enc, output_hidden_states=True)
-
-    def bare_one():
-        with torch.no_grad():
-            hf(**one, output_hidden_states=True)
-
+    seqs = load_task("nback-sequence", {"sequences": 1, "n": [2]}).items(limit=1)
+    seq_enc = tok([it.prompt for it in seqs], return_tensors="pt")
     L = lm.arch.n_layers
     o = last_position_updates(lm, prompts[:1])["ffn"][0, L // 2]
     vectors = control_vectors(o.float().cpu())
     sweep = [Variant("none")] + [Variant("o", (i,)) for i in range(L)]
-    t = {"bare forward (batch)": median_time(bare, reps), "bare forward (1 prompt)": median_time(bare_one, reps)}
-    t["logit-lens"] = median_time(lambda: run_lens(lm, items), reps)
-    t["ffn-readout"] = median_time(lambda: run_readout(lm, items), reps)
-    t["ffn-ablation (7 variants)"] = median_time(lambda: run_ablation(lm, items), reps)
-    t["transplant sweep, all blocks (1 prompt)"] = median_time(lambda: add_sweep(lm, prompts[0], sweep, vectors), reps)
-    base, base1 = t["bare forward (batch)"], t["bare forward (1 prompt)"]
-    return {"model": name, "layers": L, "batch": batch, "seconds": t,
-            "ratio_to_bare": {k: v / base for k, v in t.items() if "1 prompt" not in k},
-            "sweep_in_bare_forwards": t["transplant sweep, all blocks (1 prompt)"] / base1,
+    hidden = last_residuals(lm, prompts)
+    targets = target_ids(lm, items)
+
+    runs = {
+        "bare forward": lambda: hf(**enc, output_hidden_states=True),
+        "bare forward (1 prompt)": lambda: hf(**one, output_hidden_states=True),
+        "bare eager forward (N-back sequence)": lambda: eager.model._module(**seq_enc, output_attentions=True,
+                                                                            output_hidden_states=True),
+        "logit-lens": lambda: run_lens(lm, items),
+        "  lens: traced forward saving residuals": lambda: last_residuals(lm, prompts),
+        "  lens: decode + ranks + top-k": lambda: decode_stats(lm, targets, hidden),
+        "ffn-readout": lambda: run_readout(lm, items),
+        "ffn-ablation (7 variants)": lambda: run_ablation(lm, items),
+        "transplant sweep, all blocks (1 prompt)": lambda: add_sweep(lm, prompts[0], sweep, vectors),
+        "attention (N-back sequence)": lambda: run_attention(eager, seqs),
+    }
+    seconds, peak = {}, {}
+    for key, fn in runs.items():
+        seconds[key], peak[key] = measure(fn, reps)
+    weights = weight_bytes(hf)
+    tokens = int(enc.attention_mask.sum())
+    base, base1, base_seq = (seconds[k] for k in ("bare forward", "bare forward (1 prompt)",
+                                                   "bare eager forward (N-back sequence)"))
+    baseline_of = {k: base_seq if "N-back" in k else base1 if "1 prompt" in k else base for k in seconds}
+    d = lm.arch.config.hidden_size
+    # what a lens run must keep besides the weights: every layer's last-position residual and their logits
+    kept = hidden.numel() * 4 + (L + 1) * batch * lm.arch.config.vocab_size * 4
+    return {"model": name, "layers": L, "batch": batch, "tokens": tokens, "hidden": d, "loads": loads,
+            "seconds": seconds,
+            "ratio_to_bare": {k: seconds[k] / baseline_of[k] for k in seconds},
+            "prompts_per_second": {k: (1 if "1 prompt" in k or "N-back" in k else batch) / v
+                                   for k, v in seconds.items()},
+            "weights_bytes": weights, "lens_kept_bytes": kept,
+            "peak_above_start_bytes": {k: v - base_rss for k, v in peak.items()},
+            "sweep_in_bare_forwards": seconds["transplant sweep, all blocks (1 prompt)"] / base1,
             "sweep_target": L / 4}
+
+
+def tiny_llama(layers: int, hidden: int = 256):
+    spec = parse_entry(f"bench-llama-{layers}x{hidden}", {"random": {
+        "model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "intermediate_size": 4 * hidden, "max_position_embeddings": 2048}}, "bench")
+    return load_model(spec)
+
+
+def scale_curves(reps: int) -> dict:
+    """Time and peak memory of bare forward, logit lens and the transplant sweep as one factor varies."""
+    task = load_task("capitals", {"ambiguous": "flag"})
+    pool = task.items(limit=64)
+    out = {"batch": [], "prompt_tokens": [], "layers": []}
+
+    def point(lm, items, prompt):
+        hf, tok = lm.model._module, lm.tokenizer
+        enc = tok([it.prompt for it in items], return_tensors="pt", padding=True)
+        L = lm.arch.n_layers
+        vectors = control_vectors(torch.randn(lm.arch.config.hidden_size))
+        sweep = [Variant("none")] + [Variant("o", (i,)) for i in range(L)]
+        one = tok([prompt], return_tensors="pt")
+        t_bare, m_bare = measure(lambda: hf(**enc, output_hidden_states=True), reps)
+        t_lens, m_lens = measure(lambda: run_lens(lm, items), reps)
+        t_one, _ = measure(lambda: hf(**one, output_hidden_states=True), reps)
+        t_sweep, _ = measure(lambda: add_sweep(lm, prompt, sweep, vectors), reps)
+        return {"bare_s": t_bare, "lens_s": t_lens, "lens_ratio": t_lens / t_bare, "sweep_s": t_sweep,
+                "sweep_in_forwards": t_sweep / t_one, "peak_bare_mb": m_bare / 2**20, "peak_lens_mb": m_lens / 2**20}
+
+    lm = tiny_llama(8)
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        out["batch"].append({"batch": b, **point(lm, pool[:b], pool[0].prompt)})
+    for repeat in (1, 2, 4, 8, 16):  # longer prompts: the one-shot prompt with more shots
+        items = load_task("capitals", {"ambiguous": "flag", "shots": repeat}).items(limit=8)
+        n = int(lm.tokenizer([items[0].prompt], return_tensors="pt").attention_mask.sum())
+        out["prompt_tokens"].append({"shots": repeat, "tokens": n, **point(lm, items, items[0].prompt)})
+    for layers in (2, 4, 8, 16, 32):
+        lm = tiny_llama(layers)
+        out["layers"].append({"layers": layers, **point(lm, pool[:8], pool[0].prompt)})
+    return out
+
+
+def print_model(r: dict) -> None:
+    print(f"\n{r['model']} ({r['layers']} blocks, batch {r['batch']}, {r['tokens']} tokens)")
+    if r["loads"]:
+        print(f"  load: cold (GGUF dequantize) {r['loads']['cold']:.1f} s, cached {r['loads']['cached']:.2f} s "
+              f"({r['loads']['cached'] / r['loads']['cold']:.3f} of cold; target <= 0.1)")
+    w = r["weights_bytes"]
+    print(f"  {'':44s} {'seconds':>8s} {'x bare':>7s} {'prompts/s':>9s} {'peak above start / weights':>27s}")
+    for k, v in r["seconds"].items():
+        peak = r["peak_above_start_bytes"][k]
+        print(f"  {k:44s} {v:8.3f} {r['ratio_to_bare'][k]:7.2f} {r['prompts_per_second'][k]:9.1f} "
+              f"{peak / 2**20:9.0f} MB = {peak / w:4.2f}x")
+    print(f"  weights {w / 2**20:.0f} MB; transplant sweep over all {r['layers']} blocks = "
+          f"{r['sweep_in_bare_forwards']:.2f} bare forwards of that prompt (target <= L/4 = {r['sweep_target']:.1f})")
+
+
+def print_curves(c: dict) -> None:
+    for factor, rows in c.items():
+        print(f"\nscale: {factor} (tiny Llama, hidden 256)")
+        keys = list(rows[0])
+        print("  " + "  ".join(f"{k:>17s}" for k in keys))
+        for row in rows:
+            print("  " + "  ".join(f"{row[k]:17.4g}" for k in keys))
 
 
 def main():
@@ -73,17 +208,19 @@ def main():
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-cold", action="store_true", help="skip the cold GGUF loads (about 2 minutes)")
+    p.add_argument("--no-scale", action="store_true", help="skip the scale curves")
     args = p.parse_args()
     torch.set_grad_enabled(False)
-    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-               "models": [bench_model(m, args.batch, args.reps) for m in args.models]}
-    for r in results["models"]:
-        print(f"\n{r['model']} ({r['layers']} blocks, batch {r['batch']})")
-        for k, v in r["seconds"].items():
-            ratio = r["ratio_to_bare"].get(k)
-            print(f"  {k:42s} {v:8.3f} s" + (f"   {ratio:5.2f}x bare" if ratio is not None else ""))
-        print(f"  transplant sweep over all {r['layers']} blocks = {r['sweep_in_bare_forwards']:.2f} bare forwards "
-              f"of that prompt (target <= L/4 = {r['sweep_target']:.1f})")
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+                          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}",
+               "date": time.strftime("%Y-%m-%d"), "models": []}
+    for m in args.models:
+        results["models"].append(bench_model(m, args.batch, args.reps, cold=not args.no_cold))
+        print_model(results["models"][-1])
+    if not args.no_scale:
+        results["scale"] = scale_curves(args.reps)
+        print_curves(results["scale"])
     out = Path(__file__).parent / "results.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {out}")

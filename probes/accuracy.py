@@ -26,7 +26,7 @@ def run_accuracy(loaded, items: list[Item]) -> list[dict]:
 
 
 def summarize_accuracy(df) -> dict:
-    by_group = df.groupby(df["group"].fillna("")).correct.mean() if "group" in df else None
+    by_group = df.groupby(df["group"].astype("string").fillna("")).correct.mean() if "group" in df else None
     out = {"items": int(len(df)), "accuracy": float(df.correct.mean()),
            "consistent": float(df.consistent.mean())}
     if by_group is not None and len(by_group) > 1:
@@ -38,5 +38,5 @@ def report_accuracy(df, summary) -> str:
     lines = [f"items {summary['items']}  accuracy {summary['accuracy']:.3f}  "
              f"(top-1 a prefix of the answer: {summary['consistent']:.3f})"]
     for group, acc in summary.get("by_group", {}).items():
-        lines.append(f"  {group}: {acc:.3f} ({int((df['group'].fillna('') == group).sum())} items)")
+        lines.append(f"  {group}: {acc:.3f} ({int((df['group'].astype('string').fillna('') == group).sum())} items)")
     return "\n".join(lines)
