@@ -61,16 +61,18 @@ class PeakRSS:
 
 
 def measure(fn, reps: int) -> tuple[float, int]:
-    """(median seconds, peak RSS bytes) of fn over `reps` runs after a warm-up."""
+    """(median seconds, most memory taken above what the process held just before) of fn over `reps` runs after a
+    warm-up."""
     fn()
-    times, peak = [], 0
+    times, extra = [], 0
     for _ in range(reps):
+        before = PROC.memory_info().rss
         with PeakRSS() as m:
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        peak = max(peak, m.peak)
-    return statistics.median(times), peak
+        extra = max(extra, m.peak - before)
+    return statistics.median(times), extra
 
 
 def weight_bytes(model) -> int:
@@ -87,8 +89,9 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
             del first
             loads["cached"] = load_model(resolve_model(name)).load_seconds
             del os.environ["PROBE_CACHE"]
-    base_rss = PROC.memory_info().rss
+    start_rss = PROC.memory_info().rss
     lm = load_model(resolve_model(name))
+    loaded_rss = PROC.memory_info().rss
     eager = load_model(resolve_model(name), attn_implementation="eager")
     hf, tok = lm.model._module, lm.tokenizer
     items = load_task("capitals").items(limit=batch)
@@ -117,9 +120,9 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
         "transplant sweep, all blocks (1 prompt)": lambda: add_sweep(lm, prompts[0], sweep, vectors),
         "attention (N-back sequence)": lambda: run_attention(eager, seqs),
     }
-    seconds, peak = {}, {}
+    seconds, extra = {}, {}
     for key, fn in runs.items():
-        seconds[key], peak[key] = measure(fn, reps)
+        seconds[key], extra[key] = measure(fn, reps)
     weights = weight_bytes(hf)
     tokens = int(enc.attention_mask.sum())
     base, base1, base_seq = (seconds[k] for k in ("bare forward", "bare forward (1 prompt)",
@@ -133,8 +136,8 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
             "ratio_to_bare": {k: seconds[k] / baseline_of[k] for k in seconds},
             "prompts_per_second": {k: (1 if "1 prompt" in k or "N-back" in k else batch) / v
                                    for k, v in seconds.items()},
-            "weights_bytes": weights, "lens_kept_bytes": kept,
-            "peak_above_start_bytes": {k: v - base_rss for k, v in peak.items()},
+            "weights_bytes": weights, "lens_kept_bytes": kept, "load_rss_bytes": loaded_rss - start_rss,
+            "extra_bytes": extra,
             "sweep_in_bare_forwards": seconds["transplant sweep, all blocks (1 prompt)"] / base1,
             "sweep_target": L / 4}
 
@@ -185,12 +188,13 @@ def print_model(r: dict) -> None:
         print(f"  load: cold (GGUF dequantize) {r['loads']['cold']:.1f} s, cached {r['loads']['cached']:.2f} s "
               f"({r['loads']['cached'] / r['loads']['cold']:.3f} of cold; target <= 0.1)")
     w = r["weights_bytes"]
-    print(f"  {'':44s} {'seconds':>8s} {'x bare':>7s} {'prompts/s':>9s} {'peak above start / weights':>27s}")
+    print(f"  {'':44s} {'seconds':>8s} {'x bare':>7s} {'prompts/s':>9s} {'memory above the loaded model':>30s}")
     for k, v in r["seconds"].items():
-        peak = r["peak_above_start_bytes"][k]
+        extra = r["extra_bytes"][k]
         print(f"  {k:44s} {v:8.3f} {r['ratio_to_bare'][k]:7.2f} {r['prompts_per_second'][k]:9.1f} "
-              f"{peak / 2**20:9.0f} MB = {peak / w:4.2f}x")
-    print(f"  weights {w / 2**20:.0f} MB; transplant sweep over all {r['layers']} blocks = "
+              f"{extra / 2**20:9.0f} MB = {extra / w:4.2f}x weights")
+    print(f"  weights {w / 2**20:.0f} MB (the loaded model took {r['load_rss_bytes'] / 2**20:.0f} MB of RSS); "
+          f"a lens run must keep {r['lens_kept_bytes'] / 2**20:.0f} MB of residuals and logits; transplant sweep over all {r['layers']} blocks = "
           f"{r['sweep_in_bare_forwards']:.2f} bare forwards of that prompt (target <= L/4 = {r['sweep_target']:.1f})")
 
 

@@ -117,6 +117,7 @@ class Arch:
         self._norm = _get(self.hf, self.spec.final_norm)
         self._pre_unembed = _get(self.hf, self.spec.pre_unembed)
         self._unembed = _get(self.hf, self.spec.unembed)
+        self.vocab_size = self._unembed.weight.shape[0]
 
     # --- inside a trace -------------------------------------------------------------------------------------
     def block(self, i: int):

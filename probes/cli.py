@@ -94,7 +94,7 @@ def cmd_run(args) -> None:
         loaded = load_remote(spec, args.probe)
     else:
         opts = load_options(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
-                            max_memory=args.max_memory, gpus=args.gpus)
+                            max_memory=args.max_memory, gpus=args.gpus, compute_dtype=args.compute_dtype)
         if spec.source == "hub":
             from .planning import check_fits
 
@@ -125,10 +125,10 @@ def cmd_plan(args) -> None:
     from .arch import arch_spec
 
     spec = resolve_model(args.model)
-    chosen = plan(spec, dtype=args.dtype, quantize=args.quantize, gpu_mem=args.gpu_mem, batch=args.batch_size,
-                  seq=args.seq_len)
-    others = [plan(spec, dtype=args.dtype, quantize=q, gpu_mem=args.gpu_mem, batch=args.batch_size, seq=args.seq_len)
-              for q in (None, "8bit", "4bit") if q != chosen.quantize]
+    kw = dict(dtype=args.dtype, compute_dtype=args.compute_dtype, gpu_mem=args.gpu_mem, batch=args.batch_size,
+              seq=args.seq_len)
+    chosen = plan(spec, quantize=args.quantize, **kw)
+    others = [plan(spec, quantize=q, **kw) for q in (None, "8bit", "4bit") if q != chosen.quantize]
     counted = f"{chosen.params:,} parameters counted from the config"
     if spec.params:
         counted += f" (registry: {spec.params:,}, {100 * (chosen.params - spec.params) / spec.params:+.2f}%)"
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ablation", help="ffn-ablation: zero (default) or identity")
     r.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
     r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
+    r.add_argument("--compute-dtype", help="quantized models: the dtype activations are computed and read in "
+                                           "(default: the entry's bnb_4bit_compute_dtype, else bfloat16)")
     r.add_argument("--device-map", help="auto, balanced, sequential or cpu (accelerate)")
     r.add_argument("--max-memory", help="per-device limits, e.g. '0=75GiB,cpu=200GiB'")
     r.add_argument("--remote", action="store_true", help="run on NDIF through nnsight (hub models it hosts; "
@@ -283,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True)
     pl.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
     pl.add_argument("--quantize", help="8bit or 4bit (default: none; all three are listed)")
+    pl.add_argument("--compute-dtype", help="quantized: dtype of the layers left unquantized (default bfloat16)")
     pl.add_argument("--gpus", type=int, help="refuse unless it fits on this many GPUs")
     pl.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU (default 80GiB)")
     pl.add_argument("--batch-size", type=int, default=8)

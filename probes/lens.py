@@ -45,51 +45,56 @@ def target_ids(loaded, items: list[Item]) -> dict[str, torch.Tensor]:
             "argument": torch.tensor([first_token(tok, it.argument) for it in items])}
 
 
-def lens_tensors(arch, h: torch.Tensor, targets: dict, topk: int, logit: bool = False) -> dict:
-    """Decode residual vectors h (batch, d) and reduce the logits to what the rows keep: top-k ids, and per
-    target its rank, probability (and raw logit if asked). Plain torch on the model's modules, so it also runs
-    inside a trace, where a remote model's weights are."""
-    logits = arch.decode(h)  # (batch, vocab)
-    logp = logits.log_softmax(-1)
-    out = {"top": logits.topk(topk, dim=-1).indices}
-    for name, ids in targets.items():
-        ids = ids.to(logits.device)
-        out[f"{name}_rank"] = rank_of(logits, ids)
-        out[f"{name}_prob"] = logp.gather(-1, ids[:, None])[:, 0].exp()
-        if logit:
-            out[f"{name}_logit"] = logits.gather(-1, ids[:, None])[:, 0]
-    return out
+LOGITS_CHUNK = 2**28  # bytes of float32 logits decoded at once: bounds memory for big vocabularies and batches
 
 
-def stats_rows(tok, per_index: list[dict], prefix: str = "") -> list[list[dict]]:
-    """`lens_tensors` of each residual index -> stats[b][index]: top-1 and top-k tokens, and per target its rank,
-    reciprocal rank and probability (and logit); column names prefixed by `prefix`."""
-    batch = len(per_index[0]["top"])
-    out = [[{} for _ in per_index] for _ in range(batch)]
-    for index, t in enumerate(per_index):
-        top = t["top"].tolist()
-        cols = {}
-        for key, values in t.items():
-            if key == "top":
-                continue
-            cols[key] = values.tolist()
+def lens_tensors(arch, hidden: torch.Tensor, targets: dict, topk: int, logit: bool = False) -> dict:
+    """Decode residual vectors hidden (batch, n, d) and reduce the logits to what the rows keep: top-k ids, and
+    per target (ids of shape (batch,)) its rank, probability (and raw logit if asked), each (batch, n[, k]).
+
+    All batch x n vectors go through the unembedding together, in chunks of LOGITS_CHUNK bytes of logits: with a
+    few prompts, one decode per layer would read the whole unembedding matrix once per layer, which costs more than
+    the forward pass. Plain torch on the model's modules, so it also runs inside a trace (on a remote server)."""
+    batch, n, _ = hidden.shape
+    flat = hidden.reshape(batch * n, -1)
+    rows = max(1, LOGITS_CHUNK // (4 * arch.vocab_size))
+    parts = []
+    for start in range(0, batch * n, rows):
+        logits = arch.decode(flat[start:start + rows])  # (rows, vocab) float32
+        norm = logits.logsumexp(-1)  # not log_softmax: no second (rows, vocab) tensor
+        part = {"top": logits.topk(topk, dim=-1).indices}
+        for name, ids in targets.items():
+            ids = ids.to(logits.device).repeat_interleave(n)[start:start + rows]
+            target = logits.gather(-1, ids[:, None])[:, 0]
+            part[f"{name}_rank"] = rank_of(logits, ids)
+            part[f"{name}_prob"] = (target - norm).exp()
+            if logit:
+                part[f"{name}_logit"] = target
+        parts.append(part)
+    return {k: torch.cat([p[k] for p in parts]).reshape(batch, n, *parts[0][k].shape[1:]) for k in parts[0]}
+
+
+def stats_rows(tok, stats: dict, prefix: str = "") -> list[list[dict]]:
+    """`lens_tensors` output -> rows[b][index]: top-1 and top-k tokens, and per target its rank, reciprocal rank
+    and probability (and logit); column names prefixed by `prefix`."""
+    top = stats["top"].tolist()
+    text = {i: tok.decode(i) for i in {i for per_b in top for per_i in per_b for i in per_i}}
+    cols = {}
+    for key, values in stats.items():
+        if key != "top":
+            cols[prefix + key] = values.tolist()
             if key.endswith("_rank"):
-                cols[key[:-5] + "_rr"] = (1.0 / (values + 1)).tolist()
-        for b in range(batch):
-            row = out[b][index]
-            row[prefix + "top1"] = tok.decode(top[b][0])
-            row[prefix + "topk"] = json.dumps([tok.decode(i) for i in top[b]], ensure_ascii=False)
-            for key, values in cols.items():
-                row[prefix + key] = values[b]
-    return out
+                cols[prefix + key[:-5] + "_rr"] = (1.0 / (values.double() + 1)).tolist()
+    return [[{prefix + "top1": text[ids[0]],
+              prefix + "topk": json.dumps([text[i] for i in ids], ensure_ascii=False),
+              **{key: values[b][index] for key, values in cols.items()}}
+             for index, ids in enumerate(per_b)] for b, per_b in enumerate(top)]
 
 
 def decode_stats(loaded, targets: dict, hidden: torch.Tensor, topk: int = 5, prefix: str = "",
                  logit: bool = False) -> list[list[dict]]:
-    """Lens statistics of `hidden` (batch, n, d) as stats[b][index] (see `stats_rows`), one index at a time to
-    bound memory."""
-    return stats_rows(loaded.tokenizer, [lens_tensors(loaded.arch, hidden[:, i], targets, topk, logit)
-                                         for i in range(hidden.shape[1])], prefix)
+    """Lens statistics of `hidden` (batch, n, d) as stats[b][index] (see `stats_rows`)."""
+    return stats_rows(loaded.tokenizer, lens_tensors(loaded.arch, hidden, targets, topk, logit), prefix)
 
 
 def run_lens(loaded, items: list[Item], topk: int = 5) -> list[dict]:
@@ -97,12 +102,13 @@ def run_lens(loaded, items: list[Item], topk: int = 5) -> list[dict]:
     per-layer ranks, probabilities and top-k ids do."""
     arch = loaded.arch
     targets = target_ids(loaded, items)
-    per_index = []
+    residuals = []
     with loaded.trace([it.prompt for it in items], logits_to_keep=1):
         for index in range(arch.n_layers + 1):
-            per_index.append(lens_tensors(arch, arch.resid(index)[:, -1], targets, topk))
-        per_index = nnsight.save(per_index)  # assigned: a remote trace returns only names it assigns and saves
-    stats = stats_rows(loaded.tokenizer, per_index)
+            residuals.append(arch.resid(index)[:, -1].to(arch.unembed_device))
+        # assigned, then saved: a remote trace returns only the names it assigns and saves
+        stats = nnsight.save(lens_tensors(arch, torch.stack(residuals, dim=1), targets, topk))
+    stats = stats_rows(loaded.tokenizer, stats)
     return [{**item_columns(loaded.tokenizer, it), "layer": index, **stats[b][index]}
             for b, it in enumerate(items) for index in range(arch.n_layers + 1)]
 
