@@ -21,14 +21,17 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import psutil
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from probes.attention import run_attention
 from probes.ffn import Variant, add_sweep, control_vectors, last_position_updates, run_ablation, run_readout
@@ -58,6 +61,35 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, PROC.memory_info().rss)
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated by the operations run under it and still alive (activations, not the
+    allocator's cache or the weights): each new storage counts from its creation until its tensor is freed."""
+
+    def __enter__(self):
+        self.live = self.peak = 0
+        return super().__enter__()
+
+    def _free(self, n):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.untyped_storage().data_ptr() not in inputs:
+                n = t.untyped_storage().nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
+
+
+def activation_peak(fn) -> int:
+    with PeakTensorBytes() as m:
+        fn()
+    return m.peak
 
 
 def measure(fn, reps: int) -> tuple[float, int]:
@@ -120,9 +152,10 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
         "transplant sweep, all blocks (1 prompt)": lambda: add_sweep(lm, prompts[0], sweep, vectors),
         "attention (N-back sequence)": lambda: run_attention(eager, seqs),
     }
-    seconds, extra = {}, {}
+    seconds, extra, act = {}, {}, {}
     for key, fn in runs.items():
         seconds[key], extra[key] = measure(fn, reps)
+        act[key] = activation_peak(fn)
     weights = weight_bytes(hf)
     tokens = int(enc.attention_mask.sum())
     base, base1, base_seq = (seconds[k] for k in ("bare forward", "bare forward (1 prompt)",
@@ -137,12 +170,13 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
             "prompts_per_second": {k: (1 if "1 prompt" in k or "N-back" in k else batch) / v
                                    for k, v in seconds.items()},
             "weights_bytes": weights, "lens_kept_bytes": kept, "load_rss_bytes": loaded_rss - start_rss,
-            "extra_bytes": extra,
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "extra_rss_bytes": extra, "activation_peak_bytes": act,
             "sweep_in_bare_forwards": seconds["transplant sweep, all blocks (1 prompt)"] / base1,
             "sweep_target": L / 4}
 
 
-def tiny_llama(layers: int, hidden: int = 256):
+def tiny_llama(layers: int, hidden: int = 512):
     spec = parse_entry(f"bench-llama-{layers}x{hidden}", {"random": {
         "model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": 8,
         "num_key_value_heads": 4, "intermediate_size": 4 * hidden, "max_position_embeddings": 2048}}, "bench")
@@ -162,12 +196,14 @@ def scale_curves(reps: int) -> dict:
         vectors = control_vectors(torch.randn(lm.arch.config.hidden_size))
         sweep = [Variant("none")] + [Variant("o", (i,)) for i in range(L)]
         one = tok([prompt], return_tensors="pt")
-        t_bare, m_bare = measure(lambda: hf(**enc, output_hidden_states=True), reps)
-        t_lens, m_lens = measure(lambda: run_lens(lm, items), reps)
-        t_one, _ = measure(lambda: hf(**one, output_hidden_states=True), reps)
-        t_sweep, _ = measure(lambda: add_sweep(lm, prompt, sweep, vectors), reps)
+        bare = lambda: hf(**enc, output_hidden_states=True)  # noqa: E731
+        lens = lambda: run_lens(lm, items)  # noqa: E731
+        t_bare, t_lens = measure(bare, reps)[0], measure(lens, reps)[0]
+        t_one = measure(lambda: hf(**one, output_hidden_states=True), reps)[0]
+        t_sweep = measure(lambda: add_sweep(lm, prompt, sweep, vectors), reps)[0]
         return {"bare_s": t_bare, "lens_s": t_lens, "lens_ratio": t_lens / t_bare, "sweep_s": t_sweep,
-                "sweep_in_forwards": t_sweep / t_one, "peak_bare_mb": m_bare / 2**20, "peak_lens_mb": m_lens / 2**20}
+                "sweep_in_forwards": t_sweep / t_one, "act_bare_mb": activation_peak(bare) / 2**20,
+                "act_lens_mb": activation_peak(lens) / 2**20}
 
     lm = tiny_llama(8)
     for b in (1, 2, 4, 8, 16, 32, 64):
@@ -188,19 +224,21 @@ def print_model(r: dict) -> None:
         print(f"  load: cold (GGUF dequantize) {r['loads']['cold']:.1f} s, cached {r['loads']['cached']:.2f} s "
               f"({r['loads']['cached'] / r['loads']['cold']:.3f} of cold; target <= 0.1)")
     w = r["weights_bytes"]
-    print(f"  {'':44s} {'seconds':>8s} {'x bare':>7s} {'prompts/s':>9s} {'memory above the loaded model':>30s}")
+    kept = r["lens_kept_bytes"]
+    print(f"  {'':44s} {'seconds':>8s} {'x bare':>7s} {'prompts/s':>9s} {'activations':>11s} "
+          f"{'(weights + activations) / (1.5 weights + kept)':>47s}")
     for k, v in r["seconds"].items():
-        extra = r["extra_bytes"][k]
+        a = r["activation_peak_bytes"][k]
         print(f"  {k:44s} {v:8.3f} {r['ratio_to_bare'][k]:7.2f} {r['prompts_per_second'][k]:9.1f} "
-              f"{extra / 2**20:9.0f} MB = {extra / w:4.2f}x weights")
-    print(f"  weights {w / 2**20:.0f} MB (the loaded model took {r['load_rss_bytes'] / 2**20:.0f} MB of RSS); "
+              f"{a / 2**20:8.0f} MB {(w + a) / (1.5 * w + kept):47.2f}")
+    print(f"  weights {w / 2**20:.0f} MB; process peak RSS {r['max_rss_bytes'] / 2**20:.0f} MB (eager copy included); "
           f"a lens run must keep {r['lens_kept_bytes'] / 2**20:.0f} MB of residuals and logits; transplant sweep over all {r['layers']} blocks = "
           f"{r['sweep_in_bare_forwards']:.2f} bare forwards of that prompt (target <= L/4 = {r['sweep_target']:.1f})")
 
 
 def print_curves(c: dict) -> None:
     for factor, rows in c.items():
-        print(f"\nscale: {factor} (tiny Llama, hidden 256)")
+        print(f"\nscale: {factor} (random Llama, hidden 512, vocab 1024; act = peak live activation bytes)")
         keys = list(rows[0])
         print("  " + "  ".join(f"{k:>17s}" for k in keys))
         for row in rows:
@@ -214,18 +252,19 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-cold", action="store_true", help="skip the cold GGUF loads (about 2 minutes)")
     p.add_argument("--no-scale", action="store_true", help="skip the scale curves")
+    p.add_argument("--only-scale", action="store_true", help="only the scale curves")
     args = p.parse_args()
     torch.set_grad_enabled(False)
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
                           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}",
                "date": time.strftime("%Y-%m-%d"), "models": []}
-    for m in args.models:
+    for m in [] if args.only_scale else args.models:
         results["models"].append(bench_model(m, args.batch, args.reps, cold=not args.no_cold))
         print_model(results["models"][-1])
     if not args.no_scale:
-        results["scale"] = scale_curves(args.reps)
+        results["scale"] = scale_curves(max(args.reps, 5))
         print_curves(results["scale"])
-    out = Path(__file__).parent / "results.json"
+    out = Path(__file__).parent / ("scale.json" if args.only_scale else "results.json")
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {out}")
 

@@ -72,6 +72,7 @@ class Sweep:
     results: Path = Path("results")
     slurm: dict = field(default_factory=dict)
     _configs: dict = field(default_factory=dict, repr=False)
+    _plans: dict = field(default_factory=dict, repr=False)  # model -> plan, for Slurm resources
 
     def units(self) -> list[Unit]:
         return [Unit(m, t, p, s) for m, t, p, s in itertools.product(self.models, self.tasks, self.probes, self.seeds)]
@@ -307,9 +308,11 @@ def resources(sweep: Sweep, unit: Unit) -> dict:
 
     res = {**SLURM_DEFAULTS, **{k: v for k, v in sweep.slurm.items() if k != "extra"}}
     if "gpus" not in res or "mem" not in res:
-        opts = sweep.load_options(unit)
-        p = plan(sweep.spec(unit), dtype=opts["dtype"], quantize=opts["quantize"],
-                 compute_dtype=opts["compute_dtype"], gpu_mem=str(res["gpu_mem"]))
+        if unit.model not in sweep._plans:  # the load options are the sweep's, the same for every unit of a model
+            opts = sweep.load_options(unit)
+            sweep._plans[unit.model] = plan(sweep.spec(unit), dtype=opts["dtype"], quantize=opts["quantize"],
+                                            compute_dtype=opts["compute_dtype"], gpu_mem=str(res["gpu_mem"]))
+        p = sweep._plans[unit.model]
         res.setdefault("gpus", p.gpus_needed or 0)
         # loading passes the weights through host memory; 4 GiB for Python, torch and the tokenizer
         res.setdefault("mem", f"{math.ceil(1.2 * p.weight_bytes / GiB) + 4}G")

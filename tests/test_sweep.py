@@ -201,3 +201,24 @@ def test_slurm_array_completes_aggregates_and_reruns_only_a_deleted_unit(tmp_pat
         assert_same_tables(tables(results), tables(reference))
     finally:
         slurm.stop()
+
+
+def test_shipped_sweeps_expand_and_take_slurm_resources_from_the_plan(tmp_path):
+    from probes.registry import ROOT
+    from probes.sweep import submit_slurm
+
+    for f in sorted((ROOT / "sweeps").glob("*.yaml")):
+        assert load_sweep(f).units()
+    paper = tmp_path / "paper.yaml"
+    paper.write_text((ROOT / "sweeps" / "paper-scale.yaml").read_text())
+    sweep = load_sweep(paper)
+    assert len(sweep.units()) == 10 * 6 * 4 * 3
+    records = submit_slurm(sweep, dry_run=True)
+    by_gpus = {r["resources"]["gpus"]: r for r in records}
+    assert set(by_gpus) == {1, 5}  # every model on one 80 GiB GPU but BLOOM-176B, which needs five (bf16)
+    big = by_gpus[5]
+    assert len(big["units"]) == 6 * 4 * 3 and all(u.startswith("bloom-176b/") for u in big["units"])
+    script = Path(big["script"]).read_text()
+    assert "#SBATCH --gres=gpu:5" in script and "#SBATCH --partition=gpu" in script and "--array" in " ".join(
+        big["command"])
+    assert not (tmp_path / "results" / ".sweeps" / "paper-scale" / "submissions.jsonl").exists()  # nothing sent
