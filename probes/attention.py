@@ -20,6 +20,7 @@ import math
 import re
 from statistics import NormalDist
 
+import nnsight
 import numpy as np
 import torch
 
@@ -114,7 +115,8 @@ def attention_weights(loaded, prompt: str) -> list[torch.Tensor]:
     with loaded.trace(prompt, logits_to_keep=1):
         for i in range(arch.n_layers):
             out = _get(arch.block(i), arch.spec.attn_probs_module).output
-            saved.append(out[1].save() if isinstance(out, tuple) and len(out) > 1 else None)
+            saved.append(out[1] if isinstance(out, tuple) and len(out) > 1 else None)
+        saved = nnsight.save(saved)  # assigned: a remote trace returns only the names it assigns and saves
     if any(w is None for w in saved):
         raise ProbeError(f"{loaded.spec.name} returns no attention weights from its attention modules; "
                          "accepted: models loaded with eager attention (the attention probe loads them so)")

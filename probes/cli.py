@@ -91,7 +91,7 @@ def cmd_run(args) -> None:
     if args.remote:
         from .loading import load_remote
 
-        loaded = load_remote(spec, args.probe)
+        loaded = load_remote(spec, args.probe, **probe.load)
     else:
         opts = load_options(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
                             max_memory=args.max_memory, gpus=args.gpus, compute_dtype=args.compute_dtype)

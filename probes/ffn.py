@@ -23,33 +23,37 @@ import dataclasses
 import json
 from collections import Counter
 
+import nnsight
 import numpy as np
 import torch
 
 from .arch import execution_device
 from .errors import ProbeError
-from .lens import decode_stats, rank_of, target_ids
+from .lens import lens_tensors, rank_of, stats_rows, target_ids
 from .tasks import Item, answer_token, first_token, item_columns
 
 COPY_CONTEXT = "table mug free{arg} table mug free{arg} table mug free"  # the paper's neutral copying prompt
 
 
 # --- reading --------------------------------------------------------------------------------------------------
+def updates_in_trace(arch) -> dict[str, torch.Tensor]:
+    """Called inside a trace: at the last position, the residual (batch, L+1, d), attention and FFN updates
+    (batch, L, d), gathered on the unembedding's device."""
+    dev = arch.unembed_device
+    resid, attn, ffn = [arch.block_input(0)[:, -1].to(dev)], [], []
+    for i in range(arch.n_layers):
+        x = arch.block_input(i)
+        attn.append(arch.attn_update(i)[:, -1].to(dev))
+        ffn.append(arch.ffn_update(i, like=x)[:, -1].to(dev))
+        resid.append(arch.block_output(i)[:, -1].to(dev))
+    return {"resid": torch.stack(resid, dim=1), "attn": torch.stack(attn, dim=1), "ffn": torch.stack(ffn, dim=1)}
+
+
 def last_position_updates(loaded, prompts: list[str]) -> dict[str, torch.Tensor]:
     """At the last position: residual (batch, L+1, d), attention and FFN updates (batch, L, d)."""
-    arch = loaded.arch
-    resid, attn, ffn = [], [], []
     with loaded.trace(prompts, logits_to_keep=1):
-        x = arch.block_input(0)
-        resid.append(x[:, -1].save())
-        for i in range(arch.n_layers):
-            x = arch.block_input(i)
-            attn.append(arch.attn_update(i)[:, -1].save())
-            ffn.append(arch.ffn_update(i, like=x)[:, -1].save())
-            resid.append(arch.block_output(i)[:, -1].save())
-    dev = arch.unembed_device
-    return {k: torch.stack([t.to(dev) for t in v], dim=1) for k, v in
-            (("resid", resid), ("attn", attn), ("ffn", ffn))}
+        updates = nnsight.save(updates_in_trace(loaded.arch))
+    return updates
 
 
 def stages(answer_ranks: list[int], argument_ranks: list[int], mid_answer_ranks: list[int]) -> dict:
@@ -66,13 +70,19 @@ def stages(answer_ranks: list[int], argument_ranks: list[int], mid_answer_ranks:
 
 
 def run_readout(loaded, items: list[Item], topk: int = 5) -> list[dict]:
-    u = last_position_updates(loaded, [it.prompt for it in items])
+    """Decoded inside the trace, as the lens: only ranks, logits, top-k ids and norms leave the model."""
+    arch, tok = loaded.arch, loaded.tokenizer
     targets = target_ids(loaded, items)
-    mid = u["resid"][:, :-1] + u["attn"]  # after block i's attention, before its FFN
-    lens = decode_stats(loaded, targets, u["resid"], topk=1, logit=True)
-    before = decode_stats(loaded, targets, mid, topk=1, logit=True)
-    ffn = decode_stats(loaded, targets, u["ffn"], topk=topk, prefix="ffn_")
-    norms = u["ffn"].float().norm(dim=-1).tolist()
+    with loaded.trace([it.prompt for it in items], logits_to_keep=1):
+        u = updates_in_trace(arch)
+        mid = u["resid"][:, :-1] + u["attn"]  # after block i's attention, before its FFN
+        stats = nnsight.save({"lens": lens_tensors(arch, u["resid"], targets, 1, logit=True),
+                              "before": lens_tensors(arch, mid, targets, 1, logit=True),
+                              "ffn": lens_tensors(arch, u["ffn"], targets, topk),
+                              "norms": u["ffn"].float().norm(dim=-1)})
+    lens, before = stats_rows(tok, stats["lens"]), stats_rows(tok, stats["before"])
+    ffn = stats_rows(tok, stats["ffn"], prefix="ffn_")
+    norms = stats["norms"].tolist()
     rows = []
     for b, it in enumerate(items):
         st = stages([s["answer_rank"] for s in lens[b]], [s["argument_rank"] for s in lens[b]],

@@ -267,15 +267,16 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
                   cache_hit=cache_hit)
 
 
-REMOTE_PROBES = ("logit-lens", "accuracy", "nback")  # their traces read, decode and save; nothing runs outside
+# their whole computation happens inside traces (the transplant also runs a plain forward for its KV cache)
+REMOTE_PROBES = ("logit-lens", "accuracy", "ffn-readout", "ffn-ablation", "nback", "attention")
 
 
-def load_remote(spec: ModelSpec, probe: str) -> Loaded:
+def load_remote(spec: ModelSpec, probe: str, attn_implementation: str | None = None) -> Loaded:
     """A weightless local copy of a hub model whose traces run on NDIF (nnsight's remote execution).
 
     The API key comes from NDIF_API_KEY (and the server from NDIF_HOST, if set); it is handed to nnsight in memory
     and never written to results or logs. Only probes whose whole computation happens inside their traces can run
-    remotely: the FFN and attention probes also run the model's modules on their own between traces."""
+    remotely; the transplant also runs a plain forward pass for its KV cache, outside any trace."""
     from nnsight import CONFIG
     from nnsight.modeling.transformers import TransformersModel
 
@@ -292,7 +293,8 @@ def load_remote(spec: ModelSpec, probe: str) -> Loaded:
         CONFIG.API.HOST = os.environ["NDIF_HOST"]
     start = time.perf_counter()
     tok = load_tokenizer(spec)
-    model = TransformersModel(spec.repo, revision=spec.revision, task="text-generation", tokenizer=tok)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = TransformersModel(spec.repo, revision=spec.revision, task="text-generation", tokenizer=tok, **extra)
     return Loaded(model=model, tokenizer=model.tokenizer, arch=Arch(model), spec=spec, dtype=spec.dtype,
                   quantize=None, device_map=None, load_seconds=time.perf_counter() - start, cache_hit=True,
                   remote=True)

@@ -15,13 +15,14 @@ import pandas as pd
 import pytest
 import torch
 import websocket
+from nnsight.intervention.backends.local import LocalSimulationBackend
 from nnsight.modeling import huggingface as nnsight_hf
 from nnsight.schema.request import RequestModel
 from nnsight.schema.response import ResponseModel, Status
 from nnsight.tracing import tracer as nnsight_tracer
 
 from probes.errors import ProbeError
-from probes.execution import run_probe
+from probes.execution import PROBES, run_probe
 from probes.loading import checkpoint, load_remote
 from probes.tasks import load_task
 
@@ -51,7 +52,14 @@ class FakeNDIF:
     def run(self, data: dict, files: dict) -> None:
         request = RequestModel.model_validate_json(data["data"])
         blob = files["blob"][1]
-        tracer = RequestModel.deserialize(blob, self.server._remoteable_persistent_objects(), compress=request.compress)
+        # as on the server, where this repository is not installed: what the request needs must travel in it
+        hider = LocalSimulationBackend(None)
+        hidden = hider._hide_local_modules()
+        try:
+            tracer = RequestModel.deserialize(blob, self.server._remoteable_persistent_objects(),
+                                              compress=request.compress)
+        finally:
+            hider._restore(hidden)
         tracer.info.frame.f_locals = Recording(tracer.info.frame.f_locals)
         nnsight_tracer.inc()
         try:
@@ -127,13 +135,15 @@ def hub_spec():
     return replace(REGISTRY["tiny-llama"], name="tiny-llama", source="hub", repo=path, revision="main", random=None)
 
 
-@pytest.mark.parametrize("probe, task", [("logit-lens", "capitals"), ("accuracy", "capitals"), ("nback", "nback")])
+@pytest.mark.parametrize("probe, task", [("logit-lens", "capitals"), ("accuracy", "capitals"),
+                                         ("ffn-readout", "capitals"), ("ffn-ablation", "capitals"),
+                                         ("nback", "nback"), ("attention", "nback-sequence")])
 def test_remote_probe_equals_local_and_never_writes_the_key(ndif, tmp_path, probe, task):
-    remote = load_remote(hub_spec(), probe)
+    remote = load_remote(hub_spec(), probe, **PROBES[probe].load)
     assert next(remote.model._module.parameters()).device.type == "meta"  # no weights on the client
-    t = load_task(task, {"ambiguous": "flag", "sequences": 1, "n": [1, 2]} if task == "nback" else {"ambiguous": "flag"})
+    t = load_task(task, {"sequences": 1, "n": [1, 2]} if task.startswith("nback") else {"ambiguous": "flag"})
     got, _ = run_probe(remote, t, probe, tmp_path / "remote", limit=6, batch_size=3, progress=False)
-    want, _ = run_probe(loaded("tiny-llama"), t, probe, tmp_path / "local", limit=6, batch_size=3, progress=False)
+    want, _ = run_probe(loaded("tiny-llama", **PROBES[probe].load), t, probe, tmp_path / "local", limit=6, batch_size=3, progress=False)
     pd.testing.assert_frame_equal(got, want, check_exact=False, atol=1e-5)
     assert len(ndif.results) == 0 and ndif.headers and all(h["ndif-api-key"] == KEY for h in ndif.headers)
     assert json.loads((tmp_path / "remote" / "meta.json").read_text())["remote"] is True
