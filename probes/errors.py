@@ -19,3 +19,18 @@ def is_out_of_memory(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
                                             or "not enough memory" in text)
+
+
+def read_yaml(path, what: str, missing: str = ""):
+    """YAML from `path`; a missing file or malformed YAML is a ProbeError naming `what`, the file and the line."""
+    import yaml
+    from pathlib import Path
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ProbeError(f"{what} {str(path)!r} not found{missing}")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ProbeError(f"malformed {what} {str(path)!r}{at}: {getattr(e, 'problem', e)}")

@@ -14,9 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .errors import ProbeError, choice_error
+from .errors import ProbeError, choice_error, read_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "float16", "bfloat16")
@@ -122,14 +120,7 @@ def parse_entry(name: str, entry, where: str) -> ModelSpec:
 
 def load_registry(path: Path | None = None) -> dict[str, ModelSpec]:
     path = Path(path or registry_path())
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ProbeError(f"model registry {str(path)!r} not found; set PROBE_REGISTRY or run from the repository")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ProbeError(f"malformed model registry {str(path)!r}{at}: {getattr(e, 'problem', e)}")
+    data = read_yaml(path, "model registry", "; set PROBE_REGISTRY or run from the repository")
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         raise ProbeError(f"malformed model registry {str(path)!r}: expected a top-level 'models:' mapping")
     return {name: parse_entry(name, entry, str(path)) for name, entry in data["models"].items()}
@@ -148,10 +139,7 @@ def resolve_model(value: str, registry: dict[str, ModelSpec] | None = None) -> M
         family = json.loads(cfg.read_text()).get("model_type", "unknown")
         return ModelSpec(name=p.resolve().name, source="local", family=family, path=str(p.resolve()))
     if p.is_file() and p.suffix in (".json", ".yaml", ".yml"):
-        try:
-            cfg = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
-        except yaml.YAMLError as e:
-            raise ProbeError(f"malformed model config {value!r}: {getattr(e, 'problem', e)}")
+        cfg = read_yaml(p, "model config")  # YAML is a superset of JSON
         if not isinstance(cfg, dict) or "model_type" not in cfg:
             raise ProbeError(f"model config {value!r} must be a mapping with a model_type")
         return parse_entry(p.stem, {"random": cfg}, value)

@@ -32,9 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .errors import ProbeError, choice_error
+from .errors import ProbeError, choice_error, read_yaml
 from .results import RunLock, write_json
 
 KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
@@ -126,14 +124,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
     path = Path(path)
     where = str(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ProbeError(f"sweep file {where!r} not found")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ProbeError(f"malformed sweep file {where!r}{f' at line {mark.line + 1}' if mark else ''}: "
-                         f"{getattr(e, 'problem', e)}")
+    data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
         raise ProbeError(f"sweep file {where!r} must be a mapping with models, tasks and probes")
     unknown = set(data) - KEYS

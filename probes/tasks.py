@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import ProbeError, choice_error
+from .errors import ProbeError, choice_error, read_yaml
 from .registry import ROOT
 
 _KINDS = ("abstractive", "extractive", "nback")
@@ -309,13 +309,7 @@ def build_task(spec: dict, path: Path | None = None, overrides: dict | None = No
 
 
 def load_task_file(path: Path, overrides: dict | None = None) -> Task:
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ProbeError(f"malformed task file {str(path)!r}{at}: {getattr(e, 'problem', e)}")
-    return build_task(spec, Path(path), overrides)
+    return build_task(read_yaml(path, "task file"), Path(path), overrides)
 
 
 def available_tasks() -> dict[str, Path]:

@@ -1,7 +1,6 @@
 """Scale: memory plans from configs, bitsandbytes 8/4-bit, explicit device maps with offload, auto batch size."""
 
 import json
-import warnings
 
 import pandas as pd
 import pytest

@@ -1,7 +1,6 @@
 """Sweeps: local and real-Slurm execution, resumable shards under SIGKILL, concurrent writers, aggregate, report."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
