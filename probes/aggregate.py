@@ -17,11 +17,14 @@ from .errors import ProbeError, choice_error
 from .results import atomic_write, write_csv
 
 UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed"]
-# probe -> (summary key holding {dimension value: metrics}, dimension name)
+# probe -> (summary key holding {dimension value: metrics}, dimension name); these go to the curve table only
 CURVES = {"ffn-ablation": ("accuracy", "variant"), "nback": ("by_n", "n"), "attention": ("by_n", "n")}
+CURVE_METRICS = {"ffn-ablation": ("accuracy",), "nback": ("accuracy", "dprime"),
+                 "attention": ("entropy_nosink", "total_entropy")}  # shown one column per dimension value
+CURVE_ONLY = {"ffn-ablation": ("accuracy", "relative_drop"), "nback": ("by_n",), "attention": ("by_n",)}
 # the headline metric of each probe, for the report's scale plots
 HEADLINE = {"accuracy": "accuracy", "logit-lens": "accuracy", "ffn-readout": "answer_top1_layer",
-            "ffn-transplant": "best.top1", "ffn-ablation": "accuracy.none", "nback": "accuracy"}
+            "ffn-transplant": "best.top1", "nback": "accuracy"}
 
 
 def complete_runs(results: Path) -> list[dict]:
@@ -56,7 +59,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def summary_table(runs: list[dict], probe: str) -> pd.DataFrame:
-    rows = [{**_unit(m), **_flat(m.get("summary") or {})} for m in runs if m["config"]["probe"] == probe]
+    skip = CURVE_ONLY.get(probe, ())
+    rows = [{**_unit(m), **_flat({k: v for k, v in (m.get("summary") or {}).items()
+                                  if not (k in skip and isinstance(v, dict))})}
+            for m in runs if m["config"]["probe"] == probe]
     return pd.DataFrame(rows)
 
 
@@ -139,3 +145,16 @@ def write_tables(tables: dict[str, pd.DataFrame], out: Path) -> list[Path]:
     atomic_write(out / "tables.md", lambda f: f.write("\n\n".join(f"## {name}\n\n{to_markdown(df)}"
                                                                     for name, df in tables.items()) + "\n"))
     return written
+
+
+def curve_wide(curve: pd.DataFrame, probe: str, by: list[str]) -> dict[str, pd.DataFrame]:
+    """{metric: table with one column per value of the curve's dimension} (ablation variants, N), for reading."""
+    dim = CURVES[probe][1]
+    index = [c for c in [*by, "params"] if c in curve]
+    out = {}
+    for m in CURVE_METRICS[probe]:
+        if m in curve:
+            wide = curve.pivot_table(index=index, columns=dim, values=m, sort=False).reset_index()
+            wide.columns.name = None
+            out[m] = wide
+    return out

@@ -9,7 +9,7 @@ import html
 import io
 from pathlib import Path
 
-from .aggregate import HEADLINE, aggregate, complete_runs
+from .aggregate import CURVES, HEADLINE, aggregate, complete_runs, curve_wide
 from .results import atomic_write
 
 STYLE = """
@@ -75,9 +75,9 @@ def build_report(results: Path, by: list[str]) -> str:
         df = tables[probe]
         parts.append(df.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", border=0))
         if f"{probe}-curve" in tables:
-            parts.append(f"<h3>{html.escape(probe)} by {tables[f'{probe}-curve'].columns[len(by) + 1]}</h3>")
-            parts.append(tables[f"{probe}-curve"].to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="",
-                                                          border=0))
+            for metric, wide in curve_wide(tables[f"{probe}-curve"], probe, by).items():
+                parts.append(f"<h3>{html.escape(probe)}: {metric} by {CURVES[probe][1]}</h3>")
+                parts.append(wide.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", border=0))
         figures = []
         fig = scale_plot(df, probe)
         if fig is not None:

@@ -164,7 +164,9 @@ def test_report_opens_in_headless_chromium_with_its_plots(tmp_path, reference):
                        capture_output=True, text=True, env=ENV, check=False)
     assert r.returncode == 0, r.stderr
     text = report.read_text()
-    assert text.count("<img src=\"data:image/png;base64,") == 8 + 2  # every run's plot + a scale plot per probe
+    # every run's plot, and the lens accuracy against model size (ablation's size plot would need one variant)
+    assert text.count('<img src="data:image/png;base64,') == 8 + 1
+    assert "ffn-ablation: accuracy by variant" in text and "top 6/6" in text
     shot = tmp_path / "shot.png"
     subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()],
