@@ -182,21 +182,24 @@ def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> to
     """Final logits (len(variants), vocab) of `prompt` with each variant's vector added to the residual stream
     after its block, at the last position. The prefix runs once with a KV cache; the last token runs once for
     all variants in one batch, which gives exactly what one full forward pass per variant gives."""
-    arch, hf, tok = loaded.arch, loaded.model._module, loaded.tokenizer
-    ids = tok(prompt, return_tensors="pt").input_ids.to(execution_device(hf.get_input_embeddings()))
-    with torch.no_grad():
-        cache = hf(ids[:, :-1], use_cache=True).past_key_values
-    cache.batch_repeat_interleave(len(variants))
+    arch, tok, model = loaded.arch, loaded.tokenizer, loaded.model
+    ids = tok(prompt, return_tensors="pt").input_ids
+    if not loaded.remote:
+        ids = ids.to(execution_device(model._module.get_input_embeddings()))
     last = ids[:, -1:].repeat(len(variants), 1)
     mask = torch.ones(len(variants), ids.shape[1], dtype=torch.long, device=ids.device)
     by_block = _rows_by_block(variants, arch.n_layers)
-    with loaded.trace({"input_ids": last, "attention_mask": mask}, past_key_values=cache, use_cache=True):
-        for i in range(arch.n_layers):
-            if by_block[i]:
-                h = arch.block_output(i)
-                for row, v in by_block[i]:
-                    h[row, -1] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
-        logits = loaded.model.output.logits[:, -1].save()
+    with loaded.session():  # one job with --remote: the prefix's KV cache stays on the server
+        with model.trace(ids[:, :-1], use_cache=True):
+            cache = model.output.past_key_values  # an inner trace hands all its names to the session
+        cache.batch_repeat_interleave(len(variants))
+        with model.trace({"input_ids": last, "attention_mask": mask}, past_key_values=cache, use_cache=True):
+            for i in range(arch.n_layers):
+                if by_block[i]:
+                    h = arch.block_output(i)
+                    for row, v in by_block[i]:
+                        h[row, -1] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
+            logits = model.output.logits[:, -1].save()
     return logits.float()
 
 

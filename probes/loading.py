@@ -52,6 +52,10 @@ class Loaded:
         """The model's trace, sent to NDIF for a remote model (see `load_remote`)."""
         return self.model.trace(*inputs, **({"remote": True} if self.remote else {}), **kwargs)
 
+    def session(self):
+        """Several traces as one unit (one NDIF job for a remote model); values pass between them in the body."""
+        return self.model.session(**({"remote": True} if self.remote else {}))
+
 
 def _check_choice(what: str, value, accepted):
     if value is not None and value not in accepted:
@@ -267,8 +271,7 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
                   cache_hit=cache_hit)
 
 
-# their whole computation happens inside traces (the transplant also runs a plain forward for its KV cache)
-REMOTE_PROBES = ("logit-lens", "accuracy", "ffn-readout", "ffn-ablation", "nback", "attention")
+REMOTE_PROBES = ("logit-lens", "accuracy", "ffn-readout", "ffn-ablation", "ffn-transplant", "nback", "attention")
 
 
 def load_remote(spec: ModelSpec, probe: str, attn_implementation: str | None = None) -> Loaded:

@@ -64,10 +64,13 @@ class FakeNDIF:
         nnsight_tracer.inc()
         try:
             tracer.execute(tracer.info.code)
+            # what the outermost block returns: the values it saved (inner traces of a session push everything)
+            saved = nnsight_tracer._saves()
+            result = {k: v for k, v in tracer.info.frame.f_locals.pushed.items() if id(v) in saved}
         finally:
             nnsight_tracer.dec()
         buf = io.BytesIO()
-        torch.save(tracer.info.frame.f_locals.pushed, buf)
+        torch.save(result, buf)
         result = buf.getvalue()
         if request.compress:  # the server compresses its result as the request was
             import zstandard
@@ -137,13 +140,18 @@ def hub_spec():
 
 @pytest.mark.parametrize("probe, task", [("logit-lens", "capitals"), ("accuracy", "capitals"),
                                          ("ffn-readout", "capitals"), ("ffn-ablation", "capitals"),
+                                         ("ffn-transplant", "capitals"),
                                          ("nback", "nback"), ("attention", "nback-sequence")])
 def test_remote_probe_equals_local_and_never_writes_the_key(ndif, tmp_path, probe, task):
     remote = load_remote(hub_spec(), probe, **PROBES[probe].load)
     assert next(remote.model._module.parameters()).device.type == "meta"  # no weights on the client
     t = load_task(task, {"sequences": 1, "n": [1, 2]} if task.startswith("nback") else {"ambiguous": "flag"})
-    got, _ = run_probe(remote, t, probe, tmp_path / "remote", limit=6, batch_size=3, progress=False)
-    want, _ = run_probe(loaded("tiny-llama", **PROBES[probe].load), t, probe, tmp_path / "local", limit=6, batch_size=3, progress=False)
+    # random weights switch no answer on by an FFN: the transplant is given its sources and block
+    options = {"source_items": "Abkhazia,Afghanistan", "source_layer": 1}
+    got, _ = run_probe(remote, t, probe, tmp_path / "remote", limit=6, batch_size=3, options=options,
+                       progress=False)
+    want, _ = run_probe(loaded("tiny-llama", **PROBES[probe].load), t, probe, tmp_path / "local", limit=6,
+                        batch_size=3, options=options, progress=False)
     pd.testing.assert_frame_equal(got, want, check_exact=False, atol=1e-5)
     assert len(ndif.results) == 0 and ndif.headers and all(h["ndif-api-key"] == KEY for h in ndif.headers)
     assert json.loads((tmp_path / "remote" / "meta.json").read_text())["remote"] is True
@@ -156,7 +164,7 @@ def test_remote_refuses_what_it_cannot_run(monkeypatch):
     with pytest.raises(ProbeError, match="needs an NDIF API key in the environment variable NDIF_API_KEY"):
         load_remote(hub_spec(), "logit-lens")
     monkeypatch.setenv("NDIF_API_KEY", KEY)
-    with pytest.raises(ProbeError, match="does not run probe 'ffn-transplant' yet; accepted: logit-lens"):
-        load_remote(hub_spec(), "ffn-transplant")
+    with pytest.raises(ProbeError, match="does not run probe 'x-ray' yet; accepted: logit-lens"):
+        load_remote(hub_spec(), "x-ray")
     with pytest.raises(ProbeError, match="runs hub models hosted by NDIF; 'tiny-llama' is a random model"):
         load_remote(REGISTRY["tiny-llama"], "logit-lens")
