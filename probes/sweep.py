@@ -40,6 +40,7 @@ KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "op
 LOAD_KEYS = {"dtype", "quantize", "device_map", "max_memory", "compute_dtype"}
 SLURM_KEYS = {"partition", "time", "gpus", "mem", "cpus_per_task", "gpu_mem", "account", "qos", "extra"}
 SLURM_DEFAULTS = {"time": "04:00:00", "cpus_per_task": 4, "gpu_mem": "80GiB"}
+GPU_HOST_MEMORY = 60 * 2**30  # host memory asked for a GPU unit, at most (plus 4 GiB)
 
 
 @dataclass(frozen=True)
@@ -305,8 +306,10 @@ def resources(sweep: Sweep, unit: Unit) -> dict:
                                             compute_dtype=opts["compute_dtype"], gpu_mem=str(res["gpu_mem"]))
         p = sweep._plans[unit.model]
         res.setdefault("gpus", p.gpus_needed or 0)
-        # loading passes the weights through host memory; 4 GiB for Python, torch and the tokenizer
-        res.setdefault("mem", f"{math.ceil(1.2 * p.weight_bytes / GiB) + 4}G")
+        # on GPUs, from_pretrained streams checkpoint shards to the devices: host memory holds a shard or two;
+        # on CPU the weights live in host memory. Plus 4 GiB for Python, torch and the tokenizer.
+        host = min(p.weight_bytes, GPU_HOST_MEMORY) if int(res["gpus"]) else 1.2 * p.weight_bytes
+        res.setdefault("mem", f"{math.ceil(host / GiB) + 4}G")
     res.pop("gpu_mem")
     return res
 

@@ -219,6 +219,7 @@ def test_shipped_sweeps_expand_and_take_slurm_resources_from_the_plan(tmp_path):
     assert set(by_gpus) == {1, 5}  # every model on one 80 GiB GPU but BLOOM-176B, which needs five (bf16)
     big = by_gpus[5]
     assert len(big["units"]) == 6 * 4 * 3 and all(u.startswith("bloom-176b/") for u in big["units"])
+    assert big["resources"]["mem"] == "64G"  # host memory for streaming shards to the GPUs, not the 328 GiB
     script = Path(big["script"]).read_text()
     assert "#SBATCH --gres=gpu:5" in script and "#SBATCH --partition=gpu" in script and "--array" in " ".join(
         big["command"])
