@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from probes.attention import run_attention
 from probes.ffn import Variant, add_sweep, control_vectors, last_position_updates, run_ablation, run_readout
-from probes.lens import decode_stats, last_residuals, run_lens, target_ids
+from probes.lens import last_residuals, lens_tensors, run_lens, stats_rows, target_ids
 from probes.loading import load_model
 from probes.registry import parse_entry, resolve_model
 from probes.tasks import load_task
@@ -146,7 +146,7 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
                                                                             output_hidden_states=True),
         "logit-lens": lambda: run_lens(lm, items),
         "  lens: traced forward saving residuals": lambda: last_residuals(lm, prompts),
-        "  lens: decode + ranks + top-k": lambda: decode_stats(lm, targets, hidden),
+        "  lens: decode + ranks + top-k": lambda: stats_rows(tok, lens_tensors(lm.arch, hidden, targets, 5)),
         "ffn-readout": lambda: run_readout(lm, items),
         "ffn-ablation (7 variants)": lambda: run_ablation(lm, items),
         "transplant sweep, all blocks (1 prompt)": lambda: add_sweep(lm, prompts[0], sweep, vectors),

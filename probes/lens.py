@@ -91,12 +91,6 @@ def stats_rows(tok, stats: dict, prefix: str = "") -> list[list[dict]]:
              for index, ids in enumerate(per_b)] for b, per_b in enumerate(top)]
 
 
-def decode_stats(loaded, targets: dict, hidden: torch.Tensor, topk: int = 5, prefix: str = "",
-                 logit: bool = False) -> list[list[dict]]:
-    """Lens statistics of `hidden` (batch, n, d) as stats[b][index] (see `stats_rows`)."""
-    return stats_rows(loaded.tokenizer, lens_tensors(loaded.arch, hidden, targets, topk, logit), prefix)
-
-
 def run_lens(loaded, items: list[Item], topk: int = 5) -> list[dict]:
     """Decoded inside the trace: the residuals never leave the model's devices (or the remote server), only the
     per-layer ranks, probabilities and top-k ids do."""

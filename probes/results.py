@@ -79,6 +79,10 @@ def git_commit() -> str | None:
         return None
 
 
+class RunBusy(ProbeError):
+    """The run folder is held by another live process."""
+
+
 class RunLock:
     """An exclusive claim on a folder: `.lock`, created with O_EXCL, names the holder (host, pid, Slurm job).
 
@@ -147,7 +151,7 @@ class RunDir:
         self.lock = RunLock(self.path)
         if not self.lock.acquire():
             h = self.lock.holder() or {}
-            raise ProbeError(f"{self.path} is being written by pid {h.get('pid')} on {h.get('host')} (since "
+            raise RunBusy(f"{self.path} is being written by pid {h.get('pid')} on {h.get('host')} (since "
                              f"{h.get('since')}); accepted: wait for it, or another --output")
         try:
             self._check(overwrite)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ProbeError, choice_error, read_yaml
-from .results import RunLock, write_json
+from .results import RunBusy, RunLock, write_json
 
 KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
         "results", "slurm"}
@@ -195,7 +195,7 @@ def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
     for unit in sweep.units():
         meta = _meta(sweep, unit)
         lock = RunLock(sweep.output(unit))
-        if meta and meta.get("status") == "complete" and meta.get("config") == sweep.config(unit):
+        if _done(sweep, unit, meta):
             rows.append((unit, "done", f"{meta.get('finished', '')}"))
         elif lock.alive():
             h = lock.holder() or {}
@@ -211,8 +211,8 @@ def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
             rows.append((unit, "failed", f"killed ({parts} batch file(s) kept; a rerun resumes)"))
         elif meta and meta.get("status") == "complete":
             rows.append((unit, "pending", "stale: ran with another config; a rerun replaces it"))
-        elif _last_job(sweep, unit):
-            job, log = _last_job(sweep, unit)
+        elif last := _last_job(sweep, unit):
+            job, log = last
             rows.append((unit, "pending", f"no shard; last submitted as job {job}, which has ended (log: {log})"))
         else:
             rows.append((unit, "pending", ""))
@@ -239,19 +239,16 @@ def run_unit(sweep: Sweep, unit: Unit, loaded, progress: bool = True) -> str:
     from .execution import run_probe
 
     meta = _meta(sweep, unit)
-    config = sweep.config(unit)
-    if meta and meta.get("status") == "complete" and meta.get("config") == config:
+    if _done(sweep, unit, meta) or RunLock(sweep.output(unit)).alive():
         return "skipped"
-    stale = bool(meta) and meta.get("config") != config
-    if RunLock(sweep.output(unit)).alive():
-        return "skipped"
+    stale = bool(meta) and meta.get("config") != sweep.config(unit)
     try:
         run_probe(loaded, sweep.task(unit), unit.probe, sweep.output(unit), limit=sweep.limit,
                   batch_size=sweep.batch_size, options=sweep.options, overwrite=stale, progress=progress,
                   extra_meta={"sweep": sweep.name, "unit": unit.id})
+    except RunBusy:  # another process took it between our check and the lock
+        return "skipped"
     except ProbeError as e:
-        if "is being written by" in str(e):  # another process took it between our check and the lock
-            return "skipped"
         return f"failed: {e}"
     except Exception as e:  # one unit's failure must not stop the others; its meta.json records it
         return f"failed: {type(e).__name__}: {e}"
@@ -260,6 +257,7 @@ def run_unit(sweep: Sweep, unit: Unit, loaded, progress: bool = True) -> str:
 
 def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True) -> dict[str, str]:
     """Run the units (or those named in `only`) that are not done, loading each model once."""
+    from .execution import get_probe
     from .loading import load_model
 
     wanted = [u for u in sweep.units() if only is None or u.id in only]
@@ -268,12 +266,10 @@ def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True
     outcome = {}
     for model in dict.fromkeys(u.model for u in wanted):
         units = [u for u in wanted if u.model == model]
-        todo = [u for u in units if not _finished(sweep, u)]
+        todo = [u for u in units if not _done(sweep, u, _meta(sweep, u))]
         outcome.update({u.id: "skipped" for u in units if u not in todo})
         if not todo:
             continue
-        from .execution import get_probe
-
         needs = {k: v for u in todo for k, v in get_probe(u.probe).load.items()}
         try:
             loaded = load_model(sweep.spec(todo[0]), **sweep.load_options(todo[0]), **needs)
@@ -286,8 +282,8 @@ def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True
     return outcome
 
 
-def _finished(sweep: Sweep, unit: Unit) -> bool:
-    meta = _meta(sweep, unit)
+def _done(sweep: Sweep, unit: Unit, meta: dict | None) -> bool:
+    """Its shard is complete and was computed with the config the sweep asks for now."""
     return bool(meta) and meta.get("status") == "complete" and meta.get("config") == sweep.config(unit)
 
 
