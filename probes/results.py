@@ -36,12 +36,13 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write) -> None:
-    """`write(file_object)` into a temporary file next to `path`, then rename it into place."""
+def atomic_write(path: Path, write, binary: bool = False) -> None:
+    """`write(file_object)` into a temporary file next to `path`, then rename it into place.
+    A process killed mid-write leaves only `<name>.<random>.tmp`, which the folder's next lock holder removes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")) as f:
             write(f)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are for the whole group to read
         os.replace(tmp, path)
@@ -165,12 +166,16 @@ class RunDir:
             for child in self.path.iterdir():
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif meta.exists():
-            old = json.loads(meta.read_text()).get("config", {})
-            diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
-            if diff:
-                shown = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in diff)
-                raise ProbeError(f"{self.path} holds a different run ({shown}); pass --overwrite or another --output")
+        else:
+            for orphan in [*self.path.glob("*.tmp"), *self.path.glob("parts/*.tmp")]:  # a killed writer's
+                orphan.unlink()
+            if meta.exists():
+                old = json.loads(meta.read_text()).get("config", {})
+                diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+                if diff:
+                    shown = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in diff)
+                    raise ProbeError(f"{self.path} holds a different run ({shown}); pass --overwrite or another "
+                                     "--output")
         self.parts = self.path / "parts"
         self.parts.mkdir(parents=True, exist_ok=True)
 

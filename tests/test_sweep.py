@@ -1,7 +1,9 @@
 """Sweeps: local and real-Slurm execution, resumable shards under SIGKILL, concurrent writers, aggregate, report."""
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,6 +138,21 @@ def test_a_held_run_folder_is_refused_to_a_second_writer(tmp_path):
             RunDir(tmp_path / "run", {"a": 1})
     with RunDir(tmp_path / "run", {"a": 1}):  # released on exit
         pass
+
+
+def test_a_killed_writers_lock_and_half_written_files_are_taken_over(tmp_path):
+    run = tmp_path / "run"
+    with RunDir(run, {"a": 1}) as r:
+        r.write_part([{"item": 0, "x": 1.0}])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    torn = [run / "parts" / "items-000001-000001.csv.abc123.tmp", run / "meta.json.xyz.tmp"]
+    for t in torn:
+        t.write_text("item,x\n1,")
+    with RunDir(run, {"a": 1}) as r:
+        assert r.done_items() == {0} and not any(t.exists() for t in torn)
+        assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+    assert not (run / ".lock").exists()
 
 
 def test_aggregate_writes_csv_parquet_markdown_and_groups(tmp_path, reference):
