@@ -27,7 +27,7 @@ def read_yaml(path, what: str, missing: str = ""):
     from pathlib import Path
 
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError:
         raise ProbeError(f"{what} {str(path)!r} not found{missing}")
     except yaml.YAMLError as e:

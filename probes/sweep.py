@@ -10,7 +10,8 @@
     options: {topk: 5}                   # probe options, as `probe run` (underscores for dashes)
     task_options: {shots: 1}             # as --task-option
     load: {dtype: bfloat16, quantize: 8bit, device_map: auto}
-    results: results                     # default: $PROBE_RESULTS or results/, relative to the sweep file's folder
+    results: results                     # relative to the sweep file's folder; without it, $PROBE_RESULTS or
+                                         # results/ in the current folder, as for `probe run` and `probe aggregate`
     slurm: {partition: gpu, time: "04:00:00", gpus: 1, mem: 64G, cpus_per_task: 8, gpu_mem: 80GiB}
 
 Each unit writes its own run folder (a shard: parts, table.csv, meta.json, all written atomically, under a lock)
@@ -70,7 +71,7 @@ class Sweep:
     load: dict = field(default_factory=dict)
     results: Path = Path("results")
     slurm: dict = field(default_factory=dict)
-    _configs: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # specs, tasks and configs, each computed once
     _plans: dict = field(default_factory=dict, repr=False)  # model -> plan, for Slurm resources
 
     def units(self) -> list[Unit]:
@@ -79,15 +80,21 @@ class Sweep:
     def output(self, unit: Unit) -> Path:
         return self.results / unit.id
 
+    def _once(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
     def task(self, unit: Unit):
         from .tasks import load_task
 
-        return load_task(unit.task, {**self.task_options, **({} if unit.seed is None else {"seed": unit.seed})})
+        return self._once(("task", unit.task, unit.seed), lambda: load_task(
+            unit.task, {**self.task_options, **({} if unit.seed is None else {"seed": unit.seed})}))
 
     def spec(self, unit: Unit):
         from .registry import resolve_model
 
-        return resolve_model(unit.model)
+        return self._once(("spec", unit.model), lambda: resolve_model(unit.model))
 
     def load_options(self, unit: Unit) -> dict:
         from .loading import load_options
@@ -98,11 +105,12 @@ class Sweep:
         """The run config its shard must carry to count as done (see execution.run_config)."""
         from .execution import run_config
 
-        if unit not in self._configs:
+        def make():
             opts = self.load_options(unit)
-            self._configs[unit] = run_config(self.spec(unit), opts["dtype"], opts["quantize"], self.task(unit),
-                                             unit.probe, self.limit, self.options)
-        return self._configs[unit]
+            return run_config(self.spec(unit), opts["dtype"], opts["quantize"], self.task(unit), unit.probe,
+                              self.limit, self.options)
+
+        return self._once(("config", unit), make)
 
     @property
     def bookkeeping(self) -> Path:
@@ -142,13 +150,13 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ProbeError(f"{where}: unknown probe option(s) {', '.join(sorted(set(options) - known_options))}; "
                          f"accepted: {', '.join(sorted(known_options))}")
     base = path.resolve().parent
-    results = Path(data.get("results") or os.environ.get("PROBE_RESULTS", "results"))
+    results = (base / data["results"]) if data.get("results") else Path(os.environ.get("PROBE_RESULTS", "results"))
     sweep = Sweep(path=path.resolve(), name=str(data.get("name") or path.stem), models=_list(data, "models", where),
                   tasks=_list(data, "tasks", where), probes=_list(data, "probes", where),
                   seeds=data.get("seeds") or [None], limit=data.get("limit"),
                   batch_size=parse_batch_size(data.get("batch_size", 8)), options=options,
                   task_options=data.get("task_options") or {}, load=data.get("load") or {},
-                  results=results if results.is_absolute() else base / results, slurm=data.get("slurm") or {})
+                  results=results.resolve(), slurm=data.get("slurm") or {})
     registry = load_registry()
     for m in sweep.models:
         try:

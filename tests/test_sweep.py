@@ -221,15 +221,19 @@ def test_slurm_array_completes_aggregates_and_reruns_only_a_deleted_unit(tmp_pat
         slurm.stop()
 
 
-def test_shipped_sweeps_expand_and_take_slurm_resources_from_the_plan(tmp_path):
+def test_shipped_sweeps_expand_and_take_slurm_resources_from_the_plan(tmp_path, monkeypatch):
     from probes.registry import ROOT
     from probes.sweep import submit_slurm
+
+    monkeypatch.chdir(tmp_path)  # no `results:` in the file: results/ of the current folder, as for `probe run`
+    monkeypatch.delenv("PROBE_RESULTS", raising=False)
 
     for f in sorted((ROOT / "sweeps").glob("*.yaml")):
         assert load_sweep(f).units()
     paper = tmp_path / "paper.yaml"
     paper.write_text((ROOT / "sweeps" / "paper-scale.yaml").read_text())
     sweep = load_sweep(paper)
+    assert sweep.results == tmp_path / "results"
     assert len(sweep.units()) == 10 * 6 * 4 * 3
     records = submit_slurm(sweep, dry_run=True)
     by_gpus = {r["resources"]["gpus"]: r for r in records}
