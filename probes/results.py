@@ -80,6 +80,27 @@ def git_commit() -> str | None:
         return None
 
 
+def slurm_job() -> str | None:
+    """This process's Slurm job as squeue names it: <array job>_<task> for an array task (whose own SLURM_JOB_ID
+    may be the array's id, which squeue reads as the whole array), else SLURM_JOB_ID."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def slurm_job_alive(job: str) -> bool:
+    """Whether Slurm still has `job` pending, running or completing; True where squeue cannot say (no squeue, no
+    answer from the controller), False when it lists nothing or no longer knows the id."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    if out.returncode != 0:
+        return "invalid job id" not in out.stderr.lower()
+    return bool(out.stdout.strip())
+
+
 class RunBusy(ProbeError):
     """The run folder is held by another live process."""
 
@@ -87,8 +108,9 @@ class RunBusy(ProbeError):
 class RunLock:
     """An exclusive claim on a folder: `.lock`, created with O_EXCL, names the holder (host, pid, Slurm job).
 
-    A lock whose holder is a dead process on this host (a run killed with SIGKILL) is stale and taken over; a lock
-    from another host is trusted, since its process cannot be checked from here."""
+    A lock is stale, and taken over, when its holder is a dead process on this host (a run killed with SIGKILL),
+    or a Slurm job that the queue no longer holds (a job killed at its time limit on another node). A lock from
+    another host outside Slurm, or when squeue cannot answer, is trusted, since it cannot be checked from here."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / ".lock"
@@ -104,7 +126,7 @@ class RunLock:
         if info is None:
             return False
         if info.get("host") != socket.gethostname():
-            return True
+            return slurm_job_alive(str(info["slurm_job"])) if info.get("slurm_job") else True
         try:
             os.kill(int(info["pid"]), 0)
         except ProcessLookupError:
@@ -117,7 +139,7 @@ class RunLock:
         """Take the lock; False if a live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(),
-              "slurm_job": os.environ.get("SLURM_JOB_ID")}
+              "slurm_job": slurm_job()}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -217,6 +217,33 @@ def test_slurm_array_completes_aggregates_and_reruns_only_a_deleted_unit(tmp_pat
         last = sorted((results / ".sweeps" / "grid").glob("*/submission.json"))[-1]
         assert json.loads(last.read_text())["units"] == ["tiny-llama/past-tense/ffn-ablation"]
         assert_same_tables(tables(results), tables(reference))
+
+        # two units left "running" by jobs on another node: one whose array task has ended (killed at its time
+        # limit, say), one whose job is still in the queue
+        first = json.loads((results / ".sweeps" / "grid" / "submissions.jsonl").read_text().splitlines()[0])["job"]
+        sleeper = subprocess.run(["sbatch", "--parsable", "--mem=10M", f"--output={folder}/sleeper.out", "--wrap",
+                                  "sleep 120"], env=slurm.env, capture_output=True, text=True, check=True)
+        sleeper = sleeper.stdout.strip().split(";")[0]
+        ended = results / "tiny-gpt2" / "capitals" / "logit-lens"
+        live = results / "tiny-gpt2" / "past-tense" / "logit-lens"
+        for run, job in ((ended, f"{first}_0"), (live, sleeper)):
+            meta = json.loads((run / "meta.json").read_text())
+            (run / "meta.json").write_text(json.dumps({**meta, "status": "running"}))
+            (run / "table.csv").unlink()
+            sorted((run / "parts").glob("*.csv"))[-1].unlink()
+            (run / ".lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job": job}))
+        r = subprocess.run([sys.executable, "-m", "probes", "status", str(path)], env=slurm.env, capture_output=True,
+                           text=True, check=True)
+        state = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.startswith("tiny-")}
+        assert state["tiny-gpt2/capitals/logit-lens"] == "failed" and "killed" in r.stdout
+        assert state["tiny-gpt2/past-tense/logit-lens"] == "running" and f"job {sleeper}" in r.stdout
+        subprocess.run(["scancel", sleeper], env=slurm.env, check=True)
+        p = sweep_cmd("--executor", "slurm", "--wait", path, env=slurm.env)
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err
+        assert "2 unit(s)" in out and "8 done" in out
+        assert_same_tables(tables(results), tables(reference))
+        assert not list(results.rglob(".lock"))
     finally:
         slurm.stop()
 
