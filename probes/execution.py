@@ -26,6 +26,7 @@ class Probe:
     prepare: Callable | None = None  # (loaded, task, items, options) -> (items, state, meta), once per run
     run_options: tuple[str, ...] = ()  # the options `run` takes (the rest go to `prepare` only)
     load: dict = field(default_factory=dict)  # what it needs from loading (eager attention)
+    passes: Callable = lambda n_layers, options: 1  # forward passes per prompt, for Slurm time limits
 
 
 PROBES: dict[str, Probe] = {
@@ -42,10 +43,12 @@ PROBES: dict[str, Probe] = {
                             plots.plot_transplant,
                             ("mode", "layers", "scales", "positions", "controls", "sources", "source_items",
                              "source_layer", "context"), prepare=ffn.prepare_transplant,
-                            run_options=("mode", "layers", "scales", "positions", "controls")),
+                            run_options=("mode", "layers", "scales", "positions", "controls"),
+                            passes=ffn.transplant_passes),
     "ffn-ablation": Probe(ffn.run_ablation, ffn.summarize_ablation, ffn.report_ablation,
                           "zero (or identity-replace) FFN updates of chosen blocks, or the top sixths", plots.plot_ablation,
-                          ("layers", "how"), run_options=("layers", "how")),
+                          ("layers", "how"), run_options=("layers", "how"),
+                          passes=lambda n_layers, opts: len(ffn.ablation_variants(n_layers, opts.get("layers")))),
     "nback": Probe(attention.run_nback, attention.summarize_nback, attention.report_nback,
                    "N-back hit rate, false alarms, accuracy and signed d' by N", plots.plot_nback),
     "attention": Probe(attention.run_attention, attention.summarize_attention, attention.report_attention,

@@ -281,6 +281,18 @@ def _target_prompt(task, item: Item, context: str) -> str:
     return task.template.format(input=item.input, output=item.output)
 
 
+def transplant_passes(n_layers: int, options: dict) -> float:
+    """Forward passes per target prompt, for time limits: the source search (a read-out pass at most), then in add
+    mode the prefix once and each variant's last token (taken as 1/20 of a pass each); in replace mode one full
+    pass per variant."""
+    scales = options.get("scales") or (1.0,)
+    n_scales = len(scales.split(",") if isinstance(scales, str) else scales)
+    kinds = 3 if options.get("controls", True) else 1
+    if options.get("mode", "add") == "add":
+        return 2 + n_scales * kinds * len(_parse_blocks(options.get("layers"), n_layers, "--layers")) / 20
+    return 2 + n_scales * kinds
+
+
 def run_transplant(loaded, items: list[Item], state: dict, mode: str = "add", layers=None, scales=(1.0,),
                    positions: str = "all", controls: bool = True) -> list[dict]:
     arch, tok = loaded.arch, loaded.tokenizer

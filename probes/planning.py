@@ -105,6 +105,7 @@ class Plan:
     activation: dict
     gpu_bytes: int
     gpus_needed: int | None  # None: does not fit on MAX_GPUS GPUs of this size
+    n_layers: int = 0
     device_map: dict = field(default_factory=dict)
     per_device: dict = field(default_factory=dict)  # device -> bytes of weights placed there
 
@@ -166,7 +167,8 @@ def plan(spec: ModelSpec, dtype: str | None = None, quantize: str | None = None,
     usable = gpu_bytes - CUDA_CONTEXT - act["total"]
     # transformers places by its own sizes, which leave out NF4's absmax: shrink the room by the same ratio
     placed_usable = int(usable * compute_module_sizes(model, hf_quantizer=quantizer)[0][""] / weights)
-    result = Plan(spec.name, opts["dtype"], opts["quantize"], params, int(weights), act, gpu_bytes, None)
+    result = Plan(spec.name, opts["dtype"], opts["quantize"], params, int(weights), act, gpu_bytes, None,
+                  config_sizes(config)["layers"])
     if usable <= 0:
         return result
     n = max(1, math.ceil(weights / usable))
@@ -180,6 +182,26 @@ def plan(spec: ModelSpec, dtype: str | None = None, quantize: str | None = None,
             break
         n += 1
     return result
+
+
+# Throughputs assumed for Slurm time limits: the low end of what a node delivers, so that limits err long (a unit
+# killed at its limit loses only its unfinished batch, and a rerun resumes). A forward pass of a small batch reads
+# every weight once, so it is bound by memory bandwidth until the batch's FLOPs take longer.
+CHECKPOINT_READ = 200e6  # bytes/s of a 16-bit checkpoint read from a shared filesystem (and quantized, if asked)
+THROUGHPUT = {"gpu": (1e12, 50e12), "cpu": (10e9, 100e9)}  # (bytes/s of weights read, FLOP/s)
+TIME_LIMITS_H = (0.5, 1, 2, 4, 8, 16, 24, 48, 96)  # a few sizes, so that units group into few job arrays
+
+
+def time_limit(p: Plan, passes: float, prompts: int, batch: int, tokens: int, gpu: bool) -> str:
+    """A Slurm time limit for `prompts` prompts of about `tokens` tokens, in batches of `batch`, with `passes`
+    forward passes per prompt: 10 minutes plus twice the estimated load and compute time, rounded up to one of
+    TIME_LIMITS_H."""
+    bandwidth, flops = THROUGHPUT["gpu" if gpu else "cpu"]
+    load = 2 * p.params / CHECKPOINT_READ
+    forward = max(p.weight_bytes / bandwidth, 2 * p.params * batch * tokens / flops)
+    need = 600 + 2 * (load + passes * math.ceil(prompts / batch) * forward)
+    hours = next((h for h in TIME_LIMITS_H if h * 3600 >= need), TIME_LIMITS_H[-1])
+    return f"{int(hours) // 24}-{int(hours) % 24:02d}:{int(hours * 60) % 60:02d}:00"
 
 
 def describe_map(device_map: dict, layers_path: str) -> dict:

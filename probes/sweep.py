@@ -17,7 +17,8 @@
 Each unit writes its own run folder (a shard: parts, table.csv, meta.json, all written atomically, under a lock)
 at <results>/<model>/<task>/<probe>[/seed-<s>]. A unit whose meta.json is complete and whose config matches is
 skipped, so running a sweep again resumes it and retries what failed. Slurm resources come from `probe plan`
-(GPUs needed, host memory for the weights) unless the sweep's `slurm` mapping sets them.
+(GPUs needed, host memory for the weights, a time limit from the model's size, the prompts and the probe's forward
+passes; see planning.time_limit) unless the sweep's `slurm` mapping sets them.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "op
         "results", "slurm"}
 LOAD_KEYS = {"dtype", "quantize", "device_map", "max_memory", "compute_dtype"}
 SLURM_KEYS = {"partition", "time", "gpus", "mem", "cpus_per_task", "gpu_mem", "account", "qos", "extra"}
-SLURM_DEFAULTS = {"time": "04:00:00", "cpus_per_task": 4, "gpu_mem": "80GiB"}
+SLURM_DEFAULTS = {"cpus_per_task": 4, "gpu_mem": "80GiB"}
 GPU_HOST_MEMORY = 60 * 2**30  # host memory asked for a GPU unit, at most (plus 4 GiB)
 
 
@@ -298,12 +299,13 @@ def _done(sweep: Sweep, unit: Unit, meta: dict | None) -> bool:
 # --- Slurm --------------------------------------------------------------------------------------------------------
 
 def resources(sweep: Sweep, unit: Unit) -> dict:
-    """Slurm resources of a unit: GPUs and host memory from `probe plan`, the rest from defaults; the sweep's
-    `slurm` mapping overrides any of them."""
-    from .planning import GiB, plan
+    """Slurm resources of a unit: GPUs, host memory and time limit from `probe plan`, the rest from defaults; the
+    sweep's `slurm` mapping overrides any of them."""
+    from .execution import AUTO_START, get_probe, probe_options
+    from .planning import GiB, plan, time_limit
 
     res = {**SLURM_DEFAULTS, **{k: v for k, v in sweep.slurm.items() if k != "extra"}}
-    if "gpus" not in res or "mem" not in res:
+    if not {"gpus", "mem", "time"} <= set(res):
         if unit.model not in sweep._plans:  # the load options are the sweep's, the same for every unit of a model
             opts = sweep.load_options(unit)
             sweep._plans[unit.model] = plan(sweep.spec(unit), dtype=opts["dtype"], quantize=opts["quantize"],
@@ -314,6 +316,13 @@ def resources(sweep: Sweep, unit: Unit) -> dict:
         # on CPU the weights live in host memory. Plus 4 GiB for Python, torch and the tokenizer.
         host = min(p.weight_bytes, GPU_HOST_MEMORY) if int(res["gpus"]) else 1.2 * p.weight_bytes
         res.setdefault("mem", f"{math.ceil(host / GiB) + 4}G")
+        if "time" not in res:
+            prompts = sweep._once(("prompts", unit.task, unit.seed),
+                                  lambda: [it.prompt for it in sweep.task(unit).items(limit=sweep.limit)])
+            tokens = math.ceil(max(map(len, prompts)) / 3)  # characters per token: 3 or more in these tasks
+            passes = get_probe(unit.probe).passes(p.n_layers, probe_options(unit.probe, sweep.options))
+            batch = AUTO_START if sweep.batch_size == "auto" else sweep.batch_size
+            res["time"] = time_limit(p, passes, len(prompts), batch, tokens, gpu=bool(int(res["gpus"])))
     res.pop("gpu_mem")
     return res
 

@@ -11,7 +11,7 @@ from probes.errors import ProbeError
 from probes.execution import PROBES, run_probe
 from probes.lens import last_residuals
 from probes.loading import load_model, load_options
-from probes.planning import GiB, check_fits, config_path, plan
+from probes.planning import GiB, check_fits, config_path, plan, time_limit
 from probes.tasks import load_task
 
 from .conftest import REGISTRY, TINY, bundled, loaded
@@ -75,6 +75,19 @@ def test_plan_refuses_what_cannot_fit():
                                          r"bfloat16 \(328.3 GiB\), 3 in 8bit .*, 2 in 4bit \(97.2 GiB\); nothing"):
         check_fits(REGISTRY["bloom-176b"], load_options(REGISTRY["bloom-176b"]))
     assert plan(REGISTRY["gpt-j-6b"], gpu_mem="1GiB").gpus_needed is None  # no room left after the CUDA context
+
+
+def test_slurm_time_limits_follow_checkpoint_size_and_forward_passes():
+    gpt2, bloom = plan(REGISTRY["gpt2"]), plan(REGISTRY["bloom-176b"])
+    assert time_limit(gpt2, 1, 200, 8, 30, gpu=True) == "0-00:30:00"
+    # 600 s + 2 x (352 GB read at 200 MB/s + 25 batches x 1.7 s, FLOP-bound at 50 TFLOP/s) = 4,200 s -> 2 h
+    assert time_limit(bloom, 1, 200, 8, 30, gpu=True) == "0-02:00:00"
+    # a transplant sweep over 70 blocks with controls: 2 + 3 x 70 / 20 passes per prompt -> 5,200 s -> 2 h
+    assert time_limit(bloom, PROBES["ffn-transplant"].passes(70, {}), 200, 8, 30, gpu=True) == "0-02:00:00"
+    assert time_limit(bloom, 100, 1000, 8, 30, gpu=True) == "0-16:00:00"  # 46,000 s
+    assert time_limit(bloom, 1e6, 1000, 8, 30, gpu=True) == "4-00:00:00"  # at most four days
+    assert time_limit(gpt2, 1, 200, 8, 30, gpu=False) == "0-00:30:00"  # 0.25 GB per pass at 10 GB/s: 8 s in all
+    assert PROBES["ffn-ablation"].passes(70, {}) == 7 and PROBES["logit-lens"].passes(70, {}) == 1
 
 
 # --- bitsandbytes ---------------------------------------------------------------------------------------------

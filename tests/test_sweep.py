@@ -263,11 +263,17 @@ def test_shipped_sweeps_expand_and_take_slurm_resources_from_the_plan(tmp_path, 
     assert sweep.results == tmp_path / "results"
     assert len(sweep.units()) == 10 * 6 * 4 * 3
     records = submit_slurm(sweep, dry_run=True)
-    by_gpus = {r["resources"]["gpus"]: r for r in records}
-    assert set(by_gpus) == {1, 5}  # every model on one 80 GiB GPU but BLOOM-176B, which needs five (bf16)
-    big = by_gpus[5]
-    assert len(big["units"]) == 6 * 4 * 3 and all(u.startswith("bloom-176b/") for u in big["units"])
-    assert big["resources"]["mem"] == "64G"  # host memory for streaming shards to the GPUs, not the 328 GiB
+    assert {r["resources"]["gpus"] for r in records} == {1, 5}  # all on one 80 GiB GPU but BLOOM-176B (bf16)
+    big = [r for r in records if r["resources"]["gpus"] == 5]
+    assert sum(len(r["units"]) for r in big) == 6 * 4 * 3 and all(u.startswith("bloom-176b/") for r in big
+                                                                  for u in r["units"])
+    assert {r["resources"]["mem"] for r in big} == {"64G"}  # host memory to stream shards to the GPUs, not 328 GiB
+    # time limits from the plan: reading BLOOM-176B's 352 GB checkpoint alone takes half an hour at 200 MB/s
+    hours = {u: int(r["resources"]["time"].split("-")[0]) * 24 + int(r["resources"]["time"].split("-")[1][:2])
+             + int(r["resources"]["time"].split(":")[1]) / 60 for r in records for u in r["units"]}
+    assert {hours[u] for u in hours if u.startswith("gpt2/")} == {0.5}
+    assert min(hours[u] for u in hours if u.startswith("bloom-176b/")) >= 2
+    big = big[0]
     script = Path(big["script"]).read_text()
     assert "#SBATCH --gres=gpu:5" in script and "#SBATCH --partition=gpu" in script and "--array" in " ".join(
         big["command"])
