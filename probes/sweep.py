@@ -72,8 +72,7 @@ class Sweep:
     load: dict = field(default_factory=dict)
     results: Path = Path("results")
     slurm: dict = field(default_factory=dict)
-    _cache: dict = field(default_factory=dict, repr=False)  # specs, tasks and configs, each computed once
-    _plans: dict = field(default_factory=dict, repr=False)  # model -> plan, for Slurm resources
+    _cache: dict = field(default_factory=dict, repr=False)  # specs, tasks, configs and plans, each made once
 
     def units(self) -> list[Unit]:
         return [Unit(m, t, p, s) for m, t, p, s in itertools.product(self.models, self.tasks, self.probes, self.seeds)]
@@ -306,11 +305,10 @@ def resources(sweep: Sweep, unit: Unit) -> dict:
 
     res = {**SLURM_DEFAULTS, **{k: v for k, v in sweep.slurm.items() if k != "extra"}}
     if not {"gpus", "mem", "time"} <= set(res):
-        if unit.model not in sweep._plans:  # the load options are the sweep's, the same for every unit of a model
-            opts = sweep.load_options(unit)
-            sweep._plans[unit.model] = plan(sweep.spec(unit), dtype=opts["dtype"], quantize=opts["quantize"],
-                                            compute_dtype=opts["compute_dtype"], gpu_mem=str(res["gpu_mem"]))
-        p = sweep._plans[unit.model]
+        opts = sweep.load_options(unit)  # the sweep's, the same for every unit of a model: one plan per model
+        p = sweep._once(("plan", unit.model), lambda: plan(
+            sweep.spec(unit), dtype=opts["dtype"], quantize=opts["quantize"], compute_dtype=opts["compute_dtype"],
+            gpu_mem=str(res["gpu_mem"])))
         res.setdefault("gpus", p.gpus_needed or 0)
         # on GPUs, from_pretrained streams checkpoint shards to the devices: host memory holds a shard or two;
         # on CPU the weights live in host memory. Plus 4 GiB for Python, torch and the tokenizer.
