@@ -271,22 +271,21 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
                   cache_hit=cache_hit)
 
 
-REMOTE_PROBES = ("logit-lens", "accuracy", "ffn-readout", "ffn-ablation", "ffn-transplant", "nback", "attention")
-
-
 def load_remote(spec: ModelSpec, probe: str, attn_implementation: str | None = None) -> Loaded:
     """A weightless local copy of a hub model whose traces run on NDIF (nnsight's remote execution).
 
     The API key comes from NDIF_API_KEY (and the server from NDIF_HOST, if set); it is handed to nnsight in memory
-    and never written to results or logs. Only probes whose whole computation happens inside their traces can run
-    remotely; the transplant also runs a plain forward pass for its KV cache, outside any trace."""
+    and never written to results or logs. Every probe runs remotely: each does all its model work inside traces
+    (the transplant sweep's two passes as one session)."""
     from nnsight import CONFIG
     from nnsight.modeling.transformers import TransformersModel
 
+    from .execution import PROBES
+
     if spec.source != "hub":
         raise ProbeError(f"--remote runs hub models hosted by NDIF; {spec.name!r} is a {spec.source} model")
-    if probe not in REMOTE_PROBES:
-        raise ProbeError(f"--remote does not run probe {probe!r} yet; accepted: {', '.join(REMOTE_PROBES)}")
+    if probe not in PROBES:
+        raise ProbeError(f"--remote does not run probe {probe!r} yet; accepted: {', '.join(PROBES)}")
     key = os.environ.get("NDIF_API_KEY")
     if not key:
         raise ProbeError("--remote needs an NDIF API key in the environment variable NDIF_API_KEY "

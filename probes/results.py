@@ -175,7 +175,7 @@ class RunDir:
         if not self.lock.acquire():
             h = self.lock.holder() or {}
             raise RunBusy(f"{self.path} is being written by pid {h.get('pid')} on {h.get('host')} (since "
-                             f"{h.get('since')}); accepted: wait for it, or another --output")
+                          f"{h.get('since')}); accepted: wait for it, or another --output")
         try:
             self._check(overwrite)
         except BaseException:
