@@ -15,14 +15,18 @@ import torch
 from .tasks import Item, answer_token, first_token, item_columns
 
 
+def residuals_in_trace(arch) -> torch.Tensor:
+    """Called inside a trace: (batch, L + 1, d) residual stream at the last position, every layer, gathered on
+    the unembedding's device."""
+    return torch.stack([arch.resid(index)[:, -1].to(arch.unembed_device) for index in range(arch.n_layers + 1)],
+                       dim=1)
+
+
 def last_residuals(loaded, prompts: list[str]) -> torch.Tensor:
     """(batch, L + 1, d) residual stream at the last position of each (left-padded) prompt, every layer."""
-    arch = loaded.arch
-    saved = []
     with loaded.trace(prompts, logits_to_keep=1):  # the lens decodes itself: skip the full-vocab logits
-        for index in range(arch.n_layers + 1):
-            saved.append(arch.resid(index)[:, -1].save())
-    return torch.stack([s.to(arch.unembed_device) for s in saved], dim=1)
+        residuals = nnsight.save(residuals_in_trace(loaded.arch))
+    return residuals
 
 
 def next_token_logits(loaded, prompts: list[str]) -> torch.Tensor:
@@ -96,12 +100,9 @@ def run_lens(loaded, items: list[Item], topk: int = 5) -> list[dict]:
     per-layer ranks, probabilities and top-k ids do."""
     arch = loaded.arch
     targets = target_ids(loaded, items)
-    residuals = []
     with loaded.trace([it.prompt for it in items], logits_to_keep=1):
-        for index in range(arch.n_layers + 1):
-            residuals.append(arch.resid(index)[:, -1].to(arch.unembed_device))
         # assigned, then saved: a remote trace returns only the names it assigns and saves
-        stats = nnsight.save(lens_tensors(arch, torch.stack(residuals, dim=1), targets, topk))
+        stats = nnsight.save(lens_tensors(arch, residuals_in_trace(arch), targets, topk))
     stats = stats_rows(loaded.tokenizer, stats)
     return [{**item_columns(loaded.tokenizer, it), "layer": index, **stats[b][index]}
             for b, it in enumerate(items) for index in range(arch.n_layers + 1)]
