@@ -33,12 +33,14 @@ import psutil
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from probes.attention import run_attention
-from probes.ffn import Variant, add_sweep, control_vectors, last_position_updates, run_ablation, run_readout
-from probes.lens import last_residuals, lens_tensors, run_lens, stats_rows, target_ids
-from probes.loading import load_model
-from probes.registry import parse_entry, resolve_model
-from probes.tasks import load_task
+from probes.methods.attention import run_attention
+from probes.methods.ffn_ablation import run_ablation
+from probes.methods.ffn_readout import last_position_updates, run_readout
+from probes.methods.ffn_transplant import Variant, add_sweep, control_vectors
+from probes.methods.lens import last_residuals, lens_tensors, run_lens, stats_rows, target_ids
+from probes.models.loading import load_model
+from probes.models.registry import parse_entry, resolve_model
+from probes.tasks.files import load_task
 
 PROC = psutil.Process()
 

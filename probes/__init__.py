@@ -1,3 +1,36 @@
-"""probe: read and change what pretrained language models compute (logit lens, FFN updates, attention)."""
+"""probe: read and change what language models compute (logit lens, FFN updates, attention).
+
+The package, by part:
+    models/    the registry, loading (hub, GGUF, folder, random config), architecture access, options, planning
+    tasks/     the task-file reader and each kind of task (relational, N-back)
+    methods/   the probes themselves, one module each, and the catalog that names them
+    runs/      local execution, run folders and their locks, sweeps and Slurm
+    reports/   aggregate tables, the HTML report, plots
+    api.py     the Python API below; cli.py, the `probe` command, is a thin layer over it
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# name -> module that defines it; imported on first use, so that `probe --help` does not wait for torch
+_PUBLIC = {"Result": "api", "aggregate": "api", "list_models": "api", "list_probes": "api", "list_tasks": "api",
+           "load": "api", "run": "api", "task": "api", "ProbeError": "errors", "Loaded": "models.loading",
+           "Item": "tasks.base", "Task": "tasks.base"}
+__all__ = ["Item", "Loaded", "ProbeError", "Result", "Task", "aggregate", "list_models", "list_probes",
+           "list_tasks", "load", "run", "task"]
+
+if TYPE_CHECKING:
+    from .api import Result, aggregate, list_models, list_probes, list_tasks, load, run, task
+    from .errors import ProbeError
+    from .models.loading import Loaded
+    from .tasks.base import Item, Task
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

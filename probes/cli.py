@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def _fmt_params(n: int | None) -> str:
 
 
 def cmd_models(args) -> None:
-    from .registry import load_registry
+    from .models.registry import load_registry
 
     rows = [(s.name, s.family, _fmt_params(s.params), s.where() + ("" if s.pinned or s.source != "hub" else " (unpinned)"),
              "yes" if s.available() else "no") for s in load_registry().values()]
@@ -31,14 +32,14 @@ def cmd_models(args) -> None:
 
 def _tokenizer(model: str):
     """Only the tokenizer of a model (cheap: no weights), for task listings and prompts."""
-    from .loading import load_tokenizer
-    from .registry import resolve_model
+    from .models.loading import load_tokenizer
+    from .models.registry import resolve_model
 
     return load_tokenizer(resolve_model(model))
 
 
 def cmd_tasks(args) -> None:
-    from .tasks import available_tasks, load_task_file
+    from .tasks.files import available_tasks, load_task_file
 
     tok = _tokenizer(args.model) if args.model else None
     header = ("task", "kind", "items") + (("ambiguous", "rule") if tok else ()) + ("source",)
@@ -54,7 +55,8 @@ def cmd_tasks(args) -> None:
 
 
 def cmd_prompt(args) -> None:
-    from .tasks import answer_token, first_token, load_task, parse_overrides
+    from .tasks.base import answer_token, first_token
+    from .tasks.files import load_task, parse_overrides
 
     task = load_task(args.task, parse_overrides(args.task_option))
     tok = _tokenizer(args.model)
@@ -76,10 +78,13 @@ def cmd_prompt(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from .execution import default_output, get_probe, parse_batch_size, run_probe
-    from .loading import load_model, load_options
-    from .registry import resolve_model
-    from .tasks import load_task, parse_overrides
+    from . import api
+    from .methods.catalog import get_probe, probe_options
+    from .models.registry import resolve_model
+    from .models.options import load_options
+    from .runs.execution import check_limit, default_output, parse_batch_size, run_config
+    from .runs.rundir import check_folder
+    from .tasks.files import load_task, parse_overrides
 
     spec = resolve_model(args.model)
     overrides = parse_overrides(args.task_option)
@@ -88,41 +93,42 @@ def cmd_run(args) -> None:
     if args.output and len(tasks) > 1:
         raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
     batch_size = parse_batch_size(args.batch_size)
-    if args.remote:
-        from .loading import load_remote
-
-        loaded = load_remote(spec, args.probe, **probe.load)
-    else:
-        opts = load_options(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
-                            max_memory=args.max_memory, gpus=args.gpus, compute_dtype=args.compute_dtype)
-        if spec.source == "hub":
-            from .planning import check_fits
-
-            check_fits(spec, opts, args.gpus)
-        print(f"loading {spec.name} ({spec.where()}) ...", file=sys.stderr)
-        loaded = load_model(spec, **opts, **probe.load)
-    print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
     options = {"topk": args.topk, "mode": args.mode, "layers": args.layers, "scales": args.scales,
-               "positions": args.positions, "controls": not args.no_controls, "sources": args.sources,
-               "source_items": args.source_items, "source_layer": args.source_layer, "context": args.context,
-               "how": args.ablation}
+               "positions": args.positions, "controls": False if args.no_controls else None,
+               "sources": args.sources, "source_items": args.source_items, "source_layer": args.source_layer,
+               "context": args.context, "how": args.ablation}
+    chosen = probe_options(args.probe, options, strict=True)
+    check_limit(args.limit)
+    outputs = {t.name: Path(args.output) if args.output else default_output(RESULTS, spec.name, t.name, args.probe)
+               for t in tasks}
+    # every check that needs no weights, before loading: a folder holding another run is refused at once
+    opts = {"dtype": spec.dtype, "quantize": None} if args.remote else load_options(
+        spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize, max_memory=args.max_memory,
+        gpus=args.gpus, compute_dtype=args.compute_dtype)
+    for t in tasks:
+        config = run_config(spec, opts["dtype"], opts["quantize"], t, args.probe, args.limit, chosen)
+        check_folder(outputs[t.name], config, args.overwrite)
+    loaded = api.load(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
+                      max_memory=args.max_memory, gpus=args.gpus, compute_dtype=args.compute_dtype,
+                      remote=args.remote, **probe.load)
+    print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
     tables = {}
     for task in tasks:
-        out = Path(args.output) if args.output else default_output(RESULTS, spec.name, task.name, args.probe)
-        table, summary = run_probe(loaded, task, args.probe, out, limit=args.limit, batch_size=batch_size,
-                                   options=options, overwrite=args.overwrite)
-        tables[task.name] = table
+        out = outputs[task.name]
+        result = api.run(loaded, task, args.probe, limit=args.limit, batch_size=batch_size, output=out,
+                         overwrite=args.overwrite, progress=True, **options)
+        tables[task.name] = result.table
         print(f"\n== {spec.name} · {task.name} ({task.kind}) · {args.probe}")
-        print(probe.report(table, summary))
+        print(result.report)
         print(f"results: {out}/table.csv  metadata: {out}/meta.json" + ("  plot: plot.png" if probe.plot else ""))
     if len(tasks) > 1 and args.probe == "ffn-ablation":
         print_ablation_comparison(tables, {t.name: t.kind for t in tasks}, spec.name)
 
 
 def cmd_plan(args) -> None:
-    from .planning import describe_map, gib, plan
-    from .registry import resolve_model
-    from .arch import arch_spec
+    from .models.arch import arch_spec
+    from .models.planning import describe_map, gib, plan
+    from .models.registry import resolve_model
 
     spec = resolve_model(args.model)
     kw = dict(dtype=args.dtype, compute_dtype=args.compute_dtype, gpu_mem=args.gpu_mem, batch=args.batch_size,
@@ -154,7 +160,7 @@ def cmd_plan(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .sweep import load_sweep, run_local, submit_slurm, wait
+    from .runs.sweep import load_sweep, run_local, submit_slurm, wait
 
     sweep = load_sweep(args.file)
     if args.executor not in ("local", "slurm"):
@@ -182,7 +188,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_status(args) -> None:
-    from .sweep import load_sweep, unit_states
+    from .runs.sweep import load_sweep, unit_states
 
     rows = unit_states(load_sweep(args.file))
     _print_table(("unit", "state", "detail"), [(u.id, state, detail[:100]) for u, state, detail in rows])
@@ -193,7 +199,8 @@ def cmd_status(args) -> None:
 
 
 def cmd_aggregate(args) -> None:
-    from .aggregate import aggregate, to_markdown, write_tables
+    from .reports.aggregate import to_markdown, write_tables
+    from .api import aggregate
 
     results = Path(args.results or RESULTS)
     tables = aggregate(results, [b.strip() for b in args.by.split(",") if b.strip()])
@@ -205,7 +212,7 @@ def cmd_aggregate(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import write_report
+    from .reports.html import write_report
 
     results = Path(args.results or RESULTS)
     out = write_report(results, [b.strip() for b in args.by.split(",") if b.strip()], args.out)
@@ -216,7 +223,7 @@ def print_ablation_comparison(tables: dict, kinds: dict, model: str) -> None:
     """Abstractive and extractive tasks side by side (table and plot)."""
     import pandas as pd
 
-    from .plots import plot_ablation_compare
+    from .reports.plots import plot_ablation_compare
 
     acc = pd.DataFrame({f"{t} ({kinds[t]})": df.groupby("variant", sort=False).correct.mean()
                         for t, df in tables.items()})
@@ -255,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, help="only the first N items")
     r.add_argument("--batch-size", default="8", help="prompts per forward pass, or 'auto': the largest that fits "
                                                      "(halved on out-of-memory)")
-    r.add_argument("--topk", type=int, default=5, help="top-k tokens kept per layer")
+    r.add_argument("--topk", type=int, help="logit-lens, ffn-readout: top-k tokens kept per layer (default 5)")
     f = r.add_argument_group("FFN probes")
     f.add_argument("--layers", help="blocks: 'all', '5', '3,7' or '10-17' (ablation: 'sixths', the default)")
     f.add_argument("--mode", help="ffn-transplant: add (to the residual after each block; default) or replace "
@@ -322,6 +329,13 @@ def main(argv=None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `probe aggregate | head` ends quietly, as shell tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("probes")  # the API's progress lines ("loading ..."), on stderr as before
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     try:
         args.func(args)
     except ProbeError as e:

@@ -3,8 +3,8 @@ import importlib.util
 
 import pytest
 
-from probes.loading import load_model
-from probes.registry import load_registry
+from probes.models.loading import load_model
+from probes.models.registry import load_registry
 
 REGISTRY = load_registry()
 TINY = sorted(name for name, spec in REGISTRY.items() if spec.source == "random")

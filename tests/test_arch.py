@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from probes.arch import ARCHITECTURES, Arch, arch_spec
+from probes.models.arch import ARCHITECTURES, Arch, arch_spec
 from probes.errors import ProbeError
-from probes.lens import last_residuals
+from probes.methods.lens import last_residuals
 
 from .conftest import REGISTRY, TINY, loaded
 

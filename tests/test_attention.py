@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from probes.attention import (attention_weights, dprime, entropy, letter_positions, run_attention, run_nback,
-                              total_entropy, without_sink)
+from probes.methods.attention import attention_weights, entropy, letter_positions, run_attention, total_entropy, without_sink
+from probes.methods.nback import dprime, run_nback
 from probes.errors import ProbeError
-from probes.loading import load_model
-from probes.registry import load_registry
-from probes.tasks import load_task
+from probes.models.loading import load_model
+from probes.models.registry import load_registry
+from probes.tasks.files import load_task
 
 from .conftest import bundled, loaded
 

@@ -3,9 +3,10 @@
 import pandas as pd
 import torch
 
-from probes.lens import run_lens
-from probes.loading import _gguf_checkpoint
-from probes.tasks import first_token, load_task
+from probes.methods.lens import run_lens
+from probes.models.loading import _gguf_checkpoint
+from probes.tasks.base import first_token
+from probes.tasks.files import load_task
 
 from .conftest import REGISTRY, bundled
 
@@ -42,7 +43,7 @@ def test_gguf_cache_reloads_identical_weights():
     """The cached safetensors give exactly the logits of dequantizing the GGUF again; the second load hits."""
     from transformers import AutoModelForCausalLM
 
-    from probes.loading import _gguf_file
+    from probes.models.loading import _gguf_file
 
     spec = REGISTRY["smollm2-135m"]
     lm = bundled("smollm2-135m")

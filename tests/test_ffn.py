@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from probes.ffn import (Variant, ablate, ablation_variants, add_sweep, control_vectors, last_position_updates,
-                        replace_ffn, run_readout, stages)
-from probes.tasks import load_task
+from probes.methods.ffn_ablation import ablate, ablation_variants
+from probes.methods.ffn_readout import last_position_updates, run_readout, stages
+from probes.methods.ffn_transplant import Variant, add_sweep, control_vectors, replace_ffn
+from probes.tasks.files import load_task
 
 from .conftest import TINY, bundled, loaded
 

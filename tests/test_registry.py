@@ -3,7 +3,7 @@
 import pytest
 
 from probes.errors import ProbeError
-from probes.registry import load_registry, parse_entry, resolve_model
+from probes.models.registry import load_registry, parse_entry, resolve_model
 
 PAPER = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-j-6b", "bloom-560m", "bloom-1b1", "bloom-1b7",
          "bloom-3b", "bloom-7b1", "bloom-176b"]

@@ -22,9 +22,10 @@ from nnsight.schema.response import ResponseModel, Status
 from nnsight.tracing import tracer as nnsight_tracer
 
 from probes.errors import ProbeError
-from probes.execution import PROBES, run_probe
-from probes.loading import checkpoint, load_remote
-from probes.tasks import load_task
+from probes.methods.catalog import PROBES
+from probes.runs.execution import run_probe
+from probes.models.loading import checkpoint, load_remote
+from probes.tasks.files import load_task
 
 from .conftest import REGISTRY, loaded
 
@@ -143,7 +144,7 @@ def hub_spec():
                                          ("ffn-transplant", "capitals"),
                                          ("nback", "nback"), ("attention", "nback-sequence")])
 def test_remote_probe_equals_local_and_never_writes_the_key(ndif, tmp_path, probe, task):
-    remote = load_remote(hub_spec(), probe, **PROBES[probe].load)
+    remote = load_remote(hub_spec(), **PROBES[probe].load)
     assert next(remote.model._module.parameters()).device.type == "meta"  # no weights on the client
     t = load_task(task, {"sequences": 1, "n": [1, 2]} if task.startswith("nback") else {"ambiguous": "flag"})
     # random weights switch no answer on by an FFN: the transplant is given its sources and block
@@ -162,9 +163,7 @@ def test_remote_probe_equals_local_and_never_writes_the_key(ndif, tmp_path, prob
 def test_remote_refuses_what_it_cannot_run(monkeypatch):
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     with pytest.raises(ProbeError, match="needs an NDIF API key in the environment variable NDIF_API_KEY"):
-        load_remote(hub_spec(), "logit-lens")
+        load_remote(hub_spec())
     monkeypatch.setenv("NDIF_API_KEY", KEY)
-    with pytest.raises(ProbeError, match="does not run probe 'x-ray' yet; accepted: logit-lens"):
-        load_remote(hub_spec(), "x-ray")
     with pytest.raises(ProbeError, match="runs hub models hosted by NDIF; 'tiny-llama' is a random model"):
-        load_remote(REGISTRY["tiny-llama"], "logit-lens")
+        load_remote(REGISTRY["tiny-llama"])

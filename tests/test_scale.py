@@ -1,5 +1,6 @@
 """Scale: memory plans from configs, bitsandbytes 8/4-bit, explicit device maps with offload, auto batch size."""
 
+import copy
 import json
 
 import pandas as pd
@@ -8,16 +9,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from probes.errors import ProbeError
-from probes.execution import PROBES, run_probe
-from probes.lens import last_residuals
-from probes.loading import load_model, load_options
-from probes.planning import GiB, check_fits, config_path, plan, time_limit
-from probes.tasks import load_task
+from probes.methods.catalog import PROBES
+from probes.runs.execution import run_probe
+from probes.methods.lens import last_residuals
+from probes.models.loading import load_model
+from probes.models.options import load_options
+from probes.models.planning import GiB, check_fits, check_quantizable, config_path, plan, time_limit
+from probes.models.registry import resolve_model
+from probes.tasks.files import load_task
 
 from .conftest import REGISTRY, TINY, bundled, loaded
 
 FLAG = {"ambiguous": "flag"}  # the tiny tokenizer makes most answers ambiguous: keep them
 # random models switch no answer on by an FFN: name the transplant's sources and block
+QUANTIZABLE = [n for n in TINY if n != "tiny-falcon"]  # see test_a_family_bitsandbytes_would_leave_unquantized...
 TRANSPLANT = {"source_items": "Abkhazia,Afghanistan", "source_layer": 1}
 
 
@@ -104,7 +109,7 @@ def test_quantized_tiny_models_run_every_probe(name, quantize, tmp_path):
         assert len(table) > 0 and not table.isna().all(axis=None)
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", QUANTIZABLE)
 def test_quantized_residuals_stay_close(name):
     """Relative error of every residual position against float32: 8-bit <= 5%, 4-bit (NF4) <= 35%
     (measured: 0.4-2.3% and 0.5-28%; tiny random weights are the worst case for 4-bit)."""
@@ -113,6 +118,60 @@ def test_quantized_residuals_stay_close(name):
     for quantize, tol in (("8bit", 0.05), ("4bit", 0.35)):
         h = last_residuals(loaded(name, quantize=quantize), items).float()
         assert ((h - ref).norm(dim=-1) / ref.norm(dim=-1)).max() <= tol, quantize
+
+
+def test_every_tiny_model_fits_the_cpu_4bit_packing_of_bitsandbytes():
+    """bitsandbytes >= 0.50 repacks CPU 4-bit weights in blocks of 32 output features (on AVX512-BF16 CPUs, at the
+    first forward): run that repacking on every 4-bit layer of every tiny model, whatever this CPU has."""
+    import bitsandbytes.functional as bnbf
+
+    if not hasattr(bnbf, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes has no CPU 4-bit repacking")
+    for name in QUANTIZABLE:
+        layers = [m for m in loaded(name, quantize="4bit").model._module.modules() if type(m).__name__ == "Linear4bit"]
+        assert layers, name
+        for m in layers:
+            bnbf._convert_weight_packed_for_cpu(m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+
+
+def test_4bit_shapes_bitsandbytes_cannot_pack_are_refused_before_loading(tmp_path, monkeypatch):
+    import bitsandbytes.functional as bnbf
+
+    if not hasattr(bnbf, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes has no CPU 4-bit repacking")
+    monkeypatch.setattr(bnbf, "has_avx512bf16", lambda: True)  # as on the CPUs where the repacking runs
+    cfg = tmp_path / "odd-gemma.json"
+    cfg.write_text(json.dumps({**REGISTRY["tiny-gemma"].random, "num_key_value_heads": 1}))  # k_proj: 64 -> 16
+    spec = resolve_model(str(cfg))
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(ProbeError, match=r"^odd-gemma cannot run in 4-bit on this CPU: model\.layers\.0\.self_attn"
+                                         r"\.k_proj maps 64 -> 16 features, and bitsandbytes \S+ packs CPU 4-bit "
+                                         r"weights in blocks of 32 output features .*accepted: --quantize 8bit"):
+        load_model(spec, quantize="4bit")
+    for name in QUANTIZABLE:  # the shipped tiny models pass the same check
+        check_quantizable(REGISTRY[name], load_options(REGISTRY[name], quantize="4bit"))
+
+
+@pytest.mark.parametrize("quantize", ["8bit", "4bit"])
+def test_a_family_bitsandbytes_would_leave_unquantized_is_refused(quantize):
+    """Falcon's projections are FalconLinear modules, which transformers' bitsandbytes integration skips."""
+    with pytest.raises(ProbeError, match=rf"^tiny-falcon \(falcon\) has no layer that bitsandbytes would quantize .* "
+                                         rf"--quantize {quantize} would load it unquantized"):
+        load_model(REGISTRY["tiny-falcon"], quantize=quantize)
+
+
+def test_the_hub_kernel_hint_of_bitsandbytes_is_dropped_and_other_records_kept(caplog):
+    import logging
+
+    from probes.models.options import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "x")
+        log.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
 
 
 @pytest.mark.bundled

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from probes.aggregate import aggregate
+from probes.reports.aggregate import aggregate
 from probes.errors import ProbeError
-from probes.results import RunDir
-from probes.sweep import load_sweep, unit_states
+from probes.runs.rundir import RunDir
+from probes.runs.sweep import load_sweep, unit_states
 
 from .cluster import Slurm, chromium
 from .test_cli import ENV
@@ -249,8 +249,8 @@ def test_slurm_array_completes_aggregates_and_reruns_only_a_deleted_unit(tmp_pat
 
 
 def test_shipped_sweeps_expand_and_take_slurm_resources_from_the_plan(tmp_path, monkeypatch):
-    from probes.registry import ROOT
-    from probes.sweep import submit_slurm
+    from probes.paths import ROOT
+    from probes.runs.sweep import submit_slurm
 
     monkeypatch.chdir(tmp_path)  # no `results:` in the file: results/ of the current folder, as for `probe run`
     monkeypatch.delenv("PROBE_RESULTS", raising=False)

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from probes.errors import ProbeError
-from probes.tasks import NBACK_LETTERS, available_tasks, build_task, load_task, parse_overrides
+from probes.tasks.files import available_tasks, build_task, load_task, parse_overrides
+from probes.tasks.nback import NBACK_LETTERS
 
 RELATIONAL = [n for n in available_tasks() if not n.startswith("nback")]
 

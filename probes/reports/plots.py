@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .results import atomic_write  # noqa: E402
+from ..runs.rundir import atomic_write  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -91,7 +91,7 @@ def plot_ablation_compare(tables: dict, kinds: dict, path: Path, model: str) -> 
 
 
 def plot_nback(df, meta: dict, path: Path) -> None:
-    from .attention import nback_table
+    from ..methods.nback import nback_table
 
     t = nback_table(df)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -112,7 +112,7 @@ def plot_attention(df, meta: dict, path: Path) -> None:
 
     import numpy as np
 
-    from .attention import attention_table, nback_heads
+    from ..methods.attention import attention_table, nback_heads
 
     t = attention_table(df)
     ns = sorted(df.n.unique())

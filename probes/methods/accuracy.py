@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .lens import next_token_logits, rank_of
-from .tasks import Item, answer_token, item_columns
+from ..tasks.base import Item, answer_token, item_columns
 
 
 def run_accuracy(loaded, items: list[Item]) -> list[dict]:

@@ -2,65 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 
-from .errors import ProbeError, choice_error, is_out_of_memory
-from . import attention, ffn, plots
-from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
-from .lens import report_lens, run_lens, summarize_lens
-from .results import RunDir, environment
-
-
-@dataclass(frozen=True)
-class Probe:
-    run: Callable  # (loaded, items, **options) -> rows
-    summarize: Callable  # (DataFrame) -> dict
-    report: Callable  # (DataFrame, summary) -> printable text
-    about: str
-    plot: Callable | None  # (DataFrame, meta, path) -> writes a figure
-    options: tuple[str, ...] = ()  # names of the command-line options it takes
-    prepare: Callable | None = None  # (loaded, task, items, options) -> (items, state, meta), once per run
-    run_options: tuple[str, ...] = ()  # the options `run` takes (the rest go to `prepare` only)
-    load: dict = field(default_factory=dict)  # what it needs from loading (eager attention)
-    passes: Callable = lambda n_layers, options: 1  # forward passes per prompt, for Slurm time limits
-
-
-PROBES: dict[str, Probe] = {
-    "logit-lens": Probe(run_lens, summarize_lens, report_lens,
-                        "decode the last position's residual stream at every layer (0 = embeddings)", plots.plot_lens, ("topk",),
-                        run_options=("topk",)),
-    "accuracy": Probe(run_accuracy, summarize_accuracy, report_accuracy,
-                      "greedy answer: is the answer's first token the top-1 next token", None),
-    "ffn-readout": Probe(ffn.run_readout, ffn.summarize_readout, ffn.report_readout,
-                         "each block's FFN update decoded, its norm and effect on the answer; stage layers", plots.plot_readout,
-                         ("topk",), run_options=("topk",)),
-    "ffn-transplant": Probe(ffn.run_transplant, ffn.summarize_transplant, ffn.report_transplant,
-                            "put a source prompt's FFN update o into other prompts (add or replace), with controls",
-                            plots.plot_transplant,
-                            ("mode", "layers", "scales", "positions", "controls", "sources", "source_items",
-                             "source_layer", "context"), prepare=ffn.prepare_transplant,
-                            run_options=("mode", "layers", "scales", "positions", "controls"),
-                            passes=ffn.transplant_passes),
-    "ffn-ablation": Probe(ffn.run_ablation, ffn.summarize_ablation, ffn.report_ablation,
-                          "zero (or identity-replace) FFN updates of chosen blocks, or the top sixths", plots.plot_ablation,
-                          ("layers", "how"), run_options=("layers", "how"),
-                          passes=lambda n_layers, opts: len(ffn.ablation_variants(n_layers, opts.get("layers")))),
-    "nback": Probe(attention.run_nback, attention.summarize_nback, attention.report_nback,
-                   "N-back hit rate, false alarms, accuracy and signed d' by N", plots.plot_nback),
-    "attention": Probe(attention.run_attention, attention.summarize_attention, attention.report_attention,
-                       "attention entropy and mass to the N-back letter, by N x layer x head", plots.plot_attention,
-                       load=attention.EAGER),
-}
-
-
-def get_probe(name: str) -> Probe:
-    if name not in PROBES:
-        raise choice_error("probe", name, PROBES)
-    return PROBES[name]
+from ..errors import ProbeError, is_out_of_memory
+from ..methods.catalog import get_probe, probe_options
+from ..models.loading import model_digest
+from .rundir import RunDir, environment, safe_name
 
 
 def context_length(loaded) -> int | None:
@@ -82,22 +31,18 @@ def check_context(loaded, items) -> None:
                              f"{loaded.spec.name} ({limit} tokens); accepted: prompts of at most {limit} tokens")
 
 
-def probe_options(probe: str, options: dict | None) -> dict:
-    """The options `probe` takes, without unset ones (what identifies its computation)."""
-    spec = get_probe(probe)
-    return {k: v for k, v in (options or {}).items() if k in spec.options and v is not None}
-
-
 def run_config(spec, dtype: str, quantize: str | None, task, probe: str, limit: int | None, options: dict) -> dict:
     """What identifies a run's results: a rerun with the same config resumes, a different one is refused.
     Computable before loading (a sweep checks it to skip finished units)."""
-    return {"model": spec.name, "source": spec.where(), "revision": spec.revision, "dtype": dtype,
-            "quantize": quantize, "task": task.name, "task_version": task.version, "seed": task.seed,
-            "task_options": task.overrides, "probe": probe, "limit": limit, "options": probe_options(probe, options)}
+    return {"model": spec.name, "source": spec.where(), "revision": spec.revision, "model_digest": model_digest(spec),
+            "dtype": dtype, "quantize": quantize, "task": task.name, "task_version": task.version,
+            "task_digest": task.digest(), "seed": task.seed, "task_options": task.overrides, "probe": probe,
+            "limit": limit, "options": probe_options(probe, options)}
 
 
 def default_output(results: Path, model: str, task: str, probe: str) -> Path:
-    return Path(results) / model / task / probe
+    """results/<model>/<task>/<probe>, each a safe folder name (see `safe_name`)."""
+    return Path(results) / safe_name(model) / safe_name(task) / probe
 
 
 AUTO_START = 64  # --batch-size auto: the first batch tried
@@ -109,6 +54,11 @@ def parse_batch_size(value) -> int | str:
     if isinstance(value, str) and value.isdigit() and int(value) >= 1:
         return int(value)
     raise ProbeError(f"bad --batch-size {value}; accepted: a positive integer or 'auto'")
+
+
+def check_limit(limit) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ProbeError(f"bad --limit {limit!r}; accepted: a positive integer (leave it out for every item)")
 
 
 def _free_cached_memory() -> None:
@@ -129,6 +79,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     batch_size='auto' starts at AUTO_START prompts and halves on out-of-memory, retrying the same prompts; batches
     already written are kept, and the size that worked is recorded in meta.json."""
     batch_size = parse_batch_size(batch_size)
+    check_limit(limit)
     auto = batch_size == "auto"
     spec = get_probe(probe)
     options = probe_options(probe, options)

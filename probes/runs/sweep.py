@@ -27,6 +27,8 @@ import itertools
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ProbeError, choice_error, read_yaml
-from .results import RunBusy, RunLock, write_json
+from ..errors import ProbeError, choice_error, read_yaml
+from .rundir import RunBusy, RunLock, safe_name, write_json
 
 KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
         "results", "slurm"}
@@ -54,7 +56,10 @@ class Unit:
 
     @property
     def id(self) -> str:
-        return f"{self.model}/{self.task}/{self.probe}" + ("" if self.seed is None else f"/seed-{self.seed}")
+        """Its run folder under the sweep's results, from safe forms of the names (a path model's folder is
+        never written into)."""
+        return (f"{safe_name(self.model)}/{safe_name(self.task)}/{self.probe}"
+                + ("" if self.seed is None else f"/seed-{safe_name(self.seed)}"))
 
 
 @dataclass
@@ -86,18 +91,18 @@ class Sweep:
         return self._cache[key]
 
     def task(self, unit: Unit):
-        from .tasks import load_task
+        from ..tasks.files import load_task
 
         return self._once(("task", unit.task, unit.seed), lambda: load_task(
             unit.task, {**self.task_options, **({} if unit.seed is None else {"seed": unit.seed})}))
 
     def spec(self, unit: Unit):
-        from .registry import resolve_model
+        from ..models.registry import resolve_model
 
         return self._once(("spec", unit.model), lambda: resolve_model(unit.model))
 
     def load_options(self, unit: Unit) -> dict:
-        from .loading import load_options
+        from ..models.options import load_options
 
         return load_options(self.spec(unit), **self.load)
 
@@ -114,7 +119,7 @@ class Sweep:
 
     @property
     def bookkeeping(self) -> Path:
-        return self.results / ".sweeps" / self.name
+        return self.results / ".sweeps" / safe_name(self.name)
 
 
 def _list(data: dict, key: str, where: str) -> list:
@@ -128,8 +133,9 @@ def _list(data: dict, key: str, where: str) -> list:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file: every model, task, probe and option is checked before anything runs."""
-    from .execution import PROBES, get_probe, parse_batch_size
-    from .registry import load_registry, resolve_model
+    from ..methods.catalog import PROBES, get_probe
+    from .execution import parse_batch_size
+    from ..models.registry import load_registry, resolve_model
 
     path = Path(path)
     where = str(path)
@@ -265,8 +271,8 @@ def run_unit(sweep: Sweep, unit: Unit, loaded, progress: bool = True) -> str:
 
 def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True) -> dict[str, str]:
     """Run the units (or those named in `only`) that are not done, loading each model once."""
-    from .execution import get_probe
-    from .loading import load_model
+    from ..methods.catalog import get_probe
+    from ..models.loading import load_model
 
     wanted = [u for u in sweep.units() if only is None or u.id in only]
     if only is not None and len(wanted) != len(only):
@@ -300,8 +306,9 @@ def _done(sweep: Sweep, unit: Unit, meta: dict | None) -> bool:
 def resources(sweep: Sweep, unit: Unit) -> dict:
     """Slurm resources of a unit: GPUs, host memory and time limit from `probe plan`, the rest from defaults; the
     sweep's `slurm` mapping overrides any of them."""
-    from .execution import AUTO_START, get_probe, probe_options
-    from .planning import GiB, plan, time_limit
+    from ..methods.catalog import get_probe, probe_options
+    from .execution import AUTO_START
+    from ..models.planning import GiB, plan, time_limit
 
     res = {**SLURM_DEFAULTS, **{k: v for k, v in sweep.slurm.items() if k != "extra"}}
     if not {"gpus", "mem", "time"} <= set(res):
@@ -325,19 +332,34 @@ def resources(sweep: Sweep, unit: Unit) -> dict:
     return res
 
 
-def job_script(sweep: Sweep, res: dict, units_file: Path, logs: Path) -> str:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=probe-{sweep.name}", f"#SBATCH --output={logs}/%A_%a.out",
-             f"#SBATCH --time={res['time']}", f"#SBATCH --mem={res['mem']}",
-             f"#SBATCH --cpus-per-task={res['cpus_per_task']}"]
+def _directive(key: str, value) -> str:
+    """One `#SBATCH --key=value` line. sbatch reads these itself (bash sees comments), but a newline would end the
+    comment and start a command, and whitespace would split the option: both are refused (as for `extra`)."""
+    text = str(value)
+    if not text or any(c.isspace() for c in text):
+        raise ProbeError(f"bad slurm {key} {text!r}; accepted: a value without spaces or newlines")
+    return f"#SBATCH --{key}={text}"
+
+
+def job_script(sweep: Sweep, res: dict, units_file: Path) -> str:
+    """The array job's script. Every path in it is shell-quoted, and what names the job or its log goes to sbatch
+    as arguments (see `submit_slurm`), so no path or name in a sweep ever becomes shell text."""
+    lines = ["#!/bin/bash", _directive("time", res["time"]), _directive("mem", res["mem"]),
+             _directive("cpus-per-task", res["cpus_per_task"])]
     if int(res.get("gpus") or 0):
-        lines.append(f"#SBATCH --gres=gpu:{int(res['gpus'])}")
+        lines.append(_directive("gres", f"gpu:{int(res['gpus'])}"))
     for key in ("partition", "account", "qos"):
         if res.get(key):
-            lines.append(f"#SBATCH --{key}={res[key]}")
-    lines += [f"#SBATCH {x}" for x in sweep.slurm.get("extra", [])]
-    lines += ["set -euo pipefail", f"cd {Path.cwd()}",
-              f'UNIT=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {units_file})',
-              f'exec {sys.executable} -m probes sweep {sweep.path} --executor local --unit "$UNIT" --quiet']
+            lines.append(_directive(key, res[key]))
+    for x in sweep.slurm.get("extra", []):  # e.g. "--constraint=a100": one option each
+        text = str(x)
+        if not text.startswith("-") or any(c.isspace() for c in text):
+            raise ProbeError(f"bad slurm extra {text!r}; accepted: one sbatch option each, e.g. --constraint=a100")
+        lines.append(f"#SBATCH {text}")
+    q = shlex.quote
+    lines += ["set -euo pipefail", f"cd {q(str(Path.cwd()))}",
+              f'UNIT=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {q(str(units_file))})',
+              f'exec {q(sys.executable)} -m probes sweep {q(str(sweep.path))} --executor local --unit "$UNIT" --quiet']
     return "\n".join(lines) + "\n"
 
 
@@ -359,8 +381,10 @@ def submit_slurm(sweep: Sweep, dry_run: bool = False) -> list[dict]:
         units_file = folder / "units.txt"
         units_file.write_text("".join(u.id + "\n" for u in units))
         script = folder / "job.sh"
-        script.write_text(job_script(sweep, res, units_file, folder))
-        cmd = ["sbatch", "--parsable", f"--array=0-{len(units) - 1}", str(script)]
+        script.write_text(job_script(sweep, res, units_file))
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", sweep.name)[:64]
+        cmd = ["sbatch", "--parsable", f"--array=0-{len(units) - 1}", f"--job-name=probe-{name}",
+               f"--output={folder}/%A_%a.out", str(script)]
         record = {"units": [u.id for u in units], "resources": res, "script": str(script), "command": cmd}
         if not dry_run:
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import ProbeError, choice_error
-from .results import atomic_write, write_csv
+from ..errors import ProbeError, choice_error
+from ..runs.rundir import atomic_write, write_csv
 
 UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed"]
 # probe -> (summary key holding {dimension value: metrics}, dimension name); these go to the curve table only

@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ProbeError, choice_error, read_yaml
+from ..errors import ProbeError, choice_error, read_yaml
+from ..paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZE = ("8bit", "4bit")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")

@@ -12,7 +12,7 @@ import json
 import nnsight
 import torch
 
-from .tasks import Item, answer_token, first_token, item_columns
+from ..tasks.base import Item, answer_token, first_token, item_columns
 
 
 def residuals_in_trace(arch) -> torch.Tensor:

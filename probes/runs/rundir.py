@@ -14,9 +14,11 @@ one writer at a time, so two jobs pointed at the same results never interleave t
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import platform
+import re
 import socket
 import shutil
 import subprocess
@@ -26,14 +28,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import ProbeError
-from .registry import ROOT
+from ..errors import ProbeError
+from ..paths import ROOT
 
 PACKAGES = ("probe", "torch", "transformers", "nnsight", "accelerate", "bitsandbytes", "datasets", "pandas")
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def safe_name(name) -> str:
+    """A name as one folder name under a results folder: path separators, whitespace, control characters and
+    shell characters become '_', runs of dots one dot, and leading dots go: no name reaches outside its folder."""
+    text = re.sub(r"\.{2,}", ".", re.sub(r"[^\w.+=@-]+", "_", str(name)))
+    return text.strip("._") or "_"
 
 
 def atomic_write(path: Path, write, binary: bool = False) -> None:
@@ -101,25 +110,32 @@ def slurm_job_alive(job: str) -> bool:
     return bool(out.stdout.strip())
 
 
+RUN_FILES = {"meta.json", "table.csv", "plot.png", "parts"}  # what a run folder holds besides its lock
+
+
 class RunBusy(ProbeError):
     """The run folder is held by another live process."""
 
 
 class RunLock:
-    """An exclusive claim on a folder: `.lock`, created with O_EXCL, names the holder (host, pid, Slurm job).
+    """An exclusive claim on a folder: `.lock` names the holder (host, pid, Slurm job).
 
-    A lock is stale, and taken over, when its holder is a dead process on this host (a run killed with SIGKILL),
-    or a Slurm job that the queue no longer holds (a job killed at its time limit on another node). A lock from
-    another host outside Slurm, or when squeue cannot answer, is trusted, since it cannot be checked from here."""
+    The lock appears fully written or not at all: its content is written to a private file first, then hard-linked
+    to `.lock`, which fails if one exists. Checking a lock that exists and taking over a stale one happen under an
+    flock of the folder, so of processes that find the same stale lock, one takes it and the others see the
+    winner's. A lock is stale when its holder is a dead process on this host (a run killed with SIGKILL), or a
+    Slurm job that the queue no longer holds (a job killed at its time limit on another node). A lock from another
+    host outside Slurm, or when squeue cannot answer, is trusted, since it cannot be checked from here."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / ".lock"
 
     def holder(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            info = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+        return info if isinstance(info, dict) else None
 
     def alive(self) -> bool:
         info = self.holder()
@@ -129,7 +145,7 @@ class RunLock:
             return slurm_job_alive(str(info["slurm_job"])) if info.get("slurm_job") else True
         try:
             os.kill(int(info["pid"]), 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, ValueError, TypeError, KeyError):
             return False
         except PermissionError:
             return True
@@ -137,26 +153,29 @@ class RunLock:
 
     def acquire(self) -> bool:
         """Take the lock; False if a live process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(),
-              "slurm_job": slurm_job()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self.alive():
-                    return False
-                stale = self.path.with_name(f".lock.stale.{os.getpid()}")
-                try:  # rename, not unlink: of two processes reclaiming it, one wins and the other retries
-                    os.rename(self.path, stale)
-                    stale.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(), "slurm_job": slurm_job()}
+        fd, claim = tempfile.mkstemp(prefix=".lock.", suffix=".claim", dir=folder)
+        try:
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
-            return True
-        return False
+            guard = os.open(folder, os.O_RDONLY)
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                for _ in range(2):
+                    try:
+                        os.link(claim, self.path)
+                        return True
+                    except FileExistsError:
+                        if self.alive():
+                            return False
+                        self.path.unlink(missing_ok=True)  # stale, and no one else may judge it while we hold the guard
+                return False
+            finally:
+                os.close(guard)  # releases the flock
+        finally:
+            os.unlink(claim)
 
     def release(self) -> None:
         info = self.holder()
@@ -183,21 +202,14 @@ class RunDir:
             raise
 
     def _check(self, overwrite: bool) -> None:
-        meta = self.path / "meta.json"
+        check_folder(self.path, self.config, overwrite)
         if overwrite:
             for child in self.path.iterdir():
-                if child.name != ".lock":
+                if child.name != ".lock" and not child.name.endswith(".claim"):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         else:
             for orphan in [*self.path.glob("*.tmp"), *self.path.glob("parts/*.tmp")]:  # a killed writer's
                 orphan.unlink()
-            if meta.exists():
-                old = json.loads(meta.read_text()).get("config", {})
-                diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
-                if diff:
-                    shown = ", ".join(f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}" for k in diff)
-                    raise ProbeError(f"{self.path} holds a different run ({shown}); pass --overwrite or another "
-                                     "--output")
         self.parts = self.path / "parts"
         self.parts.mkdir(parents=True, exist_ok=True)
 
@@ -235,6 +247,54 @@ class RunDir:
         meta = json.loads((self.path / "meta.json").read_text())
         write_json(self.path / "meta.json", {**meta, **(extra or {}), "status": "complete", "finished": _now(),
                                              "summary": summary})
+
+
+def _read_meta(path: Path) -> dict | None:
+    """A run folder's meta.json, None if there is none; unreadable is an error naming the file."""
+    meta = Path(path) / "meta.json"
+    try:
+        data = json.loads(meta.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ProbeError(f"{meta} cannot be read ({type(e).__name__}); accepted: --overwrite to start that run "
+                         "again, or another --output")
+    if not isinstance(data, dict):
+        raise ProbeError(f"{meta} is not a run's metadata (a JSON {type(data).__name__}); accepted: --overwrite "
+                         "or another --output")
+    return data
+
+
+def check_folder(path: Path, config: dict, overwrite: bool = False) -> None:
+    """Whether a run with `config` may write `path`, judged without touching it (so before a model loads): a
+    folder that holds a different run is refused with the differences named, unless `overwrite`, which only
+    ever empties a run folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ProbeError(f"output {str(path)!r} is a file; accepted: a folder (new, or a run folder)")
+    if not path.exists():
+        return
+    if overwrite:
+        ours = [c for c in path.iterdir() if c.name != ".lock" and not c.name.endswith(".claim")]
+        if not ours:
+            return
+        try:
+            is_run = "config" in (_read_meta(path) or {})
+        except ProbeError:
+            is_run = True  # a torn meta.json among only run files: a run of ours, killed mid-write
+        foreign = [c.name for c in ours if c.name not in RUN_FILES and not c.name.endswith(".tmp")]
+        if not is_run or foreign:
+            what = f"{foreign[0]!r} is not a file probe writes" if foreign else "it has no run's meta.json"
+            raise ProbeError(f"--overwrite refused: {path} is not a run folder ({what}), and --overwrite only "
+                             "removes run folders; accepted: a run folder, or another --output")
+        return
+    old = (_read_meta(path) or {}).get("config")
+    if old is None:
+        return
+    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+        raise ProbeError(f"{path} holds a different run ({shown}); pass --overwrite or another --output")
 
 
 def _now() -> str:

@@ -24,19 +24,20 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ProbeError
+from ..paths import ROOT, cache_root
 from .arch import Arch, arch_spec
-from .errors import ProbeError
-from .registry import DEVICE_MAPS, DTYPES, QUANTIZE, ROOT, ModelSpec
+from .options import load_options, quantization_config
+from .planning import check_quantizable
+from .registry import ModelSpec
 
 CACHE_FORMAT = 1  # bump when what is written to the cache changes
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PROBE_CACHE", Path.home() / ".cache" / "probe"))
-
-
 @dataclass
 class Loaded:
+    """A loaded model: `.model` (nnsight), `.tokenizer`, `.arch` (architecture access), and how it was loaded."""
+
     model: object  # nnsight TransformersModel
     tokenizer: object
     arch: Arch
@@ -55,36 +56,6 @@ class Loaded:
     def session(self):
         """Several traces as one unit (one NDIF job for a remote model); values pass between them in the body."""
         return self.model.session(**({"remote": True} if self.remote else {}))
-
-
-def _check_choice(what: str, value, accepted):
-    if value is not None and value not in accepted:
-        raise ProbeError(f"unknown {what} {value!r}; accepted: {', '.join(accepted)}")
-
-
-def parse_max_memory(value) -> dict | None:
-    """'0=75GiB,1=75GiB,cpu=200GiB' (or a mapping) -> accelerate's max_memory dict."""
-    if value is None or isinstance(value, dict):
-        return value
-    out = {}
-    for part in str(value).split(","):
-        key, sep, amount = part.partition("=")
-        if not sep or not amount.strip():
-            raise ProbeError(f"bad max_memory {value!r}; accepted: DEVICE=SIZE pairs like '0=75GiB,cpu=200GiB'")
-        key = key.strip()
-        out[int(key) if key.isdigit() else key] = amount.strip()
-    return out
-
-
-def quantization_config(quantize: str | None, compute_dtype: str):
-    if quantize is None:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
 
 
 def _atomic_dir(target: Path, write) -> Path:
@@ -188,6 +159,24 @@ def _random_checkpoint(spec: ModelSpec) -> tuple[Path, bool]:
     return _atomic_dir(target, write), False
 
 
+def model_digest(spec: ModelSpec) -> str | None:
+    """What a model's name leaves out and its numbers depend on, cheaply: a random model's config values, a
+    checkpoint folder's files (names, sizes, modification times), a GGUF file's size and time. None for hub models,
+    which their revision names."""
+    if spec.source == "random":
+        text = json.dumps(spec.random, sort_keys=True, default=str)
+    elif spec.source == "local":
+        folder = Path(spec.path)
+        files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+        text = json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    elif spec.source == "gguf":
+        st = _gguf_file(spec).stat()
+        text = f"{st.st_size}:{st.st_mtime_ns}"
+    else:
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def checkpoint(spec: ModelSpec) -> tuple[str, dict, bool]:
     """Where from_pretrained reads `spec`: (path or repo id, revision kwargs, whether a cache was hit)."""
     from transformers.utils import logging as hf_logging
@@ -211,32 +200,6 @@ def load_tokenizer(spec: ModelSpec):
     return AutoTokenizer.from_pretrained(src, trust_remote_code=bool(spec.load.get("trust_remote_code")), **revision)
 
 
-def load_options(spec: ModelSpec, dtype: str | None = None, device_map=None, quantize: str | None = None,
-                 max_memory=None, compute_dtype: str | None = None, gpus: int | None = None) -> dict:
-    """The registry entry's loading options with command-line overrides, validated. `gpus` spreads the model
-    over the first `gpus` CUDA devices (device map auto, each GPU's whole memory, CPU beyond)."""
-    load = spec.load
-    if gpus is not None:
-        from .planning import machine_memory
-
-        sizes, cpu = machine_memory(gpus)
-        device_map = device_map or "auto"
-        max_memory = max_memory or {**dict(enumerate(sizes)), "cpu": int(0.9 * cpu)}
-    dtype = dtype or spec.dtype
-    quantize = quantize or load.get("quantize")
-    device_map = device_map or load.get("device_map")
-    compute_dtype = compute_dtype or load.get("bnb_4bit_compute_dtype") or (
-        "bfloat16" if dtype == "float32" else dtype)
-    _check_choice("dtype", dtype, DTYPES)
-    _check_choice("quantization", quantize, QUANTIZE)
-    _check_choice("compute dtype", compute_dtype, DTYPES)
-    if isinstance(device_map, str):
-        _check_choice("device map", device_map, DEVICE_MAPS)
-    arch_spec(spec.family)  # an unknown architecture fails here, before anything is downloaded
-    return dict(dtype=dtype, quantize=quantize, device_map=device_map,
-                max_memory=parse_max_memory(max_memory or load.get("max_memory")), compute_dtype=compute_dtype)
-
-
 def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overrides) -> Loaded:
     """Load `spec` with its registry options, each overridable (see `load_options`)."""
     from nnsight.modeling.transformers import TransformersModel
@@ -255,6 +218,7 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
     if device_map not in (None, "cpu"):  # where accelerate puts weights it offloads to disk
         kwargs["offload_folder"] = str(cache_root() / "offload" / spec.name)
     if quantize:
+        check_quantizable(spec, opts)
         kwargs["quantization_config"] = quantization_config(quantize, compute_dtype)
         # bitsandbytes' 8-bit matmul says so on every call when the compute dtype is bfloat16
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
@@ -271,7 +235,7 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
                   cache_hit=cache_hit)
 
 
-def load_remote(spec: ModelSpec, probe: str, attn_implementation: str | None = None) -> Loaded:
+def load_remote(spec: ModelSpec, attn_implementation: str | None = None) -> Loaded:
     """A weightless local copy of a hub model whose traces run on NDIF (nnsight's remote execution).
 
     The API key comes from NDIF_API_KEY (and the server from NDIF_HOST, if set); it is handed to nnsight in memory
@@ -280,12 +244,8 @@ def load_remote(spec: ModelSpec, probe: str, attn_implementation: str | None = N
     from nnsight import CONFIG
     from nnsight.modeling.transformers import TransformersModel
 
-    from .execution import PROBES
-
     if spec.source != "hub":
         raise ProbeError(f"--remote runs hub models hosted by NDIF; {spec.name!r} is a {spec.source} model")
-    if probe not in PROBES:
-        raise ProbeError(f"--remote does not run probe {probe!r} yet; accepted: {', '.join(PROBES)}")
     key = os.environ.get("NDIF_API_KEY")
     if not key:
         raise ProbeError("--remote needs an NDIF API key in the environment variable NDIF_API_KEY "

@@ -8,6 +8,7 @@ Configs of every registry model ship in `configs/<name>.json`, so planning needs
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import ProbeError
-from .registry import ROOT, ModelSpec
+from ..errors import ProbeError
+from ..paths import ROOT
+from .options import load_options, machine_memory, quantization_config
+from .registry import ModelSpec
 
 GiB = 2**30
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one fp32 absmax per block of 64 weights, on top of 0.5 byte per weight
@@ -59,7 +62,6 @@ def empty_model(config, dtype: torch.dtype, quantize: str | None, compute_dtype:
     from transformers import AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
 
-    from .loading import quantization_config
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -69,6 +71,41 @@ def empty_model(config, dtype: torch.dtype, quantize: str | None, compute_dtype:
         quantizer = AutoHfQuantizer.from_config(quantization_config(quantize, compute_dtype), pre_quantized=False)
         quantizer.preprocess_model(model, device_map="auto")
     return model, quantizer
+
+
+def check_quantizable(spec: ModelSpec, opts: dict) -> None:
+    """Refuse, before loading, a quantized model that bitsandbytes would not quantize or could not run here.
+
+    transformers swaps in bitsandbytes layers for `torch.nn.Linear` modules only; a family whose projections are
+    other modules would load unquantized, silently. And bitsandbytes >= 0.50, on CPUs with AVX512-BF16, repacks
+    each 4-bit weight at its first forward in blocks of 32 output features and asserts that they divide evenly; a
+    model with another shape would die in that assertion, after loading. GPUs have no such rule, so the shapes
+    are checked only where the model computes on the CPU."""
+    if not opts["quantize"]:
+        return
+    model, _ = empty_model(model_config(spec), getattr(torch, opts["compute_dtype"]), opts["quantize"],
+                           opts["compute_dtype"])
+    layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    if not layers:
+        raise ProbeError(f"{spec.name} ({spec.family}) has no layer that bitsandbytes would quantize (transformers "
+                         f"replaces torch.nn.Linear modules only), so --quantize {opts['quantize']} would load it "
+                         "unquantized; accepted: no --quantize for this family")
+    if opts["quantize"] != "4bit" or (torch.cuda.is_available() and opts["device_map"] not in (None, "cpu")):
+        return
+    from importlib.metadata import version
+
+    import bitsandbytes.functional as bnbf
+
+    if not hasattr(bnbf, "_convert_weight_packed_for_cpu") or not bnbf.has_avx512bf16():
+        return
+    block = inspect.signature(bnbf._convert_weight_packed_for_cpu).parameters["block_n"].default
+    for name, module in layers:
+        if module.out_features % block or module.in_features % 2:
+            raise ProbeError(
+                f"{spec.name} cannot run in 4-bit on this CPU: {name} maps {module.in_features} -> "
+                f"{module.out_features} features, and bitsandbytes {version('bitsandbytes')} packs CPU 4-bit "
+                f"weights in blocks of {block} output features (and an even number of inputs); accepted: "
+                "--quantize 8bit, no --quantize, or a GPU")
 
 
 def config_sizes(config) -> dict:
@@ -149,7 +186,6 @@ def plan(spec: ModelSpec, dtype: str | None = None, quantize: str | None = None,
     from accelerate.utils import convert_file_size_to_int
     from transformers.integrations.accelerate import compute_module_sizes
 
-    from .loading import load_options
 
     _quiet_accelerate()
     opts = load_options(spec, dtype=dtype, quantize=quantize, compute_dtype=compute_dtype)
@@ -227,17 +263,6 @@ def describe_map(device_map: dict, layers_path: str) -> dict:
 
 def gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
-
-
-def machine_memory(gpus: int | None = None) -> tuple[list[int], int]:
-    """Total memory of each CUDA GPU used (the first `gpus`, or all) and the CPU memory available now."""
-    import psutil
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus is not None and gpus > n:
-        raise ProbeError(f"--gpus {gpus}: this machine has {n} CUDA GPU(s); accepted: 0 to {n}")
-    return ([torch.cuda.get_device_properties(i).total_memory for i in range(n if gpus is None else gpus)],
-            psutil.virtual_memory().available)
 
 
 def check_fits(spec: ModelSpec, opts: dict, gpus: int | None = None) -> Plan:

@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 
 from .aggregate import CURVES, HEADLINE, aggregate, complete_runs, curve_wide
-from .results import atomic_write
+from ..runs.rundir import atomic_write
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ProbeError
+from ..errors import ProbeError
 
 
 @dataclass(frozen=True)
@@ -178,3 +178,21 @@ class Arch:
     def _unembed_dtype(self) -> torch.dtype:
         w = self._unembed.weight
         return w.dtype if w.dtype.is_floating_point else torch.bfloat16
+
+
+def parse_blocks(value, n_layers: int, what: str) -> list[int]:
+    """'all', '3', '3,5', '10-17' or a list -> block indices, checked against the model."""
+    if value in (None, "all"):
+        return list(range(n_layers))
+    if isinstance(value, int):
+        value = [value]
+    if isinstance(value, str):
+        out = []
+        for part in value.split(","):
+            a, sep, b = part.strip().partition("-")
+            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+        value = out
+    bad = [v for v in value if not 0 <= int(v) < n_layers]
+    if bad:
+        raise ProbeError(f"{what} {bad[0]} out of range; accepted: blocks 0 to {n_layers - 1}")
+    return [int(v) for v in value]

@@ -1,0 +1,124 @@
+"""The Python API: what the `probe` command does, callable from a notebook. The command is a thin layer over it.
+
+    import probes
+
+    model = probes.load("tiny-gpt2")                  # registry name, checkpoint folder or config file
+    task = probes.task("capitals", shots=1)           # task name or .yaml file, fields overridden
+    result = probes.run(model, task, "logit-lens", limit=8)
+    result.table                                      # the rows of table.csv (a pandas DataFrame)
+    result.summary                                    # the summary of meta.json
+
+Bad input raises `ProbeError` with the one-line message the command prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import ProbeError
+from .methods.catalog import PROBES, get_probe, probe_options
+from .models.loading import Loaded, load_model, load_remote
+from .models.options import load_options
+from .models.planning import check_fits
+from .models.registry import ModelSpec, load_registry, resolve_model
+from .runs.execution import run_probe
+from .tasks.base import Task
+from .tasks.files import available_tasks, load_task
+
+log = logging.getLogger("probes")
+
+
+@dataclass
+class Result:
+    """A finished probe run: its table (one row per prompt x layer, block or variant), summary and report."""
+
+    table: pd.DataFrame
+    summary: dict
+    report: str  # the text `probe run` prints
+    output: Path | None  # the run folder, or None when none was kept
+
+
+def load(model: str | ModelSpec, *, dtype: str | None = None, quantize: str | None = None,
+         device_map: str | dict | None = None, max_memory: str | dict | None = None, gpus: int | None = None,
+         compute_dtype: str | None = None, attn_implementation: str | None = None, remote: bool = False) -> Loaded:
+    """Load a model as `probe run --model` does: a registry name, a checkpoint folder or a config file (a random
+    model), with the registry entry's options, each overridable. A hub model is first checked against this
+    machine's memory (refused before any download if it cannot fit). `remote=True` runs its traces on NDIF.
+
+    The result exposes `.model` (the nnsight model), `.tokenizer` and `.arch` (residual stream at index i,
+    attention and FFN updates of block i inside a trace, `decode` anywhere)."""
+    spec = model if isinstance(model, ModelSpec) else resolve_model(model)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if remote:
+        return load_remote(spec, **extra)
+    opts = load_options(spec, dtype=dtype, device_map=device_map, quantize=quantize, max_memory=max_memory,
+                        gpus=gpus, compute_dtype=compute_dtype)
+    if spec.source == "hub":
+        check_fits(spec, opts, gpus)
+    log.info("loading %s (%s) ...", spec.name, spec.where())
+    return load_model(spec, **opts, **extra)
+
+
+def task(name: str | Path, **fields) -> Task:
+    """A task by name (see `list_tasks`) or .yaml file, with fields overridden as `--task-option FIELD=VALUE`.
+    `.items()` lists its items (prompt, answer, argument, group); `.scored_items(tokenizer)` those a model's
+    tokenizer scores, with the reasons the others are dropped."""
+    return load_task(str(name), fields)
+
+
+def run(model: Loaded | str, task: Task | str, probe: str = "logit-lens", *, limit: int | None = None,
+        batch_size: int | str = 8, output: str | Path | None = None, overwrite: bool = False,
+        progress: bool = False, **options) -> Result:
+    """Run `probe` on (model, task) as `probe run` does, with its options by name (topk, layers, mode, scales,
+    positions, controls, sources, source_items, source_layer, context, how). With `output`, the run folder is
+    kept there (table.csv, meta.json, plot) and a rerun resumes it; without, it is written to a temporary folder
+    and removed. A model given by name is loaded with what the probe needs (eager attention for `attention`)."""
+    spec = get_probe(probe)
+    chosen = probe_options(probe, options, strict=True)
+    if isinstance(task, str):
+        task = load_task(task)
+    if isinstance(model, str):
+        model = load(model, **spec.load)
+    elif spec.load.get("attn_implementation") not in (None, model.arch.config._attn_implementation):
+        raise ProbeError(f"probe {probe!r} needs the model loaded with attn_implementation="
+                         f"{spec.load['attn_implementation']!r}; accepted: probes.load(..., attn_implementation="
+                         f"{spec.load['attn_implementation']!r})")
+    folder = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="probe-run-"))
+    try:
+        table, summary = run_probe(model, task, probe, folder, limit=limit, batch_size=batch_size, options=chosen,
+                                   overwrite=overwrite, progress=progress)
+    finally:
+        if output is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return Result(table=table, summary=summary, report=spec.report(table, summary),
+                  output=Path(output) if output is not None else None)
+
+
+def aggregate(results: str | Path = "results", by: tuple[str, ...] | list[str] = ("model", "task", "probe"),
+              ) -> dict[str, pd.DataFrame]:
+    """Every complete run under `results` as tables (one per probe, and curves), as `probe aggregate` writes."""
+    from .reports.aggregate import aggregate as _aggregate
+
+    return _aggregate(Path(results), list(by))
+
+
+def list_models() -> pd.DataFrame:
+    """The registry: name, family, parameters, source and whether it loads on this machine."""
+    return pd.DataFrame([{"name": s.name, "family": s.family, "params": s.params, "loads_from": s.where(),
+                          "available": s.available()} for s in load_registry().values()])
+
+
+def list_tasks() -> dict[str, Path]:
+    """Task name -> its file."""
+    return available_tasks()
+
+
+def list_probes() -> dict[str, str]:
+    """Probe name -> what it measures."""
+    return {name: p.about for name, p in PROBES.items()}

@@ -1,0 +1,75 @@
+"""The probes by name: what each runs per batch, how it summarizes and reports a table, what it plots, which
+options it takes and what it needs from loading. Execution (runs/execution.py) and the CLI read only this table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import ProbeError, choice_error
+from ..reports import plots
+from . import attention, ffn_ablation, ffn_readout, ffn_transplant, nback
+from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
+from .lens import report_lens, run_lens, summarize_lens
+
+
+@dataclass(frozen=True)
+class Probe:
+    run: Callable  # (loaded, items, **options) -> rows
+    summarize: Callable  # (DataFrame) -> dict
+    report: Callable  # (DataFrame, summary) -> printable text
+    about: str
+    plot: Callable | None  # (DataFrame, meta, path) -> writes a figure
+    options: tuple[str, ...] = ()  # names of the command-line options it takes
+    prepare: Callable | None = None  # (loaded, task, items, options) -> (items, state, meta), once per run
+    run_options: tuple[str, ...] = ()  # the options `run` takes (the rest go to `prepare` only)
+    load: dict = field(default_factory=dict)  # what it needs from loading (eager attention)
+    passes: Callable = lambda n_layers, options: 1  # forward passes per prompt, for Slurm time limits
+    defaults: dict = field(default_factory=dict)  # option values used when none is given (part of a run's identity)
+
+
+PROBES: dict[str, Probe] = {
+    "logit-lens": Probe(run_lens, summarize_lens, report_lens,
+                        "decode the last position's residual stream at every layer (0 = embeddings)", plots.plot_lens, ("topk",),
+                        run_options=("topk",), defaults={"topk": 5}),
+    "accuracy": Probe(run_accuracy, summarize_accuracy, report_accuracy,
+                      "greedy answer: is the answer's first token the top-1 next token", None),
+    "ffn-readout": Probe(ffn_readout.run_readout, ffn_readout.summarize_readout, ffn_readout.report_readout,
+                         "each block's FFN update decoded, its norm and effect on the answer; stage layers", plots.plot_readout,
+                         ("topk",), run_options=("topk",), defaults={"topk": 5}),
+    "ffn-transplant": Probe(ffn_transplant.run_transplant, ffn_transplant.summarize_transplant, ffn_transplant.report_transplant,
+                            "put a source prompt's FFN update o into other prompts (add or replace), with controls",
+                            plots.plot_transplant,
+                            ("mode", "layers", "scales", "positions", "controls", "sources", "source_items",
+                             "source_layer", "context"), prepare=ffn_transplant.prepare_transplant,
+                            run_options=("mode", "layers", "scales", "positions", "controls"),
+                            passes=ffn_transplant.transplant_passes, defaults={"controls": True}),
+    "ffn-ablation": Probe(ffn_ablation.run_ablation, ffn_ablation.summarize_ablation, ffn_ablation.report_ablation,
+                          "zero (or identity-replace) FFN updates of chosen blocks, or the top sixths", plots.plot_ablation,
+                          ("layers", "how"), run_options=("layers", "how"),
+                          passes=lambda n_layers, opts: len(ffn_ablation.ablation_variants(n_layers, opts.get("layers")))),
+    "nback": Probe(nback.run_nback, nback.summarize_nback, nback.report_nback,
+                   "N-back hit rate, false alarms, accuracy and signed d' by N", plots.plot_nback),
+    "attention": Probe(attention.run_attention, attention.summarize_attention, attention.report_attention,
+                       "attention entropy and mass to the N-back letter, by N x layer x head", plots.plot_attention,
+                       load=attention.EAGER),
+}
+
+
+def get_probe(name: str) -> Probe:
+    if name not in PROBES:
+        raise choice_error("probe", name, PROBES)
+    return PROBES[name]
+
+
+def probe_options(probe: str, options: dict | None, strict: bool = False) -> dict:
+    """The options `probe` takes, with its defaults for those not given (what identifies its computation).
+    strict: an option it does not take is an error (a user's own call); else it is left out (a sweep's options
+    are shared by all its probes)."""
+    spec = get_probe(probe)
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    if strict and set(given) - set(spec.options):
+        bad = sorted(set(given) - set(spec.options))[0]
+        raise ProbeError(f"probe {probe!r} takes no option {bad!r}; accepted: "
+                         + (", ".join(spec.options) if spec.options else "none"))
+    return {**spec.defaults, **{k: v for k, v in given.items() if k in spec.options}}

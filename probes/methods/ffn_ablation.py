@@ -1,0 +1,78 @@
+"""ffn-ablation (Merullo, Eickhoff & Pavlick): zero the FFN updates of chosen blocks, or the paper's identity
+replacement (the update becomes the FFN's normalised input, as if the MLP were the identity; not the same as
+zeroing), or remove FFNs from the top down in sixths of the network.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from ..errors import ProbeError
+from ..models.arch import parse_blocks
+from ..tasks.base import Item, answer_token, item_columns
+from .lens import rank_of
+
+
+def ablate(loaded, prompts: list[str], variants: list[tuple[int, ...]], how: str = "zero") -> torch.Tensor:
+    """Final logits (len(prompts) * len(variants), vocab): every prompt once per variant (a set of blocks whose
+    FFN updates are zeroed, or replaced by the FFN's input for how='identity'), all in one batch."""
+    if how not in ("zero", "identity"):
+        raise ProbeError(f"unknown ablation {how!r}; accepted: zero, identity")
+    arch = loaded.arch
+    batch = [p for p in prompts for _ in variants]
+    rows = [[r for r in range(len(batch)) if i in variants[r % len(variants)]] for i in range(arch.n_layers)]
+    with loaded.trace(batch, logits_to_keep=1):
+        for i in range(arch.n_layers):
+            if rows[i]:
+                x = arch.block_input(i)
+                idx = torch.tensor(rows[i])
+                if how == "identity":
+                    inp = arch.ffn_input(i, like=x)
+                out = arch.ffn_output(i, like=x)
+                out[idx] = 0.0 if how == "zero" else inp[idx].to(out.dtype)
+        logits = loaded.model.output.logits[:, -1].save()
+    return logits.float()
+
+
+def ablation_variants(n_layers: int, layers=None) -> dict[str, tuple[int, ...]]:
+    """None: nothing, then the top 1/6 .. 6/6 of the blocks removed; else the given blocks (and nothing)."""
+    if layers in (None, "sixths"):
+        out = {"none": ()}
+        for k in range(1, 7):
+            m = round(n_layers * k / 6)
+            out[f"top {k}/6"] = tuple(range(n_layers - m, n_layers))
+        return out
+    blocks = tuple(parse_blocks(layers, n_layers, "--layers"))
+    return {"none": (), f"blocks {','.join(map(str, blocks))}": blocks}
+
+
+def run_ablation(loaded, items: list[Item], layers=None, how: str = "zero") -> list[dict]:
+    tok = loaded.tokenizer
+    variants = ablation_variants(loaded.arch.n_layers, layers)
+    names, blocks = list(variants), list(variants.values())
+    logits = ablate(loaded, [it.prompt for it in items], blocks, how)
+    ids = torch.tensor([answer_token(tok, it) for it in items for _ in blocks], device=logits.device)
+    rank = rank_of(logits, ids).tolist()
+    top = logits.argmax(-1).tolist()
+    rows = []
+    for r, (it, v) in enumerate((it, v) for it in items for v in range(len(blocks))):
+        rows.append({**item_columns(tok, it), "ablation": how, "variant": names[v], "n_ablated": len(blocks[v]),
+                     "blocks": json.dumps(list(blocks[v])), "correct": rank[r] == 0, "answer_rank": rank[r],
+                     "predicted": tok.decode(top[r])})
+    return rows
+
+
+def summarize_ablation(df) -> dict:
+    acc = df.groupby("variant", sort=False).correct.mean()
+    base = float(acc.get("none", np.nan))
+    return {"items": int(df.item.nunique()), "accuracy": {k: float(v) for k, v in acc.items()},
+            "relative_drop": {k: (base - float(v)) / base if base else None for k, v in acc.items()}}
+
+
+def report_ablation(df, summary) -> str:
+    table = df.groupby(["variant", "n_ablated"], sort=False).correct.mean().rename("accuracy").reset_index()
+    table["relative_drop"] = [summary["relative_drop"][v] for v in table.variant]
+    return table.round(3).to_string(index=False) + f"\n\nitems {summary['items']} ({df.ablation.iloc[0]} ablation)"

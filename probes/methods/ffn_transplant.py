@@ -1,0 +1,219 @@
+"""ffn-transplant (Merullo, Eickhoff & Pavlick): take the FFN update o of source prompts at one block and put it
+into target prompts, either added to the residual stream after a block at the last position (a sweep over every
+block, batched: the prompt's prefix runs once with a KV cache and only the last token is recomputed, once per
+block, in one batch), or replacing the FFN updates of a range of blocks by o (broadcast to all positions, as the
+paper's code does, or at the last position only). Controls: o's coordinates shuffled, and a random direction with
+o's norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import torch
+
+from ..errors import ProbeError
+from ..models.arch import execution_device, parse_blocks
+from ..tasks.base import Item, answer_token, first_token, item_columns
+from .ffn_readout import last_position_updates, run_readout
+from .lens import rank_of
+
+COPY_CONTEXT = "table mug free{arg} table mug free{arg} table mug free"  # the paper's neutral copying prompt
+
+
+def control_vectors(o: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """o, o with its coordinates shuffled, and a random direction with o's norm (both seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(o.numel(), generator=g)
+    rand = torch.randn(o.shape, generator=g, dtype=torch.float32)
+    return {"o": o, "shuffled": o[perm], "random": (rand / rand.norm() * o.float().norm()).to(o.dtype)}
+
+
+@dataclasses.dataclass
+class Variant:
+    vector: str  # "none" for the unchanged prompt, else a key of control_vectors
+    blocks: tuple[int, ...] = ()
+    scale: float = 1.0
+
+    @property
+    def label(self) -> str:
+        if not self.blocks:
+            return "-"
+        return str(self.blocks[0]) if len(self.blocks) == 1 else f"{self.blocks[0]}-{self.blocks[-1]}"
+
+
+def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> torch.Tensor:
+    """Final logits (len(variants), vocab) of `prompt` with each variant's vector added to the residual stream
+    after its block, at the last position. The prefix runs once with a KV cache; the last token runs once for
+    all variants in one batch, which gives exactly what one full forward pass per variant gives."""
+    arch, tok, model = loaded.arch, loaded.tokenizer, loaded.model
+    ids = tok(prompt, return_tensors="pt").input_ids
+    if not loaded.remote:
+        ids = ids.to(execution_device(model._module.get_input_embeddings()))
+    last = ids[:, -1:].repeat(len(variants), 1)
+    mask = torch.ones(len(variants), ids.shape[1], dtype=torch.long, device=ids.device)
+    by_block = _rows_by_block(variants, arch.n_layers)
+    with loaded.session():  # one job with --remote: the prefix's KV cache stays on the server
+        with model.trace(ids[:, :-1], use_cache=True):
+            cache = model.output.cache  # an inner trace hands all its names to the session
+        cache.batch_repeat_interleave(len(variants))
+        with model.trace({"input_ids": last, "attention_mask": mask}, cache=cache, use_cache=True):
+            for i in range(arch.n_layers):
+                if by_block[i]:
+                    h = arch.block_output(i)
+                    for row, v in by_block[i]:
+                        h[row, -1] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
+            logits = model.output.logits[:, -1].save()
+    return logits.float()
+
+
+def replace_ffn(loaded, prompt: str, variants: list[Variant], vectors: dict, positions: str = "all"):
+    """Final logits (len(variants), vocab) of `prompt` with the FFN updates of each variant's blocks replaced by
+    its vector, at all positions (broadcast) or the last one."""
+    arch = loaded.arch
+    by_block = _rows_by_block(variants, arch.n_layers)
+    with loaded.trace([prompt] * len(variants), logits_to_keep=1):
+        for i in range(arch.n_layers):
+            if by_block[i]:
+                x = arch.block_input(i)
+                out = arch.ffn_output(i, like=x)
+                for row, v in by_block[i]:
+                    value = (vectors[v.vector] * v.scale).to(out.device, out.dtype)
+                    if positions == "all":
+                        out[row] = value
+                    else:
+                        out[row, -1] = value
+        logits = loaded.model.output.logits[:, -1].save()
+    return logits.float()
+
+
+def _rows_by_block(variants: list[Variant], n_layers: int) -> list[list]:
+    by_block = [[] for _ in range(n_layers)]
+    for row, v in enumerate(variants):
+        for i in v.blocks:
+            by_block[i].append((row, v))
+    return by_block
+
+
+def prepare_transplant(loaded, task, items: list[Item], options: dict):
+    """Choose the source prompts and block, compute o, and build the target prompts (the other items)."""
+    n_sources = int(options.get("sources") or 1)
+    names = options.get("source_items")
+    names = names.split(",") if isinstance(names, str) else names
+    if names:
+        sources = task.items(inputs=names)
+    else:  # the first items (in task order) whose answer is switched on by an FFN, as ffn-readout finds it
+        sources = []
+        for start in range(0, len(items), 8):
+            batch = items[start:start + 8]
+            rows = run_readout(loaded, batch, topk=1)
+            for it in batch:
+                r = next(r for r in rows if r["item"] == it.index)
+                if r["switch_by"] == "ffn" and len(sources) < n_sources:
+                    sources.append(dataclasses.replace(it, extra={**it.extra, "switch_block": r["switch_block"]}))
+            if len(sources) >= n_sources:
+                break
+        if not sources:
+            raise ProbeError(f"no item of task {task.name!r} has its answer switched on by an FFN in "
+                             f"{loaded.spec.name}; pass --source-items and --source-layer")
+    layer = options.get("source_layer")
+    if layer is None:
+        found = [s.extra.get("switch_block") for s in sources if s.extra.get("switch_block") is not None]
+        if not found:
+            raise ProbeError("--source-layer is needed with --source-items (no FFN switch to default to)")
+        layer = Counter(found).most_common(1)[0][0]
+    layer = parse_blocks(int(layer), loaded.arch.n_layers, "--source-layer")[0]
+    u = last_position_updates(loaded, [s.prompt for s in sources])
+    o = u["ffn"][:, layer].mean(0)
+    context = options.get("context", "copy")
+    if context not in ("copy", "zero-shot"):
+        raise ProbeError(f"unknown transplant context {context!r}; accepted: copy, zero-shot")
+    src = {s.input for s in sources}
+    targets = [dataclasses.replace(it, prompt=_target_prompt(task, it, context)) for it in items
+               if it.input not in src]
+    state = {"vectors": control_vectors(o.float().cpu(), seed=task.seed), "source_layer": layer}
+    meta = {"source_items": sorted(src), "source_layer": layer, "o_norm": float(o.float().norm()),
+            "context": context}
+    return targets, state, meta
+
+
+def _target_prompt(task, item: Item, context: str) -> str:
+    if context == "copy":
+        return COPY_CONTEXT.format(arg=item.argument)
+    if not hasattr(task, "template"):
+        raise ProbeError(f"task {task.name!r} has no template for zero-shot targets; use --context copy")
+    return task.template.format(input=item.input, output=item.output)
+
+
+def transplant_passes(n_layers: int, options: dict) -> float:
+    """Forward passes per target prompt, for time limits: the source search (a read-out pass at most), then in add
+    mode the prefix once and each variant's last token (taken as 1/20 of a pass each); in replace mode one full
+    pass per variant."""
+    scales = options.get("scales") or (1.0,)
+    n_scales = len(scales.split(",") if isinstance(scales, str) else scales)
+    kinds = 3 if options.get("controls", True) else 1
+    if options.get("mode", "add") == "add":
+        return 2 + n_scales * kinds * len(parse_blocks(options.get("layers"), n_layers, "--layers")) / 20
+    return 2 + n_scales * kinds
+
+
+def run_transplant(loaded, items: list[Item], state: dict, mode: str = "add", layers=None, scales=(1.0,),
+                   positions: str = "all", controls: bool = True) -> list[dict]:
+    arch, tok = loaded.arch, loaded.tokenizer
+    if mode not in ("add", "replace"):
+        raise ProbeError(f"unknown transplant mode {mode!r}; accepted: add, replace")
+    if positions not in ("all", "last"):
+        raise ProbeError(f"unknown positions {positions!r}; accepted: all, last")
+    vectors = state["vectors"]
+    kinds = list(vectors) if controls else ["o"]
+    scales = [float(s) for s in (scales.split(",") if isinstance(scales, str) else scales)]
+    if mode == "add":
+        groups = [(i,) for i in parse_blocks(layers, arch.n_layers, "--layers")]
+    else:  # one range of blocks, by default from the one before the source block to the last (as the paper)
+        blocks = parse_blocks(layers if layers not in (None, "all") else
+                               f"{max(state['source_layer'] - 1, 0)}-{arch.n_layers - 1}", arch.n_layers, "--layers")
+        groups = [tuple(blocks)]
+    variants = [Variant("none")] + [Variant(k, g, s) for g in groups for s in scales for k in kinds]
+    rows = []
+    for it in items:
+        logits = (add_sweep if mode == "add" else replace_ffn)(
+            loaded, it.prompt, variants, vectors, **({} if mode == "add" else {"positions": positions}))
+        ids = torch.tensor([answer_token(tok, it)] * len(variants), device=logits.device)
+        arg = torch.tensor([first_token(tok, it.argument)] * len(variants), device=logits.device)
+        rank, arg_rank = rank_of(logits, ids).tolist(), rank_of(logits, arg).tolist()
+        top = logits.argmax(-1).tolist()
+        cols = item_columns(tok, it)
+        for v, r, ar, t in zip(variants, rank, arg_rank, top):
+            rows.append({**cols, "mode": mode, "blocks": v.label, "scale": v.scale, "vector": v.vector,
+                         "answer_rank": r, "answer_rr": 1.0 / (r + 1), "top1": r == 0, "argument_rank": ar,
+                         "predicted": tok.decode(t)})
+    return rows
+
+
+def summarize_transplant(df) -> dict:
+    base = df[df.vector == "none"]
+    moved = df[df.vector != "none"]
+    table = moved.groupby(["blocks", "scale", "vector"], sort=False).agg(top1=("top1", "mean"),
+                                                                         rr=("answer_rr", "mean"))
+    o = table.xs("o", level="vector") if "o" in set(moved.vector) else table.iloc[:0]
+    best = o.top1.idxmax() if len(o) else None
+    return {"targets": int(base.item.nunique()), "baseline_top1": float(base.top1.mean()),
+            "baseline_rr": float(base.answer_rr.mean()),
+            "best": {"blocks": best[0], "scale": best[1], "top1": float(o.top1.max()),
+                     "shuffled_top1": float(table.loc[(best[0], best[1], "shuffled")].top1)
+                     if (best[0], best[1], "shuffled") in table.index else None,
+                     "random_top1": float(table.loc[(best[0], best[1], "random")].top1)
+                     if (best[0], best[1], "random") in table.index else None} if best else None}
+
+
+def report_transplant(df, summary) -> str:
+    moved = df[df.vector != "none"]
+    table = moved.pivot_table(index=["blocks", "scale"], columns="vector", values="top1", aggfunc="mean",
+                              sort=False)
+    best = summary["best"]
+    return (table.round(3).to_string()
+            + f"\n\ntargets {summary['targets']}: answer top-1 without o {summary['baseline_top1']:.3f} "
+            f"(mean RR {summary['baseline_rr']:.3f})"
+            + (f"; best with o: blocks {best['blocks']} x{best['scale']:g} -> {best['top1']:.3f} "
+               f"(shuffled {best['shuffled_top1']}, random {best['random_top1']})" if best else ""))

@@ -1,0 +1,1 @@
+"""Reading many runs: aggregate tables, the self-contained HTML report, plots."""

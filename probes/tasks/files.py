@@ -1,0 +1,125 @@
+"""Tasks: one YAML file under tasks/ each. Two kinds of file:
+
+Relational tasks (abstractive: the answer comes from pretraining; extractive: the answer is in the prompt):
+
+    name: capitals
+    version: 1
+    kind: abstractive            # or extractive
+    data: {file: data/world_capitals.csv, input: country, output: capital, group: type}   # group optional
+    source: ...                  # where the data comes from, and its licence
+    license: ...
+    template: "Q: What is the capital of {input}?\\nA:"
+    answer: " {output}"          # as the model would emit it after the prompt; scored on its first token
+    argument: " {input}"         # the argument's token, tracked by the lens
+    shots: 1                     # worked examples, drawn with `seed`, never the queried item itself
+    separator: "\\n"
+    context: "The capital of {input} is {output}."   # extractive: facts stated before the query...
+    context_items: 3             # ...this many, the queried item's among them, in seeded order
+    ambiguous: drop              # drop or flag items whose first answer token is ambiguous for a tokenizer
+    seed: 0
+
+N-back tasks (`kind: nback`) generate letter sequences from the seed instead of reading data; see tasks/nback.py.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from ..errors import ProbeError, choice_error, read_yaml
+from ..paths import tasks_dir
+from .base import Task
+from .nback import NBack
+from .relational import VARS, Relational
+
+_KINDS = ("abstractive", "extractive", "nback")
+_AMBIGUOUS = ("drop", "flag")
+
+
+_CLASSES = {"abstractive": Relational, "extractive": Relational, "nback": NBack}
+_REQUIRED = {"abstractive": ("template", "data"), "extractive": ("template", "data", "context", "context_items"),
+             "nback": ("instruction",)}
+
+
+def _check_template(name: str, key: str, text: str, accepted=VARS):
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ProbeError(f"task {name!r}: {key} is not a valid template ({e})")
+    for var in names:
+        if var not in accepted:
+            raise ProbeError(f"task {name!r}: {key} uses unknown variable {{{var}}}; accepted: "
+                             + ", ".join("{" + f + "}" for f in accepted))
+
+
+def build_task(spec: dict, path: Path | None = None, overrides: dict | None = None) -> Task:
+    """Validate a task definition (a mapping, e.g. read from YAML) with optional field overrides."""
+    where = str(path) if path else "task"
+    if not isinstance(spec, dict):
+        raise ProbeError(f"task file {where!r} must be a mapping")
+    spec = {**spec, **(overrides or {})}
+    name = spec.get("name", Path(where).stem)
+    missing = [k for k in ("name", "version", "kind") if k not in spec]
+    if missing:
+        raise ProbeError(f"task {name!r} ({where}) is missing field(s) {', '.join(missing)}; "
+                         "required: name, version, kind")
+    if spec["kind"] not in _KINDS:
+        raise ProbeError(f"task {name!r} has kind {spec['kind']!r}; accepted: {', '.join(_KINDS)}")
+    cls = _CLASSES[spec["kind"]]
+    missing = [k for k in _REQUIRED[spec["kind"]] if k not in spec]
+    if missing:
+        raise ProbeError(f"task {name!r} ({where}) is missing field(s) {', '.join(missing)}; "
+                         f"a {spec['kind']} task requires: {', '.join(_REQUIRED[spec['kind']])}")
+    accepted = [f.name for f in fields(cls) if f.init and f.name not in ("path", "overrides")]
+    unknown = set(spec) - set(accepted)
+    if unknown:
+        raise ProbeError(f"task {name!r} has unknown field(s) {', '.join(sorted(unknown))}; "
+                         f"accepted: {', '.join(accepted)}")
+    if spec.get("ambiguous", "drop") not in _AMBIGUOUS:
+        raise ProbeError(f"task {name!r}: ambiguous {spec['ambiguous']!r}; accepted: {', '.join(_AMBIGUOUS)}")
+    if cls is Relational:
+        if not isinstance(spec["data"], dict) or "file" not in spec["data"]:
+            raise ProbeError(f"task {name!r}: data must be a mapping with 'file' (and optional input, output, "
+                             "group columns)")
+        for key in ("template", "answer", "argument", "context"):
+            if key in spec:
+                _check_template(name, key, spec[key])
+    else:
+        _check_template(name, "instruction", spec["instruction"], accepted=("n",))
+        _check_template(name, "trial", spec.get("trial", "{letter}"), accepted=("letter",))
+    return cls(**spec, path=path, overrides=dict(overrides or {}))
+
+
+def load_task_file(path: Path, overrides: dict | None = None) -> Task:
+    return build_task(read_yaml(path, "task file"), Path(path), overrides)
+
+
+def available_tasks() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(tasks_dir().glob("*.yaml"))}
+
+
+def load_task(name: str, overrides: dict | None = None) -> Task:
+    tasks = available_tasks()
+    if name in tasks:
+        return load_task_file(tasks[name], overrides)
+    if Path(name).is_file():
+        return load_task_file(Path(name), overrides)
+    raise choice_error("task", name, list(tasks) + ["<task .yaml file>"])
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """`--task-option n=2 --task-option shots=3` -> {'n': 2, 'shots': 3} (values read as YAML)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ProbeError(f"bad --task-option {pair!r}; accepted: FIELD=VALUE, e.g. n=2 or shots=3")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = None
+        out[key.strip()] = value if parsed is None else parsed  # blank or non-YAML values stay text
+    return out

@@ -1,0 +1,85 @@
+"""N-back tasks: letter sequences generated from the seed (no data file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ProbeError
+from .base import Item, Task
+
+
+NBACK_LETTERS = "BCDFGHJKLMNPQRSTVWXZ"  # 20 consonants
+NBACK_RANGE = range(1, 7)
+
+
+@dataclass
+class NBack(Task):
+    """N-back trials in the prompted format of the working-memory studies.
+
+    Each sequence has `length` letters from `letters` with exactly `matches` targets (a letter equal to the one
+    N back; no other position matches by chance). `unit: trial` gives one item per letter from position N on:
+    the instruction, the letters so far each followed by its correct response, and the current letter, to be
+    answered " m" (match) or " -". `unit: sequence` gives one item per sequence with every response filled in,
+    for attention analysis over all positions (probes find the letters through the tokenizer's offsets).
+    """
+
+    n: list = field(default_factory=lambda: list(NBACK_RANGE))
+    sequences: int = 4
+    length: int = 24
+    matches: int = 8
+    letters: str = NBACK_LETTERS
+    unit: str = "trial"
+    instruction: str = ""
+    trial: str = "Letter: {letter}\nResponse:"
+    match_answer: str = " m"
+    nonmatch_answer: str = " -"
+    separator: str = "\n"
+
+    def __post_init__(self):
+        self.n = [self.n] if isinstance(self.n, int) else list(self.n)
+        bad = [n for n in self.n if not isinstance(n, int) or n not in NBACK_RANGE]
+        if bad:
+            raise ProbeError(f"task {self.name!r}: N {bad[0]!r} is outside the supported range; accepted: 1 to 6")
+        if self.unit not in ("trial", "sequence"):
+            raise ProbeError(f"task {self.name!r}: unit {self.unit!r}; accepted: trial, sequence")
+        if not 0 <= self.matches <= self.length - max(self.n) or len(set(self.letters)) < 2:
+            raise ProbeError(f"task {self.name!r}: {self.matches} matches do not fit {self.length} letters for "
+                             f"N up to {max(self.n)}; accepted: 0 to {self.length - max(self.n)}")
+
+    def sequence(self, n: int, s: int) -> tuple[list[str], list[bool]]:
+        """Letters and match labels of sequence `s` for `n`, generated from (seed, n, s)."""
+        rng = np.random.default_rng([self.seed, n, s])
+        targets = set(rng.choice(np.arange(n, self.length), size=self.matches, replace=False).tolist())
+        letters = []
+        for t in range(self.length):
+            if t in targets:
+                letters.append(letters[t - n])
+            else:
+                pool = [c for c in self.letters if t < n or c != letters[t - n]]
+                letters.append(pool[int(rng.integers(len(pool)))])
+        return letters, [t >= n and letters[t] == letters[t - n] for t in range(self.length)]
+
+    def _response(self, match: bool) -> str:
+        return self.match_answer if match else self.nonmatch_answer
+
+    def items(self, limit: int | None = None, inputs: list[str] | None = None) -> list[Item]:
+        out = []
+        for n in self.n:
+            head = self.instruction.format(n=n)
+            for s in range(self.sequences):
+                letters, labels = self.sequence(n, s)
+                shown = [self.trial.format(letter=c) + self._response(m) for c, m in zip(letters, labels)]
+                extra = {"n": n, "sequence": s, "letters": "".join(letters)}
+                if self.unit == "sequence":
+                    out.append(Item(len(out), "".join(letters), "".join("m" if m else "-" for m in labels),
+                                    self.separator.join([head] + shown), "", "", group=f"N={n}",
+                                    extra={**extra, "matches": int(sum(labels))}))
+                    continue
+                for t in range(n, self.length):
+                    prompt = self.separator.join([head] + shown[:t] + [self.trial.format(letter=letters[t])])
+                    out.append(Item(len(out), letters[t], "m" if labels[t] else "-", prompt,
+                                    self._response(labels[t]), " " + letters[t - n], group=f"N={n}",
+                                    extra={**extra, "position": t, "match": bool(labels[t])}))
+        return out[:limit] if limit else out

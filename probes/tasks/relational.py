@@ -1,0 +1,106 @@
+"""Relational tasks (abstractive: the answer comes from pretraining; extractive: the answer is in the prompt),
+read from a data file with `datasets`; rows with an input already seen are dropped (the first is kept)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ProbeError
+from ..paths import tasks_dir
+from .base import Item, Task
+
+VARS = ("input", "output")  # the template variables: a data row's input and output columns
+
+
+@dataclass
+class Relational(Task):
+    data: dict = field(default_factory=dict)
+    template: str = ""
+    answer: str = " {output}"
+    argument: str = " {input}"
+    shots: int = 0
+    separator: str = "\n"
+    context: str = ""
+    context_items: int = 0
+    _rows: list | None = field(default=None, init=False, repr=False, compare=False)
+
+    def rows(self) -> list[dict]:
+        """The data rows, read once per task object (items and scored_items ask for them several times)."""
+        if self._rows is None:
+            self._rows = self._read_rows()
+        return self._rows
+
+    def data_file(self) -> Path:
+        return (self.path.parent if self.path else tasks_dir()) / self.data["file"]
+
+    def data_digest(self) -> str | None:
+        try:
+            return hashlib.sha256(self.data_file().read_bytes()).hexdigest()[:16]
+        except OSError:
+            return None  # reading the rows says what is wrong with the file
+
+    def _read_rows(self) -> list[dict]:
+        from datasets import disable_progress_bars, load_dataset
+
+        disable_progress_bars()
+        file = self.data_file()
+        if not file.exists():
+            raise ProbeError(f"task {self.name!r}: data file {str(file)!r} not found")
+        fmt = {".csv": "csv", ".json": "json", ".jsonl": "json"}.get(file.suffix)
+        if fmt is None:
+            raise ProbeError(f"task {self.name!r}: data file {file.name!r} has an unknown format; "
+                             "accepted: .csv, .json, .jsonl")
+        try:
+            ds = load_dataset(fmt, data_files=str(file), split="train")
+        except Exception as e:  # datasets raises several types for an empty or unreadable file
+            raise ProbeError(f"task {self.name!r}: data file {file.name!r} has no rows or cannot be read ({e})")
+        cols = {f: self.data.get(f, f) for f in VARS + ("group",) if f in VARS or f in self.data}
+        missing = [c for c in cols.values() if c not in ds.column_names]
+        if missing:
+            raise ProbeError(f"task {self.name!r}: data column(s) {missing} not in {file.name}; "
+                             f"columns: {', '.join(ds.column_names)}")
+        rows, seen = [], set()
+        for r in ds:
+            row = {f: str(r[c]).strip() for f, c in cols.items()}
+            if row["input"] not in seen:
+                seen.add(row["input"])
+                rows.append(row)
+        if not rows:
+            raise ProbeError(f"task {self.name!r}: data file {file.name!r} has no rows")
+        return rows
+
+    def items(self, limit: int | None = None, inputs: list[str] | None = None) -> list[Item]:
+        """The first `limit` items, or those whose input is in `inputs`; prompts never depend on either."""
+        rows = self.rows()
+        if inputs is not None:
+            unknown = set(inputs) - {r["input"] for r in rows}
+            if unknown:
+                raise ProbeError(f"task {self.name!r} has no item(s) {', '.join(sorted(unknown))}")
+        out = []
+        for i, row in enumerate(rows):
+            if (limit and i >= limit) or (inputs is not None and row["input"] not in inputs):
+                continue
+            out.append(Item(i, row["input"], row["output"], self.prompt(i, rows), self.answer.format(**row),
+                            self.argument.format(**row), group=row.get("group", "")))
+        return out
+
+    def prompt(self, index: int, rows: list[dict]) -> str:
+        """[context facts, the item's among them] + [shots, never the item] + the query, seeded per item."""
+        rng = np.random.default_rng([self.seed, index])
+        others = np.delete(np.arange(len(rows)), index)
+        need = self.shots + max(self.context_items - 1, 0)
+        if need > len(others):
+            raise ProbeError(f"task {self.name!r}: {self.shots} shots and {self.context_items} context facts "
+                             f"need more than {len(rows)} items")
+        picked = [int(j) for j in rng.choice(others, size=need, replace=False)]
+        shots, facts = picked[:self.shots], picked[self.shots:]
+        parts = []
+        if self.context_items:
+            facts.insert(int(rng.integers(0, len(facts) + 1)), index)
+            parts += [self.context.format(**rows[j]) for j in facts]
+        parts += [self.template.format(**rows[j]) + self.answer.format(**rows[j]) for j in shots]
+        return self.separator.join(parts + [self.template.format(**rows[index])])
