@@ -1,0 +1,145 @@
+"""Uncertainty for every figure a user reads: one module, used by every probe, aggregate, plot and report.
+
+- proportions (accuracy, top-1, hit and false-alarm rates, consistency): Wilson score intervals;
+- means of per-item values (reciprocal rank, logit differences, entropy) and figures derived from items (d' from
+  hit and false-alarm counts, differences between conditions): a seeded percentile bootstrap over items;
+- two conditions on the same items (with vs without o, ablated vs not): an exact McNemar test for right/wrong
+  outcomes, a sign-flip permutation test for paired values;
+- a figure picked as the best of K (a block, a scale): its interval at level 1 - (1 - level) / K (Bonferroni).
+
+The level is 0.95 unless set with `confidence(level)` (the command's --ci).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from statistics import NormalDist
+from typing import Callable, Sequence
+
+import numpy as np
+
+_LEVEL = contextvars.ContextVar("confidence_level", default=0.95)
+BOOTSTRAP_SAMPLES = 2000
+
+
+def level() -> float:
+    """The confidence level in force (0.95 by default)."""
+    return _LEVEL.get()
+
+
+@contextlib.contextmanager
+def confidence(value: float):
+    """Intervals computed inside the block use `value` (e.g. 0.9)."""
+    token = _LEVEL.set(float(value))
+    try:
+        yield
+    finally:
+        _LEVEL.reset(token)
+
+
+def _z(conf: float) -> float:
+    return NormalDist().inv_cdf(0.5 + conf / 2)
+
+
+def wilson(k: int, n: int, conf: float | None = None) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials; (nan, nan) when n == 0."""
+    if n == 0:
+        return math.nan, math.nan
+    z = _z(level() if conf is None else conf)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (0.0 if k == 0 else centre - half), (1.0 if k == n else centre + half)
+
+
+def proportion(k: int, n: int, name: str, conf: float | None = None) -> dict:
+    """{name: k/n, name_lo, name_hi, name_n}: a rate with its interval and count, as summaries carry it."""
+    lo, hi = wilson(int(k), int(n), conf)
+    return {name: (k / n) if n else None, f"{name}_lo": _num(lo), f"{name}_hi": _num(hi), f"{name}_n": int(n),
+            f"{name}_k": int(k)}
+
+
+def bootstrap(statistic: Callable[..., float], *samples: Sequence, conf: float | None = None, seed: int = 0,
+              n_boot: int = BOOTSTRAP_SAMPLES, vectorized: bool = False) -> tuple[float, float, float]:
+    """(statistic, lo, hi): a percentile bootstrap that resamples items (the same indices in every sample, so
+    paired samples stay paired). `statistic` takes the arrays and returns a number; `vectorized`: it takes arrays
+    of shape (resamples, items) and returns one number per resample (much faster)."""
+    arrays = [np.asarray(s, dtype=float) for s in samples]
+    n = len(arrays[0])
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    value = float(statistic(*arrays))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    if vectorized:
+        stats = np.asarray(statistic(*(a[idx] for a in arrays)), dtype=float)
+    else:
+        stats = np.array([statistic(*(a[i] for a in arrays)) for i in idx], dtype=float)
+    stats = stats[np.isfinite(stats)]
+    if not len(stats):
+        return value, math.nan, math.nan
+    alpha = 1 - (level() if conf is None else conf)
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return value, float(lo), float(hi)
+
+
+def mean(values: Sequence, name: str, conf: float | None = None, seed: int = 0) -> dict:
+    """{name: mean, name_lo, name_hi, name_n}, the interval from the bootstrap over items."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    m, lo, hi = bootstrap(lambda x: x.mean(-1), values, conf=conf, seed=seed, vectorized=True)
+    return {name: _num(m), f"{name}_lo": _num(lo), f"{name}_hi": _num(hi), f"{name}_n": int(len(values))}
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Exact two-sided McNemar p-value for paired right/wrong outcomes (a[i], b[i]) on the same items."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    p = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * p)
+
+
+def sign_flip(a: Sequence[float], b: Sequence[float], seed: int = 0, n_perm: int = 10000) -> float:
+    """Two-sided permutation p-value for the mean of paired differences a - b (signs flipped at random)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if not len(d) or not np.any(d):
+        return 1.0
+    rng = np.random.default_rng(seed)
+    flips = rng.choice([-1.0, 1.0], size=(n_perm, len(d)))
+    observed = abs(d.mean())
+    return float((np.sum(np.abs((flips * d).mean(axis=1)) >= observed - 1e-12) + 1) / (n_perm + 1))
+
+
+def best_of(k: int, conf: float | None = None) -> float:
+    """The level for the interval of a figure picked as the best of `k` (Bonferroni)."""
+    return 1 - (1 - (level() if conf is None else conf)) / max(1, k)
+
+
+def median_reached(values: Sequence, total: int, name: str) -> dict:
+    """{name: median of the items that reach an event, name_reached: how many did, name_of: of how many}; the
+    median is None when none did (never a bare nan)."""
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    return {name: float(np.median(values)) if len(values) else None, f"{name}_reached": int(len(values)),
+            f"{name}_of": int(total)}
+
+
+def interval_text(summary: dict, name: str, digits: int = 3) -> str:
+    """'0.602 [0.532, 0.668] (118/196)' for a proportion, '0.41 [0.38, 0.44] (n=196)' for a mean."""
+    value = summary.get(name)
+    if value is None:
+        return "n/a (no items)"
+    lo, hi = summary.get(f"{name}_lo"), summary.get(f"{name}_hi")
+    band = f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None and hi is not None else ""
+    count = (f" ({summary[f'{name}_k']}/{summary[f'{name}_n']})" if f"{name}_k" in summary
+             else f" (n={summary[f'{name}_n']})" if f"{name}_n" in summary else "")
+    return f"{value:.{digits}f}{band}{count}"
+
+
+def _num(x) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
