@@ -101,11 +101,16 @@ def run(model: Loaded | str, task: Task | str, probe: str = "logit-lens", *, lim
 
 
 def aggregate(results: str | Path = "results", by: tuple[str, ...] | list[str] = ("model", "task", "probe"),
-              ) -> dict[str, pd.DataFrame]:
-    """Every complete run under `results` as tables (one per probe, and curves), as `probe aggregate` writes."""
+              skipped: dict | None = None) -> dict[str, pd.DataFrame]:
+    """Every complete run under `results` as tables (one per probe, and curves), as `probe aggregate` writes;
+    folders that are not complete runs go to `skipped` ({folder: reason}) and are logged."""
     from .reports.aggregate import aggregate as _aggregate
 
-    return _aggregate(Path(results), list(by))
+    skipped = {} if skipped is None else skipped
+    tables = _aggregate(Path(results), list(by), skipped)
+    for folder, reason in skipped.items():
+        log.info("skipped %s: %s", folder, reason)
+    return tables
 
 
 def list_models() -> pd.DataFrame:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import ProbeError, is_out_of_memory
+from .stats import confidence
 
 RESULTS = Path(os.environ.get("PROBE_RESULTS", "results"))
 
@@ -64,7 +65,8 @@ def cmd_prompt(args) -> None:
     if not 0 <= args.index < len(items):
         raise ProbeError(f"bad --index {args.index}; accepted: 0 to {len(items) - 1} for task {task.name!r}")
     item = items[args.index]
-    _, reasons = task.scored_items(tok, inputs=[item.input]) if task.kind != "nback" else (None, {})
+    kept, reasons = task.scored_items(tok, inputs=[item.input]) if task.kind != "nback" else ([item], {})
+    item = kept[0] if kept else item  # its prompt as a run builds it (worked examples chosen for this tokenizer)
     ids = tok(item.prompt).input_ids
     print(f"--- prompt ({len(ids)} tokens) ---\n{item.prompt}\n--- tokens ---")
     print(" ".join(f"{i}:{tok.decode(i)!r}" for i in ids))
@@ -82,7 +84,7 @@ def cmd_run(args) -> None:
     from .methods.catalog import get_probe, probe_options
     from .models.registry import resolve_model
     from .models.options import load_options
-    from .runs.execution import check_limit, default_output, parse_batch_size, run_config
+    from .runs.execution import check_limit, counts_text, default_output, parse_batch_size, run_config
     from .runs.rundir import check_folder
     from .tasks.files import load_task, parse_overrides
 
@@ -120,6 +122,7 @@ def cmd_run(args) -> None:
         tables[task.name] = result.table
         print(f"\n== {spec.name} · {task.name} ({task.kind}) · {args.probe}")
         print(result.report)
+        print(counts_text(result.summary))
         print(f"results: {out}/table.csv  metadata: {out}/meta.json" + ("  plot: plot.png" if probe.plot else ""))
     if len(tasks) > 1 and args.probe == "ffn-ablation":
         print_ablation_comparison(tables, {t.name: t.kind for t in tasks}, spec.name)
@@ -262,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, help="only the first N items")
     r.add_argument("--batch-size", default="8", help="prompts per forward pass, or 'auto': the largest that fits "
                                                      "(halved on out-of-memory)")
+    r.add_argument("--ci", type=float, default=0.95, help="confidence level of every interval (default 0.95)")
     r.add_argument("--topk", type=int, help="logit-lens, ffn-readout: top-k tokens kept per layer (default 5)")
     f = r.add_argument_group("FFN probes")
     f.add_argument("--layers", help="blocks: 'all', '5', '3,7' or '10-17' (ablation: 'sixths', the default)")
@@ -314,11 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--by", default="model,task,probe", help="group rows by these columns, averaging the rest "
                                                              "(of model, task, probe, seed, family, kind, params)")
     ag.add_argument("--out", help="folder for the tables (default: RESULTS/aggregate)")
+    ag.add_argument("--ci", type=float, default=0.95, help="confidence level of pooled intervals (default 0.95)")
     ag.set_defaults(func=cmd_aggregate)
     rp = sub.add_parser("report", help="a static HTML page of the tables and plots, viewable offline")
     rp.add_argument("results", nargs="?", help="results folder (default: results/)")
     rp.add_argument("--by", default="model,task,probe")
     rp.add_argument("--out", help="HTML file (default: RESULTS/report.html)")
+    rp.add_argument("--ci", type=float, default=0.95, help="confidence level of pooled intervals (default 0.95)")
     rp.set_defaults(func=cmd_report)
     return p
 
@@ -337,7 +343,11 @@ def main(argv=None) -> int:
         log.setLevel(logging.INFO)
         log.propagate = False
     try:
-        args.func(args)
+        ci = getattr(args, "ci", 0.95)
+        if not 0 < ci < 1:
+            raise ProbeError(f"bad --ci {ci}; accepted: a confidence level between 0 and 1, e.g. 0.9")
+        with confidence(ci):
+            args.func(args)
     except ProbeError as e:
         print(f"probe: error: {e}", file=sys.stderr)
         return 2

@@ -57,7 +57,7 @@ def wilson(k: int, n: int, conf: float | None = None) -> tuple[float, float]:
 def proportion(k: int, n: int, name: str, conf: float | None = None) -> dict:
     """{name: k/n, name_lo, name_hi, name_n}: a rate with its interval and count, as summaries carry it."""
     lo, hi = wilson(int(k), int(n), conf)
-    return {name: (k / n) if n else None, f"{name}_lo": _num(lo), f"{name}_hi": _num(hi), f"{name}_n": int(n),
+    return {name: (k / n) if n else None, f"{name}_lo": finite_or_none(lo), f"{name}_hi": finite_or_none(hi), f"{name}_n": int(n),
             f"{name}_k": int(k)}
 
 
@@ -90,7 +90,7 @@ def mean(values: Sequence, name: str, conf: float | None = None, seed: int = 0) 
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
     m, lo, hi = bootstrap(lambda x: x.mean(-1), values, conf=conf, seed=seed, vectorized=True)
-    return {name: _num(m), f"{name}_lo": _num(lo), f"{name}_hi": _num(hi), f"{name}_n": int(len(values))}
+    return {name: finite_or_none(m), f"{name}_lo": finite_or_none(lo), f"{name}_hi": finite_or_none(hi), f"{name}_n": int(len(values))}
 
 
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> float:
@@ -141,5 +141,5 @@ def interval_text(summary: dict, name: str, digits: int = 3) -> str:
     return f"{value:.{digits}f}{band}{count}"
 
 
-def _num(x) -> float | None:
+def finite_or_none(x) -> float | None:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)

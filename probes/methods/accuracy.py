@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .lens import next_token_logits, rank_of
+from ..stats import interval_text, level, proportion
 from ..tasks.base import Item, answer_token, item_columns
 
 
@@ -26,17 +27,19 @@ def run_accuracy(loaded, items: list[Item]) -> list[dict]:
 
 
 def summarize_accuracy(df) -> dict:
-    by_group = df.groupby(df["group"].astype("string").fillna("")).correct.mean() if "group" in df else None
-    out = {"items": int(len(df)), "accuracy": float(df.correct.mean()),
-           "consistent": float(df.consistent.mean())}
-    if by_group is not None and len(by_group) > 1:
-        out["by_group"] = {str(k): float(v) for k, v in by_group.items()}
+    n = len(df)
+    out = {"items": int(n), **proportion(int(df.correct.sum()), n, "accuracy"),
+           **proportion(int(df.consistent.sum()), n, "consistent")}
+    if "group" in df:
+        groups = df.groupby(df["group"].astype("string").fillna(""))
+        if len(groups) > 1:
+            out["by_group"] = {str(g): proportion(int(sub.correct.sum()), len(sub), "accuracy") for g, sub in groups}
     return out
 
 
 def report_accuracy(df, summary) -> str:
-    lines = [f"items {summary['items']}  accuracy {summary['accuracy']:.3f}  "
-             f"(top-1 a prefix of the answer: {summary['consistent']:.3f})"]
+    lines = [f"items {summary['items']}  accuracy {interval_text(summary, 'accuracy')}  "
+             f"(top-1 a prefix of the answer: {interval_text(summary, 'consistent')})"]
     for group, acc in summary.get("by_group", {}).items():
-        lines.append(f"  {group}: {acc:.3f} ({int((df['group'].astype('string').fillna('') == group).sum())} items)")
-    return "\n".join(lines)
+        lines.append(f"  {group}: {interval_text(acc, 'accuracy')}")
+    return "\n".join(lines) + f"\n[{level():.0%} Wilson intervals; (right/items)]"

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 
 from ..errors import ProbeError
 from ..models.arch import parse_blocks
+from ..stats import level, mcnemar, proportion
 from ..tasks.base import Item, answer_token, item_columns
 from .lens import rank_of
 
@@ -66,13 +66,23 @@ def run_ablation(loaded, items: list[Item], layers=None, how: str = "zero") -> l
 
 
 def summarize_ablation(df) -> dict:
-    acc = df.groupby("variant", sort=False).correct.mean()
-    base = float(acc.get("none", np.nan))
-    return {"items": int(df.item.nunique()), "accuracy": {k: float(v) for k, v in acc.items()},
-            "relative_drop": {k: (base - float(v)) / base if base else None for k, v in acc.items()}}
+    """Per variant: accuracy with its Wilson interval, the drop relative to no ablation, and an exact McNemar test
+    against no ablation on the same items."""
+    by = {v: g.sort_values("item") for v, g in df.groupby("variant", sort=False)}
+    rates = {v: proportion(int(g.correct.sum()), len(g), "accuracy") for v, g in by.items()}
+    base = rates.get("none", {}).get("accuracy")
+    none = by.get("none")
+    return {"items": int(df.item.nunique()), "accuracy": {v: r["accuracy"] for v, r in rates.items()},
+            "accuracy_lo": {v: r["accuracy_lo"] for v, r in rates.items()},
+            "accuracy_hi": {v: r["accuracy_hi"] for v, r in rates.items()},
+            "relative_drop": {v: (base - r["accuracy"]) / base if base else None for v, r in rates.items()},
+            "p_vs_none": {v: mcnemar(g.correct.to_numpy(), none.correct.to_numpy()) if none is not None else None
+                          for v, g in by.items()}}
 
 
 def report_ablation(df, summary) -> str:
     table = df.groupby(["variant", "n_ablated"], sort=False).correct.mean().rename("accuracy").reset_index()
-    table["relative_drop"] = [summary["relative_drop"][v] for v in table.variant]
-    return table.round(3).to_string(index=False) + f"\n\nitems {summary['items']} ({df.ablation.iloc[0]} ablation)"
+    for key in ("accuracy_lo", "accuracy_hi", "relative_drop", "p_vs_none"):
+        table[key] = [summary[key][v] for v in table.variant]
+    return (table.round(3).to_string(index=False) + f"\n\nitems {summary['items']} ({df.ablation.iloc[0]} ablation; "
+            f"{level():.0%} Wilson intervals; p_vs_none: exact McNemar against no ablation, same items)")

@@ -13,7 +13,8 @@ import nnsight
 import torch
 
 from ..tasks.base import Item, item_columns
-from .lens import lens_tensors, stats_rows, target_ids
+from ..stats import interval_text, level, median_reached, proportion
+from .lens import lens_tensors, reached_text, stats_rows, target_ids
 
 
 def updates_in_trace(arch) -> dict[str, torch.Tensor]:
@@ -83,11 +84,13 @@ def run_readout(loaded, items: list[Item], topk: int = 5) -> list[dict]:
 
 def summarize_readout(df) -> dict:
     per = df.groupby("item").first()
+    n = len(per)
     switched = per.dropna(subset=["switch_block"])
-    out = {"items": int(len(per)), "accuracy": float(per.correct.mean()),
-           "argument_top1_layer": _median(per.argument_top1_layer), "answer_top1_layer": _median(per.answer_top1_layer),
-           "argument_first": float(per.argument_first.mean()),
-           "switch_by_ffn": float((switched.switch_by == "ffn").mean()) if len(switched) else None,
+    out = {"items": int(n), **proportion(int(per.correct.sum()), n, "accuracy"),
+           **median_reached(per.argument_top1_layer, n, "argument_top1_layer"),
+           **median_reached(per.answer_top1_layer, n, "answer_top1_layer"),
+           **proportion(int(per.argument_first.sum()), n, "argument_first"),
+           **proportion(int((switched.switch_by == "ffn").sum()), len(switched), "switch_by_ffn"),
            "switch_block_mode": int(switched.switch_block.mode().iloc[0]) if len(switched) else None}
     ffn_switch = switched[switched.switch_by == "ffn"]
     out["ffn_switch_block_mode"] = int(ffn_switch.switch_block.mode().iloc[0]) if len(ffn_switch) else None
@@ -102,17 +105,10 @@ def report_readout(df, summary) -> str:
     per = df.groupby("item").first()
     counts = per[per.switch_by == "ffn"].switch_block.value_counts().sort_index()
     return (per_block.round(3).to_string()
-            + f"\n\nitems {summary['items']}  accuracy {summary['accuracy']:.3f}  argument first top-1 at "
-            f"{summary['argument_top1_layer']}, answer at {summary['answer_top1_layer']} (median residual index)"
-            f"\nargument before answer in {summary['argument_first']:.0%} of items; the switch to the answer is made"
-            f" by an FFN in {_pct(summary['switch_by_ffn'])} of switches; FFN switch blocks: "
-            + (", ".join(f"{int(k)}: {v}" for k, v in counts.items()) or "none"))
-
-
-def _median(s):
-    s = s.dropna()
-    return float(s.median()) if len(s) else None
-
-
-def _pct(x):
-    return "n/a" if x is None else f"{x:.0%}"
+            + f"\n\nitems {summary['items']}  accuracy {interval_text(summary, 'accuracy')}"
+            f"\nargument first top-1 {reached_text(summary, 'argument_top1_layer', 'residual index')}"
+            f"\nanswer first top-1 {reached_text(summary, 'answer_top1_layer', 'residual index')}"
+            f"\nargument before answer: {interval_text(summary, 'argument_first')}; the switch to the answer is "
+            f"made by an FFN in {interval_text(summary, 'switch_by_ffn')} of switches; FFN switch blocks: "
+            + (", ".join(f"{int(k)}: {v}" for k, v in counts.items()) or "none")
+            + f"\n[{level():.0%} Wilson intervals]")

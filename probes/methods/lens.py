@@ -12,6 +12,9 @@ import json
 import nnsight
 import torch
 
+import pandas as pd
+
+from ..stats import interval_text, level, median_reached, proportion
 from ..tasks.base import Item, answer_token, first_token, item_columns
 
 
@@ -108,13 +111,29 @@ def run_lens(loaded, items: list[Item], topk: int = 5) -> list[dict]:
             for b, it in enumerate(items) for index in range(arch.n_layers + 1)]
 
 
+def first_top1(df, col: str, items) -> list:
+    """Per item (in `items` order), the first residual index at which `col` is 0 (top-1), None if never."""
+    first = df[df[col] == 0].groupby("item").layer.min()
+    return [None if pd.isna(v) else float(v) for v in first.reindex(items)]
+
+
 def summarize_lens(df) -> dict:
-    """Accuracy at the last layer and the median first layer at which the answer / argument is top-1."""
+    """Accuracy at the last layer (with its interval) and the median first layer at which the answer / argument is
+    top-1, over the items that ever reach it (their count is kept)."""
     last = df[df.layer == df.layer.max()]
-    first = lambda col: df[df[col] == 0].groupby("item").layer.min().reindex(last.item).median()  # noqa: E731
-    return {"items": int(last.item.nunique()), "accuracy": float((last.answer_rank == 0).mean()),
-            "answer_top1_layer": first("answer_rank"), "argument_top1_layer": first("argument_rank"),
+    n = int(last.item.nunique())
+    return {"items": n, **proportion(int((last.answer_rank == 0).sum()), len(last), "accuracy"),
+            **median_reached(first_top1(df, "answer_rank", last.item), n, "answer_top1_layer"),
+            **median_reached(first_top1(df, "argument_rank", last.item), n, "argument_top1_layer"),
             "n_layers": int(df.layer.max())}
+
+
+def reached_text(summary: dict, name: str, where: str = "layer") -> str:
+    """'at layer 13.5 (median of 141 of 196 items; 55 never)', or 'never (none of 196 items)'."""
+    k, n = summary[f"{name}_reached"], summary[f"{name}_of"]
+    if not k:
+        return f"never (none of {n} items)"
+    return f"at {where} {summary[name]:g} (median of {k} of {n} items" + (f"; {n - k} never)" if n > k else ")")
 
 
 def report_lens(table, summary) -> str:
@@ -122,8 +141,9 @@ def report_lens(table, summary) -> str:
     by_layer = table.groupby("layer").agg(
         answer_top1=("answer_rank", lambda r: (r == 0).mean()), answer_rr=("answer_rr", "mean"),
         argument_top1=("argument_rank", lambda r: (r == 0).mean()), argument_rr=("argument_rr", "mean"))
-    return (by_layer.round(3).to_string()
-            + f"\n\nitems {summary['items']}  accuracy {summary['accuracy']:.3f}  "
-            f"answer first top-1 at layer {summary['answer_top1_layer']} (median)  "
-            f"argument first top-1 at layer {summary['argument_top1_layer']} (median)  "
-            f"of {summary['n_layers']} (0 = embeddings)")
+    return (f"per residual index (0 = embeddings), over {summary['items']} items: *_top1 = fraction whose token "
+            "is the lens top-1, *_rr = mean reciprocal rank 1/(rank+1)\n" + by_layer.round(3).to_string()
+            + f"\n\nitems {summary['items']}  accuracy {interval_text(summary, 'accuracy')} [{level():.0%} Wilson]"
+            f"\nanswer first top-1 {reached_text(summary, 'answer_top1_layer')}"
+            f"\nargument first top-1 {reached_text(summary, 'argument_top1_layer')}"
+            f"\nof {summary['n_layers']} layers (0 = embeddings)")

@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
+import numpy as np
+
 from ..errors import ProbeError
+from ..stats import bootstrap, finite_or_none, interval_text, level, proportion
 from ..tasks.base import Item, first_token, item_columns
 from .lens import next_token_logits
 
@@ -40,26 +43,44 @@ def dprime(hits: int, n_signal: int, false_alarms: int, n_noise: int) -> tuple[f
     return hits / n_signal if n_signal else math.nan, false_alarms / n_noise if n_noise else math.nan, z(h) - z(f)
 
 
+def _dprime_resampled(match, said_m):
+    """Signed d' with the log-linear correction per resample (rows of the (resamples, trials) arrays)."""
+    match, said_m = match.astype(bool), said_m.astype(bool)
+    h = ((match & said_m).sum(-1) + 0.5) / (match.sum(-1) + 1)
+    f = ((~match & said_m).sum(-1) + 0.5) / ((~match).sum(-1) + 1)
+    z = np.vectorize(NormalDist().inv_cdf)
+    return z(h) - z(f)
+
+
 def nback_table(df):
+    """Per N: trials, hit and false-alarm rates and accuracy with Wilson intervals, d' with a bootstrap interval
+    over trials."""
     import pandas as pd
 
     out = []
     for n, g in df.groupby("n"):
         match, non = g[g.match], g[~g.match]
-        hit, fa, d = dprime(int((match.choice == "m").sum()), len(match), int((non.choice == "m").sum()), len(non))
-        out.append({"n": int(n), "trials": len(g), "hit_rate": hit, "false_alarm_rate": fa,
-                    "accuracy": float(g.correct.mean()), "dprime": d})
+        hits, fas = int((match.choice == "m").sum()), int((non.choice == "m").sum())
+        _, _, d = dprime(hits, len(match), fas, len(non))
+        _, d_lo, d_hi = bootstrap(_dprime_resampled, g.match.to_numpy(), (g.choice == "m").to_numpy(),
+                                  seed=int(n), vectorized=True)
+        row = {"n": int(n), "trials": len(g), **proportion(hits, len(match), "hit_rate"),
+               **proportion(fas, len(non), "false_alarm_rate"), **proportion(int(g.correct.sum()), len(g), "accuracy"),
+               "dprime": d, "dprime_lo": d_lo, "dprime_hi": d_hi}
+        out.append(row)
     return pd.DataFrame(out).set_index("n")
 
 
 def summarize_nback(df) -> dict:
     t = nback_table(df)
-    return {"by_n": {int(n): {k: float(v) for k, v in r.items()} for n, r in t.iterrows()},
-            "accuracy": float(df.correct.mean())}
+    return {"by_n": {int(n): {k: finite_or_none(v) for k, v in r.items()} for n, r in t.iterrows()},
+            **proportion(int(df.correct.sum()), len(df), "accuracy")}
 
 
 def report_nback(df, summary) -> str:
-    return nback_table(df).round(3).to_string() + "\n\n(d' signed, log-linear correction; choice = likelier of ' m' / ' -')"
-
-
-# --- attention ------------------------------------------------------------------------------------------------
+    t = nback_table(df)
+    shown = t[["trials", "hit_rate", "false_alarm_rate", "accuracy", "accuracy_lo", "accuracy_hi", "dprime",
+               "dprime_lo", "dprime_hi"]]
+    return (shown.round(3).to_string() + f"\n\naccuracy over all {len(df)} trials {interval_text(summary, 'accuracy')}"
+            f"\n(d' signed, log-linear correction, {level():.0%} bootstrap interval over trials; rates with "
+            f"{level():.0%} Wilson intervals; choice = likelier of ' m' / ' -')")

@@ -15,36 +15,54 @@ import pandas as pd
 
 from ..errors import ProbeError, choice_error
 from ..runs.rundir import atomic_write, write_csv
+from ..stats import wilson
 
 UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed"]
+# what else makes two runs comparable: runs that differ in any of these are never merged into one row
+SETUP_COLUMNS = ["limit", "task_version", "task_digest", "task_options", "options", "dtype", "quantize"]
 # probe -> (summary key holding {dimension value: metrics}, dimension name); these go to the curve table only
 CURVES = {"ffn-ablation": ("accuracy", "variant"), "nback": ("by_n", "n"), "attention": ("by_n", "n")}
 CURVE_METRICS = {"ffn-ablation": ("accuracy",), "nback": ("accuracy", "dprime"),
                  "attention": ("entropy_nosink", "total_entropy")}  # shown one column per dimension value
-CURVE_ONLY = {"ffn-ablation": ("accuracy", "relative_drop"), "nback": ("by_n",), "attention": ("by_n",)}
+# ablation's summary holds one mapping {variant: value} per metric; each becomes a column of the curve table
+PARALLEL = {"ffn-ablation": ("relative_drop", "accuracy_lo", "accuracy_hi", "p_vs_none")}
+CURVE_ONLY = {"ffn-ablation": ("accuracy", *PARALLEL["ffn-ablation"]), "nback": ("by_n",), "attention": ("by_n",)}
 # the headline metric of each probe, for the report's scale plots
 HEADLINE = {"accuracy": "accuracy", "logit-lens": "accuracy", "ffn-readout": "answer_top1_layer",
             "ffn-transplant": "best.top1", "nback": "accuracy"}
 
 
-def complete_runs(results: Path) -> list[dict]:
-    """meta.json of every complete run under `results` (folders being written or failed are left out)."""
+def complete_runs(results: Path, skipped: dict | None = None) -> list[dict]:
+    """meta.json of every complete run under `results`; the others go to `skipped` ({folder: reason})."""
     runs = []
     for meta_path in sorted(Path(results).rglob("meta.json")):
         try:
             meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            continue  # cannot happen with atomic writes; a hand-edited file is not a run
-        if meta.get("status") == "complete" and "config" in meta:
-            meta["path"] = str(meta_path.parent)
-            runs.append(meta)
+        except (OSError, ValueError) as e:  # cannot happen with atomic writes: a hand-edited or damaged file
+            reason = f"meta.json cannot be read ({type(e).__name__})"
+        else:
+            if not isinstance(meta, dict) or "config" not in meta:
+                reason = "meta.json is not a run's metadata"
+            elif meta.get("status") != "complete":
+                reason = f"status {meta.get('status')}"
+            else:
+                meta["path"] = str(meta_path.parent)
+                runs.append(meta)
+                continue
+        if skipped is not None:
+            skipped[str(meta_path.parent)] = reason
     return runs
 
 
 def _unit(meta: dict) -> dict:
     c = meta["config"]
+    setup = {"limit": c.get("limit"), "task_version": c.get("task_version"), "task_digest": c.get("task_digest"),
+             "task_options": json.dumps({k: v for k, v in (c.get("task_options") or {}).items() if k != "seed"},
+                                        sort_keys=True, default=str),
+             "options": json.dumps(c.get("options") or {}, sort_keys=True, default=str),
+             "dtype": c.get("dtype"), "quantize": c.get("quantize")}
     return {"model": c["model"], "params": meta.get("model_params"), "family": meta.get("family"),
-            "task": c["task"], "kind": meta.get("task_kind"), "probe": c["probe"], "seed": c.get("seed")}
+            "task": c["task"], "kind": meta.get("task_kind"), "probe": c["probe"], "seed": c.get("seed"), **setup}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -77,18 +95,20 @@ def curve_table(runs: list[dict], probe: str) -> pd.DataFrame:
             row = {**_unit(m), dim: value}
             if isinstance(metrics, dict):
                 row.update(metrics)
-            else:  # ablation: {variant: accuracy} plus a parallel relative_drop mapping
-                row.update({key: metrics, "relative_drop": (summary.get("relative_drop") or {}).get(value)})
+            else:  # ablation: {variant: accuracy} plus parallel mappings of its other metrics
+                row.update({key: metrics, **{k: (summary.get(k) or {}).get(value) for k in PARALLEL[probe]}})
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame:
-    """Mean of the numeric columns over the rows sharing `by` (+ `keep`, e.g. a curve's dimension); with
-    several seeds per group the count of runs is a column."""
+    """One row per `by` (+ `keep`, e.g. a curve's dimension) and setup (SETUP_COLUMNS: runs of another limit,
+    task content or options are never merged). Runs that differ only by seed are pooled: a rate with its counts
+    (`x_k`, `x_n`) becomes the pooled k / n with its Wilson interval, plus `x_sd` (the spread across runs); other
+    metrics are averaged. `runs` counts the runs of each row, `seeds` their distinct seeds."""
     if df.empty:
         return df
-    keys = [c for c in [*by, *keep] if c in df]
+    keys = [c for c in [*by, *keep, *SETUP_COLUMNS] if c in df]
     carried = [c for c in ("params", "family", "kind") if c not in keys and c in df
                and df.groupby(keys, dropna=False)[c].nunique(dropna=False).max() <= 1]
     df = df.copy()
@@ -102,7 +122,19 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
             numeric.append(c)
     g = df.groupby(keys, dropna=False, sort=False)
     out = g[numeric].mean()
+    pooled = [c for c in numeric if f"{c}_k" in numeric and f"{c}_n" in numeric]
+    if pooled:
+        sums = g[[f"{c}_{x}" for c in pooled for x in "kn"]].sum()
+        for c in pooled:
+            k, n = sums[f"{c}_k"], sums[f"{c}_n"]
+            out[f"{c}_k"], out[f"{c}_n"] = k, n
+            out[c] = (k / n).where(n > 0)
+            bounds = [wilson(int(a), int(b)) for a, b in zip(k, n)]
+            out[f"{c}_lo"], out[f"{c}_hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
+            out[f"{c}_sd"] = g[c].std()
     out.insert(0, "runs", g.size())
+    if "seed" in df and "seed" not in keys:
+        out.insert(1, "seeds", g["seed"].nunique(dropna=False))
     for c in carried:
         out.insert(0, c, g[c].first())
     out = out.reset_index()
@@ -110,12 +142,14 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
     return out.sort_values(sort, kind="stable").reset_index(drop=True) if sort else out
 
 
-def aggregate(results: Path, by: list[str]) -> dict[str, pd.DataFrame]:
-    """{table name: DataFrame}: '<probe>' summaries and '<probe>-curve' tables, grouped by `by`."""
+def aggregate(results: Path, by: list[str], skipped: dict | None = None) -> dict[str, pd.DataFrame]:
+    """{table name: DataFrame}: '<probe>' summaries and '<probe>-curve' tables, grouped by `by`; folders with a
+    meta.json that are not complete runs go to `skipped` ({folder: reason})."""
     bad = [b for b in by if b not in UNIT_COLUMNS]
     if bad:
         raise choice_error("--by column", bad[0], UNIT_COLUMNS)
-    runs = complete_runs(results)
+    skipped = {} if skipped is None else skipped
+    runs = complete_runs(results, skipped)
     if not runs:
         raise ProbeError(f"no complete runs under {str(results)!r}; accepted: a results folder written by "
                          "`probe run` or `probe sweep`")

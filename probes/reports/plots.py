@@ -22,12 +22,24 @@ def _title(meta: dict) -> str:
     return f"{meta.get('model', '')} · {meta.get('task', '')}"
 
 
+def _yerr(t, col: str):
+    """Error bar lengths below and above from `col_lo` / `col_hi` columns."""
+    return [(t[col] - t[f"{col}_lo"]).clip(lower=0).to_numpy(), (t[f"{col}_hi"] - t[col]).clip(lower=0).to_numpy()]
+
+
 def plot_lens(df, meta: dict, path: Path, layer_col: str = "layer") -> None:
-    """The paper's "X": mean reciprocal rank of argument and answer across layers."""
-    rr = df.groupby(layer_col)[["argument_rr", "answer_rr"]].mean()
+    """The paper's "X": mean reciprocal rank of argument and answer across layers, with a bootstrap band over
+    items."""
+    from ..stats import level, mean
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(rr.index, rr.argument_rr, "o-", label="argument (e.g. Poland)")
-    ax.plot(rr.index, rr.answer_rr, "s-", label="answer (e.g. Warsaw)")
+    for col, fmt, label in (("argument_rr", "o-", "argument (e.g. Poland)"), ("answer_rr", "s-", "answer (e.g. Warsaw)")):
+        rows = [{"layer": layer, **mean(g[col], "m", seed=int(layer))} for layer, g in df.groupby(layer_col)]
+        x = [r["layer"] for r in rows]
+        ax.plot(x, [r["m"] for r in rows], fmt, label=label)
+        ax.fill_between(x, [r["m_lo"] for r in rows], [r["m_hi"] for r in rows], alpha=0.2)
+    ax.text(0.01, 0.97, f"{df.item.nunique()} items; bands: {level():.0%} bootstrap over items",
+            transform=ax.transAxes, fontsize=7, va="top")
     ax.set(xlabel="residual index (0 = embeddings)", ylabel="mean reciprocal rank", ylim=(0, 1.02),
            title=f"logit lens · {_title(meta)}")
     ax.legend()
@@ -95,12 +107,12 @@ def plot_nback(df, meta: dict, path: Path) -> None:
 
     t = nback_table(df)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(t.index, t.accuracy, "o-", label="accuracy")
-    a.plot(t.index, t.hit_rate, "s--", label="hit rate")
-    a.plot(t.index, t.false_alarm_rate, "^--", label="false-alarm rate")
+    for col, fmt, label in (("accuracy", "o-", "accuracy"), ("hit_rate", "s--", "hit rate"),
+                            ("false_alarm_rate", "^--", "false-alarm rate")):
+        a.errorbar(t.index, t[col], yerr=_yerr(t, col), fmt=fmt, capsize=3, label=label)
     a.set(xlabel="N", ylabel="rate", ylim=(0, 1.02), title=f"N-back · {_title(meta)}")
     a.legend(fontsize=8)
-    b.plot(t.index, t.dprime, "o-")
+    b.errorbar(t.index, t.dprime, yerr=_yerr(t, "dprime"), fmt="o-", capsize=3)
     b.axhline(0, color="gray", ls=":")
     b.set(xlabel="N", ylabel="d' (signed)", title="sensitivity")
     _save(fig, path)

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from ..errors import ProbeError, is_out_of_memory
 from ..methods.catalog import get_probe, probe_options
 from ..models.loading import model_digest
+from ..stats import level
 from .rundir import RunDir, environment, safe_name
 
 
@@ -54,6 +55,27 @@ def parse_batch_size(value) -> int | str:
     if isinstance(value, str) and value.isdigit() and int(value) >= 1:
         return int(value)
     raise ProbeError(f"bad --batch-size {value}; accepted: a positive integer or 'auto'")
+
+
+def counts(task, items, ambiguous: dict, limit: int | None) -> dict:
+    """What a run covers: how many of the task's items it scored, how many ambiguous ones it dropped (or flagged)
+    and whether --limit drew a sample."""
+    total = len(task.items())
+    dropped = len(ambiguous) if task.ambiguous == "drop" else 0
+    return {"task_items": total, "scored_items": len(items),
+            "dropped_ambiguous": dropped, "flagged_ambiguous": len(ambiguous) - dropped, "limit": limit}
+
+
+def counts_text(summary: dict) -> str:
+    """'scored 196 of 247 items; 51 dropped as ambiguous for this tokenizer (see meta.json); ...'."""
+    text = f"scored {summary['scored_items']} of {summary['task_items']} items"
+    if summary.get("dropped_ambiguous"):
+        text += f"; {summary['dropped_ambiguous']} dropped as ambiguous for this tokenizer (see meta.json)"
+    if summary.get("flagged_ambiguous"):
+        text += f"; {summary['flagged_ambiguous']} ambiguous ones kept and flagged"
+    if summary.get("limit"):
+        text += f"; --limit {summary['limit']}: drawn from the rest with the task's seed, stratified by group"
+    return text + f"; intervals at {summary.get('ci', 0.95):.0%}"
 
 
 def check_limit(limit) -> None:
@@ -125,7 +147,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
                 run.write_part(rows)
                 bar.update(len(batch))
         table = run.table()
-        summary = spec.summarize(table)
+        summary = {**spec.summarize(table), **counts(task, items, ambiguous, limit), "ci": level()}
         if spec.plot is not None:
             spec.plot(table, {"model": loaded.spec.name, "task": task.name}, run.path / "plot.png")
         run.finish(table, summary, {"batch_size_used": size} if auto else {})

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ProbeError
 
 
@@ -40,14 +42,18 @@ class Task:
     path: Path | None = None
     overrides: dict = field(default_factory=dict)  # fields set on the command line (--task-option)
 
-    def items(self, limit: int | None = None, inputs: list[str] | None = None) -> list[Item]:
+    def items(self, limit: int | None = None, inputs: list[str] | None = None,
+              shot_exclude: set[int] = frozenset()) -> list[Item]:
+        """The first `limit` items, or those whose input is in `inputs`; worked examples are never drawn from
+        `shot_exclude` (indices)."""
         raise NotImplementedError
 
     def digest(self) -> str:
-        """A hash of everything that makes this task's items: every field as resolved (file and overrides) and
-        the data it reads, so an edited template or data file is a different task even at the same version."""
+        """A hash of everything that makes this task's items but the seed (which a run's identity names on its
+        own, and runs that differ only by it are pooled): every field as resolved (file and overrides) and the
+        data it reads, so an edited template or data file is a different task even at the same version."""
         fields_ = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.init and f.name not in ("path", "overrides")}
+                   if f.init and f.name not in ("path", "overrides", "seed")}
         text = json.dumps([fields_, self.data_digest()], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -55,28 +61,36 @@ class Task:
         """A hash of the data file's bytes (None for tasks that generate their items)."""
         return None
 
-    def scored_items(self, tokenizer, limit: int | None = None, inputs: list[str] | None = None):
-        """Items as a model's tokenizer sees them: (kept items, {index: reason} of the ambiguous ones).
-
-        An item is ambiguous when its answer's first token is also the argument's first token, or when the
-        answer is several tokens and its first token also starts a different answer of the task. `ambiguous:
-        drop` leaves them out; `flag` keeps them (probes mark them in an `ambiguous` column).
-        """
-        items = self.items(limit, inputs)
-        if self.kind == "nback":
-            return items, {}
+    def ambiguity(self, tokenizer) -> dict[int, str]:
+        """{index: reason} of the items ambiguous for this tokenizer: the answer's first token is also the
+        argument's first token, or the answer is several tokens and its first token also starts a different
+        answer of the task."""
+        items = self.items()
         first = {it.index: first_token(tokenizer, it.answer) for it in items}
         starts: dict[int, set[str]] = {}
-        for it in self.items():
-            starts.setdefault(first_token(tokenizer, it.answer), set()).add(it.output)
+        for it in items:
+            starts.setdefault(first[it.index], set()).add(it.output)
         reasons = {}
         for it in items:
             if first[it.index] == first_token(tokenizer, it.argument):
                 reasons[it.index] = "answer starts with the argument's token"
             elif len(tokenizer(it.answer, add_special_tokens=False).input_ids) > 1 and len(starts[first[it.index]]) > 1:
                 reasons[it.index] = "first answer token shared with other answers"
+        return reasons
+
+    def scored_items(self, tokenizer, limit: int | None = None, inputs: list[str] | None = None):
+        """Items as a model's tokenizer sees them: (kept items, {index: reason} of the ambiguous ones).
+
+        `ambiguous: drop` leaves the ambiguous items out, as queries and as worked examples; `flag` keeps them as
+        both (probes mark them in an `ambiguous` column). `limit` then draws that many of the kept items,
+        stratified over the task's groups with the task's seed (`stratified`)."""
+        reasons = {} if self.kind == "nback" else self.ambiguity(tokenizer)
+        drop = self.ambiguous == "drop"
+        if drop and reasons and len(reasons) == len(self.items()):
+            return [], reasons  # nothing to score (the caller says so), and nothing to draw examples from
+        items = self.items(inputs=inputs, shot_exclude=set(reasons) if drop else set())
         kept = [it for it in items if self.ambiguous == "flag" or it.index not in reasons]
-        return kept, reasons
+        return (stratified(kept, limit, self.seed) if limit else kept), reasons
 
 
 def first_token(tokenizer, text: str) -> int:
@@ -103,3 +117,28 @@ def item_columns(tokenizer, item: Item) -> dict:
             "answer_token": tokenizer.decode(answer_token(tokenizer, item)) if item.answer else "",
             "argument_token": tokenizer.decode(first_token(tokenizer, item.argument)) if item.argument else "",
             **item.extra}
+
+
+def stratified(items: list[Item], n: int, seed: int) -> list[Item]:
+    """`n` of `items` drawn with `seed`, every group present (when n >= the number of groups) and each group's
+    share as in `items` (largest remainders); in task order. All of them when there are no more than `n`."""
+    if n >= len(items):
+        return list(items)
+    groups: dict[str, list[Item]] = {}
+    for it in items:
+        groups.setdefault(it.group, []).append(it)
+    names = sorted(groups)
+    floor = 1 if n >= len(names) else 0
+    share = {g: len(groups[g]) * n / len(items) for g in names}
+    take = {g: min(len(groups[g]), max(floor, int(share[g]))) for g in names}
+    by_remainder = sorted(names, key=lambda g: (-(share[g] - int(share[g])), g))
+    while sum(take.values()) < n:
+        for g in by_remainder:
+            if sum(take.values()) < n and take[g] < len(groups[g]):
+                take[g] += 1
+    while sum(take.values()) > n:  # the floor of 1 per group overshot: take back from the largest
+        g = max(names, key=lambda g: take[g])
+        take[g] -= 1
+    rng = np.random.default_rng(seed)
+    chosen = [groups[g][int(i)] for g in names for i in rng.choice(len(groups[g]), size=take[g], replace=False)]
+    return sorted(chosen, key=lambda it: it.index)

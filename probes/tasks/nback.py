@@ -64,7 +64,8 @@ class NBack(Task):
     def _response(self, match: bool) -> str:
         return self.match_answer if match else self.nonmatch_answer
 
-    def items(self, limit: int | None = None, inputs: list[str] | None = None) -> list[Item]:
+    def items(self, limit: int | None = None, inputs: list[str] | None = None,
+              shot_exclude: set[int] = frozenset()) -> list[Item]:
         out = []
         for n in self.n:
             head = self.instruction.format(n=n)

@@ -73,7 +73,8 @@ class Relational(Task):
             raise ProbeError(f"task {self.name!r}: data file {file.name!r} has no rows")
         return rows
 
-    def items(self, limit: int | None = None, inputs: list[str] | None = None) -> list[Item]:
+    def items(self, limit: int | None = None, inputs: list[str] | None = None,
+              shot_exclude: set[int] = frozenset()) -> list[Item]:
         """The first `limit` items, or those whose input is in `inputs`; prompts never depend on either."""
         rows = self.rows()
         if inputs is not None:
@@ -84,18 +85,22 @@ class Relational(Task):
         for i, row in enumerate(rows):
             if (limit and i >= limit) or (inputs is not None and row["input"] not in inputs):
                 continue
-            out.append(Item(i, row["input"], row["output"], self.prompt(i, rows), self.answer.format(**row),
+            out.append(Item(i, row["input"], row["output"], self.prompt(i, rows, shot_exclude), self.answer.format(**row),
                             self.argument.format(**row), group=row.get("group", "")))
         return out
 
-    def prompt(self, index: int, rows: list[dict]) -> str:
+    def prompt(self, index: int, rows: list[dict], shot_exclude: set[int] = frozenset()) -> str:
         """[context facts, the item's among them] + [shots, never the item] + the query, seeded per item."""
         rng = np.random.default_rng([self.seed, index])
-        others = np.delete(np.arange(len(rows)), index)
+        # worked examples and context facts: other items, never excluded ones nor any whose answer is its argument
+        others = np.array([j for j in range(len(rows)) if j != index and j not in shot_exclude
+                           and rows[j]["output"] != rows[j]["input"]], dtype=int)
         need = self.shots + max(self.context_items - 1, 0)
         if need > len(others):
             raise ProbeError(f"task {self.name!r}: {self.shots} shots and {self.context_items} context facts "
-                             f"need more than {len(rows)} items")
+                             f"need more than the {len(others)} other items usable as examples (of {len(rows)}: "
+                             "not ambiguous for this tokenizer, answer other than the argument); accepted: fewer "
+                             "shots or --task-option ambiguous=flag")
         picked = [int(j) for j in rng.choice(others, size=need, replace=False)]
         shots, facts = picked[:self.shots], picked[self.shots:]
         parts = []
