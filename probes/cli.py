@@ -108,6 +108,7 @@ def cmd_run(args) -> None:
         spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize, max_memory=args.max_memory,
         gpus=args.gpus, compute_dtype=args.compute_dtype)
     for t in tasks:
+        t.items()  # a data file that cannot be read, or has empty cells, is refused now
         config = run_config(spec, opts["dtype"], opts["quantize"], t, args.probe, args.limit, chosen)
         check_folder(outputs[t.name], config, args.overwrite)
     loaded = api.load(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
@@ -208,6 +209,8 @@ def cmd_aggregate(args) -> None:
     results = Path(args.results or RESULTS)
     tables = aggregate(results, [b.strip() for b in args.by.split(",") if b.strip()])
     out = Path(args.out or results / "aggregate")
+    if out.exists() and not out.is_dir():
+        raise ProbeError(f"--out {str(out)!r} is a file; accepted: a folder for the tables")
     write_tables(tables, out)
     for name, df in tables.items():
         print(f"\n## {name}\n\n{to_markdown(df)}")
@@ -243,9 +246,40 @@ def _print_table(header, rows) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the value, what is accepted, where help is) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"probe: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least `minimum`, named in the error otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer of at least {minimum}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _level(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a confidence level between 0 and 1, e.g. 0.9")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="probe", description="Probe the internals of pretrained language models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="probe", description="Probe the internals of pretrained language models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("models", help="list the model registry").set_defaults(func=cmd_models)
     t = sub.add_parser("tasks", help="list tasks with item counts")
     t.add_argument("--model", help="also count the items ambiguous for this model's tokenizer")
@@ -253,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prompt", help="show the exact text, token ids and target a model will see")
     pr.add_argument("--task", required=True)
     pr.add_argument("--model", required=True)
-    pr.add_argument("--index", type=int, default=0)
+    pr.add_argument("--index", type=_count(0), default=0)
     pr.add_argument("--task-option", action="append", metavar="FIELD=VALUE")
     pr.set_defaults(func=cmd_prompt)
     r = sub.add_parser("run", help="run a probe on a task")
@@ -262,11 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--probe", default="logit-lens")
     r.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
                    help="override a task field, e.g. n=2 or shots=3 (repeatable)")
-    r.add_argument("--limit", type=int, help="only the first N items")
+    r.add_argument("--limit", type=_count(1), help="N scored items, drawn stratified by group with the task's seed "
+                                                   "(default: every item)")
     r.add_argument("--batch-size", default="8", help="prompts per forward pass, or 'auto': the largest that fits "
                                                      "(halved on out-of-memory)")
-    r.add_argument("--ci", type=float, default=0.95, help="confidence level of every interval (default 0.95)")
-    r.add_argument("--topk", type=int, help="logit-lens, ffn-readout: top-k tokens kept per layer (default 5)")
+    r.add_argument("--ci", type=_level, default=0.95, help="confidence level of every interval (default 0.95)")
+    r.add_argument("--topk", type=_count(1), help="logit-lens, ffn-readout: top-k tokens kept per layer (default 5)")
     f = r.add_argument_group("FFN probes")
     f.add_argument("--layers", help="blocks: 'all', '5', '3,7' or '10-17' (ablation: 'sixths', the default)")
     f.add_argument("--mode", help="ffn-transplant: add (to the residual after each block; default) or replace "
@@ -274,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--scales", help="ffn-transplant: multiples of o, e.g. '1,2' (default 1)")
     f.add_argument("--positions", help="ffn-transplant replace: all (broadcast, default) or last")
     f.add_argument("--no-controls", action="store_true", help="ffn-transplant: skip shuffled and random vectors")
-    f.add_argument("--sources", type=int, help="ffn-transplant: average o over this many source prompts")
+    f.add_argument("--sources", type=_count(1), help="ffn-transplant: average o over this many source prompts")
     f.add_argument("--source-items", help="ffn-transplant: source inputs, e.g. 'Poland,France'")
-    f.add_argument("--source-layer", type=int, help="ffn-transplant: block of o (default: the FFN switch block)")
+    f.add_argument("--source-layer", type=_count(0), help="ffn-transplant: block of o (default: the FFN switch block)")
     f.add_argument("--context", help="ffn-transplant targets: copy (the paper's neutral prompt; default) or "
                                      "zero-shot (the task's template without shots)")
     f.add_argument("--ablation", help="ffn-ablation: zero (default) or identity")
@@ -288,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-memory", help="per-device limits, e.g. '0=75GiB,cpu=200GiB'")
     r.add_argument("--remote", action="store_true", help="run on NDIF through nnsight (hub models it hosts; "
                                                           "API key from NDIF_API_KEY)")
-    r.add_argument("--gpus", type=int, help="spread the model over the first N GPUs (device map auto)")
+    r.add_argument("--gpus", type=_count(0), help="spread the model over the first N GPUs (device map auto)")
     r.add_argument("--output", help="run folder (default: results/<model>/<task>/<probe>)")
     r.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
     r.set_defaults(func=cmd_run)
@@ -297,10 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
     pl.add_argument("--quantize", help="8bit or 4bit (default: none; all three are listed)")
     pl.add_argument("--compute-dtype", help="quantized: dtype of the layers left unquantized (default bfloat16)")
-    pl.add_argument("--gpus", type=int, help="refuse unless it fits on this many GPUs")
+    pl.add_argument("--gpus", type=_count(0), help="refuse unless it fits on this many GPUs")
     pl.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU (default 80GiB)")
-    pl.add_argument("--batch-size", type=int, default=8)
-    pl.add_argument("--seq-len", type=int, default=64, help="prompt length in tokens (default 64)")
+    pl.add_argument("--batch-size", type=_count(1), default=8, help="prompts per forward pass (default 8)")
+    pl.add_argument("--seq-len", type=_count(1), default=64, help="prompt length in tokens (default 64)")
     pl.set_defaults(func=cmd_plan)
     sw = sub.add_parser("sweep", help="run a sweep file (models x tasks x probes x seeds) locally or on Slurm")
     sw.add_argument("file")
@@ -318,15 +353,27 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--by", default="model,task,probe", help="group rows by these columns, averaging the rest "
                                                              "(of model, task, probe, seed, family, kind, params)")
     ag.add_argument("--out", help="folder for the tables (default: RESULTS/aggregate)")
-    ag.add_argument("--ci", type=float, default=0.95, help="confidence level of pooled intervals (default 0.95)")
+    ag.add_argument("--ci", type=_level, default=0.95, help="confidence level of pooled intervals (default 0.95)")
     ag.set_defaults(func=cmd_aggregate)
     rp = sub.add_parser("report", help="a static HTML page of the tables and plots, viewable offline")
     rp.add_argument("results", nargs="?", help="results folder (default: results/)")
     rp.add_argument("--by", default="model,task,probe")
     rp.add_argument("--out", help="HTML file (default: RESULTS/report.html)")
-    rp.add_argument("--ci", type=float, default=0.95, help="confidence level of pooled intervals (default 0.95)")
+    rp.add_argument("--ci", type=_level, default=0.95, help="confidence level of pooled intervals (default 0.95)")
     rp.set_defaults(func=cmd_report)
     return p
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a record comes (not the stream of the first call)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
 
 
 def main(argv=None) -> int:
@@ -337,19 +384,22 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log = logging.getLogger("probes")  # the API's progress lines ("loading ..."), on stderr as before
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
     try:
-        ci = getattr(args, "ci", 0.95)
-        if not 0 < ci < 1:
-            raise ProbeError(f"bad --ci {ci}; accepted: a confidence level between 0 and 1, e.g. 0.9")
-        with confidence(ci):
+        with confidence(getattr(args, "ci", 0.95)):
             args.func(args)
     except ProbeError as e:
         print(f"probe: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # not the user's input: a folder that cannot be written, a full disk
+        if e.filename is None:
+            raise
+        print(f"probe: error: cannot write or read {e.filename}: {e.strerror}; accepted: a path this user can "
+              "write, on a disk with room", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):

@@ -100,7 +100,9 @@ def _rows_by_block(variants: list[Variant], n_layers: int) -> list[list]:
 
 def prepare_transplant(loaded, task, items: list[Item], options: dict):
     """Choose the source prompts and block, compute o, and build the target prompts (the other items)."""
-    n_sources = int(options.get("sources") or 1)
+    n_sources = options.get("sources") or 1
+    if not isinstance(n_sources, int) or isinstance(n_sources, bool) or n_sources < 1:
+        raise ProbeError(f"bad --sources {n_sources!r}; accepted: a positive number of source prompts")
     names = options.get("source_items")
     names = names.split(",") if isinstance(names, str) else names
     if names:
@@ -152,8 +154,7 @@ def transplant_passes(n_layers: int, options: dict) -> float:
     """Forward passes per target prompt, for time limits: the source search (a read-out pass at most), then in add
     mode the prefix once and each variant's last token (taken as 1/20 of a pass each); in replace mode one full
     pass per variant."""
-    scales = options.get("scales") or (1.0,)
-    n_scales = len(scales.split(",") if isinstance(scales, str) else scales)
+    n_scales = len(parse_scales(options.get("scales") or (1.0,)))
     kinds = 3 if options.get("controls", True) else 1
     if options.get("mode", "add") == "add":
         return 2 + n_scales * kinds * len(parse_blocks(options.get("layers"), n_layers, "--layers")) / 20
@@ -169,7 +170,7 @@ def run_transplant(loaded, items: list[Item], state: dict, mode: str = "add", la
         raise ProbeError(f"unknown positions {positions!r}; accepted: all, last")
     vectors = state["vectors"]
     kinds = list(vectors) if controls else ["o"]
-    scales = [float(s) for s in (scales.split(",") if isinstance(scales, str) else scales)]
+    scales = parse_scales(scales)
     if mode == "add":
         groups = [(i,) for i in parse_blocks(layers, arch.n_layers, "--layers")]
     else:  # one range of blocks, by default from the one before the source block to the last (as the paper)
@@ -191,6 +192,18 @@ def run_transplant(loaded, items: list[Item], state: dict, mode: str = "add", la
                          "answer_rank": r, "answer_rr": 1.0 / (r + 1), "top1": r == 0, "argument_rank": ar,
                          "predicted": tok.decode(t)})
     return rows
+
+
+def parse_scales(value) -> list[float]:
+    """'1,2' or [1, 2] -> [1.0, 2.0]: multiples of o, finite numbers."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        scales = [float(x) for x in parts]
+    except (TypeError, ValueError):
+        scales = []
+    if not scales or not all(np.isfinite(scales)):
+        raise ProbeError(f"bad --scales {value!r}; accepted: numbers separated by commas, e.g. '1,2'")
+    return scales
 
 
 def _top1_by_variant(df):

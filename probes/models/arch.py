@@ -186,11 +186,18 @@ def parse_blocks(value, n_layers: int, what: str) -> list[int]:
         return list(range(n_layers))
     if isinstance(value, int):
         value = [value]
+    accepted = f"'all', a block, a list or ranges of blocks like '3,5' or '10-17' (blocks 0 to {n_layers - 1})"
     if isinstance(value, str):
         out = []
         for part in value.split(","):
             a, sep, b = part.strip().partition("-")
-            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+            try:
+                lo, hi = int(a), int(b if sep else a)
+            except ValueError:
+                raise ProbeError(f"bad {what} {value!r}; accepted: {accepted}") from None
+            if hi < lo:
+                raise ProbeError(f"bad {what} {value!r}: the range {part.strip()!r} is empty; accepted: {accepted}")
+            out += list(range(lo, hi + 1))
         value = out
     bad = [v for v in value if not 0 <= int(v) < n_layers]
     if bad:

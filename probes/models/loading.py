@@ -150,9 +150,14 @@ def _random_checkpoint(spec: ModelSpec) -> tuple[Path, bool]:
         arch_spec(cfg["model_type"])  # fail with the list of known architectures before building anything
         tok = tiny_tokenizer()
         special = {k: tok.eos_token_id for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        config = AutoConfig.for_model(**{"vocab_size": len(tok), **special, **cfg})
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        try:
+            config = AutoConfig.for_model(**{"vocab_size": len(tok), **special, **cfg})
+            model = AutoModelForCausalLM.from_config(config)
+        except (ValueError, TypeError, AttributeError, RuntimeError) as e:
+            raise ProbeError(f"model config of {spec.name!r} cannot build a {cfg['model_type']} model: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; accepted: the config "
+                             "values of transformers' " + cfg["model_type"] + " config") from None
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
@@ -197,7 +202,25 @@ def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     src, revision, _ = checkpoint(spec)
-    return AutoTokenizer.from_pretrained(src, trust_remote_code=bool(spec.load.get("trust_remote_code")), **revision)
+    try:
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=bool(spec.load.get("trust_remote_code")),
+                                             **revision)
+    except OSError as e:
+        raise _unreadable(spec, e) from None
+
+
+def _unreadable(spec: ModelSpec, e: OSError) -> ProbeError:
+    """Why from_pretrained found nothing to load, in one line: a folder without weights, or a hub model that is
+    not in the local cache while the hub cannot be reached."""
+    if spec.source == "local":
+        return ProbeError(f"model folder {spec.path!r} has no loadable weights ({str(e).splitlines()[0][:200]}); "
+                          "accepted: a checkpoint folder saved with save_pretrained (model.safetensors)")
+    if spec.source == "hub":
+        return ProbeError(f"{spec.name} ({spec.repo} at {spec.revision}) is not in the local Hugging Face cache and "
+                          "the hub cannot be reached; accepted: fetch it first where there is a network "
+                          f"(huggingface-cli download {spec.repo} --revision {spec.revision}) or a bundled or tiny "
+                          "model (see probe models)")
+    return ProbeError(f"{spec.name}: cannot read its weights ({str(e).splitlines()[0][:200]})")
 
 
 def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overrides) -> Loaded:
@@ -225,8 +248,11 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     trust = bool(load.get("trust_remote_code", False))
-    hf = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust,
-                                              use_safetensors=load.get("use_safetensors"), **kwargs)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=trust,
+                                                  use_safetensors=load.get("use_safetensors"), **kwargs)
+    except OSError as e:
+        raise _unreadable(spec, e) from None
     tok = load_tokenizer(spec)
     hf.eval().requires_grad_(False)  # probes read and write activations; no autograd graph is needed
     model = TransformersModel(hf, task="text-generation", tokenizer=tok)

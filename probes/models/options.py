@@ -21,6 +21,8 @@ def _check_choice(what: str, value, accepted):
 
 def parse_max_memory(value) -> dict | None:
     """'0=75GiB,1=75GiB,cpu=200GiB' (or a mapping) -> accelerate's max_memory dict."""
+    from accelerate.utils import convert_file_size_to_int
+
     if value is None or isinstance(value, dict):
         return value
     out = {}
@@ -28,8 +30,15 @@ def parse_max_memory(value) -> dict | None:
         key, sep, amount = part.partition("=")
         if not sep or not amount.strip():
             raise ProbeError(f"bad max_memory {value!r}; accepted: DEVICE=SIZE pairs like '0=75GiB,cpu=200GiB'")
-        key = key.strip()
-        out[int(key) if key.isdigit() else key] = amount.strip()
+        key, amount = key.strip(), amount.strip()
+        try:
+            convert_file_size_to_int(amount)
+        except ValueError:
+            raise ProbeError(f"bad max_memory {value!r}: {amount!r} is not a size; accepted: DEVICE=SIZE pairs like "
+                             "'0=75GiB,cpu=200GiB'") from None
+        if not (key.isdigit() or key in ("cpu", "disk", "mps")):
+            raise ProbeError(f"bad max_memory {value!r}: {key!r} is not a device; accepted: GPU numbers, cpu, disk")
+        out[int(key) if key.isdigit() else key] = amount
     return out
 
 

@@ -136,7 +136,11 @@ def resolve_model(value: str, registry: dict[str, ModelSpec] | None = None) -> M
         cfg = p / "config.json"
         if not cfg.exists():
             raise ProbeError(f"model folder {value!r} has no config.json; accepted: a Hugging Face checkpoint folder")
-        family = json.loads(cfg.read_text()).get("model_type", "unknown")
+        try:
+            family = json.loads(cfg.read_text()).get("model_type", "unknown")
+        except (ValueError, AttributeError) as e:
+            raise ProbeError(f"model folder {value!r}: config.json is not a transformers config ({type(e).__name__}); "
+                             "accepted: a checkpoint folder saved with save_pretrained") from None
         return ModelSpec(name=p.resolve().name, source="local", family=family, path=str(p.resolve()))
     if p.is_file() and p.suffix in (".json", ".yaml", ".yml"):
         cfg = read_yaml(p, "model config")  # YAML is a superset of JSON

@@ -230,14 +230,14 @@ class RunDir:
                                              "started": _now()})
 
     def done_items(self) -> set[int]:
-        return {int(i) for f in sorted(self.parts.glob("*.csv")) for i in pd.read_csv(f, usecols=["item"]).item}
+        return {int(i) for f in sorted(self.parts.glob("*.csv")) for i in _read_part(f, usecols=["item"]).item}
 
     def write_part(self, rows: list[dict]) -> None:
         items = sorted({r["item"] for r in rows})
         write_csv(self.parts / f"items-{items[0]:06d}-{items[-1]:06d}.csv", pd.DataFrame(rows))
 
     def table(self) -> pd.DataFrame:
-        parts = [pd.read_csv(f, keep_default_na=False, na_values=[""]) for f in sorted(self.parts.glob("*.csv"))]
+        parts = [_read_part(f, keep_default_na=False, na_values=[""]) for f in sorted(self.parts.glob("*.csv"))]
         if not parts:
             raise ProbeError(f"{self.path} has no results")
         return pd.concat(parts, ignore_index=True).sort_values(["item"], kind="stable").reset_index(drop=True)
@@ -247,6 +247,15 @@ class RunDir:
         meta = json.loads((self.path / "meta.json").read_text())
         write_json(self.path / "meta.json", {**meta, **(extra or {}), "status": "complete", "finished": _now(),
                                              "summary": summary})
+
+
+def _read_part(path: Path, **kwargs) -> pd.DataFrame:
+    """One finished batch; a damaged one (not written by this project's atomic writes) is named, with the fix."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ProbeError(f"batch file {path} is damaged ({type(e).__name__}); accepted: delete it and rerun, which "
+                         "recomputes that batch") from None
 
 
 def _read_meta(path: Path) -> dict | None:

@@ -131,6 +131,31 @@ def _list(data: dict, key: str, where: str) -> list:
     return value
 
 
+# the sweep file's schema: field -> (types accepted, what to say)
+FIELDS = {"name": ((str,), "a text"), "models": ((list, str), "a list of models"),
+          "tasks": ((list, str), "a list of tasks"), "probes": ((list, str), "a list of probes"),
+          "seeds": ((list, int), "a list of integer seeds"), "limit": ((int,), "a positive integer"),
+          "batch_size": ((int, str), "a positive integer or 'auto'"), "options": ((dict,), "a mapping"),
+          "task_options": ((dict,), "a mapping"), "load": ((dict,), "a mapping"), "slurm": ((dict,), "a mapping"),
+          "results": ((str,), "a folder, relative to the sweep file")}
+
+
+def _check_fields(data: dict, where: str) -> None:
+    """Every field of a sweep file by type and range, before anything else reads it."""
+    for key, (types, what) in FIELDS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ProbeError(f"{where}: {key} {value!r} is not {what}; accepted: {what}")
+    seeds = data.get("seeds")
+    for seed in ([seeds] if isinstance(seeds, int) else seeds or []):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ProbeError(f"{where}: seed {seed!r} is not an integer; accepted: a list of integer seeds")
+    if data.get("limit") is not None and data["limit"] < 1:
+        raise ProbeError(f"{where}: limit {data['limit']!r}; accepted: a positive integer (leave it out for every item)")
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file: every model, task, probe and option is checked before anything runs."""
     from ..methods.catalog import PROBES, get_probe
@@ -145,6 +170,7 @@ def load_sweep(path: str | Path) -> Sweep:
     unknown = set(data) - KEYS
     if unknown:
         raise ProbeError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; accepted: {', '.join(sorted(KEYS))}")
+    _check_fields(data, where)
     for key, accepted in (("load", LOAD_KEYS), ("slurm", SLURM_KEYS)):
         bad = set(data.get(key) or {}) - accepted
         if bad:
@@ -157,9 +183,12 @@ def load_sweep(path: str | Path) -> Sweep:
                          f"accepted: {', '.join(sorted(known_options))}")
     base = path.resolve().parent
     results = (base / data["results"]) if data.get("results") else Path(os.environ.get("PROBE_RESULTS", "results"))
+    if results.exists() and not results.is_dir():
+        raise ProbeError(f"{where}: results {str(results)!r} is a file; accepted: a folder")
     sweep = Sweep(path=path.resolve(), name=str(data.get("name") or path.stem), models=_list(data, "models", where),
                   tasks=_list(data, "tasks", where), probes=_list(data, "probes", where),
-                  seeds=data.get("seeds") or [None], limit=data.get("limit"),
+                  seeds=([data["seeds"]] if isinstance(data.get("seeds"), int) else data.get("seeds")) or [None],
+                  limit=data.get("limit"),
                   batch_size=parse_batch_size(data.get("batch_size", 8)), options=options,
                   task_options=data.get("task_options") or {}, load=data.get("load") or {},
                   results=results.resolve(), slurm=data.get("slurm") or {})

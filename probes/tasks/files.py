@@ -24,6 +24,7 @@ N-back tasks (`kind: nback`) generate letter sequences from the seed instead of 
 from __future__ import annotations
 
 import string
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -55,6 +56,27 @@ def _check_template(name: str, key: str, text: str, accepted=VARS):
                              + ", ".join("{" + f + "}" for f in accepted))
 
 
+_TYPE_NAMES = {int: "an integer", str: "a text", dict: "a mapping", list: "a list"}
+_NONNEGATIVE = {"version", "seed", "shots", "context_items", "sequences", "length", "matches"}
+
+
+def _check_types(cls, spec: dict, name: str) -> None:
+    """Every field of a task file against the type its class declares (one schema: the dataclass), and counts
+    against their range; N-back's `n` may be one integer or a list."""
+    hints = typing.get_type_hints(cls)
+    for key, value in spec.items():
+        want = hints.get(key)
+        want = typing.get_origin(want) or want
+        if key == "n" and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if want in _TYPE_NAMES and (not isinstance(value, want) or isinstance(value, bool)):
+            accepted = "a list of integers 1 to 6, or one" if key == "n" else _TYPE_NAMES[want]
+            raise ProbeError(f"task {name!r}: {key} {value!r} is not {_TYPE_NAMES[want]}; accepted: {accepted}"
+                             + (", 0 or more" if key in _NONNEGATIVE else ""))
+        if key in _NONNEGATIVE and value < 0:
+            raise ProbeError(f"task {name!r}: {key} {value!r} is negative; accepted: an integer, 0 or more")
+
+
 def build_task(spec: dict, path: Path | None = None, overrides: dict | None = None) -> Task:
     """Validate a task definition (a mapping, e.g. read from YAML) with optional field overrides."""
     where = str(path) if path else "task"
@@ -78,6 +100,7 @@ def build_task(spec: dict, path: Path | None = None, overrides: dict | None = No
     if unknown:
         raise ProbeError(f"task {name!r} has unknown field(s) {', '.join(sorted(unknown))}; "
                          f"accepted: {', '.join(accepted)}")
+    _check_types(cls, spec, name)
     if spec.get("ambiguous", "drop") not in _AMBIGUOUS:
         raise ProbeError(f"task {name!r}: ambiguous {spec['ambiguous']!r}; accepted: {', '.join(_AMBIGUOUS)}")
     if cls is Relational:
@@ -87,6 +110,10 @@ def build_task(spec: dict, path: Path | None = None, overrides: dict | None = No
         for key in ("template", "answer", "argument", "context"):
             if key in spec:
                 _check_template(name, key, spec[key])
+        for key in ("template", "answer"):
+            if not str(spec.get(key, " {output}")).strip():
+                raise ProbeError(f"task {name!r}: {key} is empty; accepted: a template such as "
+                                 + ("'Q: What is the capital of {input}?\\nA:'" if key == "template" else "' {output}'"))
     else:
         _check_template(name, "instruction", spec["instruction"], accepted=("n",))
         _check_template(name, "trial", spec.get("trial", "{letter}"), accepted=("letter",))

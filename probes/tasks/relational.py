@@ -64,7 +64,11 @@ class Relational(Task):
             raise ProbeError(f"task {self.name!r}: data column(s) {missing} not in {file.name}; "
                              f"columns: {', '.join(ds.column_names)}")
         rows, seen = [], set()
-        for r in ds:
+        for line, r in enumerate(ds, start=2):  # line 1 of a CSV is its header
+            empty = [c for c in cols.values() if r[c] is None or not str(r[c]).strip()]
+            if empty:
+                raise ProbeError(f"task {self.name!r}: {file.name} row {line} has an empty {empty[0]!r}; accepted: "
+                                 "a value in every input, output and group cell")
             row = {f: str(r[c]).strip() for f, c in cols.items()}
             if row["input"] not in seen:
                 seen.add(row["input"])
