@@ -5,7 +5,6 @@ model loads, except for the option values only a loaded model can judge (layers 
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 from probes.cli import main
