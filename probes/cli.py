@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -127,6 +128,21 @@ def cmd_run(args) -> None:
         print(f"results: {out}/table.csv  metadata: {out}/meta.json" + ("  plot: plot.png" if probe.plot else ""))
     if len(tasks) > 1 and args.probe == "ffn-ablation":
         print_ablation_comparison(tables, {t.name: t.kind for t in tasks}, spec.name)
+
+
+def cmd_train(args) -> None:
+    from .tasks.files import parse_overrides
+    from .training.config import load_training_config
+    from .training.trainer import train
+
+    cfg = load_training_config(args.config, parse_overrides(args.set), args.seed)
+    run = train(cfg, args.output, resume=args.resume, progress=not args.quiet)
+    meta = json.loads((run / "meta.json").read_text())
+    final = meta.get("final", {})
+    print(f"trained {cfg['name']} (N={cfg['task']['n']}, seed {cfg['train']['seed']}): {meta.get('steps')} steps, "
+          f"test accuracy {final.get('eval_accuracy', float('nan')):.3f} on {cfg['task']['test']} sequences "
+          f"(eval loss {final.get('eval_loss', float('nan')):.3f})")
+    print(f"run: {run}  (use it as --model {run}; log.csv, plot.png, checkpoint-*/)")
 
 
 def cmd_plan(args) -> None:
@@ -327,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="run folder (default: results/<model>/<task>/<probe>)")
     r.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
     r.set_defaults(func=cmd_run)
+    tr = sub.add_parser("train", help="train a model on a synthetic task (a training config); the run loads as --model")
+    tr.add_argument("config", help="training config .yaml (see configs/training/)")
+    tr.add_argument("--output", help="run folder (default: runs/<name>/n<N>-seed<S>)")
+    tr.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
+    tr.add_argument("--seed", type=_count(0), help="training seed (initialisation, data order); overrides train.seed")
+    tr.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                    help="override a config field, e.g. task.n=3 or train.steps=100 (repeatable)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
     pl = sub.add_parser("plan", help="memory, device map and GPUs needed, from the model's config alone")
     pl.add_argument("--model", required=True)
     pl.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")

@@ -66,7 +66,7 @@ def test_layer_count_and_module_access_match_the_model(name):
         torch.testing.assert_close(lens[index], hs[index][0, -1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-bloom", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-bloom", "tiny-gemma3", "tiny-probe-transformer"])
 def test_left_padded_batch_equals_prompts_run_alone(name):
     lm = loaded(name)
     batch = last_residuals(lm, PROMPTS)

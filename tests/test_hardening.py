@@ -76,18 +76,18 @@ def _contend(folder, start, results, done):
 
 @pytest.mark.parametrize("stale", [False, True])
 def test_of_processes_taking_a_lock_at_the_same_instant_exactly_one_wins(tmp_path, stale):
-    """300 trials of 6 processes released by one barrier, on a free folder or one whose lock a dead process left."""
+    """200 trials of 5 processes released by one barrier, on a free folder or one whose lock a dead process left."""
     ctx = multiprocessing.get_context("fork")
     dead = ctx.Process(target=os._exit, args=(0,))
     dead.start()
     dead.join()
-    for trial in range(300):
+    for trial in range(200):
         folder = tmp_path / f"t{trial}"
         folder.mkdir()
         if stale:
             (folder / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
-        start, done, results = ctx.Barrier(6), ctx.Barrier(7), ctx.Queue()
-        procs = [ctx.Process(target=_contend, args=(folder, start, results, done)) for _ in range(6)]
+        start, done, results = ctx.Barrier(5), ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_contend, args=(folder, start, results, done)) for _ in range(5)]
         for p in procs:
             p.start()
         won = [results.get(timeout=60) for _ in procs]

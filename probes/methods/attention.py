@@ -71,7 +71,7 @@ def run_attention(loaded, items: list[Item]) -> list[dict]:
     tok = loaded.tokenizer
     rows = []
     for it in items:
-        pos = letter_positions(tok, it.prompt)
+        pos = letter_positions(tok, it.prompt, it.extra.get("letter_pattern", r"Letter: ([A-Z])"))
         n, letters = it.extra["n"], it.extra["letters"]
         match = [t >= n and letters[t] == letters[t - n] for t in range(len(letters))]
         cols = item_columns(tok, it)

@@ -63,6 +63,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3_text": ArchSpec(**_GEMMA_POSTNORM),
     "falcon": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="self_attention", ffn="mlp",
                        ffn_inplace=True),
+    # this project's trained decoder (models/custom.py): norm, FFN and residual each optional
+    "probe_transformer": ArchSpec("model.layers", "model.norm", "lm_head", attn="attn", ffn="mlp", ffn_in="mlp"),
 }
 
 
@@ -112,6 +114,9 @@ class Arch:
         self.model_type = self.config.model_type
         self.spec = arch_spec(self.model_type)
         self.n_layers = len(_get(self.hf, self.spec.layers))
+        # parts a trained architecture may lack (models/custom.py); every pretrained family has both
+        self.has_ffn = _get(_get(self.hf, self.spec.layers)[0], self.spec.ffn) is not None
+        self.residual = bool(getattr(self.config, "residual", True))
         self.n_params = sum(p.numel() for p in self.hf.parameters())  # packed, for bitsandbytes weights
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         self._norm = _get(self.hf, self.spec.final_norm)

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ProbeError
 from ..paths import ROOT, cache_root
+from . import custom  # noqa: F401  (registers this project's architectures)
 from .arch import Arch, arch_spec
 from .options import load_options, quantization_config
 from .planning import check_quantizable

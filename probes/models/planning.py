@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ProbeError
 from ..paths import ROOT
+from . import custom  # noqa: F401  (registers this project's architectures)
 from .options import load_options, machine_memory, quantization_config
 from .registry import ModelSpec
 

@@ -105,6 +105,9 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     auto = batch_size == "auto"
     spec = get_probe(probe)
     options = probe_options(probe, options)
+    if probe.startswith("ffn-") and not loaded.arch.has_ffn:
+        raise ProbeError(f"{loaded.spec.name} has no FFN blocks, so probe {probe!r} has nothing to read; accepted: "
+                         "logit-lens, accuracy, nback, attention")
     items, ambiguous = task.scored_items(loaded.tokenizer, limit)
     if not items:
         raise ProbeError(f"all {len(ambiguous)} items of task {task.name!r} are ambiguous for {loaded.spec.name}'s "

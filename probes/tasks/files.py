@@ -57,7 +57,7 @@ def _check_template(name: str, key: str, text: str, accepted=VARS):
 
 
 _TYPE_NAMES = {int: "an integer", str: "a text", dict: "a mapping", list: "a list"}
-_NONNEGATIVE = {"version", "seed", "shots", "context_items", "sequences", "length", "matches"}
+_NONNEGATIVE = {"version", "seed", "shots", "context_items", "sequences", "length", "matches", "first_sequence"}
 
 
 def _check_types(cls, spec: dict, name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,8 @@ class NBack(Task):
     match_answer: str = " m"
     nonmatch_answer: str = " -"
     separator: str = "\n"
+    first_sequence: int = 0  # sequences first_sequence, first_sequence + 1, ... (a trained model's held-out ones)
+    feedback: bool = True  # earlier letters are followed by their correct response (prompted); trained models: no
 
     def __post_init__(self):
         self.n = [self.n] if isinstance(self.n, int) else list(self.n)
@@ -61,6 +64,11 @@ class NBack(Task):
                 letters.append(pool[int(rng.integers(len(pool)))])
         return letters, [t >= n and letters[t] == letters[t - n] for t in range(self.length)]
 
+    def letter_pattern(self) -> str:
+        """A regular expression whose group 1 is each letter of a prompt, from the trial template."""
+        before, _, after = self.trial.partition("{letter}")
+        return re.escape(before) + "(" + "|".join(map(re.escape, sorted(set(self.letters)))) + ")" + re.escape(after[:1])
+
     def _response(self, match: bool) -> str:
         return self.match_answer if match else self.nonmatch_answer
 
@@ -69,14 +77,16 @@ class NBack(Task):
         out = []
         for n in self.n:
             head = self.instruction.format(n=n)
-            for s in range(self.sequences):
+            for s in range(self.first_sequence, self.first_sequence + self.sequences):
                 letters, labels = self.sequence(n, s)
-                shown = [self.trial.format(letter=c) + self._response(m) for c, m in zip(letters, labels)]
+                shown = [self.trial.format(letter=c) + (self._response(m) if self.feedback else "")
+                         for c, m in zip(letters, labels)]
                 extra = {"n": n, "sequence": s, "letters": "".join(letters)}
                 if self.unit == "sequence":
                     out.append(Item(len(out), "".join(letters), "".join("m" if m else "-" for m in labels),
                                     self.separator.join([head] + shown), "", "", group=f"N={n}",
-                                    extra={**extra, "matches": int(sum(labels))}))
+                                    extra={**extra, "matches": int(sum(labels)),
+                                           "letter_pattern": self.letter_pattern()}))
                     continue
                 for t in range(n, self.length):
                     prompt = self.separator.join([head] + shown[:t] + [self.trial.format(letter=letters[t])])

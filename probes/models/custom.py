@@ -1,0 +1,129 @@
+"""Architectures of this project, registered with transformers (`AutoConfig.register`,
+`AutoModelForCausalLM.register`), so that `save_pretrained` / `from_pretrained` work with no remote code and a
+trained checkpoint loads like any other model.
+
+`probe_transformer`: the small decoder the synthetic-task papers train, with each part optional. Gong & Zhang's
+N-back model is one layer, one head, width 512, attention only: no FFN, no norm, no residual, learned absolute
+positions. A block computes
+
+    a = attn(norm1(x));  h = x + a  (residual)  or  h = a  (none)
+    f = ffn(norm2(h));   out = h + f  (residual)  or  out = f  (none)     [when it has an FFN]
+
+so the architecture identities read: block out = in + attn + ffn with a residual; without one, block out = the
+last update (the FFN's, else the attention's). Attention is eager and returns its probabilities, for the
+attention probe.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+
+class ProbeTransformerConfig(PretrainedConfig):
+    model_type = "probe_transformer"
+
+    def __init__(self, vocab_size: int = 32, n_positions: int = 64, n_layer: int = 1, n_head: int = 1,
+                 n_embd: int = 64, ffn: bool = False, n_inner: int | None = None, norm: bool = False,
+                 residual: bool = False, **kwargs):
+        self.vocab_size, self.n_positions, self.n_layer, self.n_head, self.n_embd = (
+            vocab_size, n_positions, n_layer, n_head, n_embd)
+        self.ffn, self.n_inner, self.norm, self.residual = ffn, n_inner or 4 * n_embd, norm, residual
+        # the names transformers and this project read
+        self.hidden_size, self.num_hidden_layers, self.num_attention_heads = n_embd, n_layer, n_head
+        self.max_position_embeddings = n_positions
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ProbeTransformerConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.out = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        probs = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+        return self.out((probs @ v).transpose(1, 2).reshape(b, t, d)), probs
+
+
+class Block(nn.Module):
+    def __init__(self, config: ProbeTransformerConfig):
+        super().__init__()
+        self.residual = config.residual
+        self.norm1 = nn.LayerNorm(config.n_embd) if config.norm else nn.Identity()
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.n_embd) if config.norm and config.ffn else nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(config.n_embd, config.n_inner), nn.GELU(),
+                                 nn.Linear(config.n_inner, config.n_embd)) if config.ffn else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        a = self.attn(self.norm1(x), mask)[0]
+        h = x + a if self.residual else a
+        if self.mlp is None:
+            return h
+        f = self.mlp(self.norm2(h))
+        return h + f if self.residual else f
+
+
+class ProbeTransformerModel(nn.Module):
+    def __init__(self, config: ProbeTransformerConfig):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = nn.LayerNorm(config.n_embd) if config.norm else None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states: bool = False):
+        """(final hidden states, the residual stream before each block and after the last, or None)."""
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+        if attention_mask is not None:  # padding: no query attends to a pad key
+            mask = mask & attention_mask[:, None, None, :].bool()
+        states = [x] if output_hidden_states else None
+        for block in self.layers:
+            x = block(x, mask)
+            if states is not None:
+                states.append(x)
+        return (self.norm(x) if self.norm is not None else x), (tuple(states) if states is not None else None)
+
+
+class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = ProbeTransformerConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _supports_attention_backend = False
+
+    def __init__(self, config: ProbeTransformerConfig):
+        super().__init__(config)
+        self.model = ProbeTransformerModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.wte
+
+    def set_input_embeddings(self, value):
+        self.model.wte = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, logits_to_keep: int = 0,
+                output_hidden_states: bool | None = None, **kwargs) -> CausalLMOutput:
+        h, states = self.model(input_ids, attention_mask, position_ids, bool(output_hidden_states))
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return CausalLMOutput(logits=self.lm_head(h), hidden_states=states)
+
+
+AutoConfig.register(ProbeTransformerConfig.model_type, ProbeTransformerConfig)
+AutoModelForCausalLM.register(ProbeTransformerConfig, ProbeTransformerForCausalLM)

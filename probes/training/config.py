@@ -1,0 +1,82 @@
+"""Training configs: one YAML file, validated field by field before anything trains.
+
+    name: nback-paper
+    task: {generator: nback, n: 2, train: 800, test: 200, length: 24, matches: 8,
+           letters: bcdfghjklnpqrstvwxyz, seed: 0}
+    model: {architecture: probe_transformer, n_layer: 1, n_head: 1, n_embd: 512, ffn: false, norm: false,
+            residual: false}            # or architecture: gpt2 (any supported family's config values)
+    train: {epochs: 10, batch_size: 32, lr: 1.0e-4, schedule: constant, warmup_steps: 0, weight_decay: 0.0,
+            eval_steps: 25, save_steps: 50, seed: 0}   # or steps: N instead of epochs
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from ..errors import ProbeError, read_yaml
+
+GENERATORS = ("nback",)
+SCHEDULES = ("constant", "linear", "cosine")
+TASK = {"generator": str, "n": int, "train": int, "test": int, "length": int, "matches": int, "letters": str,
+        "seed": int}
+TRAIN = {"epochs": int, "steps": int, "batch_size": int, "lr": float, "schedule": str, "warmup_steps": int,
+         "weight_decay": float, "eval_steps": int, "save_steps": int, "seed": int}
+DEFAULTS = {"task": {"generator": "nback", "n": 2, "train": 800, "test": 200, "length": 24, "matches": 8,
+                     "letters": "bcdfghjklnpqrstvwxyz", "seed": 0},
+            "train": {"epochs": 10, "batch_size": 32, "lr": 1e-4, "schedule": "constant", "warmup_steps": 0,
+                      "weight_decay": 0.0, "eval_steps": 25, "save_steps": 50, "seed": 0}}
+POSITIVE = {"n", "train", "test", "length", "epochs", "steps", "batch_size", "eval_steps", "save_steps"}
+
+
+def _set(cfg: dict, dotted: str, value, where: str) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in ("task", "model", "train") or not key:
+        raise ProbeError(f"{where}: bad --set {dotted!r}; accepted: task.FIELD, model.FIELD or train.FIELD")
+    cfg.setdefault(section, {})[key] = value
+
+
+def load_training_config(path: str | Path, overrides: dict | None = None, seed: int | None = None) -> dict:
+    """The config of `path` with defaults filled, `overrides` ({'task.n': 3}) and `seed` (train.seed) applied."""
+    where = str(path)
+    data = read_yaml(path, "training config")
+    if not isinstance(data, dict):
+        raise ProbeError(f"training config {where!r} must be a mapping with task, model and train")
+    unknown = set(data) - {"name", "task", "model", "train"}
+    if unknown:
+        raise ProbeError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; accepted: name, task, model, train")
+    cfg = copy.deepcopy(data)
+    for dotted, value in (overrides or {}).items():
+        _set(cfg, dotted, value, where)
+    if seed is not None:
+        _set(cfg, "train.seed", seed, where)
+    for section in ("task", "model", "train"):
+        if not isinstance(cfg.get(section, {}), dict):
+            raise ProbeError(f"{where}: {section} must be a mapping")
+    cfg["name"] = str(cfg.get("name") or Path(path).stem)
+    cfg["task"] = {**DEFAULTS["task"], **cfg.get("task", {})}
+    cfg["train"] = {**DEFAULTS["train"], **cfg.get("train", {})}
+    if "steps" in cfg["train"]:
+        cfg["train"].pop("epochs", None)
+    for section, schema in (("task", TASK), ("train", TRAIN)):
+        for key, value in cfg[section].items():
+            if key not in schema:
+                raise ProbeError(f"{where}: unknown {section} field {key!r}; accepted: {', '.join(schema)}")
+            want = schema[key]
+            ok = isinstance(value, (int, float) if want is float else want) and not isinstance(value, bool)
+            if not ok:
+                raise ProbeError(f"{where}: {section}.{key} {value!r} is not {'a number' if want is float else want.__name__}")
+            if key in POSITIVE and value < 1:
+                raise ProbeError(f"{where}: {section}.{key} {value!r}; accepted: a positive integer")
+    if cfg["task"]["generator"] not in GENERATORS:
+        raise ProbeError(f"{where}: unknown task generator {cfg['task']['generator']!r}; accepted: {', '.join(GENERATORS)}")
+    if cfg["train"]["schedule"] not in SCHEDULES:
+        raise ProbeError(f"{where}: unknown schedule {cfg['train']['schedule']!r}; accepted: {', '.join(SCHEDULES)}")
+    model = cfg.get("model", {})
+    if "architecture" not in model:
+        raise ProbeError(f"{where}: model needs an architecture; accepted: probe_transformer or a supported family")
+    width, heads = model.get("n_embd", model.get("hidden_size")), model.get("n_head", model.get("num_attention_heads"))
+    if isinstance(width, int) and isinstance(heads, int) and (heads < 1 or width % heads):
+        raise ProbeError(f"{where}: width {width} is not divisible by {heads} heads; accepted: a width that is a "
+                         "multiple of the number of heads")
+    return cfg

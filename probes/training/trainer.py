@@ -1,0 +1,203 @@
+"""Train a model on a synthetic task with transformers' Trainer, into a run folder that loads as a model.
+
+    <runs>/<name>/n<N>-seed<S>/
+        config.json, model.safetensors, tokenizer files   the final weights (save_pretrained), a checkpoint
+        checkpoint-<step>/                                Trainer's checkpoints (weights, optimizer, RNG states)
+        training.yaml                                     the training config as run
+        log.csv, plot.png                                 step, loss, eval loss and accuracy; their curves
+        meta.json                                         config, versions, git commit, seed, times, status
+
+A run killed part-way resumes from its last checkpoint with `--resume` (Trainer restores weights, optimizer,
+schedule, RNG states and the data order), and ends with the weights an uninterrupted run ends with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from ..errors import ProbeError
+from ..models import custom  # noqa: F401  (registers this project's architectures)
+from ..models.arch import arch_spec
+from ..runs.rundir import RunBusy, RunLock, _now, atomic_write, environment, safe_name, write_csv, write_json
+from .data import IGNORE, LABELS, nback_splits, tokenizer_for
+
+
+def runs_root() -> Path:
+    """Where trained runs go by default ($PROBE_RUNS, default runs/ in the current folder)."""
+    return Path(os.environ.get("PROBE_RUNS", "runs"))
+
+
+def default_run_dir(cfg: dict) -> Path:
+    return runs_root() / safe_name(cfg["name"]) / f"n{cfg['task']['n']}-seed{cfg['train']['seed']}"
+
+
+def build_model(cfg: dict, tokenizer):
+    """The config's model, initialised from the training seed."""
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    values = dict(cfg["model"])
+    family = values.pop("architecture")
+    arch_spec(family)  # an unknown architecture: one line naming the supported ones
+    length = cfg["task"]["length"]
+    ids = {k: tokenizer.pad_token_id for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    set_seed(cfg["train"]["seed"])
+    try:
+        config = AutoConfig.for_model(family, vocab_size=len(tokenizer), n_positions=max(length, 64),
+                                      max_position_embeddings=max(length, 64), **ids, **values)
+        return AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError) as e:
+        raise ProbeError(f"model of {cfg['name']!r} cannot be built as {family}: {str(e).splitlines()[0]}") from None
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class LabelTrainer(Trainer):
+        """Loss on the choice between the two label tokens at each scored position (a 2-way readout)."""
+
+        label_ids: list[int] = []
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            target = inputs["target"]
+            out = model(input_ids=inputs["input_ids"])
+            pair = out.logits[..., self.label_ids]
+            loss = torch.nn.functional.cross_entropy(pair.reshape(-1, 2).float(), target.reshape(-1),
+                                                     ignore_index=IGNORE)
+            return (loss, {"logits": pair}) if return_outputs else loss
+
+    return LabelTrainer
+
+
+def _accuracy(pred) -> dict:
+    logits, target = pred.predictions, pred.label_ids
+    scored = target != IGNORE
+    return {"accuracy": float((logits.argmax(-1) == target)[scored].mean())}
+
+
+def _same_run(run: Path, cfg: dict, resume: bool) -> bool:
+    """Whether `run` may be written: empty, or the same config (resumed with --resume, or finished already)."""
+    meta_path = run / "meta.json"
+    if not run.exists() or not any(p for p in run.iterdir() if p.name != ".lock"):
+        return False
+    if not meta_path.exists():
+        raise ProbeError(f"{run} holds files but no training run; accepted: another --output")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("config") != cfg:
+        diff = sorted(k for k in set(meta.get("config", {})) | set(cfg) if meta.get("config", {}).get(k) != cfg.get(k))
+        raise ProbeError(f"{run} holds a different training run (differs in {', '.join(diff)}); accepted: "
+                         "another --output")
+    if meta.get("status") != "complete" and not resume:
+        raise ProbeError(f"{run} holds an unfinished run of this config; accepted: --resume to continue it")
+    return meta.get("status") == "complete"
+
+
+def train(cfg: dict, output: str | Path | None = None, resume: bool = False, progress: bool = True) -> Path:
+    """Train `cfg` (see training/config.py) into its run folder; returns the folder. A finished run of the same
+    config is left as it is; an unfinished one continues from its last checkpoint with `resume`."""
+    from transformers import TrainerCallback, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint: noise next to the training bar
+
+    run = Path(output) if output else default_run_dir(cfg)
+    if run.exists() and not run.is_dir():
+        raise ProbeError(f"--output {str(run)!r} is a file; accepted: a folder")
+    lock = RunLock(run)
+    if not lock.acquire():
+        raise RunBusy(f"{run} is being trained by another process; accepted: wait for it, or another --output")
+    try:
+        if _same_run(run, cfg, resume):
+            return run
+        tok = tokenizer_for(cfg["task"])
+        data = nback_splits(cfg["task"], tok)
+        model = build_model(cfg, tok)
+        t = cfg["train"]
+        atomic_write(run / "training.yaml", lambda f: yaml.safe_dump(cfg, f, sort_keys=False))
+        meta = {"kind": "training", "config": cfg, "status": "running", "started": _now(),
+                "params": int(sum(p.numel() for p in model.parameters())), **environment()}
+        write_json(run / "meta.json", meta)
+        args = TrainingArguments(
+            output_dir=str(run), per_device_train_batch_size=t["batch_size"], per_device_eval_batch_size=64,
+            learning_rate=t["lr"], lr_scheduler_type=t["schedule"], warmup_steps=t["warmup_steps"],
+            weight_decay=t["weight_decay"], optim="adamw_torch", seed=t["seed"], data_seed=t["seed"],
+            max_steps=t.get("steps", -1), num_train_epochs=t.get("epochs", 1), eval_strategy="steps",
+            eval_steps=t["eval_steps"], save_strategy="steps", save_steps=t["save_steps"], logging_steps=t["eval_steps"],
+            label_names=["target"], remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
+            dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(), save_only_model=False)
+        trainer = _trainer_class()(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
+                                   processing_class=tok, compute_metrics=_accuracy,
+                                   data_collator=_collate(tok.pad_token_id))
+        trainer.label_ids = tok.convert_tokens_to_ids(list(LABELS))
+
+        class Log(TrainerCallback):  # the log as CSV after every logging step: a killed run keeps its curve
+            def on_log(self, a, state, control, **kw):
+                write_log(run, state.log_history)
+
+        trainer.add_callback(Log())
+        if not progress:  # without a bar, Trainer prints every log dict instead: quiet means quiet
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
+        last = get_last_checkpoint(str(run)) if resume else None
+        trainer.train(resume_from_checkpoint=last)
+        final = trainer.evaluate()
+        write_log(run, trainer.state.log_history)
+        trainer.save_model(str(run))  # final weights, config and tokenizer: the run folder loads as a model
+        plot_log(run, cfg)
+        write_json(run / "meta.json", {**meta, "status": "complete", "finished": _now(),
+                                       "steps": int(trainer.state.global_step),
+                                       "final": {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}})
+        return run
+    finally:
+        lock.release()
+
+
+def _collate(pad_id: int):
+    def collate(rows: list[dict]) -> dict:
+        return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
+                "target": torch.tensor([r["target"] for r in rows])}
+    return collate
+
+
+def write_log(run: Path, history: list[dict]) -> None:
+    rows = {}
+    for h in history:
+        step = h.get("step")
+        if step is None:
+            continue
+        row = rows.setdefault(step, {"step": step})
+        for k in ("loss", "eval_loss", "eval_accuracy", "learning_rate", "epoch"):
+            if k in h:
+                row[k] = h[k]
+    if rows:
+        write_csv(run / "log.csv", pd.DataFrame(sorted(rows.values(), key=lambda r: r["step"])))
+
+
+def plot_log(run: Path, cfg: dict) -> None:
+    from ..reports.plots import plt, _save
+
+    log = pd.read_csv(run / "log.csv")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for col, label in (("loss", "train"), ("eval_loss", "test")):
+        if col in log:
+            d = log.dropna(subset=[col])
+            a.plot(d.step, d[col], "o-", label=label, ms=3)
+    a.set(xlabel="step", ylabel="loss (2-way cross-entropy)", title=run.name)
+    a.legend()
+    if "eval_accuracy" in log:
+        d = log.dropna(subset=["eval_accuracy"])
+        b.plot(d.step, d.eval_accuracy, "o-", ms=3)
+    task = cfg["task"]
+    b.axhline(1 - task["matches"] / (task["length"] - task["n"]), color="gray", ls=":", lw=1,
+              label="always 'no match'")
+    b.legend(fontsize=8)
+    b.set(xlabel="step", ylabel="test accuracy (positions >= N)", ylim=(0, 1.02))
+    _save(fig, run / "plot.png")
+

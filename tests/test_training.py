@@ -1,0 +1,177 @@
+"""Training: the N-back generator has no accidental matches, a killed and resumed run equals an uninterrupted one,
+a trained run loads as a model that every probe runs on, the trained architecture satisfies its identities, and
+bad configs are one-line errors."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import probes
+from probes.errors import ProbeError
+from probes.methods.lens import last_residuals
+from probes.training.config import load_training_config
+from probes.training.data import nback_generator, nback_splits, tokenizer_for
+from probes.training.trainer import train
+
+from .test_cli import ENV, probe
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ROOT / "configs" / "training" / "nback-paper.yaml"
+TINY = {"model.n_embd": 32, "task.train": 64, "task.test": 16, "train.steps": 24, "train.batch_size": 8,
+        "train.save_steps": 8, "train.eval_steps": 8, "train.lr": 1e-3}
+
+
+def tiny_config(**changes):
+    return load_training_config(PAPER, {**TINY, **changes}, seed=0)
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_no_accidental_matches_over_many_seeds(n):
+    """At every position t >= N the label is 'match' exactly when the letter equals the one N back, and every
+    sequence has exactly 8 matches, for 2,000 sequences from each of 5 seeds."""
+    for seed in range(5):
+        task = {**load_training_config(PAPER)["task"], "n": n, "seed": seed, "train": 2000, "test": 0}
+        gen = nback_generator(task)
+        for s in range(2000):
+            letters, labels = gen.sequence(n, s)
+            assert labels == [t >= n and letters[t] == letters[t - n] for t in range(24)]
+            assert sum(labels) == 8 and len(letters) == 24 and set(letters) <= set(task["letters"])
+
+
+def test_train_and_test_sequences_are_disjoint_and_tokenized_as_letters():
+    cfg = tiny_config()
+    tok = tokenizer_for(cfg["task"])
+    data = nback_splits(cfg["task"], tok)
+    train_seqs = {tuple(r["input_ids"]) for r in data["train"]}
+    assert len(data["train"]) == 64 and len(data["test"]) == 16
+    assert not train_seqs & {tuple(r["input_ids"]) for r in data["test"]}
+    row = data["train"][0]
+    assert row["target"][:2] == [-100, -100] and set(row["target"][2:]) <= {0, 1}
+    assert tok(" m", add_special_tokens=False).input_ids == tok.convert_tokens_to_ids(["m"])
+
+
+def _kill_after(step: int, out: Path):
+    """Train TINY in a subprocess that SIGKILLs itself right after the checkpoint of `step` is written."""
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from transformers import TrainerCallback
+import probes.training.trainer as t
+from probes.training.config import load_training_config
+class Kill(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+orig = t._trainer_class
+def patched():
+    cls = orig()
+    class K(cls):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.add_callback(Kill())
+    return K
+t._trainer_class = patched
+t.train(load_training_config({str(PAPER)!r}, {TINY!r}, seed=0), {str(out)!r}, progress=False)
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+
+
+def test_a_killed_run_resumed_equals_an_uninterrupted_one(tmp_path):
+    whole = train(tiny_config(), tmp_path / "whole", progress=False)
+    _kill_after(16, tmp_path / "killed")
+    assert (tmp_path / "killed" / "checkpoint-16").is_dir() and not (tmp_path / "killed" / "model.safetensors").exists()
+    with pytest.raises(ProbeError, match="unfinished run of this config; accepted: --resume"):
+        train(tiny_config(), tmp_path / "killed", progress=False)
+    resumed = train(tiny_config(), tmp_path / "killed", resume=True, progress=False)
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, on this CPU
+    log_a = (whole / "log.csv").read_text().splitlines()
+    log_b = (resumed / "log.csv").read_text().splitlines()
+    assert log_a == log_b
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24", "checkpoint-8"]
+
+
+def test_a_trained_run_is_a_model_every_probe_runs_on(tmp_path):
+    run = train(tiny_config(**{"model.ffn": True, "model.residual": True, "model.norm": True}), tmp_path / "r",
+                progress=False)
+    for folder in (run, run / "checkpoint-8"):
+        model = probes.load(str(folder), attn_implementation="eager")
+        assert model.spec.family == "probe_transformer" and model.arch.has_ffn
+        for probe_name, task in (("nback", "nback-trained"), ("attention", "nback-trained-sequence"),
+                                 ("logit-lens", "nback-trained"), ("accuracy", "nback-trained"),
+                                 ("ffn-readout", "nback-trained"), ("ffn-ablation", "nback-trained")):
+            result = probes.run(model, probes.task(task, n=[2], sequences=2), probe_name)
+            assert len(result.table) > 0, probe_name
+    attention_only = train(tiny_config(), tmp_path / "paper", progress=False)
+    model = probes.load(str(attention_only))
+    with pytest.raises(ProbeError, match="has no FFN blocks, so probe 'ffn-readout' has nothing to read"):
+        probes.run(model, probes.task("nback-trained", n=[2], sequences=1), "ffn-readout")
+    r = probe("run", "--model", str(attention_only), "--task", "nback-trained", "--task-option", "n=2",
+              "--task-option", "sequences=2", "--probe", "nback", "--output", str(tmp_path / "cli"))
+    assert r.returncode == 0 and "accuracy over all 44 trials" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("parts", [dict(ffn=False, norm=False, residual=False), dict(ffn=True, norm=False, residual=False),
+                                   dict(ffn=True, norm=True, residual=True), dict(ffn=False, norm=True, residual=True)])
+def test_the_trained_architecture_satisfies_its_identities(tmp_path, parts):
+    """Block out = in + attn + ffn with a residual, = the last update without one; last-layer lens = logits."""
+    cfg = tiny_config(**{f"model.{k}": v for k, v in parts.items()}, **{"model.n_layer": 2, "train.steps": 1})
+    model = probes.load(str(train(cfg, tmp_path / "r", progress=False)))
+    arch = model.arch
+    prompt = "b c d b c d f g h"
+    got = []
+    with model.trace(prompt):
+        for i in range(arch.n_layers):
+            x = arch.block_input(i).save()
+            a = arch.attn_update(i).save()
+            f = arch.ffn_update(i, like=x).save() if arch.has_ffn else None
+            got.append((x, a, f, arch.block_output(i).save()))
+        logits = model.model.output.logits.save()
+    for x, a, f, out in got:
+        if arch.residual:
+            expected = x + a + (f if f is not None else 0)
+        else:
+            expected = f if f is not None else a
+        assert (out - expected).abs().max() < 1e-5
+    h = last_residuals(model, [prompt])
+    assert (arch.decode(h[:, -1]) - logits[:, -1].float()).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"task.generator": "parity"}, "unknown task generator 'parity'; accepted: nback"),
+    ({"model.architecture": "alien"}, "unknown architecture 'alien'"),
+    ({"model.n_embd": 30, "model.n_head": 4}, "width 30 is not divisible by 4 heads"),
+    ({"train.steps": 0}, r"train.steps 0; accepted: a positive integer"),
+    ({"train.batch_size": -1}, r"train.batch_size -1; accepted: a positive integer"),
+    ({"train.lr": "fast"}, r"train.lr 'fast' is not a number"),
+    ({"task.letters": "bcm"}, "accepted: distinct letters other than"),
+    ({"train.schedule": "wavy"}, "unknown schedule 'wavy'"),
+    ({"task.colour": 1}, "unknown task field 'colour'"),
+])
+def test_bad_training_configs_are_one_line_errors(tmp_path, change, message):
+    args = ["train", str(PAPER), "--output", str(tmp_path / "r"), "--quiet"]
+    for k, v in change.items():
+        args += ["--set", f"{k}={v}"]
+    r = probe(*args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message.replace("\\", "") in r.stderr or __import__("re").search(message, r.stderr), r.stderr
+
+
+def test_a_folder_holding_another_run_is_refused(tmp_path):
+    train(tiny_config(), tmp_path / "r", progress=False)
+    with pytest.raises(ProbeError, match=r"holds a different training run \(differs in model\)"):
+        train(tiny_config(**{"model.n_embd": 64}), tmp_path / "r", progress=False)
+    assert train(tiny_config(), tmp_path / "r", progress=False) == tmp_path / "r"  # the same: left as it is
+    bad = tmp_path / "cfg.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "model": {"n_embd": 8}}))
+    with pytest.raises(ProbeError, match="model needs an architecture"):
+        load_training_config(bad)
+    assert os.path.exists(tmp_path / "r" / "log.csv")
