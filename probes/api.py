@@ -46,10 +46,12 @@ class Result:
 
 def load(model: str | ModelSpec, *, dtype: str | None = None, quantize: str | None = None,
          device_map: str | dict | None = None, max_memory: str | dict | None = None, gpus: int | None = None,
-         compute_dtype: str | None = None, attn_implementation: str | None = None, remote: bool = False) -> Loaded:
+         compute_dtype: str | None = None, attn_implementation: str | None = None, remote: bool = False,
+         check_fit: bool = True) -> Loaded:
     """Load a model as `probe run --model` does: a registry name, a checkpoint folder or a config file (a random
     model), with the registry entry's options, each overridable. A hub model is first checked against this
-    machine's memory (refused before any download if it cannot fit). `remote=True` runs its traces on NDIF.
+    machine's memory (refused before any download if it cannot fit; `check_fit=False` when the caller has done
+    so). `remote=True` runs its traces on NDIF.
 
     The result exposes `.model` (the nnsight model), `.tokenizer` and `.arch` (residual stream at index i,
     attention and FFN updates of block i inside a trace, `decode` anywhere)."""
@@ -59,7 +61,7 @@ def load(model: str | ModelSpec, *, dtype: str | None = None, quantize: str | No
         return load_remote(spec, **extra)
     opts = load_options(spec, dtype=dtype, device_map=device_map, quantize=quantize, max_memory=max_memory,
                         gpus=gpus, compute_dtype=compute_dtype)
-    if spec.source == "hub":
+    if spec.source == "hub" and check_fit:
         check_fits(spec, opts, gpus)
     log.info("loading %s (%s) ...", spec.name, spec.where())
     return load_model(spec, **opts, **extra)

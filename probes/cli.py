@@ -29,7 +29,12 @@ def cmd_models(args) -> None:
 
     rows = [(s.name, s.family, _fmt_params(s.params), s.where() + ("" if s.pinned or s.source != "hub" else " (unpinned)"),
              "yes" if s.available() else "no") for s in load_registry().values()]
+    from .training.trainer import runs_root, trained_runs
+
+    rows += [(r["path"], r["architecture"], _fmt_params(r["params"]), f"trained run ({r['steps']} steps)", "yes")
+             for r in trained_runs()]
     _print_table(("name", "family", "params", "loads from", "available here"), rows)
+    print(f"\n(trained runs: finished `probe train` runs under {runs_root()}; pass the path as --model)")
 
 
 def _tokenizer(model: str):
@@ -108,13 +113,17 @@ def cmd_run(args) -> None:
     opts = {"dtype": spec.dtype, "quantize": None} if args.remote else load_options(
         spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize, max_memory=args.max_memory,
         gpus=args.gpus, compute_dtype=args.compute_dtype)
+    if spec.source == "hub" and not args.remote:  # a model this machine cannot hold: refused before anything else
+        from .models.planning import check_fits
+
+        check_fits(spec, opts, args.gpus)
     for t in tasks:
         t.items()  # a data file that cannot be read, or has empty cells, is refused now
         config = run_config(spec, opts["dtype"], opts["quantize"], t, args.probe, args.limit, chosen)
         check_folder(outputs[t.name], config, args.overwrite)
     loaded = api.load(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
                       max_memory=args.max_memory, gpus=args.gpus, compute_dtype=args.compute_dtype,
-                      remote=args.remote, **probe.load)
+                      remote=args.remote, check_fit=False, **probe.load)
     print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
     tables = {}
     for task in tasks:

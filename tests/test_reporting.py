@@ -100,3 +100,14 @@ def test_seeds_are_pooled_and_other_setups_kept_apart(tmp_path):
     runs = [json.loads((res / f"s{s}-12" / "meta.json").read_text())["summary"] for s in (0, 1)]
     assert pooled.accuracy == pytest.approx(sum(r["accuracy_k"] for r in runs) / 24)
     assert pooled.accuracy_lo < pooled.accuracy < pooled.accuracy_hi
+
+
+def test_the_nback_head_is_chosen_on_one_half_of_the_sequences_and_reported_on_the_other(tmp_path):
+    import probes
+
+    model = probes.load("tiny-llama", attn_implementation="eager")
+    four = probes.run(model, probes.task("nback-sequence", n=[1, 2], sequences=4), "attention").summary
+    for n, head in four["nback_head"].items():
+        assert (head["selected_on"], head["reported_on"], head["held_out"]) == (2, 2, True)
+    one = probes.run(model, probes.task("nback-sequence", n=[1], sequences=1), "attention")
+    assert one.summary["nback_head"][1]["held_out"] is False and "too few to hold any out" in one.report

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ProbeError
 from ..models.arch import _get
+from ..stats import finite_or_none
 from ..tasks.base import Item, item_columns
 
 EAGER = {"attn_implementation": "eager"}
@@ -112,15 +113,34 @@ def attention_table(df):
     return table
 
 
+def halves(df, seed: int = 0) -> tuple[set, set]:
+    """The items split in two at random (seeded), within each N: (selecting half, reporting half)."""
+    select, report = set(), set()
+    for n, g in df.groupby("n"):
+        items = np.random.default_rng([seed, int(n)]).permutation(sorted(g.item.unique()))
+        cut = len(items) // 2 if len(items) > 1 else len(items)
+        select |= set(items[:cut].tolist())
+        report |= set(items[cut:].tolist()) if len(items) > 1 else set(items.tolist())
+    return select, report
+
+
 def summarize_attention(df) -> dict:
+    """Entropies by N, and per N the head with the most N-back mass: chosen on one half of the sequences and its
+    masses reported on the other half (both halves' sizes kept), so the figure is not the maximum it was picked
+    as. With one sequence per N there is nothing to hold out, and both halves are that sequence (said so)."""
     t = attention_table(df)
     by_n = t.groupby("n")[["entropy", "entropy_nosink", "total_entropy"]].mean()
-    best = nback_heads(t)
+    select, report = halves(df)
+    best = nback_heads(attention_table(df[df.item.isin(select)]))
+    held = attention_table(df[df.item.isin(report)])
+    sizes = {int(n): (len(set(g.item) & select), len(set(g.item) & report)) for n, g in df.groupby("n")}
     return {"by_n": {int(n): {k: float(v) for k, v in r.items()} for n, r in by_n.iterrows()},
             "nback_head": {int(n): {"layer": int(i[1]), "head": int(i[2]),
-                                    "nback_mass_match": float(t.loc[i].nback_mass_match),
-                                    "nback_mass_nonmatch": float(t.loc[i].nback_mass_nonmatch),
-                                    "other_letter_mass": float(t.loc[i].other_letter_mass)} for n, i in best.items()}}
+                                    "nback_mass_match": finite_or_none(held.loc[i].nback_mass_match),
+                                    "nback_mass_nonmatch": finite_or_none(held.loc[i].nback_mass_nonmatch),
+                                    "other_letter_mass": finite_or_none(held.loc[i].other_letter_mass),
+                                    "selected_on": sizes[int(n)][0], "reported_on": sizes[int(n)][1],
+                                    "held_out": not (select & report)} for n, i in best.items()}}
 
 
 def nback_heads(table):
@@ -135,8 +155,12 @@ def report_attention(df, summary) -> str:
              "   N  entropy  entropy(no sink)  total entropy"]
     for n, r in summary["by_n"].items():
         lines.append(f"  {n:2d}  {r['entropy']:7.3f}  {r['entropy_nosink']:16.3f}  {r['total_entropy']:13.3f}")
-    lines.append("head putting the most mass on the N-back letter in non-match trials, above other letters:")
+    lines.append("head putting the most mass on the N-back letter in non-match trials, above other letters (chosen "
+                 "on one half of the sequences, its masses on the other half):")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for n, h in summary["nback_head"].items():
-        lines.append(f"  N={n}: layer {h['layer']} head {h['head']}: non-match {h['nback_mass_nonmatch']:.3f}, "
-                     f"match {h['nback_mass_match']:.3f}, other letters {h['other_letter_mass']:.3f}")
+        lines.append(f"  N={n}: layer {h['layer']} head {h['head']}: non-match {fmt(h['nback_mass_nonmatch'])}, "
+                     f"match {fmt(h['nback_mass_match'])}, other letters {fmt(h['other_letter_mass'])} "
+                     f"(chosen on {h['selected_on']}, reported on {h['reported_on']} sequences"
+                     + ("" if h["held_out"] else "; the same one: too few to hold any out") + ")")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import html
 import io
 from pathlib import Path
 
-from .aggregate import CURVES, HEADLINE, aggregate, complete_runs, curve_wide
+from .aggregate import CURVES, HEADLINE, SETUP_COLUMNS, aggregate, complete_runs, curve_wide
 from ..runs.rundir import atomic_write
 
 STYLE = """
@@ -40,7 +40,9 @@ def _figure(src: str, caption: str) -> str:
 
 
 def scale_plot(df, probe: str):
-    """Headline metric against model size, one line per task (None if fewer than two model sizes)."""
+    """Headline metric against model size, one series per task and setup (runs of another limit or options are
+    another series, never one line), with error bars where the metric has an interval and each point's item count
+    (None if fewer than two model sizes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,9 +52,20 @@ def scale_plot(df, probe: str):
     if metric not in df or "params" not in df or df.params.nunique() < 2:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for task, d in df.groupby("task"):
-        d = d.groupby("params")[metric].mean()
-        ax.plot(d.index, d.values, marker="o", label=task)
+    setup = [c for c in SETUP_COLUMNS if c in df and df[c].nunique(dropna=False) > 1]
+    for key, d in df.groupby(["task", *setup], dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        label = key[0] + "".join(f", {c}={v}" for c, v in zip(setup, key[1:]))
+        d = d.sort_values("params")
+        lo, hi = f"{metric}_lo", f"{metric}_hi"
+        yerr = ([(d[metric] - d[lo]).clip(lower=0), (d[hi] - d[metric]).clip(lower=0)]
+                if lo in d and hi in d and d[lo].notna().any() else None)
+        ax.errorbar(d.params, d[metric], yerr=yerr, marker="o", capsize=3, label=label)
+        count = f"{metric}_n"
+        if count in d:
+            for x, y, n in zip(d.params, d[metric], d[count]):
+                if n == n:  # not NaN
+                    ax.annotate(f"n={int(n)}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel(metric)

@@ -33,6 +33,21 @@ def runs_root() -> Path:
     return Path(os.environ.get("PROBE_RUNS", "runs"))
 
 
+def trained_runs(root: Path | None = None) -> list[dict]:
+    """Finished training runs under `root` (default `runs_root()`): {path, name, architecture, params, steps}."""
+    found = []
+    for meta_path in sorted(Path(root or runs_root()).rglob("meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("kind") == "training" and meta.get("status") == "complete":
+            found.append({"path": str(meta_path.parent), "name": meta["config"]["name"],
+                          "architecture": meta["config"]["model"]["architecture"], "params": meta.get("params"),
+                          "steps": meta.get("steps")})
+    return found
+
+
 def default_run_dir(cfg: dict) -> Path:
     return runs_root() / safe_name(cfg["name"]) / f"n{cfg['task']['n']}-seed{cfg['train']['seed']}"
 
