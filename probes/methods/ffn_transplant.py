@@ -48,7 +48,8 @@ class Variant:
 def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> torch.Tensor:
     """Final logits (len(variants), vocab) of `prompt` with each variant's vector added to the residual stream
     after its block, at the last position. The prefix runs once with a KV cache; the last token runs once for
-    all variants in one batch, which gives exactly what one full forward pass per variant gives."""
+    all variants in one batch, which gives exactly what one full forward pass per variant gives. A model without
+    a KV cache runs the whole prompt once per variant, in one batch."""
     arch, tok, model = loaded.arch, loaded.tokenizer, loaded.model
     ids = tok(prompt, return_tensors="pt").input_ids
     if not loaded.remote:
@@ -56,16 +57,25 @@ def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> to
     last = ids[:, -1:].repeat(len(variants), 1)
     mask = torch.ones(len(variants), ids.shape[1], dtype=torch.long, device=ids.device)
     by_block = _rows_by_block(variants, arch.n_layers)
+
+    def add():  # inside a trace: each variant's vector after its block, at the last position
+        for i in range(arch.n_layers):
+            if by_block[i]:
+                h = arch.block_output(i)
+                for row, v in by_block[i]:
+                    h[row, -1] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
+
+    if not getattr(model._module, "supports_kv_cache", True):  # this project's trained decoder: no cache
+        with model.trace(ids.repeat(len(variants), 1)):
+            add()
+            logits = model.output.logits[:, -1].save()
+        return logits.float()
     with loaded.session():  # one job with --remote: the prefix's KV cache stays on the server
         with model.trace(ids[:, :-1], use_cache=True):
             cache = model.output.cache  # an inner trace hands all its names to the session
         cache.batch_repeat_interleave(len(variants))
         with model.trace({"input_ids": last, "attention_mask": mask}, cache=cache, use_cache=True):
-            for i in range(arch.n_layers):
-                if by_block[i]:
-                    h = arch.block_output(i)
-                    for row, v in by_block[i]:
-                        h[row, -1] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
+            add()
             logits = model.output.logits[:, -1].save()
     return logits.float()
 

@@ -104,6 +104,7 @@ class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
     _supports_attention_backend = False
+    supports_kv_cache = False  # every forward reads the whole prompt (probes fall back to full passes)
 
     def __init__(self, config: ProbeTransformerConfig):
         super().__init__(config)
