@@ -20,6 +20,7 @@ from ..stats import wilson
 UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed"]
 # what else makes two runs comparable: runs that differ in any of these are never merged into one row
 SETUP_COLUMNS = ["limit", "task_version", "task_digest", "task_options", "options", "dtype", "quantize"]
+TASK_SETUP = ("task_version", "task_digest")  # tell versions of one task apart; a row averaging tasks has several
 # probe -> (summary key holding {dimension value: metrics}, dimension name); these go to the curve table only
 CURVES = {"ffn-ablation": ("accuracy", "variant"), "nback": ("by_n", "n"), "attention": ("by_n", "n")}
 CURVE_METRICS = {"ffn-ablation": ("accuracy",), "nback": ("accuracy", "dprime"),
@@ -108,7 +109,8 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
     metrics are averaged. `runs` counts the runs of each row, `seeds` their distinct seeds."""
     if df.empty:
         return df
-    keys = [c for c in [*by, *keep, *SETUP_COLUMNS] if c in df]
+    named = [*by, *keep]
+    keys = [c for c in [*named, *SETUP_COLUMNS] if c in df and (c not in TASK_SETUP or "task" in named)]
     carried = [c for c in ("params", "family", "kind") if c not in keys and c in df
                and df.groupby(keys, dropna=False)[c].nunique(dropna=False).max() <= 1]
     df = df.copy()
