@@ -57,17 +57,15 @@ def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> to
     last = ids[:, -1:].repeat(len(variants), 1)
     mask = torch.ones(len(variants), ids.shape[1], dtype=torch.long, device=ids.device)
     by_block = _rows_by_block(variants, arch.n_layers)
-
-    def add():  # inside a trace: each variant's vector after its block, at the last position
-        for i in range(arch.n_layers):
-            if by_block[i]:
-                h = arch.block_output(i)
-                for row, v in by_block[i]:
-                    h[row, -1] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
-
-    if not getattr(model._module, "supports_kv_cache", True):  # this project's trained decoder: no cache
+    # the edits are written out in each trace body (not in a helper): a remote trace's body is sent to NDIF,
+    # which cannot import this package
+    if not getattr(model._module, "supports_kv_cache", True):  # this project's trained decoder (never remote)
         with model.trace(ids.repeat(len(variants), 1)):
-            add()
+            for i in range(arch.n_layers):
+                if by_block[i]:
+                    h = arch.block_output(i)
+                    for row, v in by_block[i]:
+                        h[row, -1] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
             logits = model.output.logits[:, -1].save()
         return logits.float()
     with loaded.session():  # one job with --remote: the prefix's KV cache stays on the server
@@ -75,7 +73,11 @@ def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> to
             cache = model.output.cache  # an inner trace hands all its names to the session
         cache.batch_repeat_interleave(len(variants))
         with model.trace({"input_ids": last, "attention_mask": mask}, cache=cache, use_cache=True):
-            add()
+            for i in range(arch.n_layers):
+                if by_block[i]:
+                    h = arch.block_output(i)
+                    for row, v in by_block[i]:
+                        h[row, -1] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
             logits = model.output.logits[:, -1].save()
     return logits.float()
 
