@@ -251,14 +251,24 @@ def cmd_report(args) -> None:
 
 
 def print_ablation_comparison(tables: dict, kinds: dict, model: str) -> None:
-    """Abstractive and extractive tasks side by side (table and plot)."""
+    """Abstractive and extractive tasks side by side (table and plot), and per variant the difference of their
+    relative drops with its bootstrap interval (first abstractive task minus first extractive task)."""
     import pandas as pd
 
+    from .methods.ffn_ablation import drop_difference
     from .reports.plots import plot_ablation_compare
+    from .stats import interval_text, level
 
-    acc = pd.DataFrame({f"{t} ({kinds[t]})": df.groupby("variant", sort=False).correct.mean()
+    acc = pd.DataFrame({f"{t} ({kinds[t]}, {df.item.nunique()} items)": df.groupby("variant", sort=False).correct.mean()
                         for t, df in tables.items()})
     print("\n== accuracy by FFN blocks removed\n" + acc.round(3).to_string())
+    first = {k: next((t for t in tables if kinds[t] == k), None) for k in ("abstractive", "extractive")}
+    if all(first.values()):
+        a, e = first["abstractive"], first["extractive"]
+        print(f"\nrelative drop of {a} minus that of {e} ({level():.0%} bootstrap over each task's items):")
+        for v in tables[a].variant.unique():
+            if v != "none" and v in set(tables[e].variant):
+                print(f"  {v}: {interval_text(drop_difference(tables[a], tables[e], v), 'drop_difference')}")
     path = RESULTS / model / ("ablation-" + "+".join(tables) + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     plot_ablation_compare(tables, kinds, path, model)

@@ -61,28 +61,47 @@ def proportion(k: int, n: int, name: str, conf: float | None = None) -> dict:
             f"{name}_k": int(k)}
 
 
+def _draws(statistic: Callable[..., float], samples: Sequence, seed: int, n_boot: int,
+           vectorized: bool) -> tuple[float, np.ndarray]:
+    """(statistic on the data, its values on n_boot resamples of the items, non-finite ones dropped)."""
+    arrays = [np.asarray(s, dtype=float) for s in samples]
+    n = len(arrays[0])
+    if n == 0:
+        return math.nan, np.array([])
+    value = float(statistic(*arrays))
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    if vectorized:
+        stats = np.asarray(statistic(*(a[idx] for a in arrays)), dtype=float)
+    else:
+        stats = np.array([statistic(*(a[i] for a in arrays)) for i in idx], dtype=float)
+    return value, stats[np.isfinite(stats)]
+
+
+def _percentiles(draws: np.ndarray, conf: float | None) -> tuple[float, float]:
+    if not len(draws):
+        return math.nan, math.nan
+    alpha = 1 - (level() if conf is None else conf)
+    lo, hi = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
 def bootstrap(statistic: Callable[..., float], *samples: Sequence, conf: float | None = None, seed: int = 0,
               n_boot: int = BOOTSTRAP_SAMPLES, vectorized: bool = False) -> tuple[float, float, float]:
     """(statistic, lo, hi): a percentile bootstrap that resamples items (the same indices in every sample, so
     paired samples stay paired). `statistic` takes the arrays and returns a number; `vectorized`: it takes arrays
     of shape (resamples, items) and returns one number per resample (much faster)."""
-    arrays = [np.asarray(s, dtype=float) for s in samples]
-    n = len(arrays[0])
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    value = float(statistic(*arrays))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    if vectorized:
-        stats = np.asarray(statistic(*(a[idx] for a in arrays)), dtype=float)
-    else:
-        stats = np.array([statistic(*(a[i] for a in arrays)) for i in idx], dtype=float)
-    stats = stats[np.isfinite(stats)]
-    if not len(stats):
-        return value, math.nan, math.nan
-    alpha = 1 - (level() if conf is None else conf)
-    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
-    return value, float(lo), float(hi)
+    value, draws = _draws(statistic, samples, seed, n_boot, vectorized)
+    return (value, *_percentiles(draws, conf))
+
+
+def difference(statistic: Callable[..., float], a: Sequence[Sequence], b: Sequence[Sequence],
+               conf: float | None = None, seed: int = 0, n_boot: int = BOOTSTRAP_SAMPLES) -> tuple[float, float, float]:
+    """(statistic(*a) - statistic(*b), lo, hi) for two conditions on different items (e.g. the FFN-ablation drop of
+    an abstractive and of an extractive task): each resampled on its own; `statistic` vectorized as in bootstrap."""
+    va, da = _draws(statistic, a, seed, n_boot, True)
+    vb, db = _draws(statistic, b, seed + 1, n_boot, True)
+    m = min(len(da), len(db))
+    return (va - vb, *_percentiles(da[:m] - db[:m], conf))
 
 
 def mean(values: Sequence, name: str, conf: float | None = None, seed: int = 0) -> dict:
@@ -119,6 +138,22 @@ def sign_flip(a: Sequence[float], b: Sequence[float], seed: int = 0, n_perm: int
 def best_of(k: int, conf: float | None = None) -> float:
     """The level for the interval of a figure picked as the best of `k` (Bonferroni)."""
     return 1 - (1 - (level() if conf is None else conf)) / max(1, k)
+
+
+def halves(items: Sequence, seed: int = 0, strata: Sequence | None = None) -> tuple[set, set]:
+    """Items split at random (seeded) into (selecting half, reporting half), within each stratum if given (each N
+    of an N-back task), for figures picked as a best (block, scale, head) and reported where they were not picked.
+    A stratum of one item cannot be split: that item is in both halves (callers say so)."""
+    items = list(items)
+    strata = [0] * len(items) if strata is None else list(strata)
+    select, report = set(), set()
+    for key in sorted(set(strata)):
+        group = sorted({i for i, s in zip(items, strata) if s == key})
+        perm = np.random.default_rng([seed, int(key)]).permutation(group).tolist()
+        cut = len(perm) // 2 if len(perm) > 1 else 1
+        select |= set(perm[:cut])
+        report |= set(perm[cut:] if len(perm) > 1 else perm)
+    return select, report
 
 
 def median_reached(values: Sequence, total: int, name: str) -> dict:

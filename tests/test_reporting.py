@@ -3,15 +3,18 @@ sample of scored items, clean worked examples, seeds pooled and runs of other se
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
+from probes.methods.ffn_ablation import drop_difference, summarize_ablation
+from probes.methods.ffn_readout import summarize_readout
 from probes.methods.ffn_transplant import summarize_transplant
 from probes.methods.lens import summarize_lens
 from probes.models.loading import load_tokenizer
 from probes.models.registry import load_registry
 from probes.reports.aggregate import aggregate
+from probes.reports.html import with_intervals
+from probes.stats import halves
 from probes.tasks.files import load_task
 
 from .test_cli import probe
@@ -30,8 +33,7 @@ def test_held_out_selection_never_reports_on_the_items_it_selected_on():
                          "top1": (block == "3" and i < 5) or (block == "5" and i >= 5)})
     df = pd.DataFrame(rows)
     for seed in range(10):
-        perm = np.random.default_rng(seed).permutation(np.arange(10))
-        select, report = set(perm[:5].tolist()), set(perm[5:].tolist())
+        select, report = halves(range(10), seed)
         s = summarize_transplant(df, seed)["best"]
         chosen = df[df.item.isin(select) & (df.vector == "o")].groupby("blocks").top1.mean().idxmax()
         expected = df[df.item.isin(report) & (df.vector == "o") & (df.blocks == chosen)].top1.mean()
@@ -39,6 +41,85 @@ def test_held_out_selection_never_reports_on_the_items_it_selected_on():
         assert s["selected_on"] == s["reported_on"] == s["top1_n"] == 5
     peak = summarize_transplant(df)["best_of_all"]
     assert (peak["top1"], peak["of"]) == (0.5, 2) and peak["top1_lo"] < 0.5
+
+
+def test_halves_are_disjoint_cover_the_items_within_every_stratum_and_follow_the_seed():
+    items, strata = list(range(41)), [i % 3 for i in range(41)]
+    splits = {}
+    for seed in range(5):
+        select, report = halves(items, seed, strata)
+        assert not select & report and select | report == set(items)
+        for k in range(3):
+            mine = {i for i in items if strata[i] == k}
+            assert abs(len(select & mine) - len(report & mine)) <= 1
+        assert halves(items, seed, strata) == (select, report)
+        splits[seed] = frozenset(select)
+    assert len(set(splits.values())) == 5
+    assert halves([7], 0) == ({7}, {7})  # one item: nothing to hold out (callers say so)
+
+
+def test_the_readout_switch_block_is_chosen_on_one_half_and_counted_on_the_other():
+    """Items 0-9 switch at block 1 by FFN, items 10-19 at block 2: the chosen block is the mode of the selecting
+    half, and its share is counted on the reporting half only."""
+    rows = [{"item": i, "block": b, "correct": True, "argument_top1_layer": None, "answer_top1_layer": 2 + (i >= 10),
+             "switch_block": 1 + (i >= 10), "switch_by": "ffn", "argument_first": False}
+            for i in range(20) for b in range(3)]
+    df = pd.DataFrame(rows)
+    for seed in range(6):
+        select, report = halves(range(20), seed)
+        chosen = summarize_readout(df, seed)["ffn_switch_block"]
+        picked = pd.Series([1 + (i >= 10) for i in sorted(select)]).mode().iloc[0]
+        assert chosen["block"] == picked and (chosen["selected_on"], chosen["reported_on"]) == (10, 10)
+        assert chosen["share_k"] == sum(1 + (i >= 10) == picked for i in report)
+
+
+def test_relative_drops_have_paired_intervals_and_their_difference_one_too():
+    """Task A: all right without ablation, half right with it (drop 0.5); task B: no drop. The drop, its
+    interval and the A-minus-B difference match the hand computation; a task against itself differs by 0."""
+    def table(drop_every):
+        return pd.DataFrame([{"item": i, "variant": v, "correct": v == "none" or i % drop_every != 0}
+                             for i in range(40) for v in ("none", "top 1/6")])
+    a, b = table(2), table(10 ** 6)  # b: only item 0 drops
+    s = summarize_ablation(a)
+    assert s["relative_drop"]["top 1/6"] == 0.5 and s["relative_drop_lo"]["top 1/6"] < 0.5 < s["relative_drop_hi"]["top 1/6"]
+    assert s["relative_drop"]["none"] == 0 and s["relative_drop_lo"]["none"] == s["relative_drop_hi"]["none"] == 0
+    assert (s["accuracy_k"]["top 1/6"], s["accuracy_n"]["top 1/6"]) == (20, 40)
+    d = drop_difference(a, b, "top 1/6")
+    assert d["drop_difference"] == pytest.approx(0.5 - 1 / 40)
+    assert d["drop_difference_lo"] < d["drop_difference"] < d["drop_difference_hi"]
+    assert drop_difference(a, a, "top 1/6")["drop_difference"] == 0
+
+
+def test_report_tables_show_each_interval_in_its_cell_and_keep_counts():
+    df = pd.DataFrame({"model": ["m"], "accuracy": [0.6], "accuracy_lo": [0.5], "accuracy_hi": [0.7],
+                       "accuracy_k": [6], "accuracy_n": [10], "entropy": [1.5]})
+    shown = with_intervals(df)
+    assert list(shown.columns) == ["model", "accuracy", "accuracy_n", "entropy"]
+    assert shown.accuracy[0] == "0.6 [0.5, 0.7]" and shown.entropy[0] == 1.5
+
+
+def test_every_figure_of_rates_or_means_has_error_bars_or_bands(tmp_path, monkeypatch):
+    from matplotlib.collections import PolyCollection
+    from matplotlib.container import ErrorbarContainer
+
+    from probes.reports import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
+    transplant = pd.DataFrame([{"item": i, "vector": v, "blocks": b, "scale": 1.0, "top1": (i + len(b)) % 3 == 0}
+                               for i in range(9) for v, b in (("none", "-"), ("o", "1"), ("o", "2"), ("random", "1"))])
+    ablation = pd.DataFrame([{"item": i, "variant": v, "n_ablated": k, "correct": i % (k + 2) == 0}
+                             for i in range(9) for k, v in enumerate(("none", "top 1/6"))])
+    lens = pd.DataFrame([{"item": i, "layer": j, "argument_rr": (i + j) / 20, "answer_rr": j / 4}
+                         for i in range(9) for j in range(4)])
+    plots.plot_transplant(transplant, {}, tmp_path / "t.png")
+    plots.plot_ablation(ablation, {"task": "capitals"}, tmp_path / "a.png")
+    plots.plot_lens(lens, {}, tmp_path / "l.png")
+    kinds = [{type(c) for c in fig.axes[0].containers} | {type(c) for c in fig.axes[0].collections}
+             for fig in drawn]
+    assert ErrorbarContainer in kinds[0] and drawn[0].axes[0].patches  # points with bars, the baseline's band
+    assert ErrorbarContainer in kinds[1] and any(issubclass(k, PolyCollection) for k in kinds[2])
+    assert all("items" in t.get_text() or "targets" in t.get_text() for fig in drawn for t in fig.axes[0].texts)
 
 
 def test_lens_medians_say_how_many_items_reach_the_answer_and_never_print_nan():

@@ -26,7 +26,7 @@ def run_accuracy(loaded, items: list[Item]) -> list[dict]:
              "answer_rank": rank[b], "answer_prob": prob[b]} for b, it in enumerate(items)]
 
 
-def summarize_accuracy(df) -> dict:
+def summarize_accuracy(df, seed: int = 0) -> dict:
     n = len(df)
     out = {"items": int(n), **proportion(int(df.correct.sum()), n, "accuracy"),
            **proportion(int(df.consistent.sum()), n, "consistent")}

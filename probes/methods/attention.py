@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ProbeError
 from ..models.arch import _get
-from ..stats import finite_or_none
+from ..stats import finite_or_none, halves, interval_text, level, mean
 from ..tasks.base import Item, item_columns
 
 EAGER = {"attn_implementation": "eager"}
@@ -113,34 +113,53 @@ def attention_table(df):
     return table
 
 
-def halves(df, seed: int = 0) -> tuple[set, set]:
-    """The items split in two at random (seeded), within each N: (selecting half, reporting half)."""
-    select, report = set(), set()
+def _total_entropy_interval(g, seed: int) -> dict:
+    """The paper's total entropy of one N, averaged over layers and heads, with a bootstrap over sequences (the
+    same resampled sequences for every layer and head)."""
+    seqs = sorted(g.item.unique())
+    stacks = np.stack([np.stack([np.array(json.loads(x)) for x in g[g.item == s].sort_values(["layer", "head"])
+                                 .letter_attention]) for s in seqs])  # (sequences, layers x heads, rows, keys)
+
+    def stat(weights):  # weights: (resamples, sequences) counts of each sequence in a resample
+        avg = np.tensordot(np.atleast_2d(weights), stacks, axes=(1, 0)) / np.atleast_2d(weights).sum(1)[:, None, None, None]
+        p = np.clip(avg, 0, None)
+        ent = -(p * np.log(np.where(p > 0, p, 1))).sum(-1).sum(-1)  # (resamples, layers x heads)
+        return ent.mean(-1)
+
+    ones = np.ones(len(seqs))
+    value = float(stat(ones)[0])
+    idx = np.random.default_rng(seed).integers(0, len(seqs), size=(500, len(seqs)))
+    counts = np.stack([np.bincount(i, minlength=len(seqs)) for i in idx]).astype(float)
+    alpha = 1 - level()
+    lo, hi = np.quantile(stat(counts), [alpha / 2, 1 - alpha / 2]) if len(seqs) > 1 else (np.nan, np.nan)
+    return {"total_entropy": value, "total_entropy_lo": finite_or_none(float(lo)),
+            "total_entropy_hi": finite_or_none(float(hi)), "total_entropy_n": len(seqs)}
+
+
+def summarize_attention(df, seed: int = 0) -> dict:
+    """Entropies by N (bootstrap intervals over sequences), and per N the head with the most N-back mass: chosen
+    on one half of the sequences and its masses reported on the other half (both halves' sizes kept, intervals
+    over the reporting half), so the figure is not the maximum it was picked as. With one sequence per N there
+    is nothing to hold out, and both halves are that sequence (said so)."""
+    by_n = {}
     for n, g in df.groupby("n"):
-        items = np.random.default_rng([seed, int(n)]).permutation(sorted(g.item.unique()))
-        cut = len(items) // 2 if len(items) > 1 else len(items)
-        select |= set(items[:cut].tolist())
-        report |= set(items[cut:].tolist()) if len(items) > 1 else set(items.tolist())
-    return select, report
-
-
-def summarize_attention(df) -> dict:
-    """Entropies by N, and per N the head with the most N-back mass: chosen on one half of the sequences and its
-    masses reported on the other half (both halves' sizes kept), so the figure is not the maximum it was picked
-    as. With one sequence per N there is nothing to hold out, and both halves are that sequence (said so)."""
-    t = attention_table(df)
-    by_n = t.groupby("n")[["entropy", "entropy_nosink", "total_entropy"]].mean()
-    select, report = halves(df)
+        per_seq = g.groupby("item")[["entropy", "entropy_nosink"]].mean()
+        by_n[int(n)] = {**mean(per_seq.entropy, "entropy", seed=seed), **mean(per_seq.entropy_nosink, "entropy_nosink", seed=seed),
+                        **_total_entropy_interval(g, seed)}
+    select, report = halves(df.item, seed, strata=df.n)
     best = nback_heads(attention_table(df[df.item.isin(select)]))
-    held = attention_table(df[df.item.isin(report)])
     sizes = {int(n): (len(set(g.item) & select), len(set(g.item) & report)) for n, g in df.groupby("n")}
-    return {"by_n": {int(n): {k: float(v) for k, v in r.items()} for n, r in by_n.iterrows()},
-            "nback_head": {int(n): {"layer": int(i[1]), "head": int(i[2]),
-                                    "nback_mass_match": finite_or_none(held.loc[i].nback_mass_match),
-                                    "nback_mass_nonmatch": finite_or_none(held.loc[i].nback_mass_nonmatch),
-                                    "other_letter_mass": finite_or_none(held.loc[i].other_letter_mass),
-                                    "selected_on": sizes[int(n)][0], "reported_on": sizes[int(n)][1],
-                                    "held_out": not (select & report)} for n, i in best.items()}}
+    heads = {}
+    for n, (_, layer, head) in best.items():
+        held = df[df.item.isin(report) & (df.n == n) & (df.layer == layer) & (df["head"] == head)]
+        gap = held.nback_mass_nonmatch - held.other_letter_mass
+        heads[int(n)] = {"layer": int(layer), "head": int(head),
+                         **{k: v for c in ("nback_mass_match", "nback_mass_nonmatch", "other_letter_mass")
+                            for k, v in mean(held[c], c, seed=seed).items()},
+                         **mean(gap, "nonmatch_above_other", seed=seed),
+                         "selected_on": sizes[int(n)][0], "reported_on": sizes[int(n)][1],
+                         "held_out": not (select & report)}
+    return {"sequences": int(df.item.nunique()), "by_n": by_n, "nback_head": heads}
 
 
 def nback_heads(table):
@@ -151,16 +170,16 @@ def nback_heads(table):
 
 
 def report_attention(df, summary) -> str:
-    lines = ["mean over layers and heads, by N:",
-             "   N  entropy  entropy(no sink)  total entropy"]
+    t = lambda d, k: interval_text(d, k, digits=2)  # noqa: E731
+    lines = [f"{summary['sequences']} sequences; mean over layers and heads, by N:"]
     for n, r in summary["by_n"].items():
-        lines.append(f"  {n:2d}  {r['entropy']:7.3f}  {r['entropy_nosink']:16.3f}  {r['total_entropy']:13.3f}")
+        lines.append(f"  N={n}: entropy {t(r, 'entropy')}, no sink {t(r, 'entropy_nosink')}, "
+                     f"total entropy {t(r, 'total_entropy')}")
     lines.append("head putting the most mass on the N-back letter in non-match trials, above other letters (chosen "
                  "on one half of the sequences, its masses on the other half):")
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for n, h in summary["nback_head"].items():
-        lines.append(f"  N={n}: layer {h['layer']} head {h['head']}: non-match {fmt(h['nback_mass_nonmatch'])}, "
-                     f"match {fmt(h['nback_mass_match'])}, other letters {fmt(h['other_letter_mass'])} "
+        lines.append(f"  N={n}: layer {h['layer']} head {h['head']}: non-match {t(h, 'nback_mass_nonmatch')}, "
+                     f"match {t(h, 'nback_mass_match')}, other letters {t(h, 'other_letter_mass')} "
                      f"(chosen on {h['selected_on']}, reported on {h['reported_on']} sequences"
                      + ("" if h["held_out"] else "; the same one: too few to hold any out") + ")")
-    return "\n".join(lines)
+    return "\n".join(lines) + f"\n[{level():.0%} bootstrap intervals over sequences]"

@@ -16,7 +16,7 @@ from .lens import report_lens, run_lens, summarize_lens
 @dataclass(frozen=True)
 class Probe:
     run: Callable  # (loaded, items, **options) -> rows
-    summarize: Callable  # (DataFrame) -> dict
+    summarize: Callable  # (DataFrame, seed=...) -> dict; the seed draws its bootstrap resamples and held-out halves
     report: Callable  # (DataFrame, summary) -> printable text
     about: str
     plot: Callable | None  # (DataFrame, meta, path) -> writes a figure

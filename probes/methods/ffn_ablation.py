@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
 from ..errors import ProbeError
 from ..models.arch import parse_blocks
-from ..stats import level, mcnemar, proportion
+from ..stats import bootstrap, difference, finite_or_none, level, mcnemar, proportion
 from ..tasks.base import Item, answer_token, item_columns
 from .lens import rank_of
 
@@ -65,24 +66,47 @@ def run_ablation(loaded, items: list[Item], layers=None, how: str = "zero") -> l
     return rows
 
 
-def summarize_ablation(df) -> dict:
-    """Per variant: accuracy with its Wilson interval, the drop relative to no ablation, and an exact McNemar test
-    against no ablation on the same items."""
+def _drop(none, ablated):
+    """Relative accuracy drop (vectorized over resamples): (acc(none) - acc(ablated)) / acc(none)."""
+    base = none.mean(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (base - ablated.mean(-1)) / base
+
+
+def paired_outcomes(df, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(right without ablation, right with `variant`) per item, in item order."""
+    by = df.pivot_table(index="item", columns="variant", values="correct", aggfunc="first")
+    return by["none"].to_numpy(dtype=float), by[variant].to_numpy(dtype=float)
+
+
+def summarize_ablation(df, seed: int = 0) -> dict:
+    """Per variant: accuracy with its Wilson interval, the drop relative to no ablation with a paired bootstrap
+    interval over items, and an exact McNemar test against no ablation on the same items."""
     by = {v: g.sort_values("item") for v, g in df.groupby("variant", sort=False)}
     rates = {v: proportion(int(g.correct.sum()), len(g), "accuracy") for v, g in by.items()}
-    base = rates.get("none", {}).get("accuracy")
     none = by.get("none")
-    return {"items": int(df.item.nunique()), "accuracy": {v: r["accuracy"] for v, r in rates.items()},
-            "accuracy_lo": {v: r["accuracy_lo"] for v, r in rates.items()},
-            "accuracy_hi": {v: r["accuracy_hi"] for v, r in rates.items()},
-            "relative_drop": {v: (base - r["accuracy"]) / base if base else None for v, r in rates.items()},
+    drops = {v: bootstrap(_drop, *paired_outcomes(df, v), seed=seed, vectorized=True) if none is not None else
+             (None, None, None) for v in by}
+    return {"items": int(df.item.nunique()),
+            **{key: {v: r[key] for v, r in rates.items()}
+               for key in ("accuracy", "accuracy_lo", "accuracy_hi", "accuracy_k", "accuracy_n")},
+            **{key: {v: finite_or_none(d[i]) for v, d in drops.items()}
+               for i, key in enumerate(("relative_drop", "relative_drop_lo", "relative_drop_hi"))},
             "p_vs_none": {v: mcnemar(g.correct.to_numpy(), none.correct.to_numpy()) if none is not None else None
                           for v, g in by.items()}}
 
 
+def drop_difference(first, second, variant: str, seed: int = 0) -> dict:
+    """The relative drop of `variant` on one task minus that on another (different items, each resampled on its
+    own): the paper's abstractive-minus-extractive contrast, with its bootstrap interval."""
+    d, lo, hi = difference(_drop, paired_outcomes(first, variant), paired_outcomes(second, variant), seed=seed)
+    return {"drop_difference": finite_or_none(d), "drop_difference_lo": finite_or_none(lo),
+            "drop_difference_hi": finite_or_none(hi)}
+
+
 def report_ablation(df, summary) -> str:
     table = df.groupby(["variant", "n_ablated"], sort=False).correct.mean().rename("accuracy").reset_index()
-    for key in ("accuracy_lo", "accuracy_hi", "relative_drop", "p_vs_none"):
+    for key in ("accuracy_lo", "accuracy_hi", "relative_drop", "relative_drop_lo", "relative_drop_hi", "p_vs_none"):
         table[key] = [summary[key][v] for v in table.variant]
     return (table.round(3).to_string(index=False) + f"\n\nitems {summary['items']} ({df.ablation.iloc[0]} ablation; "
             f"{level():.0%} Wilson intervals; p_vs_none: exact McNemar against no ablation, same items)")

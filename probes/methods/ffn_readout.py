@@ -13,7 +13,7 @@ import nnsight
 import torch
 
 from ..tasks.base import Item, item_columns
-from ..stats import interval_text, level, median_reached, proportion
+from ..stats import halves, interval_text, level, median_reached, proportion
 from .lens import lens_tensors, reached_text, stats_rows, target_ids
 
 
@@ -82,7 +82,10 @@ def run_readout(loaded, items: list[Item], topk: int = 5) -> list[dict]:
     return rows
 
 
-def summarize_readout(df) -> dict:
+def summarize_readout(df, seed: int = 0) -> dict:
+    """Accuracy, stage layers and who makes the switch to the answer; the FFN switch block (the block whose FFN
+    most often makes the answer top-1) is chosen on a seeded half of the items and how often it is the switch
+    block is reported on the other half, so the figure is not the mode it was picked as."""
     per = df.groupby("item").first()
     n = len(per)
     switched = per.dropna(subset=["switch_block"])
@@ -92,8 +95,18 @@ def summarize_readout(df) -> dict:
            **proportion(int(per.argument_first.sum()), n, "argument_first"),
            **proportion(int((switched.switch_by == "ffn").sum()), len(switched), "switch_by_ffn"),
            "switch_block_mode": int(switched.switch_block.mode().iloc[0]) if len(switched) else None}
-    ffn_switch = switched[switched.switch_by == "ffn"]
+    ffn_switch = per[per.switch_by == "ffn"]
     out["ffn_switch_block_mode"] = int(ffn_switch.switch_block.mode().iloc[0]) if len(ffn_switch) else None
+    out["ffn_switch_block"] = None
+    if n >= 2:
+        select, report = halves(per.index, seed)
+        chosen = ffn_switch[ffn_switch.index.isin(select)].switch_block
+        held = per[per.index.isin(report)]
+        if len(chosen):
+            block = int(chosen.mode().iloc[0])
+            out["ffn_switch_block"] = {"block": block, "selected_on": len(select), "reported_on": len(held),
+                                       **proportion(int(((held.switch_by == "ffn") & (held.switch_block == block)).sum()),
+                                                    len(held), "share")}
     return out
 
 
@@ -111,4 +124,12 @@ def report_readout(df, summary) -> str:
             f"\nargument before answer: {interval_text(summary, 'argument_first')}; the switch to the answer is "
             f"made by an FFN in {interval_text(summary, 'switch_by_ffn')} of switches; FFN switch blocks: "
             + (", ".join(f"{int(k)}: {v}" for k, v in counts.items()) or "none")
+            + _switch_text(summary["ffn_switch_block"])
             + f"\n[{level():.0%} Wilson intervals]")
+
+
+def _switch_text(chosen: dict | None) -> str:
+    if not chosen:
+        return "\nFFN switch block: none (no FFN switch among the selecting half)"
+    return (f"\nFFN switch block {chosen['block']}, chosen on {chosen['selected_on']} items: on the other "
+            f"{chosen['reported_on']}, the answer is switched on by that block's FFN in {interval_text(chosen, 'share')}")

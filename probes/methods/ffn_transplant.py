@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ProbeError
 from ..models.arch import execution_device, parse_blocks
-from ..stats import best_of, interval_text, level, mcnemar, mean, proportion
+from ..stats import best_of, halves, interval_text, level, mcnemar, mean, proportion
 from ..tasks.base import Item, answer_token, first_token, item_columns
 from .ffn_readout import last_position_updates, run_readout
 from .lens import rank_of
@@ -235,8 +235,7 @@ def summarize_transplant(df, seed: int = 0) -> dict:
     top = _top1_by_variant(df)
     if "o" not in set(df.vector) or len(items) < 2:
         return out
-    perm = np.random.default_rng(seed).permutation(items)
-    select, report = set(perm[: len(items) // 2].tolist()), set(perm[len(items) // 2:].tolist())
+    select, report = halves(items, seed)
     chosen = _top1_by_variant(df[df.item.isin(select)]).xs("o", level="vector").idxmax()
     held = df[df.item.isin(report)].set_index(["blocks", "scale", "vector"]).sort_index()
     at = lambda vector: held.loc[(chosen[0], chosen[1], vector)] if (chosen[0], chosen[1], vector) in held.index else None  # noqa: E731

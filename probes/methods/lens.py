@@ -117,7 +117,7 @@ def first_top1(df, col: str, items) -> list:
     return [None if pd.isna(v) else float(v) for v in first.reindex(items)]
 
 
-def summarize_lens(df) -> dict:
+def summarize_lens(df, seed: int = 0) -> dict:
     """Accuracy at the last layer (with its interval) and the median first layer at which the answer / argument is
     top-1, over the items that ever reach it (their count is kept)."""
     last = df[df.layer == df.layer.max()]

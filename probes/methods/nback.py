@@ -52,7 +52,7 @@ def _dprime_resampled(match, said_m):
     return z(h) - z(f)
 
 
-def nback_table(df):
+def nback_table(df, seed: int = 0):
     """Per N: trials, hit and false-alarm rates and accuracy with Wilson intervals, d' with a bootstrap interval
     over trials."""
     import pandas as pd
@@ -63,7 +63,7 @@ def nback_table(df):
         hits, fas = int((match.choice == "m").sum()), int((non.choice == "m").sum())
         _, _, d = dprime(hits, len(match), fas, len(non))
         _, d_lo, d_hi = bootstrap(_dprime_resampled, g.match.to_numpy(), (g.choice == "m").to_numpy(),
-                                  seed=int(n), vectorized=True)
+                                  seed=[seed, int(n)], vectorized=True)
         row = {"n": int(n), "trials": len(g), **proportion(hits, len(match), "hit_rate"),
                **proportion(fas, len(non), "false_alarm_rate"), **proportion(int(g.correct.sum()), len(g), "accuracy"),
                "dprime": d, "dprime_lo": d_lo, "dprime_hi": d_hi}
@@ -71,8 +71,8 @@ def nback_table(df):
     return pd.DataFrame(out).set_index("n")
 
 
-def summarize_nback(df) -> dict:
-    t = nback_table(df)
+def summarize_nback(df, seed: int = 0) -> dict:
+    t = nback_table(df, seed)
     return {"by_n": {int(n): {k: finite_or_none(v) for k, v in r.items()} for n, r in t.iterrows()},
             **proportion(int(df.correct.sum()), len(df), "accuracy")}
 

@@ -26,7 +26,8 @@ CURVES = {"ffn-ablation": ("accuracy", "variant"), "nback": ("by_n", "n"), "atte
 CURVE_METRICS = {"ffn-ablation": ("accuracy",), "nback": ("accuracy", "dprime"),
                  "attention": ("entropy_nosink", "total_entropy")}  # shown one column per dimension value
 # ablation's summary holds one mapping {variant: value} per metric; each becomes a column of the curve table
-PARALLEL = {"ffn-ablation": ("relative_drop", "accuracy_lo", "accuracy_hi", "p_vs_none")}
+PARALLEL = {"ffn-ablation": ("accuracy_lo", "accuracy_hi", "accuracy_k", "accuracy_n", "relative_drop",
+                             "relative_drop_lo", "relative_drop_hi", "p_vs_none")}
 CURVE_ONLY = {"ffn-ablation": ("accuracy", *PARALLEL["ffn-ablation"]), "nback": ("by_n",), "attention": ("by_n",)}
 # the headline metric of each probe, for the report's scale plots
 HEADLINE = {"accuracy": "accuracy", "logit-lens": "accuracy", "ffn-readout": "answer_top1_layer",
@@ -183,14 +184,15 @@ def write_tables(tables: dict[str, pd.DataFrame], out: Path) -> list[Path]:
     return written
 
 
-def curve_wide(curve: pd.DataFrame, probe: str, by: list[str]) -> dict[str, pd.DataFrame]:
-    """{metric: table with one column per value of the curve's dimension} (ablation variants, N), for reading."""
+def curve_wide(curve: pd.DataFrame, probe: str, by: list[str], aggfunc: str = "mean") -> dict[str, pd.DataFrame]:
+    """{metric: table with one column per value of the curve's dimension} (ablation variants, N), for reading
+    (aggfunc "first" for cells that are already text, e.g. a value with its interval)."""
     dim = CURVES[probe][1]
     index = [c for c in [*by, "params"] if c in curve]
     out = {}
     for m in CURVE_METRICS[probe]:
         if m in curve:
-            wide = curve.pivot_table(index=index, columns=dim, values=m, sort=False).reset_index()
+            wide = curve.pivot_table(index=index, columns=dim, values=m, sort=False, aggfunc=aggfunc).reset_index()
             wide.columns.name = None
             out[m] = wide
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .aggregate import CURVES, HEADLINE, SETUP_COLUMNS, aggregate, complete_runs, curve_wide
 from ..runs.rundir import atomic_write
+from ..stats import level
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -37,6 +38,27 @@ def _png(path_or_fig) -> str:
 def _figure(src: str, caption: str) -> str:
     return (f'<figure><img src="{src}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def with_intervals(df):
+    """For reading: each metric with `_lo`/`_hi` columns becomes one cell "0.602 [0.532, 0.668]" (its `_k` and
+    spread columns dropped, its count `_n` kept); the CSV and Parquet tables keep every column."""
+    import pandas as pd
+
+    out = df.copy()
+    for c in [c for c in df.columns if f"{c}_lo" in df and f"{c}_hi" in df]:
+        def cell(v, lo, hi):
+            if pd.isna(v):
+                return ""
+            return f"{v:.4g}" + (f" [{lo:.3g}, {hi:.3g}]" if pd.notna(lo) and pd.notna(hi) else "")
+        out[c] = [cell(*r) for r in zip(pd.to_numeric(df[c]), pd.to_numeric(df[f"{c}_lo"]),
+                                        pd.to_numeric(df[f"{c}_hi"]))]
+        out = out.drop(columns=[x for x in (f"{c}_lo", f"{c}_hi", f"{c}_k") if x in out])
+    return out
+
+
+def _html_table(df) -> str:
+    return with_intervals(df).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", border=0)
 
 
 def scale_plot(df, probe: str):
@@ -82,15 +104,17 @@ def build_report(results: Path, by: list[str]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>probe report: {html.escape(str(results))}"
              f"</title><style>{STYLE}</style></head><body>",
              f"<h1>probe report</h1><p>{len(runs)} complete run(s) under <code>{html.escape(str(results))}</code>, "
-             f"grouped by {', '.join(by)}; written {_dt.datetime.now().isoformat(timespec='seconds')}.</p>"]
+             f"grouped by {', '.join(by)}; written {_dt.datetime.now().isoformat(timespec='seconds')}. "
+             f"Brackets: {level():.0%} intervals (Wilson for rates, pooled over seeds; bootstrap over items for "
+             "means); <code>_n</code>: items counted; <code>runs</code>/<code>seeds</code>: runs pooled in a row.</p>"]
     for probe in sorted({m["config"]["probe"] for m in runs}):
         parts.append(f"<h2 id='{probe}'>{html.escape(probe)}</h2>")
         df = tables[probe]
-        parts.append(df.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", border=0))
+        parts.append(_html_table(df))
         if f"{probe}-curve" in tables:
-            for metric, wide in curve_wide(tables[f"{probe}-curve"], probe, by).items():
+            for metric, wide in curve_wide(with_intervals(tables[f"{probe}-curve"]), probe, by, "first").items():
                 parts.append(f"<h3>{html.escape(probe)}: {metric} by {CURVES[probe][1]}</h3>")
-                parts.append(wide.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", border=0))
+                parts.append(_html_table(wide))
         figures = []
         fig = scale_plot(df, probe)
         if fig is not None:

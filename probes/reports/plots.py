@@ -27,19 +27,52 @@ def _yerr(t, col: str):
     return [(t[col] - t[f"{col}_lo"]).clip(lower=0).to_numpy(), (t[f"{col}_hi"] - t[col]).clip(lower=0).to_numpy()]
 
 
+def _rates(groups, col: str):
+    """Per group: the fraction of true `col` with its Wilson interval, as a frame (rate, rate_lo, rate_hi, rate_n)."""
+    import pandas as pd
+
+    from ..stats import proportion
+
+    return pd.DataFrame({key: proportion(int(g[col].sum()), len(g), "rate") for key, g in groups}).T
+
+
+def _means(groups, col: str):
+    """Per group: the mean of `col` with its bootstrap interval over items (mean, mean_lo, mean_hi, mean_n)."""
+    import pandas as pd
+
+    from ..stats import mean
+
+    return pd.DataFrame({key: mean(g[col], "mean", seed=i) for i, (key, g) in enumerate(groups)}).T.astype(float)
+
+
+def _note(ax, text: str) -> None:
+    from ..stats import level
+
+    ax.text(0.01, 0.97, text.format(level=f"{level():.0%}"), transform=ax.transAxes, fontsize=7, va="top")
+
+
+def _band(ax, t, fmt: str, label: str, x=None) -> None:
+    """A line with its interval as a shaded band (t: a frame from _rates or _means)."""
+    value = t.columns[0]
+    x = t.index if x is None else x
+    ax.plot(x, t[value].astype(float), fmt, label=label)
+    ax.fill_between(x, t[f"{value}_lo"].astype(float), t[f"{value}_hi"].astype(float), alpha=0.2)
+
+
+def _bars(ax, t, fmt: str, label: str, x=None) -> None:
+    """Points with error bars (t: a frame from _rates or _means)."""
+    value = t.columns[0]
+    t = t.astype(float)
+    ax.errorbar(t.index if x is None else x, t[value], yerr=_yerr(t, value), fmt=fmt, capsize=3, label=label)
+
+
 def plot_lens(df, meta: dict, path: Path, layer_col: str = "layer") -> None:
     """The paper's "X": mean reciprocal rank of argument and answer across layers, with a bootstrap band over
     items."""
-    from ..stats import level, mean
-
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for col, fmt, label in (("argument_rr", "o-", "argument (e.g. Poland)"), ("answer_rr", "s-", "answer (e.g. Warsaw)")):
-        rows = [{"layer": layer, **mean(g[col], "m", seed=int(layer))} for layer, g in df.groupby(layer_col)]
-        x = [r["layer"] for r in rows]
-        ax.plot(x, [r["m"] for r in rows], fmt, label=label)
-        ax.fill_between(x, [r["m_lo"] for r in rows], [r["m_hi"] for r in rows], alpha=0.2)
-    ax.text(0.01, 0.97, f"{df.item.nunique()} items; bands: {level():.0%} bootstrap over items",
-            transform=ax.transAxes, fontsize=7, va="top")
+        _band(ax, _means(df.groupby(layer_col), col), fmt, label)
+    _note(ax, f"{df.item.nunique()} items; bands: {{level}} bootstrap over items")
     ax.set(xlabel="residual index (0 = embeddings)", ylabel="mean reciprocal rank", ylim=(0, 1.02),
            title=f"logit lens · {_title(meta)}")
     ax.legend()
@@ -47,33 +80,36 @@ def plot_lens(df, meta: dict, path: Path, layer_col: str = "layer") -> None:
 
 
 def plot_readout(df, meta: dict, path: Path) -> None:
-    per = df.groupby("block").agg(arg=("argument_rank_after_ffn", lambda r: (1 / (r + 1)).mean()),
-                                  ans=("answer_rank_after_ffn", lambda r: (1 / (r + 1)).mean()),
-                                  ffn=("ffn_answer_rank", lambda r: (1 / (r + 1)).mean()))
+    rr = df.assign(arg=1 / (df.argument_rank_after_ffn + 1), ans=1 / (df.answer_rank_after_ffn + 1),
+                   ffn=1 / (df.ffn_answer_rank + 1))
     items = df.groupby("item").first()
     switches = items[items.switch_by == "ffn"].switch_block.value_counts().sort_index()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot(per.index + 1, per.arg, "o-", label="argument, residual")
-    a.plot(per.index + 1, per.ans, "s-", label="answer, residual")
-    a.plot(per.index + 1, per.ffn, "^--", label="answer, FFN update alone")
+    for col, fmt, label in (("arg", "o-", "argument, residual"), ("ans", "s-", "answer, residual"),
+                            ("ffn", "^--", "answer, FFN update alone")):
+        t = _means(rr.groupby("block"), col)
+        _band(a, t, fmt, label, x=t.index + 1)
+    _note(a, f"{len(items)} items; bands: {{level}} bootstrap over items")
     a.set(xlabel="residual index after block's FFN", ylabel="mean reciprocal rank", ylim=(0, 1.02),
           title=f"FFN read-out · {_title(meta)}")
     a.legend(fontsize=8)
     b.bar(switches.index, switches.values)
-    b.set(xlabel="block whose FFN makes the answer top-1", ylabel="prompts", title="function application")
+    b.set(xlabel="block whose FFN makes the answer top-1", ylabel="prompts",
+          title=f"function application ({int(switches.sum())} of {len(items)} prompts)")
     _save(fig, path)
 
 
 def plot_transplant(df, meta: dict, path: Path) -> None:
     moved = df[df.vector != "none"]
-    base = df[df.vector == "none"].top1.mean()
+    base = _rates([("none", df[df.vector == "none"])], "top1").astype(float).iloc[0]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for (vector, scale), g in moved.groupby(["vector", "scale"], sort=False):
-        by = g.groupby("blocks", sort=False).top1.mean()
-        x = range(len(by))
-        ax.plot(x, by.values, "o-", label=f"{vector} x{scale:g}")
-        ax.set_xticks(list(x), list(by.index), rotation=90 if len(by) > 12 else 0, fontsize=7)
-    ax.axhline(base, color="gray", ls=":", label="without o")
+        t = _rates(g.groupby("blocks", sort=False), "top1")
+        _bars(ax, t, "o-", f"{vector} x{scale:g}", x=range(len(t)))
+        ax.set_xticks(list(range(len(t))), list(t.index), rotation=90 if len(t) > 12 else 0, fontsize=7)
+    ax.axhline(base.rate, color="gray", ls=":", label="without o")
+    ax.axhspan(base.rate_lo, base.rate_hi, color="gray", alpha=0.15)
+    _note(ax, f"{df.item.nunique()} targets; bars: {{level}} Wilson, each point on its own (not selection-adjusted)")
     ax.set(xlabel="blocks where o is put", ylabel="answer top-1 (fraction)", ylim=(0, 1.02),
            title=f"FFN transplant · {_title(meta)}")
     ax.legend(fontsize=8)
@@ -81,21 +117,19 @@ def plot_transplant(df, meta: dict, path: Path) -> None:
 
 
 def plot_ablation(df, meta: dict, path: Path) -> None:
-    acc = df.groupby("n_ablated").correct.mean()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(acc.index, acc.values, "o-", label=meta.get("task", ""))
-    ax.set(xlabel="FFN blocks removed (from the top)", ylabel="accuracy", ylim=(0, 1.02),
-           title=f"FFN ablation · {_title(meta)}")
-    ax.legend()
-    _save(fig, path)
+    plot_ablation_compare({meta.get("task", ""): df}, {meta.get("task", ""): ""}, path, meta.get("model", ""))
 
 
 def plot_ablation_compare(tables: dict, kinds: dict, path: Path, model: str) -> None:
-    """Abstractive and extractive tasks side by side: accuracy against FFN blocks removed."""
+    """Accuracy against FFN blocks removed, one line per task (abstractive solid, extractive dashed), with Wilson
+    error bars."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for task, df in tables.items():
-        acc = df.groupby("n_ablated").correct.mean()
-        ax.plot(acc.index, acc.values, "o-" if kinds[task] == "abstractive" else "s--", label=f"{task} ({kinds[task]})")
+        t = _rates(df.groupby("n_ablated"), "correct")
+        kind = kinds[task]
+        _bars(ax, t, "s--" if kind == "extractive" else "o-", f"{task} ({kind})" if kind else task)
+    _note(ax, "; ".join(f"{task}: {df.item.nunique()} items" for task, df in tables.items())
+          + "; bars: {level} Wilson")
     ax.set(xlabel="FFN blocks removed (from the top)", ylabel="accuracy", ylim=(0, 1.02),
            title=f"FFN ablation · {model}")
     ax.legend(fontsize=8)
@@ -119,27 +153,32 @@ def plot_nback(df, meta: dict, path: Path) -> None:
 
 
 def plot_attention(df, meta: dict, path: Path) -> None:
-    """Entropy against N per layer, and the trial-averaged letter-to-letter attention of the best N-back head."""
+    """Entropy against N per layer, and the trial-averaged letter-to-letter attention of the best N-back head
+    (chosen on one half of the sequences, averaged over the other, as the summary does)."""
     import json
 
     import numpy as np
 
     from ..methods.attention import attention_table, nback_heads
+    from ..stats import halves
 
-    t = attention_table(df)
+    select, report = halves(df.item, meta.get("seed", 0), strata=df.n)
     ns = sorted(df.n.unique())
     fig, axes = plt.subplots(1, 1 + len(ns), figsize=(4 + 3 * len(ns), 3.5))
-    per_layer = t.groupby(["n", "layer"]).entropy_nosink.mean().unstack("layer")
-    for layer in per_layer.columns:
-        axes[0].plot(per_layer.index, per_layer[layer], "o-", lw=1, label=f"layer {layer}")
+    layers = sorted(df.layer.unique())
+    for layer in layers:
+        per_seq = df[df.layer == layer].groupby(["n", "item"]).entropy_nosink.mean().reset_index()
+        _bars(axes[0], _means(per_seq.groupby("n"), "entropy_nosink"), "o-", f"layer {layer}")
+    _note(axes[0], f"{df.item.nunique()} sequences; bars: {{level}} bootstrap over sequences")
     axes[0].set(xlabel="N", ylabel="row entropy, no sink (nats)", title=f"attention · {_title(meta)}")
-    if len(per_layer.columns) <= 10:
+    if len(layers) <= 10:
         axes[0].legend(fontsize=6)
-    heads = nback_heads(t)
+    heads = nback_heads(attention_table(df[df.item.isin(select)]))
     for ax, n in zip(axes[1:], ns):
         _, layer, head = heads[n]
-        rows = df[(df.n == n) & (df.layer == layer) & (df["head"] == head)].letter_attention
+        rows = df[(df.n == n) & (df.layer == layer) & (df["head"] == head) & df.item.isin(report)].letter_attention
         mean = np.mean([np.array(json.loads(x)) for x in rows], axis=0)
         ax.imshow(mean, cmap="viridis")
-        ax.set(title=f"N={n}: layer {layer} head {head}", xlabel="key letter", ylabel="query letter")
+        ax.set(title=f"N={n}: layer {layer} head {head}\n(chosen on one half, shown on {len(rows)} others)",
+               xlabel="key letter", ylabel="query letter")
     _save(fig, path)

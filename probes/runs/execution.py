@@ -150,8 +150,8 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
                 run.write_part(rows)
                 bar.update(len(batch))
         table = run.table()
-        summary = {**spec.summarize(table), **counts(task, items, ambiguous, limit), "ci": level()}
+        summary = {**spec.summarize(table, seed=task.seed), **counts(task, items, ambiguous, limit), "ci": level()}
         if spec.plot is not None:
-            spec.plot(table, {"model": loaded.spec.name, "task": task.name}, run.path / "plot.png")
+            spec.plot(table, {"model": loaded.spec.name, "task": task.name, "seed": task.seed}, run.path / "plot.png")
         run.finish(table, summary, {"batch_size_used": size} if auto else {})
     return table, summary
