@@ -29,7 +29,8 @@ def cmd_models(args) -> None:
 
     rows = [(s.name, s.family, _fmt_params(s.params), s.where() + ("" if s.pinned or s.source != "hub" else " (unpinned)"),
              "yes" if s.available() else "no") for s in load_registry().values()]
-    from .training.trainer import runs_root, trained_runs
+    from .models.registry import trained_runs
+    from .paths import runs_root
 
     rows += [(r["path"], r["architecture"], _fmt_params(r["params"]), f"trained run ({r['steps']} steps)", "yes")
              for r in trained_runs()]
@@ -146,6 +147,8 @@ def cmd_train(args) -> None:
 
     cfg = load_training_config(args.config, parse_overrides(args.set), args.seed)
     run = train(cfg, args.output, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", 0)):  # data-parallel: the main process reports
+        return
     meta = json.loads((run / "meta.json").read_text())
     final = meta.get("final", {})
     print(f"trained {cfg['name']} (N={cfg['task']['n']}, seed {cfg['train']['seed']}): {meta.get('steps')} steps, "
@@ -189,7 +192,8 @@ def cmd_plan(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .runs.sweep import load_sweep, run_local, submit_slurm, wait
+    from .runs.slurm import submit_slurm, wait
+    from .runs.sweep import load_sweep, run_local
 
     sweep = load_sweep(args.file)
     if args.executor not in ("local", "slurm"):

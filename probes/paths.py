@@ -16,3 +16,8 @@ def cache_root() -> Path:
 def tasks_dir() -> Path:
     """The task files ($PROBE_TASKS, default tasks/ of the repository)."""
     return Path(os.environ.get("PROBE_TASKS", ROOT / "tasks"))
+
+
+def runs_root() -> Path:
+    """Where trained runs go by default ($PROBE_RUNS, default runs/ in the current folder)."""
+    return Path(os.environ.get("PROBE_RUNS", "runs"))

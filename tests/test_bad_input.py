@@ -10,6 +10,7 @@ import yaml
 from probes.cli import main
 
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
+PAPER = TASKS.parent / "configs" / "training" / "nback-paper.yaml"
 PROGRESS = ("loading ", "loaded in ")  # what may precede an error found after loading
 
 
@@ -135,7 +136,18 @@ def cases(tmp: Path) -> list[tuple[list, str]]:
             ("slurm", {"slurm": {"colour": 1}}, "colour"), ("batch", {"batch_size": "lots"}, "lots"),
             ("name", {"name": ["a"]}, "name"), ("load", {"load": {"dtype": "float8"}}, "float8"),
             ("results", {"results": "afile"}, "afile"), ("empty", {"tasks": []}, "tasks"),
-            ("taskopt", {"task_options": {"shots": "x"}}, "x"), ("loadkey", {"load": {"colour": 1}}, "colour")):
+            ("taskopt", {"task_options": {"shots": "x"}}, "x"), ("loadkey", {"load": {"colour": 1}}, "colour"),
+            # training units and checkpoints
+            ("trainkey", {"train": {"configs": [str(PAPER)], "colour": 1}}, "colour"),
+            ("trainnone", {"train": {"configs": []}}, "configs"), ("trainfile", {"train": {"configs": ["nope.yaml"]}}, "nope.yaml"),
+            ("trainset", {"train": {"configs": [str(PAPER)], "set": [1]}}, "set"),
+            ("trainfield", {"train": {"configs": [str(PAPER)], "set": {"colour.n": [1]}}}, "colour.n"),
+            ("trainseeds", {"train": {"configs": [str(PAPER)], "seeds": ["a"]}}, "a"),
+            ("train", {"train": [str(PAPER)]}, "train"), ("ckpt", {"checkpoints": "some"}, "some"),
+            ("template", {"task_options": {"n": "{task.n}"}}, "{task.n}"),
+            ("templatefield", {"train": {"configs": [str(PAPER)]}, "models": [], "tasks": ["nback-trained"],
+                               "task_options": {"n": ["{task.colour}"]}}, "{task.colour}"),
+            ("pairs", {"probes": {"accuracy": ["capitals"]}}, "tasks"), ("glob", {"models": ["nowhere/checkpoint-*"]}, "checkpoint-*")):
         (tmp / f"sw-{name}.yaml").write_text(yaml.safe_dump({**good, **change}))
         out.append((["sweep", tmp / f"sw-{name}.yaml"], shown))
     out += [(["status", tmp / f"sw-{n}.yaml"], s) for n, s in (("probe", "x-ray"), ("models", "models"),

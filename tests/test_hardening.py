@@ -12,10 +12,12 @@ import pytest
 import yaml
 
 from probes.errors import ProbeError
-from probes.runs.rundir import RunDir, RunLock
-from probes.runs.sweep import load_sweep, submit_slurm
+from probes.runs.rundir import RunDir
+from probes.runs.slurm import submit_slurm
+from probes.runs.sweep import load_sweep
 
-from .test_cli import probe
+from .lockrace import contend
+from .test_cli import probe, probe_here
 
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
 
@@ -66,18 +68,11 @@ def test_slurm_values_that_would_become_shell_text_are_refused(tmp_path, slurm, 
         submit_slurm(load_sweep(path), dry_run=True)
 
 
-def _contend(folder, start, results, done):
-    start.wait()
-    won = RunLock(folder).acquire()
-    results.put(won)
-    done.wait()  # hold it (and stay alive) until every contender has tried
-    os._exit(0)
-
-
 @pytest.mark.parametrize("stale", [False, True])
 def test_of_processes_taking_a_lock_at_the_same_instant_exactly_one_wins(tmp_path, stale):
     """200 trials of 5 processes released by one barrier, on a free folder or one whose lock a dead process left."""
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.lockrace"])
     dead = ctx.Process(target=os._exit, args=(0,))
     dead.start()
     dead.join()
@@ -87,7 +82,7 @@ def test_of_processes_taking_a_lock_at_the_same_instant_exactly_one_wins(tmp_pat
         if stale:
             (folder / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
         start, done, results = ctx.Barrier(5), ctx.Barrier(6), ctx.Queue()
-        procs = [ctx.Process(target=_contend, args=(folder, start, results, done)) for _ in range(5)]
+        procs = [ctx.Process(target=contend, args=(folder, start, results, done)) for _ in range(5)]
         for p in procs:
             p.start()
         won = [results.get(timeout=60) for _ in procs]
@@ -118,7 +113,7 @@ def test_overwrite_removes_only_a_run_folder(tmp_path):
         assert not (run / "parts").exists() or not any((run / "parts").iterdir())
 
 
-def test_a_different_computation_in_the_same_folder_is_refused_before_loading(tmp_path):
+def test_a_different_computation_in_the_same_folder_is_refused_before_loading(tmp_path, capsys):
     """A random model's config and a task's template are part of a run's identity, not only their names."""
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}))
@@ -128,12 +123,12 @@ def test_a_different_computation_in_the_same_folder_is_refused_before_loading(tm
            "--probe", "accuracy", "--output", str(tmp_path / "out")]
     assert probe(*run).returncode == 0
     cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 4, "n_embd": 32, "n_head": 2}))
-    r = probe(*run)
+    r = probe(*run)  # a real process: the refusal is its one line
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "holds a different run (model_digest: " in r.stderr and "loading" not in r.stderr
     cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}))
     task.write_text(task.read_text().replace("What is the capital of", "Name the capital of"))
-    r = probe(*run)
+    r = probe_here(capsys, *run)
     assert r.returncode == 2 and "holds a different run (task_digest: " in r.stderr, r.stderr
     assert "version" not in r.stderr.split("(", 1)[1]  # the same version: only the content tells them apart
 

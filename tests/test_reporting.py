@@ -17,7 +17,7 @@ from probes.reports.html import with_intervals
 from probes.stats import halves
 from probes.tasks.files import load_task
 
-from .test_cli import probe
+from .test_cli import probe, probe_here
 
 TINY_TOK = load_tokenizer(load_registry()["tiny-gpt2"])
 
@@ -167,11 +167,11 @@ def test_the_command_prints_intervals_counts_and_what_was_dropped(tmp_path):
     assert "accuracy 0.000 [0.000, 0.185] (0/2)" in r.stdout, r.stdout  # z^2 / (n + z^2), z = 0.6745
 
 
-def test_seeds_are_pooled_and_other_setups_kept_apart(tmp_path):
+def test_seeds_are_pooled_and_other_setups_kept_apart(tmp_path, capsys):
     res = tmp_path / "results"
     base = ["--model", "tiny-gpt2", "--task", "nback", "--probe", "nback", "--task-option", "sequences=1"]
     for seed, limit in ((0, 12), (1, 12), (2, 18)):
-        r = probe("run", *base, "--task-option", f"seed={seed}", "--limit", str(limit), "--output",
+        r = probe_here(capsys, "run", *base, "--task-option", f"seed={seed}", "--limit", str(limit), "--output",
                   str(res / f"s{seed}-{limit}"))
         assert r.returncode == 0, r.stderr
     table = aggregate(res, ["model", "task", "probe"])["nback"]

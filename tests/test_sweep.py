@@ -21,7 +21,7 @@ from probes.runs.rundir import RunDir
 from probes.runs.sweep import load_sweep, unit_states
 
 from .cluster import Slurm, chromium
-from .test_cli import ENV
+from .test_cli import ENV, probe_here
 
 GRID = {"models": ["tiny-gpt2", "tiny-llama"], "tasks": ["capitals", "past-tense"],
         "probes": ["logit-lens", "ffn-ablation"], "batch_size": 2, "task_options": {"ambiguous": "flag"},
@@ -75,10 +75,16 @@ def reference(tmp_path_factory):
     ({"slurm": {"gpu": 1}}, "unknown slurm option(s) gpu; accepted:"),
 ])
 @pytest.mark.parametrize("executor", ["local", "slurm"])
-def test_a_bad_sweep_is_refused_before_anything_runs(tmp_path, change, message, executor):
-    p = sweep_cmd("--executor", executor, write_sweep(tmp_path, **change))
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 2 and message in err and len(err.strip().splitlines()) == 1, err
+def test_a_bad_sweep_is_refused_before_anything_runs(tmp_path, change, message, executor, capsys):
+    path = write_sweep(tmp_path, **change)
+    if "models" in change:  # one of each executor as a real process, the others in this one
+        p = sweep_cmd("--executor", executor, path)
+        _, err = p.communicate(timeout=120)
+        code = p.returncode
+    else:
+        r = probe_here(capsys, "sweep", "--executor", executor, path)
+        code, err = r.returncode, r.stderr
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "results").exists()
 
 
@@ -250,7 +256,7 @@ def test_slurm_array_completes_aggregates_and_reruns_only_a_deleted_unit(tmp_pat
 
 def test_shipped_sweeps_expand_and_take_slurm_resources_from_the_plan(tmp_path, monkeypatch):
     from probes.paths import ROOT
-    from probes.runs.sweep import submit_slurm
+    from probes.runs.slurm import submit_slurm
 
     monkeypatch.chdir(tmp_path)  # no `results:` in the file: results/ of the current folder, as for `probe run`
     monkeypatch.delenv("PROBE_RESULTS", raising=False)

@@ -10,6 +10,8 @@ from probes.errors import ProbeError
 from probes.tasks.files import available_tasks, build_task, load_task, parse_overrides
 from probes.tasks.nback import NBACK_LETTERS
 
+from .test_cli import probe_here
+
 RELATIONAL = [n for n in available_tasks() if not n.startswith("nback")]
 
 
@@ -137,14 +139,15 @@ def test_nback_n_outside_the_supported_range_is_refused(n):
         load_task("nback", {"n": n})
 
 
-def test_bad_task_input_on_the_command_line_is_one_line(tmp_path):
+def test_bad_task_input_on_the_command_line_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nversion: 1\nkind: abstractive\ndata: {file: x.csv}\ntemplate: '{word}:'\n")
     for args, message in [(["--task", str(bad)], "unknown variable {word}"),
                           (["--task", "nback", "--task-option", "n=7"], "outside the supported range"),
                           (["--task", "nback", "--task-option", "n"], "bad --task-option 'n'")]:
-        r = subprocess.run([sys.executable, "-m", "probes", "run", "--model", "tiny-gpt2", *args],
-                           capture_output=True, text=True, timeout=300)
+        r = (subprocess.run([sys.executable, "-m", "probes", "run", "--model", "tiny-gpt2", *args],
+                            capture_output=True, text=True, timeout=300) if "{word}" in message  # one as a process
+             else probe_here(capsys, "run", "--model", "tiny-gpt2", *args))
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 

@@ -2,12 +2,15 @@
 a trained run loads as a model that every probe runs on, the trained architecture satisfies its identities, and
 bad configs are one-line errors."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -20,7 +23,7 @@ from probes.training.config import load_training_config
 from probes.training.data import nback_generator, nback_splits, tokenizer_for
 from probes.training.trainer import train
 
-from .test_cli import ENV, probe
+from .test_cli import ENV, probe, probe_here
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "configs" / "training" / "nback-paper.yaml"
@@ -156,11 +159,11 @@ def test_the_trained_architecture_satisfies_its_identities(tmp_path, parts):
     ({"train.schedule": "wavy"}, "unknown schedule 'wavy'"),
     ({"task.colour": 1}, "unknown task field 'colour'"),
 ])
-def test_bad_training_configs_are_one_line_errors(tmp_path, change, message):
+def test_bad_training_configs_are_one_line_errors(tmp_path, change, message, capsys):
     args = ["train", str(PAPER), "--output", str(tmp_path / "r"), "--quiet"]
     for k, v in change.items():
         args += ["--set", f"{k}={v}"]
-    r = probe(*args)
+    r = probe(*args) if "task.generator" in change else probe_here(capsys, *args)  # one as a real process
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert message.replace("\\", "") in r.stderr or __import__("re").search(message, r.stderr), r.stderr
 
@@ -175,3 +178,27 @@ def test_a_folder_holding_another_run_is_refused(tmp_path):
     with pytest.raises(ProbeError, match="model needs an architecture"):
         load_training_config(bad)
     assert os.path.exists(tmp_path / "r" / "log.csv")
+
+
+def test_two_processes_train_as_one_at_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes half of the global batch of 16; the loss curve and the final
+    weights equal those of 1 process (within 1e-5 relative and 1e-6 absolute: the gradients are summed in
+    another order), and the main process alone wrote the run's files."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(**{"train.batch_size": 16, "train.steps": 8, "train.save_steps": 4,
+                                                 "train.eval_steps": 4})))
+    one = probe("train", cfg, "--output", tmp_path / "one", "--quiet")
+    assert one.returncode == 0, one.stderr
+    torchrun = Path(sys.executable).parent / "torchrun"
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "probes", "train", str(cfg), "--output",
+                          str(tmp_path / "two"), "--quiet"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("trained nback-paper") == 1  # reported by the main process only
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["processes"] == 2
+    logs = [pd.read_csv(tmp_path / r / "log.csv") for r in ("one", "two")]
+    assert list(logs[0].step) == list(logs[1].step) == [4, 8]
+    for col in ("loss", "eval_loss", "eval_accuracy"):
+        assert np.allclose(logs[0][col], logs[1][col], rtol=1e-5, atol=0), col
+    a, b = (load_file(tmp_path / r / "model.safetensors") for r in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ProbeError, choice_error, read_yaml
-from ..paths import ROOT
+from ..paths import ROOT, runs_root
 
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZE = ("8bit", "4bit")
@@ -44,6 +44,7 @@ class ModelSpec:
     random: dict | None = None  # config kwargs, `model_type` required
     load: dict = field(default_factory=dict)
     notes: str = ""
+    training: dict | None = None  # a trained run's weights: {run, path, step, final}; see trained_checkpoint
 
     @property
     def pinned(self) -> bool:
@@ -126,6 +127,44 @@ def load_registry(path: Path | None = None) -> dict[str, ModelSpec]:
     return {name: parse_entry(name, entry, str(path)) for name, entry in data["models"].items()}
 
 
+def trained_checkpoint(folder: Path) -> dict | None:
+    """If `folder` is a run of `probe train` (its final weights) or one of its `checkpoint-<step>` folders:
+    {run: '<config name>-<run folder>', config: its name, path: the run folder, step, final: whether these are the final weights},
+    else None. Its model name is the run's, with '@<step>' for a checkpoint."""
+    folder = Path(folder).resolve()
+    run = folder.parent if re.fullmatch(r"checkpoint-\d+", folder.name) else folder
+    try:
+        meta = json.loads((run / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("kind") != "training":
+        return None
+    if run == folder:
+        if meta.get("status") != "complete":
+            raise ProbeError(f"model folder {str(folder)!r} is a training run that has not finished; accepted: a "
+                             "finished run, or one of its checkpoint-<step> folders")
+        step = int(meta["steps"])
+    else:
+        step = int(folder.name.split("-")[1])
+    return {"run": f"{meta['config']['name']}-{run.name}", "config": meta["config"]["name"], "path": str(run),
+            "step": step, "final": run == folder}
+
+
+def trained_runs(root: Path | None = None) -> list[dict]:
+    """Finished training runs under `root` (default `runs_root()`): {path, name, architecture, params, steps}."""
+    found = []
+    for meta_path in sorted(Path(root or runs_root()).rglob("meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("kind") == "training" and meta.get("status") == "complete":
+            found.append({"path": str(meta_path.parent), "name": meta["config"]["name"],
+                          "architecture": meta["config"]["model"]["architecture"], "params": meta.get("params"),
+                          "steps": meta.get("steps")})
+    return found
+
+
 def resolve_model(value: str, registry: dict[str, ModelSpec] | None = None) -> ModelSpec:
     """A registry name, a local checkpoint folder, or a config file (JSON/YAML) for a random model."""
     registry = load_registry() if registry is None else registry
@@ -141,7 +180,9 @@ def resolve_model(value: str, registry: dict[str, ModelSpec] | None = None) -> M
         except (ValueError, AttributeError) as e:
             raise ProbeError(f"model folder {value!r}: config.json is not a transformers config ({type(e).__name__}); "
                              "accepted: a checkpoint folder saved with save_pretrained") from None
-        return ModelSpec(name=p.resolve().name, source="local", family=family, path=str(p.resolve()))
+        trained = trained_checkpoint(p)
+        name = (trained["run"] + ("" if trained["final"] else f"@{trained['step']}")) if trained else p.resolve().name
+        return ModelSpec(name=name, source="local", family=family, path=str(p.resolve()), training=trained)
     if p.is_file() and p.suffix in (".json", ".yaml", ".yml"):
         cfg = read_yaml(p, "model config")  # YAML is a superset of JSON
         if not isinstance(cfg, dict) or "model_type" not in cfg:

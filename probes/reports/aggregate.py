@@ -3,7 +3,8 @@
 Each run's meta.json carries its config and its probe's summary; summaries are flattened into columns
 ("best.top1", "by_n.3.dprime"), so a new probe needs no code here. Summaries keyed by a dimension (ablation
 variants, N-back N) also come out as long "curves" tables. Model size (`params`) and family are columns, so a
-sweep over model sizes gives the across-scale tables directly.
+sweep over model sizes gives the across-scale tables directly; a trained run's checkpoints carry `training_run`
+and `step`, so a sweep over checkpoints gives each metric against training step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from ..errors import ProbeError, choice_error
 from ..runs.rundir import atomic_write, write_csv
 from ..stats import wilson
 
-UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed"]
+UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed", "training_config", "training_run",
+                "step"]
+TRAINING_COLUMNS = ("training_config", "training_run", "step")  # a trained checkpoint's; none for pretrained models
 # what else makes two runs comparable: runs that differ in any of these are never merged into one row
 SETUP_COLUMNS = ["limit", "task_version", "task_digest", "task_options", "options", "dtype", "quantize"]
 TASK_SETUP = ("task_version", "task_digest")  # tell versions of one task apart; a row averaging tasks has several
@@ -29,9 +32,10 @@ CURVE_METRICS = {"ffn-ablation": ("accuracy",), "nback": ("accuracy", "dprime"),
 PARALLEL = {"ffn-ablation": ("accuracy_lo", "accuracy_hi", "accuracy_k", "accuracy_n", "relative_drop",
                              "relative_drop_lo", "relative_drop_hi", "p_vs_none")}
 CURVE_ONLY = {"ffn-ablation": ("accuracy", *PARALLEL["ffn-ablation"]), "nback": ("by_n",), "attention": ("by_n",)}
-# the headline metric of each probe, for the report's scale plots
+# the headline metric of each probe (a column, or a pattern of columns), for the report's plots against model size
+# and training step; attention's: the held-out N-back head's mass on the letter N back, per N
 HEADLINE = {"accuracy": "accuracy", "logit-lens": "accuracy", "ffn-readout": "answer_top1_layer",
-            "ffn-transplant": "best.top1", "nback": "accuracy"}
+            "ffn-transplant": r"best\.top1", "nback": "accuracy", "attention": r"nback_head\.\d+\.nback_mass_nonmatch"}
 
 
 def complete_runs(results: Path, skipped: dict | None = None) -> list[dict]:
@@ -63,8 +67,11 @@ def _unit(meta: dict) -> dict:
                                         sort_keys=True, default=str),
              "options": json.dumps(c.get("options") or {}, sort_keys=True, default=str),
              "dtype": c.get("dtype"), "quantize": c.get("quantize")}
+    trained = meta.get("training") or {}
     return {"model": c["model"], "params": meta.get("model_params"), "family": meta.get("family"),
-            "task": c["task"], "kind": meta.get("task_kind"), "probe": c["probe"], "seed": c.get("seed"), **setup}
+            "task": c["task"], "kind": meta.get("task_kind"), "probe": c["probe"], "seed": c.get("seed"),
+            "training_config": trained.get("config"), "training_run": trained.get("run"), "step": trained.get("step"),
+            **setup}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -110,9 +117,10 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
     metrics are averaged. `runs` counts the runs of each row, `seeds` their distinct seeds."""
     if df.empty:
         return df
+    df = df.drop(columns=[c for c in TRAINING_COLUMNS if c in df and df[c].isna().all()])  # pretrained
     named = [*by, *keep]
     keys = [c for c in [*named, *SETUP_COLUMNS] if c in df and (c not in TASK_SETUP or "task" in named)]
-    carried = [c for c in ("params", "family", "kind") if c not in keys and c in df
+    carried = [c for c in ("params", "family", "kind", *TRAINING_COLUMNS) if c not in keys and c in df
                and df.groupby(keys, dropna=False)[c].nunique(dropna=False).max() <= 1]
     df = df.copy()
     numeric = []
@@ -141,7 +149,7 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
     for c in carried:
         out.insert(0, c, g[c].first())
     out = out.reset_index()
-    sort = [c for c in ("params", "model", "task", "probe") if c in out]
+    sort = [c for c in ("params", *TRAINING_COLUMNS, "model", "task", "probe") if c in out]
     return out.sort_values(sort, kind="stable").reset_index(drop=True) if sort else out
 
 

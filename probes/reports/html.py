@@ -7,9 +7,10 @@ import base64
 import datetime as _dt
 import html
 import io
+import re
 from pathlib import Path
 
-from .aggregate import CURVES, HEADLINE, SETUP_COLUMNS, aggregate, complete_runs, curve_wide
+from .aggregate import CURVES, HEADLINE, SETUP_COLUMNS, TASK_SETUP, aggregate, complete_runs, curve_wide
 from ..runs.rundir import atomic_write
 from ..stats import level
 
@@ -61,38 +62,53 @@ def _html_table(df) -> str:
     return with_intervals(df).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", border=0)
 
 
-def scale_plot(df, probe: str):
-    """Headline metric against model size, one series per task and setup (runs of another limit or options are
-    another series, never one line), with error bars where the metric has an interval and each point's item count
-    (None if fewer than two model sizes)."""
+def headline_name(probe: str) -> str:
+    """HEADLINE's pattern as text: 'nback_head.N.nback_mass_nonmatch'."""
+    return HEADLINE[probe].replace("\\d+", "N").replace("\\", "")
+
+
+def metric_plot(df, probe: str, x: str = "params"):
+    """The probe's headline metric (HEADLINE, a column name or pattern) against model size (`params`, log scale) or
+    training step (`step`), one series per task and setup (runs of another limit or options are another series,
+    never one line; against step, one per training run), with error bars where the metric has an interval and each
+    point's item count. None if there are fewer than two values of `x`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = HEADLINE.get(probe)
-    if metric not in df or "params" not in df or df.params.nunique() < 2:
+    pattern = HEADLINE.get(probe)
+    metrics = [c for c in df.columns if pattern and re.fullmatch(pattern, c)]
+    if not metrics or x not in df or df[x].nunique() < 2:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     setup = [c for c in SETUP_COLUMNS if c in df and df[c].nunique(dropna=False) > 1]
-    for key, d in df.groupby(["task", *setup], dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        label = key[0] + "".join(f", {c}={v}" for c, v in zip(setup, key[1:]))
-        d = d.sort_values("params")
-        lo, hi = f"{metric}_lo", f"{metric}_hi"
-        yerr = ([(d[metric] - d[lo]).clip(lower=0), (d[hi] - d[metric]).clip(lower=0)]
-                if lo in d and hi in d and d[lo].notna().any() else None)
-        ax.errorbar(d.params, d[metric], yerr=yerr, marker="o", capsize=3, label=label)
-        count = f"{metric}_n"
-        if count in d:
-            for x, y, n in zip(d.params, d[metric], d[count]):
-                if n == n:  # not NaN
-                    ax.annotate(f"n={int(n)}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{probe}: {metric} by model size")
-    ax.legend(fontsize=7)
+    series = (["training_run"] if x == "step" and "training_run" in df else []) + ["task", *setup]
+    # the label leaves out a task's digest and version where its options already tell the series apart
+    shown = [c for c in series if not (c in TASK_SETUP and "task_options" in setup)]
+    for metric in metrics:
+        for key, d in df.groupby(series, dropna=False):
+            key = dict(zip(series, key if isinstance(key, tuple) else (key,)))
+            d = d.dropna(subset=[metric]).sort_values(x)
+            if d.empty:  # e.g. the N-back head of an N this run was not asked for
+                continue
+            label = (f"{metric}: " if len(metrics) > 1 else "") + ", ".join(
+                str(key[c]) if c in ("task", "training_run") else f"{c}={key[c]}" for c in shown)
+            lo, hi = f"{metric}_lo", f"{metric}_hi"
+            yerr = ([(d[metric] - d[lo]).clip(lower=0), (d[hi] - d[metric]).clip(lower=0)]
+                    if lo in d and hi in d and d[lo].notna().any() else None)
+            ax.errorbar(d[x], d[metric], yerr=yerr, marker="o", capsize=3, label=label)
+            count = f"{metric}_n"
+            if count in d:
+                for u, y, n in zip(d[x], d[metric], d[count]):
+                    if n == n:  # not NaN
+                        ax.annotate(f"n={int(n)}", (u, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if x == "params":
+        ax.set_xscale("log")
+    ax.set_xlabel({"params": "parameters", "step": "training step"}[x])
+    ax.set_ylabel(metrics[0] if len(metrics) == 1 else headline_name(probe))
+    ax.set_title(f"{probe}: {'by model size' if x == 'params' else 'over training'}")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     plt.close(fig)
     return fig
 
@@ -116,9 +132,10 @@ def build_report(results: Path, by: list[str]) -> str:
                 parts.append(f"<h3>{html.escape(probe)}: {metric} by {CURVES[probe][1]}</h3>")
                 parts.append(_html_table(wide))
         figures = []
-        fig = scale_plot(df, probe)
-        if fig is not None:
-            figures.append(_figure(_png(fig), f"{probe}: {HEADLINE[probe]} by model size"))
+        for x, what in (("params", "by model size"), ("step", "over training")):
+            fig = metric_plot(df, probe, x)
+            if fig is not None:
+                figures.append(_figure(_png(fig), f"{probe}: {headline_name(probe)} {what}"))
         for m in sorted((m for m in runs if m["config"]["probe"] == probe), key=lambda m: m["path"]):
             plot = Path(m["path"]) / "plot.png"
             if plot.exists():

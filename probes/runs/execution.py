@@ -125,7 +125,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
                    "ambiguous": {str(k): v for k, v in ambiguous.items()},
                    "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map, "remote": loaded.remote,
                    "model_params": loaded.spec.params or loaded.arch.n_params, "family": loaded.spec.family,
-                   "task_kind": task.kind, **(extra_meta or {}),
+                   "task_kind": task.kind, "training": loaded.spec.training, **(extra_meta or {}),
                    "task_source": task.source, "task_license": task.license, **environment()})
         done = run.done_items()
         todo = [it for it in items if it.index not in done]

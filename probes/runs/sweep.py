@@ -3,7 +3,7 @@
     name: capitals-scale                 # names the sweep's bookkeeping folder
     models: [gpt2, gpt2-medium]          # registry names (or checkpoint folders / config files)
     tasks: [capitals, capitals-extractive]
-    probes: [logit-lens, ffn-ablation]
+    probes: [logit-lens, ffn-ablation]   # every probe on every task; or {probe: [its tasks]} without `tasks`
     seeds: [0, 1]                        # optional: task seeds (shots, N-back letters); one unit each
     limit: 40                            # optional, as `probe run`
     batch_size: 8                        # or auto
@@ -13,6 +13,19 @@
     results: results                     # relative to the sweep file's folder; without it, $PROBE_RESULTS or
                                          # results/ in the current folder, as for `probe run` and `probe aggregate`
     slurm: {partition: gpu, time: "04:00:00", gpus: 1, mem: 64G, cpus_per_task: 8, gpu_mem: 80GiB}
+
+Trained models are models too. `train` adds one training unit per config x `set` value x seed (`probe train`
+with --set and --seed), run before the probes; `checkpoints: all` runs the probes on every checkpoint a run
+writes, giving each metric against training step (`final`, the default: its final weights). A task option
+written "{task.n}" takes that field of the model's training config (an N-back task at the N it was trained on):
+
+    train: {configs: [configs/training/nback-paper.yaml], set: {task.n: [1, 2, 3]}, seeds: [0, 1, 2],
+            runs: runs, slurm: {time: "01:00:00"}}   # runs: where the run folders go ($PROBE_RUNS or runs/)
+    checkpoints: all
+    task_options: {n: "{task.n}"}
+
+A model of `models` that is a training run's folder, or a glob ("runs/x/n2-seed0/checkpoint-*"), expands the same
+way. On Slurm, the probes on a run's checkpoints wait for its training job (afterok).
 
 Each unit writes its own run folder (a shard: parts, table.csv, meta.json, all written atomically, under a lock)
 at <results>/<model>/<task>/<probe>[/seed-<s>]. A unit whose meta.json is complete and whose config matches is
@@ -25,26 +38,45 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import re
-import shlex
-import shutil
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ProbeError, choice_error, read_yaml
-from .rundir import RunBusy, RunLock, safe_name, write_json
+from ..paths import runs_root
+from ..training.config import checkpoint_steps, load_training_config
+from .rundir import RunBusy, RunLock, safe_name
 
 KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
-        "results", "slurm"}
+        "results", "slurm", "train", "checkpoints"}
+TRAIN_KEYS = {"configs", "set", "seeds", "runs", "slurm"}
+CHECKPOINTS = ("final", "all")
+TRAIN_SLURM = {"gpus": 0, "mem": "8G", "time": "02:00:00"}  # a training unit's resources unless `slurm` says
 LOAD_KEYS = {"dtype", "quantize", "device_map", "max_memory", "compute_dtype"}
 SLURM_KEYS = {"partition", "time", "gpus", "mem", "cpus_per_task", "gpu_mem", "account", "qos", "extra"}
 SLURM_DEFAULTS = {"cpus_per_task": 4, "gpu_mem": "80GiB"}
 GPU_HOST_MEMORY = 60 * 2**30  # host memory asked for a GPU unit, at most (plus 4 GiB)
+
+
+@dataclass(frozen=True)
+class TrainUnit:
+    """One training run of the sweep: a config with `overrides` ((dotted field, value), ...) and a seed."""
+    name: str  # the config's name
+    config: str  # its file
+    overrides: tuple = ()
+    seed: int | None = None
+
+    @property
+    def folder(self) -> str:
+        """The run folder's name: the set values and the seed, e.g. n3-seed0 (as `probe train` names it)."""
+        parts = [f"{k.rsplit('.', 1)[-1]}{v}" for k, v in self.overrides] + ([] if self.seed is None else [f"seed{self.seed}"])
+        return safe_name("-".join(parts) or "run")
+
+    @property
+    def id(self) -> str:
+        return f"train/{safe_name(self.name)}/{self.folder}"
 
 
 @dataclass(frozen=True)
@@ -53,12 +85,14 @@ class Unit:
     task: str
     probe: str
     seed: int | None = None
+    label: str | None = None  # the model's name where its path would make a poor folder name (a checkpoint)
+    trained_by: TrainUnit | None = None  # the sweep's training unit that writes this checkpoint
 
     @property
     def id(self) -> str:
         """Its run folder under the sweep's results, from safe forms of the names (a path model's folder is
         never written into)."""
-        return (f"{safe_name(self.model)}/{safe_name(self.task)}/{self.probe}"
+        return (f"{safe_name(self.label or self.model)}/{safe_name(self.task)}/{self.probe}"
                 + ("" if self.seed is None else f"/seed-{safe_name(self.seed)}"))
 
 
@@ -77,13 +111,60 @@ class Sweep:
     load: dict = field(default_factory=dict)
     results: Path = Path("results")
     slurm: dict = field(default_factory=dict)
+    train_units: list = field(default_factory=list)
+    runs: Path = Path("runs")
+    train_slurm: dict = field(default_factory=dict)
+    checkpoints: str = "final"
     _cache: dict = field(default_factory=dict, repr=False)  # specs, tasks, configs and plans, each made once
 
     def units(self) -> list[Unit]:
-        return [Unit(m, t, p, s) for m, t, p, s in itertools.product(self.models, self.tasks, self.probes, self.seeds)]
+        models = [(m, None, None) for m in self.models]
+        for tu in self.train_units:
+            run, cfg = self.run_dir(tu), self.train_config(tu)
+            label = f"{cfg['name']}-{run.name}"
+            if self.checkpoints == "all":
+                models += [(str(run / f"checkpoint-{k}"), f"{label}@{k}", tu) for k in checkpoint_steps(cfg)]
+            else:
+                models.append((str(run), label, tu))
+        return [Unit(m, t, p, s, label, tu) for (m, label, tu), (t, p), s
+                in itertools.product(models, self.pairs(), self.seeds)]
 
-    def output(self, unit: Unit) -> Path:
-        return self.results / unit.id
+    def pairs(self) -> list[tuple[str, str]]:
+        """(task, probe) pairs: every task with every probe, or with `probes` a mapping, each probe's own tasks."""
+        if isinstance(self.probes, dict):
+            return [(t, p) for p, tasks in self.probes.items() for t in tasks]
+        return [(t, p) for t in self.tasks for p in self.probes]
+
+    def run_dir(self, tu: TrainUnit) -> Path:
+        return self.runs / safe_name(tu.name) / tu.folder
+
+    def train_config(self, tu: TrainUnit) -> dict:
+        return self._once(("train", tu), lambda: load_training_config(tu.config, dict(tu.overrides), tu.seed))
+
+    def trained(self, tu: TrainUnit) -> bool:
+        """Its run folder holds a finished run of its config."""
+        try:
+            meta = json.loads((self.run_dir(tu) / "meta.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return meta.get("status") == "complete" and meta.get("config") == self.train_config(tu)
+
+    def ready(self, unit: Unit) -> bool:
+        """Its model exists: not a checkpoint the sweep has still to train."""
+        return unit.trained_by is None or self.trained(unit.trained_by)
+
+    def training_config_of(self, unit: Unit) -> dict | None:
+        if unit.trained_by is not None:
+            return self.train_config(unit.trained_by)
+        trained = self.spec(unit).training
+        return read_yaml(Path(trained["path"]) / "training.yaml", "training config") if trained else None
+
+    def all_units(self) -> list:
+        """Training units first, then the probe units (some on what they train)."""
+        return [*self.train_units, *self.units()]
+
+    def output(self, unit) -> Path:
+        return self.run_dir(unit) if isinstance(unit, TrainUnit) else self.results / unit.id
 
     def _once(self, key, make):
         if key not in self._cache:
@@ -93,8 +174,9 @@ class Sweep:
     def task(self, unit: Unit):
         from ..tasks.files import load_task
 
-        return self._once(("task", unit.task, unit.seed), lambda: load_task(
-            unit.task, {**self.task_options, **({} if unit.seed is None else {"seed": unit.seed})}))
+        options = {k: _from_training(v, k, unit, self) for k, v in self.task_options.items()}
+        return self._once(("task", unit.task, unit.seed, json.dumps(options, sort_keys=True, default=str)),
+                          lambda: load_task(unit.task, {**options, **({} if unit.seed is None else {"seed": unit.seed})}))
 
     def spec(self, unit: Unit):
         from ..models.registry import resolve_model
@@ -122,6 +204,92 @@ class Sweep:
         return self.results / ".sweeps" / safe_name(self.name)
 
 
+TEMPLATE = re.compile(r"\{(task|model|train)\.(\w+)\}")
+
+
+def _from_training(value, key: str, unit: Unit, sweep: Sweep):
+    """A task option's value, with "{section.field}" (alone, or as an item of a list) taken from the unit's model's
+    training config."""
+    if isinstance(value, list):
+        return [_from_training(v, key, unit, sweep) for v in value]
+    m = TEMPLATE.fullmatch(value) if isinstance(value, str) else None
+    if not m:
+        return value
+    cfg = sweep.training_config_of(unit)
+    if cfg is None:
+        raise ProbeError(f"task option {key}={value!r} names a training field, but {unit.model!r} is not a trained "
+                         "run; accepted: such options with trained models only")
+    section, name = m.groups()
+    if name not in cfg[section]:
+        raise ProbeError(f"task option {key}={value!r}: the training config has no {section}.{name}; accepted: "
+                         + ", ".join(f"{{{section}.{k}}}" for k in cfg[section]))
+    return cfg[section][name]
+
+
+def _expand_models(models: list, base: Path, checkpoints: str, where: str) -> list[str]:
+    """Globs (relative to the sweep file) to the folders they match, and training runs to their checkpoint
+    folders with `checkpoints: all` (in step order)."""
+    from ..models.registry import trained_checkpoint
+
+    out = []
+    for m in map(str, models):
+        if any(c in m for c in "*?["):
+            found = sorted(base.glob(m) if not Path(m).is_absolute() else Path("/").glob(m.lstrip("/")),
+                           key=lambda p: (str(p.parent), _step(p)))
+            if not found:
+                raise ProbeError(f"{where}: model glob {m!r} matches no folder; accepted: a glob of checkpoint folders")
+            out += [str(p) for p in found if p.is_dir()]
+        elif checkpoints == "all" and Path(m).is_dir() and (t := trained_checkpoint(Path(m))) and t["final"]:
+            out += [str(p) for p in sorted(Path(m).glob("checkpoint-*"), key=_step)]
+        else:
+            out.append(m)
+    return out
+
+
+def _step(path: Path) -> int:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def _train_units(spec, base: Path, where: str) -> list[TrainUnit]:
+    """The training units of a sweep's `train` mapping (configs x `set` grid x seeds)."""
+    if not isinstance(spec, dict):
+        raise ProbeError(f"{where}: train {spec!r} is not a mapping; accepted: configs, set, seeds, runs, slurm")
+    bad = set(spec) - TRAIN_KEYS
+    if bad:
+        raise ProbeError(f"{where}: unknown train field(s) {', '.join(sorted(bad))}; accepted: {', '.join(sorted(TRAIN_KEYS))}")
+    configs = _list(spec, "configs", f"{where}: train")
+    grid = spec.get("set") or {}
+    if not isinstance(grid, dict):
+        raise ProbeError(f"{where}: train.set {grid!r} is not a mapping; accepted: field: [values], e.g. task.n: [1, 2]")
+    seeds = spec.get("seeds", [None])
+    seeds = [seeds] if isinstance(seeds, int) else seeds
+    if not isinstance(seeds, list) or not all(s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in seeds):
+        raise ProbeError(f"{where}: train.seeds {seeds!r}; accepted: a list of integer seeds")
+    keys = list(grid)
+    values = [v if isinstance(v, list) else [v] for v in grid.values()]
+    units = []
+    for c in configs:
+        path = (base / str(c)) if not Path(str(c)).is_absolute() else Path(str(c))
+        name = load_training_config(path)["name"]
+        for combo in itertools.product(*values):
+            for seed in seeds:
+                units.append(TrainUnit(name, str(path), tuple(zip(keys, combo)), seed))
+    return units
+
+
+def _probes(data: dict, where: str) -> list | dict:
+    """`probes` as a list (run on every task), or a mapping {probe: [tasks]} (then there is no `tasks`)."""
+    value = data.get("probes")
+    if not isinstance(value, dict):
+        return _list(data, "probes", where)
+    if data.get("tasks"):
+        raise ProbeError(f"{where}: probes maps each probe to its tasks, so 'tasks' must not be given too")
+    if not value:
+        raise ProbeError(f"{where}: 'probes' must be a non-empty list or mapping")
+    return {str(p): _list(value, p, f"{where}: probes") for p in value}
+
+
 def _list(data: dict, key: str, where: str) -> list:
     value = data.get(key)
     if isinstance(value, (str, int)):
@@ -133,7 +301,9 @@ def _list(data: dict, key: str, where: str) -> list:
 
 # the sweep file's schema: field -> (types accepted, what to say)
 FIELDS = {"name": ((str,), "a text"), "models": ((list, str), "a list of models"),
-          "tasks": ((list, str), "a list of tasks"), "probes": ((list, str), "a list of probes"),
+          "train": ((dict,), "a mapping"), "checkpoints": ((str,), "final or all"),
+          "tasks": ((list, str), "a list of tasks"),
+          "probes": ((list, str, dict), "a list of probes, or a mapping of probes to their tasks"),
           "seeds": ((list, int), "a list of integer seeds"), "limit": ((int,), "a positive integer"),
           "batch_size": ((int, str), "a positive integer or 'auto'"), "options": ((dict,), "a mapping"),
           "task_options": ((dict,), "a mapping"), "load": ((dict,), "a mapping"), "slurm": ((dict,), "a mapping"),
@@ -185,13 +355,26 @@ def load_sweep(path: str | Path) -> Sweep:
     results = (base / data["results"]) if data.get("results") else Path(os.environ.get("PROBE_RESULTS", "results"))
     if results.exists() and not results.is_dir():
         raise ProbeError(f"{where}: results {str(results)!r} is a file; accepted: a folder")
-    sweep = Sweep(path=path.resolve(), name=str(data.get("name") or path.stem), models=_list(data, "models", where),
-                  tasks=_list(data, "tasks", where), probes=_list(data, "probes", where),
+    checkpoints = data.get("checkpoints", "final")
+    if checkpoints not in CHECKPOINTS:
+        raise choice_error("checkpoints", checkpoints, CHECKPOINTS)
+    train_units = _train_units(data["train"], base, where) if data.get("train") is not None else []
+    runs = data.get("train", {}).get("runs") if isinstance(data.get("train"), dict) else None
+    if not data.get("models") and not train_units:
+        raise ProbeError(f"{where}: 'models' must be a non-empty list (or give 'train')")
+    models = _expand_models(data.get("models") or [], base, checkpoints, where)
+    sweep = Sweep(path=path.resolve(), name=str(data.get("name") or path.stem), models=models,
+                  tasks=[] if isinstance(data.get("probes"), dict) else _list(data, "tasks", where),
+                  probes=_probes(data, where),
                   seeds=([data["seeds"]] if isinstance(data.get("seeds"), int) else data.get("seeds")) or [None],
                   limit=data.get("limit"),
                   batch_size=parse_batch_size(data.get("batch_size", 8)), options=options,
                   task_options=data.get("task_options") or {}, load=data.get("load") or {},
-                  results=results.resolve(), slurm=data.get("slurm") or {})
+                  results=results.resolve(), slurm=data.get("slurm") or {}, train_units=train_units,
+                  runs=((base / runs) if runs else runs_root()).resolve(), checkpoints=checkpoints,
+                  train_slurm=(data.get("train") or {}).get("slurm") or {})
+    for tu in train_units:
+        sweep.train_config(tu)
     registry = load_registry()
     for m in sweep.models:
         try:
@@ -201,7 +384,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for p in sweep.probes:
         get_probe(p)
     for unit in sweep.units():  # every task with every seed, and every model's load options
-        sweep.config(unit)
+        sweep.config(unit) if sweep.ready(unit) else sweep.task(unit)
     return sweep
 
 
@@ -214,31 +397,20 @@ def _meta(sweep: Sweep, unit: Unit) -> dict | None:
         return None
 
 
-def _queued(sweep: Sweep) -> dict[str, str]:
-    """Unit id -> Slurm state ('PENDING', 'RUNNING', ...) for units of this sweep's jobs still in the queue."""
-    log = sweep.bookkeeping / "submissions.jsonl"
-    if not log.exists() or shutil.which("squeue") is None:
-        return {}
-    subs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, check=False).stdout
-    states = dict(line.split("|", 1) for line in out.split() if "|" in line)
-    found = {}
-    for s in subs:
-        for i, uid in enumerate(s["units"]):
-            state = states.get(f"{s['job']}_{i}")
-            if state:
-                found[uid] = f"{state.lower()} (job {s['job']}_{i})"
-    return found
-
-
 def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
     """(unit, state, detail) with state one of done, running, queued, failed, pending."""
+    from .slurm import _last_job, _queued
+
     queued = _queued(sweep)
     rows = []
-    for unit in sweep.units():
+    for unit in sweep.all_units():
         meta = _meta(sweep, unit)
         lock = RunLock(sweep.output(unit))
-        if _done(sweep, unit, meta):
+        if isinstance(unit, Unit) and not sweep.ready(unit):
+            tu = unit.trained_by
+            state = "queued" if tu.id in queued else "running" if RunLock(sweep.run_dir(tu)).alive() else ""
+            rows.append((unit, "pending", f"waits for {tu.id}" + (f" ({state})" if state else "")))
+        elif _done(sweep, unit, meta):
             rows.append((unit, "done", f"{meta.get('finished', '')}"))
         elif lock.alive():
             h = lock.holder() or {}
@@ -250,8 +422,9 @@ def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
         elif meta and meta.get("status") == "failed":
             rows.append((unit, "failed", meta.get("error", "")))
         elif meta and meta.get("status") == "running":
-            parts = len(list((sweep.output(unit) / "parts").glob("*.csv")))
-            rows.append((unit, "failed", f"killed ({parts} batch file(s) kept; a rerun resumes)"))
+            kept = (f"{len(list(sweep.output(unit).glob('checkpoint-*')))} checkpoint(s)" if isinstance(unit, TrainUnit)
+                    else f"{len(list((sweep.output(unit) / 'parts').glob('*.csv')))} batch file(s)")
+            rows.append((unit, "failed", f"killed ({kept} kept; a rerun resumes)"))
         elif meta and meta.get("status") == "complete":
             rows.append((unit, "pending", "stale: ran with another config; a rerun replaces it"))
         elif last := _last_job(sweep, unit):
@@ -260,19 +433,6 @@ def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
         else:
             rows.append((unit, "pending", ""))
     return rows
-
-
-def _last_job(sweep: Sweep, unit: Unit) -> tuple[str, Path] | None:
-    """(array task id, its log file) of the last submission of `unit`, if any."""
-    log = sweep.bookkeeping / "submissions.jsonl"
-    if not log.exists():
-        return None
-    found = None
-    for line in log.read_text().splitlines():
-        if line.strip() and unit.id in (s := json.loads(line))["units"]:
-            task = f"{s['job']}_{s['units'].index(unit.id)}"
-            found = (task, sweep.bookkeeping / s["folder"] / f"{task}.out")
-    return found
 
 
 # --- local execution --------------------------------------------------------------------------------------------
@@ -298,15 +458,39 @@ def run_unit(sweep: Sweep, unit: Unit, loaded, progress: bool = True) -> str:
     return "done"
 
 
+def run_training(sweep: Sweep, tu: TrainUnit, progress: bool = True) -> str:
+    """Train one unit into its run folder (resuming a killed run); 'done', 'skipped' or 'failed: ...'."""
+    from ..training.trainer import train
+
+    if sweep.trained(tu) or RunLock(sweep.run_dir(tu)).alive():
+        return "skipped"
+    try:
+        train(sweep.train_config(tu), sweep.run_dir(tu), resume=True, progress=progress)
+    except RunBusy:
+        return "skipped"
+    except Exception as e:  # as run_unit: one failure must not stop the others
+        return f"failed: {type(e).__name__}: {e}"
+    return "done"
+
+
 def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True) -> dict[str, str]:
-    """Run the units (or those named in `only`) that are not done, loading each model once."""
+    """Run the units (or those named in `only`) that are not done: training units first, then the probes,
+    loading each model once. A probe unit whose training failed fails with it."""
     from ..methods.catalog import get_probe
     from ..models.loading import load_model
 
-    wanted = [u for u in sweep.units() if only is None or u.id in only]
+    every = sweep.all_units()
+    wanted = [u for u in every if only is None or u.id in only]
     if only is not None and len(wanted) != len(only):
-        raise choice_error("sweep unit", sorted(set(only) - {u.id for u in wanted})[0], [u.id for u in sweep.units()])
+        raise choice_error("sweep unit", sorted(set(only) - {u.id for u in wanted})[0], [u.id for u in every])
     outcome = {}
+    for tu in (u for u in wanted if isinstance(u, TrainUnit)):
+        outcome[tu.id] = run_training(sweep, tu, progress)
+        print(f"{tu.id}: {outcome[tu.id]}", file=sys.stderr, flush=True)
+    wanted = [u for u in wanted if isinstance(u, Unit)]
+    for u in [u for u in wanted if not sweep.ready(u)]:
+        outcome[u.id] = f"failed: its model is not trained ({u.trained_by.id} is not done)"
+        wanted.remove(u)
     for model in dict.fromkeys(u.model for u in wanted):
         units = [u for u in wanted if u.model == model]
         todo = [u for u in units if not _done(sweep, u, _meta(sweep, u))]
@@ -325,112 +509,9 @@ def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True
     return outcome
 
 
-def _done(sweep: Sweep, unit: Unit, meta: dict | None) -> bool:
-    """Its shard is complete and was computed with the config the sweep asks for now."""
-    return bool(meta) and meta.get("status") == "complete" and meta.get("config") == sweep.config(unit)
-
-
-# --- Slurm --------------------------------------------------------------------------------------------------------
-
-def resources(sweep: Sweep, unit: Unit) -> dict:
-    """Slurm resources of a unit: GPUs, host memory and time limit from `probe plan`, the rest from defaults; the
-    sweep's `slurm` mapping overrides any of them."""
-    from ..methods.catalog import get_probe, probe_options
-    from .execution import AUTO_START
-    from ..models.planning import GiB, plan, time_limit
-
-    res = {**SLURM_DEFAULTS, **{k: v for k, v in sweep.slurm.items() if k != "extra"}}
-    if not {"gpus", "mem", "time"} <= set(res):
-        opts = sweep.load_options(unit)  # the sweep's, the same for every unit of a model: one plan per model
-        p = sweep._once(("plan", unit.model), lambda: plan(
-            sweep.spec(unit), dtype=opts["dtype"], quantize=opts["quantize"], compute_dtype=opts["compute_dtype"],
-            gpu_mem=str(res["gpu_mem"])))
-        res.setdefault("gpus", p.gpus_needed or 0)
-        # on GPUs, from_pretrained streams checkpoint shards to the devices: host memory holds a shard or two;
-        # on CPU the weights live in host memory. Plus 4 GiB for Python, torch and the tokenizer.
-        host = min(p.weight_bytes, GPU_HOST_MEMORY) if int(res["gpus"]) else 1.2 * p.weight_bytes
-        res.setdefault("mem", f"{math.ceil(host / GiB) + 4}G")
-        if "time" not in res:
-            prompts = sweep._once(("prompts", unit.task, unit.seed),
-                                  lambda: [it.prompt for it in sweep.task(unit).items(limit=sweep.limit)])
-            tokens = math.ceil(max(map(len, prompts)) / 3)  # characters per token: 3 or more in these tasks
-            passes = get_probe(unit.probe).passes(p.n_layers, probe_options(unit.probe, sweep.options))
-            batch = AUTO_START if sweep.batch_size == "auto" else sweep.batch_size
-            res["time"] = time_limit(p, passes, len(prompts), batch, tokens, gpu=bool(int(res["gpus"])))
-    res.pop("gpu_mem")
-    return res
-
-
-def _directive(key: str, value) -> str:
-    """One `#SBATCH --key=value` line. sbatch reads these itself (bash sees comments), but a newline would end the
-    comment and start a command, and whitespace would split the option: both are refused (as for `extra`)."""
-    text = str(value)
-    if not text or any(c.isspace() for c in text):
-        raise ProbeError(f"bad slurm {key} {text!r}; accepted: a value without spaces or newlines")
-    return f"#SBATCH --{key}={text}"
-
-
-def job_script(sweep: Sweep, res: dict, units_file: Path) -> str:
-    """The array job's script. Every path in it is shell-quoted, and what names the job or its log goes to sbatch
-    as arguments (see `submit_slurm`), so no path or name in a sweep ever becomes shell text."""
-    lines = ["#!/bin/bash", _directive("time", res["time"]), _directive("mem", res["mem"]),
-             _directive("cpus-per-task", res["cpus_per_task"])]
-    if int(res.get("gpus") or 0):
-        lines.append(_directive("gres", f"gpu:{int(res['gpus'])}"))
-    for key in ("partition", "account", "qos"):
-        if res.get(key):
-            lines.append(_directive(key, res[key]))
-    for x in sweep.slurm.get("extra", []):  # e.g. "--constraint=a100": one option each
-        text = str(x)
-        if not text.startswith("-") or any(c.isspace() for c in text):
-            raise ProbeError(f"bad slurm extra {text!r}; accepted: one sbatch option each, e.g. --constraint=a100")
-        lines.append(f"#SBATCH {text}")
-    q = shlex.quote
-    lines += ["set -euo pipefail", f"cd {q(str(Path.cwd()))}",
-              f'UNIT=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {q(str(units_file))})',
-              f'exec {q(sys.executable)} -m probes sweep {q(str(sweep.path))} --executor local --unit "$UNIT" --quiet']
-    return "\n".join(lines) + "\n"
-
-
-def submit_slurm(sweep: Sweep, dry_run: bool = False) -> list[dict]:
-    """Submit every unit that is not done, running or queued: one job array per set of equal resources."""
-    if not dry_run and shutil.which("sbatch") is None:
-        raise ProbeError("--executor slurm needs Slurm's sbatch on PATH; accepted: --executor local")
-    todo = [u for u, state, _ in unit_states(sweep) if state in ("pending", "failed")]
-    groups: dict[str, list] = {}
-    for unit in todo:
-        res = resources(sweep, unit)
-        groups.setdefault(json.dumps(res, sort_keys=True), []).append(unit)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    submitted = []
-    for n, (key, units) in enumerate(groups.items()):
-        res = json.loads(key)
-        folder = sweep.bookkeeping / f"{stamp}-{n}"
-        folder.mkdir(parents=True, exist_ok=True)
-        units_file = folder / "units.txt"
-        units_file.write_text("".join(u.id + "\n" for u in units))
-        script = folder / "job.sh"
-        script.write_text(job_script(sweep, res, units_file))
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", sweep.name)[:64]
-        cmd = ["sbatch", "--parsable", f"--array=0-{len(units) - 1}", f"--job-name=probe-{name}",
-               f"--output={folder}/%A_%a.out", str(script)]
-        record = {"units": [u.id for u in units], "resources": res, "script": str(script), "command": cmd}
-        if not dry_run:
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                raise ProbeError(f"sbatch refused {script}: {out.stderr.strip()}")
-            record["job"] = out.stdout.strip().split(";")[0]
-            with open(sweep.bookkeeping / "submissions.jsonl", "a") as f:
-                f.write(json.dumps({"job": record["job"], "units": record["units"], "folder": folder.name}) + "\n")
-        write_json(folder / "submission.json", record)
-        submitted.append(record)
-    return submitted
-
-
-def wait(sweep: Sweep, poll: float = 2.0, timeout: float | None = None) -> None:
-    """Block until none of the sweep's units is queued or running."""
-    start = time.monotonic()
-    while any(state in ("queued", "running") for _, state, _ in unit_states(sweep)):
-        if timeout is not None and time.monotonic() - start > timeout:
-            raise ProbeError(f"sweep {sweep.name!r} still has units queued or running after {timeout:.0f}s")
-        time.sleep(poll)
+def _done(sweep: Sweep, unit, meta: dict | None) -> bool:
+    """Its shard (a training unit: its run) is complete and was computed with the config the sweep asks for now."""
+    if isinstance(unit, TrainUnit):
+        return sweep.trained(unit)
+    return (sweep.ready(unit) and bool(meta) and meta.get("status") == "complete"
+            and meta.get("config") == sweep.config(unit))

@@ -80,3 +80,17 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
         raise ProbeError(f"{where}: width {width} is not divisible by {heads} heads; accepted: a width that is a "
                          "multiple of the number of heads")
     return cfg
+
+
+def total_steps(cfg: dict, processes: int = 1) -> int:
+    """Optimizer steps of a run: `train.steps`, or epochs x batches per epoch (the last batch may be short)."""
+    t = cfg["train"]
+    if "steps" in t:
+        return int(t["steps"])
+    return int(t["epochs"]) * -(-int(cfg["task"]["train"]) // (int(t["batch_size"]) * processes))
+
+
+def checkpoint_steps(cfg: dict) -> list[int]:
+    """The steps whose checkpoint-<step> folders a run writes: every save_steps, and the last step."""
+    last, every = total_steps(cfg), int(cfg["train"]["save_steps"])
+    return sorted({*range(every, last + 1, every), last})

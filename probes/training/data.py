@@ -33,8 +33,9 @@ def tokenizer_for(task: dict):
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *task["letters"], *LABELS])}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
-                                   model_max_length=task["length"])
+    # no model_max_length: the model's positions bound its inputs (checked before a probe runs), and a probe
+    # tokenizes a prompt with its answer, one token past the sequence, which is never fed to the model
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
 
 
 def nback_splits(task: dict, tokenizer) -> dict:

@@ -24,28 +24,9 @@ import yaml
 from ..errors import ProbeError
 from ..models import custom  # noqa: F401  (registers this project's architectures)
 from ..models.arch import arch_spec
+from ..paths import runs_root
 from ..runs.rundir import RunBusy, RunLock, _now, atomic_write, environment, safe_name, write_csv, write_json
 from .data import IGNORE, LABELS, nback_splits, tokenizer_for
-
-
-def runs_root() -> Path:
-    """Where trained runs go by default ($PROBE_RUNS, default runs/ in the current folder)."""
-    return Path(os.environ.get("PROBE_RUNS", "runs"))
-
-
-def trained_runs(root: Path | None = None) -> list[dict]:
-    """Finished training runs under `root` (default `runs_root()`): {path, name, architecture, params, steps}."""
-    found = []
-    for meta_path in sorted(Path(root or runs_root()).rglob("meta.json")):
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict) and meta.get("kind") == "training" and meta.get("status") == "complete":
-            found.append({"path": str(meta_path.parent), "name": meta["config"]["name"],
-                          "architecture": meta["config"]["model"]["architecture"], "params": meta.get("params"),
-                          "steps": meta.get("steps")})
-    return found
 
 
 def default_run_dir(cfg: dict) -> Path:
@@ -114,8 +95,13 @@ def _same_run(run: Path, cfg: dict, resume: bool) -> bool:
 
 def train(cfg: dict, output: str | Path | None = None, resume: bool = False, progress: bool = True) -> Path:
     """Train `cfg` (see training/config.py) into its run folder; returns the folder. A finished run of the same
-    config is left as it is; an unfinished one continues from its last checkpoint with `resume`."""
-    from transformers import TrainerCallback, TrainingArguments
+    config is left as it is; an unfinished one continues from its last checkpoint with `resume`.
+
+    Launched as several processes (`accelerate launch --num_processes K -m probes train ...`, or torchrun), it trains
+    data-parallel: `train.batch_size` is the global batch (each process takes batch_size / K of it), so a config
+    means the same training on any number of processes; the main process alone writes the run's files."""
+    from accelerate import PartialState
+    from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging as hf_logging
 
@@ -124,36 +110,37 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
     run = Path(output) if output else default_run_dir(cfg)
     if run.exists() and not run.is_dir():
         raise ProbeError(f"--output {str(run)!r} is a file; accepted: a folder")
-    lock = RunLock(run)
-    if not lock.acquire():
-        raise RunBusy(f"{run} is being trained by another process; accepted: wait for it, or another --output")
+    t = cfg["train"]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if t["batch_size"] % world:
+        raise ProbeError(f"train.batch_size {t['batch_size']} is not divisible by {world} processes; accepted: a "
+                         "global batch that is a multiple of the number of processes")
+    args = _arguments(run, t, world, progress)  # with several processes, this joins their process group
+    state = PartialState()
+    lock = RunLock(run) if state.is_main_process else None
     try:
-        if _same_run(run, cfg, resume):
-            return run
-        tok = tokenizer_for(cfg["task"])
-        data = nback_splits(cfg["task"], tok)
-        model = build_model(cfg, tok)
-        t = cfg["train"]
-        atomic_write(run / "training.yaml", lambda f: yaml.safe_dump(cfg, f, sort_keys=False))
-        meta = {"kind": "training", "config": cfg, "status": "running", "started": _now(),
-                "params": int(sum(p.numel() for p in model.parameters())), **environment()}
-        write_json(run / "meta.json", meta)
-        args = TrainingArguments(
-            output_dir=str(run), per_device_train_batch_size=t["batch_size"], per_device_eval_batch_size=64,
-            learning_rate=t["lr"], lr_scheduler_type=t["schedule"], warmup_steps=t["warmup_steps"],
-            weight_decay=t["weight_decay"], optim="adamw_torch", seed=t["seed"], data_seed=t["seed"],
-            max_steps=t.get("steps", -1), num_train_epochs=t.get("epochs", 1), eval_strategy="steps",
-            eval_steps=t["eval_steps"], save_strategy="steps", save_steps=t["save_steps"], logging_steps=t["eval_steps"],
-            label_names=["target"], remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
-            dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(), save_only_model=False)
+        with state.main_process_first():  # the main process checks the folder and starts the run; then the others
+            if lock is not None and not lock.acquire():
+                raise RunBusy(f"{run} is being trained by another process; accepted: wait for it, or another --output")
+            if _same_run(run, cfg, resume or not state.is_main_process):
+                return run
+            tok = tokenizer_for(cfg["task"])
+            data = nback_splits(cfg["task"], tok)
+            model = build_model(cfg, tok)
+            meta = {"kind": "training", "config": cfg, "status": "running", "started": _now(), "processes": world,
+                    "params": int(sum(p.numel() for p in model.parameters())), **environment()}
+            if state.is_main_process:
+                atomic_write(run / "training.yaml", lambda f: yaml.safe_dump(cfg, f, sort_keys=False))
+                write_json(run / "meta.json", meta)
         trainer = _trainer_class()(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                                    processing_class=tok, compute_metrics=_accuracy,
                                    data_collator=_collate(tok.pad_token_id))
         trainer.label_ids = tok.convert_tokens_to_ids(list(LABELS))
 
         class Log(TrainerCallback):  # the log as CSV after every logging step: a killed run keeps its curve
-            def on_log(self, a, state, control, **kw):
-                write_log(run, state.log_history)
+            def on_log(self, a, st, control, **kw):
+                if st.is_world_process_zero:
+                    write_log(run, st.log_history)
 
         trainer.add_callback(Log())
         if not progress:  # without a bar, Trainer prints every log dict instead: quiet means quiet
@@ -163,15 +150,32 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
         last = get_last_checkpoint(str(run)) if resume else None
         trainer.train(resume_from_checkpoint=last)
         final = trainer.evaluate()
-        write_log(run, trainer.state.log_history)
-        trainer.save_model(str(run))  # final weights, config and tokenizer: the run folder loads as a model
-        plot_log(run, cfg)
-        write_json(run / "meta.json", {**meta, "status": "complete", "finished": _now(),
-                                       "steps": int(trainer.state.global_step),
-                                       "final": {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}})
+        trainer.save_model(str(run))  # final weights, config and tokenizer (main process): the folder loads as a model
+        if state.is_main_process:
+            write_log(run, trainer.state.log_history)
+            plot_log(run, cfg)
+            write_json(run / "meta.json", {**meta, "status": "complete", "finished": _now(),
+                                           "steps": int(trainer.state.global_step),
+                                           "final": {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}})
+        state.wait_for_everyone()
         return run
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _arguments(run: Path, t: dict, world: int, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(run), per_device_train_batch_size=t["batch_size"] // world, per_device_eval_batch_size=64,
+        learning_rate=t["lr"], lr_scheduler_type=t["schedule"], warmup_steps=t["warmup_steps"],
+        weight_decay=t["weight_decay"], optim="adamw_torch", seed=t["seed"], data_seed=t["seed"],
+        max_steps=t.get("steps", -1), num_train_epochs=t.get("epochs", 1), eval_strategy="steps",
+        eval_steps=t["eval_steps"], save_strategy="steps", save_steps=t["save_steps"], logging_steps=t["eval_steps"],
+        label_names=["target"], remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
+        dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(), save_only_model=False,
+        ddp_find_unused_parameters=False)
 
 
 def _collate(pad_id: int):
