@@ -12,7 +12,11 @@ Per bundled model (medians over --reps after a warm-up):
   plus the activations the probe keeps;
 - load time: cold (GGUF dequantized into an empty cache) and cached.
 Scale curves on tiny random Llamas: time and peak memory against batch size, prompt length and layer count.
-Writes benchmarks/results.json.
+Training throughput (--training; --only-training for it alone): `probe train` (transformers' Trainer: the run
+folder, one evaluation, a checkpoint, the final weights, log and plot) against a bare torch loop over the same
+model, data, batch, optimizer and steps, with the same evaluation and a save of the final weights; sequences per
+second of each, per training config.
+Writes benchmarks/results.json (benchmarks/scale.json with --only-scale, training.json with --only-training).
 """
 
 from __future__ import annotations
@@ -178,6 +182,56 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
             "sweep_target": L / 4}
 
 
+def bench_training(config: str, steps: int, reps: int) -> dict:
+    """Seconds and sequences per second of `probe train` and of a bare loop doing the same work."""
+    import torch.nn.functional as F
+
+    from probes.training.config import load_training_config
+    from probes.training.data import IGNORE, LABELS, nback_splits, tokenizer_for
+    from probes.training.trainer import build_model, train
+
+    cfg = load_training_config(config, {"train.steps": steps, "train.eval_steps": steps, "train.save_steps": steps})
+    t = cfg["train"]
+
+    def ours():
+        with tempfile.TemporaryDirectory() as d:
+            train(cfg, Path(d) / "run", progress=False)
+
+    def bare():
+        tok = tokenizer_for(cfg["task"])
+        data = nback_splits(cfg["task"], tok)
+        model = build_model(cfg, tok)
+        pair = tok.convert_tokens_to_ids(list(LABELS))
+        opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+        x, y = torch.tensor(data["train"]["input_ids"]), torch.tensor(data["train"]["target"])
+        order = torch.Generator().manual_seed(t["seed"])
+        loss_of = lambda xb, yb: F.cross_entropy(model(input_ids=xb).logits[..., pair].reshape(-1, 2).float(),  # noqa: E731
+                                                 yb.reshape(-1), ignore_index=IGNORE)
+        model.train()
+        done = 0
+        while done < steps:
+            for idx in torch.randperm(len(x), generator=order).split(t["batch_size"]):
+                loss = loss_of(x[idx], y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                done += 1
+                if done == steps:
+                    break
+        model.eval()
+        with torch.no_grad():
+            loss_of(torch.tensor(data["test"]["input_ids"]), torch.tensor(data["test"]["target"]))
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+
+    with torch.enable_grad():
+        (ours_s, _), (bare_s, _) = measure(ours, reps), measure(bare, reps)
+    seqs = steps * t["batch_size"]
+    return {"config": cfg["name"], "steps": steps, "batch": t["batch_size"], "sequences": seqs,
+            "bare_seconds": bare_s, "ours_seconds": ours_s, "bare_seq_per_s": seqs / bare_s,
+            "ours_seq_per_s": seqs / ours_s, "ratio": ours_s / bare_s}
+
+
 def tiny_llama(layers: int, hidden: int = 512):
     spec = parse_entry(f"bench-llama-{layers}x{hidden}", {"random": {
         "model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": 8,
@@ -255,18 +309,33 @@ def main():
     p.add_argument("--no-cold", action="store_true", help="skip the cold GGUF loads (about 2 minutes)")
     p.add_argument("--no-scale", action="store_true", help="skip the scale curves")
     p.add_argument("--only-scale", action="store_true", help="only the scale curves")
+    p.add_argument("--training", nargs="*", metavar="CONFIG", help="also training throughput, for these configs "
+                   "(default: configs/training/nback-paper.yaml and nback-standard.yaml)")
+    p.add_argument("--only-training", action="store_true", help="only training throughput")
+    p.add_argument("--steps", type=int, default=250, help="training steps per timed run (default 250: the paper's)")
     args = p.parse_args()
+    if args.only_training and args.training is None:
+        args.training = []
     torch.set_grad_enabled(False)
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
                           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}",
                "date": time.strftime("%Y-%m-%d"), "models": []}
-    for m in [] if args.only_scale else args.models:
+    for m in [] if args.only_scale or args.only_training else args.models:
         results["models"].append(bench_model(m, args.batch, args.reps, cold=not args.no_cold))
         print_model(results["models"][-1])
-    if not args.no_scale:
+    if not args.no_scale and not args.only_training:
         results["scale"] = scale_curves(max(args.reps, 5))
         print_curves(results["scale"])
-    out = Path(__file__).parent / ("scale.json" if args.only_scale else "results.json")
+    if args.training is not None:
+        root = Path(__file__).resolve().parent.parent / "configs" / "training"
+        configs = args.training or [root / "nback-paper.yaml", root / "nback-standard.yaml"]
+        results["training"] = [bench_training(str(c), args.steps, args.reps) for c in configs]
+        for r in results["training"]:
+            print(f"training {r['config']}: {r['steps']} steps x batch {r['batch']}: bare loop {r['bare_seconds']:.2f} s "
+                  f"({r['bare_seq_per_s']:.0f} seq/s), probe train {r['ours_seconds']:.2f} s ({r['ours_seq_per_s']:.0f} "
+                  f"seq/s) = {r['ratio']:.2f}x")
+    name = "scale.json" if args.only_scale else "training.json" if args.only_training else "results.json"
+    out = Path(__file__).parent / name
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {out}")
 

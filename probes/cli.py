@@ -105,7 +105,7 @@ def cmd_run(args) -> None:
     options = {"topk": args.topk, "mode": args.mode, "layers": args.layers, "scales": args.scales,
                "positions": args.positions, "controls": False if args.no_controls else None,
                "sources": args.sources, "source_items": args.source_items, "source_layer": args.source_layer,
-               "context": args.context, "how": args.ablation}
+               "context": args.context, "how": args.ablation, "sites": args.sites, "direction": args.direction}
     chosen = probe_options(args.probe, options, strict=True)
     check_limit(args.limit)
     outputs = {t.name: Path(args.output) if args.output else default_output(RESULTS, spec.name, t.name, args.probe)
@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--mode", help="ffn-transplant: add (to the residual after each block; default) or replace "
                                   "(the FFN updates of a range of blocks)")
     f.add_argument("--scales", help="ffn-transplant: multiples of o, e.g. '1,2' (default 1)")
-    f.add_argument("--positions", help="ffn-transplant replace: all (broadcast, default) or last")
+    f.add_argument("--positions", help="ffn-transplant replace: all (broadcast, default) or last; activation-patching: "
+                                       "all (each on its own; default), whole, last, argument or token indices")
     f.add_argument("--no-controls", action="store_true", help="ffn-transplant: skip shuffled and random vectors")
     f.add_argument("--sources", type=_count(1), help="ffn-transplant: average o over this many source prompts")
     f.add_argument("--source-items", help="ffn-transplant: source inputs, e.g. 'Poland,France'")
@@ -354,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--context", help="ffn-transplant targets: copy (the paper's neutral prompt; default) or "
                                      "zero-shot (the task's template without shots)")
     f.add_argument("--ablation", help="ffn-ablation: zero (default) or identity")
+    f.add_argument("--sites", help="activation-patching: resid (default), attn, ffn, e.g. 'resid,ffn'")
+    f.add_argument("--direction", help="activation-patching: denoise (clean into corrupted; default) or noise")
     r.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
     r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
     r.add_argument("--compute-dtype", help="quantized models: the dtype activations are computed and read in "

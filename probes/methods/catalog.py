@@ -8,7 +8,7 @@ from typing import Callable
 
 from ..errors import ProbeError, choice_error
 from ..reports import plots
-from . import attention, ffn_ablation, ffn_readout, ffn_transplant, nback
+from . import attention, ffn_ablation, ffn_readout, ffn_transplant, nback, patching
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import report_lens, run_lens, summarize_lens
 
@@ -53,6 +53,13 @@ PROBES: dict[str, Probe] = {
     "attention": Probe(attention.run_attention, attention.summarize_attention, attention.report_attention,
                        "attention entropy and mass to the N-back letter, by N x layer x head", plots.plot_attention,
                        load=attention.EAGER),
+    "activation-patching": Probe(patching.run_patching, patching.summarize_patching, patching.report_patching,
+                                 "clean activations into a corrupted run (or back) per site, block and position: "
+                                 "logit-difference recovery", plots.plot_patching,
+                                 ("sites", "layers", "positions", "direction"), prepare=patching.prepare_patching,
+                                 run_options=("sites", "layers", "positions", "direction"),
+                                 passes=patching.patching_passes,
+                                 defaults={"sites": "resid", "positions": "all", "direction": "denoise"}),
 }
 
 

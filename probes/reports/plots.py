@@ -182,3 +182,29 @@ def plot_attention(df, meta: dict, path: Path) -> None:
         ax.set(title=f"N={n}: layer {layer} head {head}\n(chosen on one half, shown on {len(rows)} others)",
                xlabel="key letter", ylabel="query letter")
     _save(fig, path)
+
+
+def plot_patching(df, meta: dict, path: Path) -> None:
+    """Mean recovery per block x position from the end, one heat map per site (the pairs with a gap to recover)."""
+    import numpy as np
+
+    from ..methods.patching import MIN_GAP
+
+    per = df.groupby("item").first()
+    used = per[(per.ld_source - per.ld_dest).abs() >= MIN_GAP].index
+    cells = df[df.item.isin(used) & (df.position != "whole")]
+    sites = list(dict.fromkeys(cells.site)) or ["resid"]
+    fig, axes = plt.subplots(1, len(sites), figsize=(4.5 * len(sites), 3.8), squeeze=False)
+    for ax, site in zip(axes[0], sites):
+        heat = cells[cells.site == site].pivot_table(index="block", columns="from_end", values="recovery",
+                                                     aggfunc="mean")
+        if heat.empty:
+            continue
+        im = ax.imshow(heat.to_numpy(dtype=float), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1,
+                       extent=(heat.columns.min() - 0.5, heat.columns.max() + 0.5, heat.index.max() + 0.5,
+                               heat.index.min() - 0.5))
+        ax.set(xlabel="position (from the end)", ylabel="block", title=f"{site} · {_title(meta)}")
+        ax.set_xticks(np.asarray(heat.columns, dtype=int))
+        fig.colorbar(im, ax=ax, label="recovery")
+    _note(axes[0][0], f"{len(used)} pairs; mean over pairs")
+    _save(fig, path)

@@ -1,0 +1,234 @@
+"""activation-patching: causal tracing on clean/corrupted prompt pairs, for every model of the registry.
+
+A pair is an item's prompt (clean) and the same prompt, shots and all, with the query asked of another item
+(corrupted: another country), chosen with the task's seed among the items whose prompt has the same number of
+tokens and whose answer starts with another token, so positions line up. Activations of the source run (clean,
+or corrupted with --direction noise) are written into the destination run at one site, block and position per
+patch: `resid` (the residual entering block i), `attn` (block i's attention update), `ffn` (its FFN update).
+The metric is the logit difference LD = logit(clean answer) - logit(corrupted answer) at the last position, as
+recovery (LD_patched - LD_dest) / (LD_source - LD_dest): 1 = the patch carries the whole difference, 0 = none.
+
+Many patches run in one forward: the pair's source and destination prompts, then the destination once per patch,
+in chunks of PATCH_ROWS rows (memory bounded by the chunk, not by layers x positions).
+Positions: `last`, `argument` (the argument's last token in the query), integers (negative count from the end),
+`all` (every position, each on its own) or `whole` (every position at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import nnsight
+import numpy as np
+import torch
+
+from ..errors import ProbeError
+from ..models.arch import parse_blocks
+from ..stats import halves, interval_text, level, mean
+from ..tasks.base import Item, answer_token, item_columns
+from .lens import rank_of
+
+SITES = ("resid", "attn", "ffn")
+DIRECTIONS = ("denoise", "noise")  # clean into corrupted (does it restore?), corrupted into clean (does it break?)
+PATCH_ROWS = 64
+
+
+def parse_sites(value, has_ffn: bool = True) -> list[str]:
+    sites = [s.strip() for s in (value.split(",") if isinstance(value, str) else value or ["resid"])]
+    bad = [s for s in sites if s not in SITES]
+    if bad or not sites:
+        raise ProbeError(f"unknown patching site {bad[0] if bad else value!r}; accepted: {', '.join(SITES)}")
+    if "ffn" in sites and not has_ffn:
+        raise ProbeError("patching site 'ffn': this model has no FFN; accepted: resid, attn")
+    return sites
+
+
+def resolve_positions(value, length: int, argument: int) -> list:
+    """Token positions of a prompt of `length` tokens: a list whose entries are an index, or a slice for `whole`."""
+    names = [p.strip() for p in (value.split(",") if isinstance(value, str) else [str(v) for v in value or ["all"]])]
+    out = []
+    for name in names:
+        if name == "all":
+            out += list(range(length))
+        elif name == "whole":
+            out.append(slice(None))
+        elif name == "last":
+            out.append(length - 1)
+        elif name == "argument":
+            out.append(argument)
+        else:
+            try:
+                index = int(name)
+            except ValueError:
+                raise ProbeError(f"bad patching position {name!r}; accepted: all, whole, last, argument or a token "
+                                 "index (negative from the end)") from None
+            if not -length <= index < length:
+                raise ProbeError(f"patching position {index} is outside the prompt ({length} tokens); accepted: "
+                                 f"{-length} to {length - 1}")
+            out.append(index % length)
+    return list(dict.fromkeys(out, None)) if not any(isinstance(p, slice) for p in out) else out
+
+
+def argument_position(tokenizer, prompt: str, argument: str) -> int:
+    """The token holding the last character of the argument's last occurrence in the prompt (the query's)."""
+    at = prompt.rfind(argument.strip())
+    if at < 0:
+        return len(tokenizer(prompt).input_ids) - 1
+    char = at + len(argument.strip()) - 1
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    return next((i for i, (a, b) in enumerate(offsets) if a <= char < b), len(offsets) - 1)
+
+
+def prepare_patching(loaded, task, items: list[Item], options: dict):
+    """Pair every item with a corrupted prompt (see the module's docstring); items with no partner are left out."""
+    if not hasattr(task, "template") or not hasattr(task, "rows"):
+        raise ProbeError(f"task {task.name!r} has no clean/corrupted pairs; accepted: a relational task "
+                         "(e.g. capitals)")
+    direction = options.get("direction", "denoise")
+    if direction not in DIRECTIONS:
+        raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
+    tok = loaded.tokenizer
+    rows = task.rows()
+    length = lambda text: len(tok(text).input_ids)  # noqa: E731
+    pool = task.items()  # partners: any item of the task, limited or not
+    query = {it.index: task.template.format(**rows[it.index]) for it in pool}
+    rng = np.random.default_rng([task.seed, 7])
+    paired = []
+    for it in items:
+        prefix = it.prompt[: len(it.prompt) - len(query[it.index])]
+        n, first = length(it.prompt), answer_token(tok, it)
+        for j in rng.permutation(len(pool)):
+            other = pool[int(j)]
+            corrupted = prefix + query[other.index]
+            if other.index != it.index and answer_token(tok, other) != first and length(corrupted) == n:
+                paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": corrupted,
+                                                             "corrupted_input": other.input,
+                                                             "corrupted_answer": other.answer}))
+                break
+    if not paired:
+        raise ProbeError(f"no item of task {task.name!r} has a corrupted partner of the same token length on "
+                         f"{loaded.spec.name}; accepted: a task with more items")
+    return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
+
+
+def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, object]]) -> torch.Tensor:
+    """Last-position logits (2 + len(patches), vocab): the source run, the destination run, then the destination
+    with each patch (site, block, position index or slice) taken from the source run, in one forward."""
+    arch = loaded.arch
+    groups: dict = {}
+    for row, (site, block, pos) in enumerate(patches, start=2):
+        groups.setdefault((block, site), []).append((row, pos))
+    blocks = sorted({b for b, _ in groups})
+    with loaded.trace([source, dest] + [dest] * len(patches), logits_to_keep=1):
+        for i in blocks:
+            x = arch.block_input(i)
+            for row, pos in groups.get((i, "resid"), []):
+                x[row, pos] = x[0, pos]
+            if (i, "attn") in groups:
+                a = arch.attn_update(i)
+                for row, pos in groups[(i, "attn")]:
+                    a[row, pos] = a[0, pos]
+            if (i, "ffn") in groups:
+                f = arch.ffn_output(i, like=x)
+                for row, pos in groups[(i, "ffn")]:
+                    f[row, pos] = f[0, pos]
+        logits = nnsight.save(loaded.model.output.logits[:, -1])
+    return logits.float()
+
+
+def patch_list(sites: list[str], blocks: list[int], positions: list) -> list[tuple[str, int, object]]:
+    return [(s, b, p) for s in sites for b in blocks for p in positions]
+
+
+def run_patching(loaded, items: list[Item], state: dict | None = None, sites="resid", layers=None,
+                 positions="all", direction: str = "denoise") -> list[dict]:
+    arch, tok = loaded.arch, loaded.tokenizer
+    sites = parse_sites(sites, arch.has_ffn)
+    blocks = parse_blocks(layers if layers is not None else "all", arch.n_layers, "--layers")
+    rows = []
+    for it in items:
+        clean, corrupted = it.prompt, it.extra["corrupted"]
+        source, dest = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
+        n = len(tok(clean).input_ids)
+        pos = resolve_positions(positions, n, argument_position(tok, clean, it.argument))
+        patches = patch_list(sites, blocks, pos)
+        good, bad = answer_token(tok, it), answer_token(tok, dataclasses.replace(it, answer=it.extra["corrupted_answer"]))
+        logits = []
+        for start in range(0, len(patches), PATCH_ROWS):
+            out = patch_logits(loaded, source, dest, patches[start:start + PATCH_ROWS])
+            logits.append(out if start == 0 else out[2:])
+        logits = torch.cat(logits)
+        ld = (logits[:, good] - logits[:, bad]).tolist()
+        rank = rank_of(logits, torch.full((len(logits),), good, device=logits.device)).tolist()
+        gap = ld[0] - ld[1]
+        cols = {**item_columns(tok, it), "corrupted_input": it.extra["corrupted_input"], "direction": direction,
+                "tokens": n, "ld_source": ld[0], "ld_dest": ld[1]}
+        for k, (site, block, p) in enumerate(patches, start=2):
+            at = "whole" if isinstance(p, slice) else p
+            rows.append({**cols, "site": site, "block": block, "position": str(at),
+                         "from_end": None if isinstance(p, slice) else p - n, "ld_patched": ld[k],
+                         "recovery": (ld[k] - ld[1]) / gap if gap else float("nan"), "answer_rank": rank[k]})
+    return rows
+
+
+MIN_GAP = 0.1  # pairs whose source and destination logit differences differ by less carry no signal to recover
+
+
+def summarize_patching(df, seed: int = 0, min_gap: float = MIN_GAP) -> dict:
+    """Per site and block (and, over positions, the position with the largest recovery, chosen on one half of the
+    pairs and reported on the other), the mean recovery with a bootstrap interval over the pairs whose source and
+    destination logit differences differ by at least `min_gap`."""
+    per = df.groupby("item").first()
+    used = per[(per.ld_source - per.ld_dest).abs() >= min_gap].index
+    d = df[df.item.isin(used)]
+    out = {"pairs": int(len(per)), "pairs_used": int(len(used)), "dropped_no_gap": int(len(per) - len(used)),
+           "min_gap": min_gap,
+           "direction": str(per.direction.iloc[0]) if len(per) else None, "by_site": {}}
+    if not len(used):
+        return out
+    select, report = halves(sorted(used), seed)
+    for site, g in d.groupby("site"):
+        by_block = {int(b): mean(gb.recovery, "recovery", seed=seed)
+                    for b, gb in g[g.position == "whole"].groupby("block")}
+        named = g[g.position != "whole"].dropna(subset=["from_end"])
+        best = None
+        if len(named):
+            cells = named[named.item.isin(select)].groupby(["block", "from_end"]).recovery.mean()
+            if len(cells):
+                b, pos = cells.idxmax()
+                held = named[named.item.isin(report) & (named.block == b) & (named.from_end == pos)]
+                best = {"block": int(b), "from_end": int(pos), "selected_on": len(select), "reported_on": len(report),
+                        **mean(held.recovery, "recovery", seed=seed)}
+        out["by_site"][site] = {"whole_by_block": by_block, "best": best}
+    return out
+
+
+def report_patching(df, summary) -> str:
+    lines = [f"{summary['pairs']} clean/corrupted pairs ({summary['direction']}); {summary['pairs_used']} used, "
+             f"{summary['dropped_no_gap']} dropped (source and destination logit differences within "
+             f"{summary['min_gap']})"]
+    per = df.groupby("item").first()
+    d = df[df.item.isin(per[(per.ld_source - per.ld_dest).abs() >= summary["min_gap"]].index)]
+    for site, s in summary["by_site"].items():
+        cells = d[(d.site == site) & (d.position != "whole")]
+        if len(cells):
+            heat = cells.pivot_table(index="block", columns="from_end", values="recovery", aggfunc="mean")
+            lines.append(f"\n{site}: mean recovery by block (rows) and position from the end (columns):\n"
+                         + heat.round(2).to_string())
+        for b, r in s["whole_by_block"].items():
+            lines.append(f"  {site} block {b}, every position: recovery {interval_text(r, 'recovery', 2)}")
+        if s["best"]:
+            b = s["best"]
+            lines.append(f"  {site}: largest recovery at block {b['block']}, position {b['from_end']} from the end "
+                         f"(chosen on {b['selected_on']} pairs; on the other {b['reported_on']}: "
+                         f"{interval_text(b, 'recovery', 2)})")
+    return "\n".join(lines) + f"\n[{level():.0%} bootstrap intervals over pairs]"
+
+
+def patching_passes(n_layers: int, options: dict) -> float:
+    """Forward passes per item, for time limits: one row per patch (positions taken as 20 when 'all')."""
+    sites = len(parse_sites(options.get("sites")))
+    blocks = len(parse_blocks(options.get("layers") or "all", n_layers, "--layers"))
+    positions = options.get("positions") or "all"
+    n_pos = 20 if "all" in str(positions) else len(str(positions).split(","))
+    return 2 + sites * blocks * n_pos

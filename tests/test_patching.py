@@ -1,0 +1,134 @@
+"""Activation patching: exact equivalences on tiny random models of every family (clean into clean changes
+nothing; the whole residual at block 0 recovers everything), the batched patches against an independent
+implementation with plain PyTorch hooks (one forward per patch), pairs that line up, and bad input."""
+
+import pytest
+import torch
+
+import probes
+from probes.errors import ProbeError
+from probes.methods.patching import (parse_sites, patch_list, patch_logits, prepare_patching,
+                                     resolve_positions, summarize_patching)
+from probes.models.arch import _get
+from probes.tasks.files import load_task
+
+from .conftest import TINY, loaded
+
+WORDS = ["Poland", "France", "Spain", "Italy", "Japan", "Chile", "Kenya", "Peru", "Nepal", "Cuba", "Mali", "Oman"]
+
+
+def pair(lm):
+    """Two prompts of the same token length that differ in the country."""
+    tok = lm.tokenizer
+    make = "The capital of {} is the city of".format
+    by_length = {}
+    for w in WORDS:
+        by_length.setdefault(len(tok(make(w)).input_ids), []).append(make(w))
+    two = next(v for v in by_length.values() if len(v) >= 2)
+    return two[0], two[1]
+
+
+def hooked(lm, source: str, dest: str, site: str, block: int, pos) -> torch.Tensor:
+    """The destination's last-position logits with one activation taken from the source run, by forward hooks
+    on the transformers modules (no nnsight): the reference the batched patching must equal."""
+    arch, tok = lm.arch, lm.tokenizer
+    layer = _get(arch.hf, arch.spec.layers)[block]
+    module = {"resid": layer, "attn": _get(layer, arch.spec.attn), "ffn": _get(layer, arch.spec.ffn)}[site]
+    store = {}
+
+    def index(t):  # OPT's FFN runs on (batch*seq, d): batch 1, so a position is a row
+        return (pos,) if arch.spec.ffn_flat and site == "ffn" else (0, pos)
+
+    def pre(mod, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if "value" in store:
+            h = h.clone()
+            h[index(h)] = store["value"]
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+        store["value"] = h[index(h)].clone()
+
+    def post(mod, args, out):
+        t = out[0] if isinstance(out, tuple) else out
+        if "value" in store:
+            t = t.clone()
+            t[index(t)] = store["value"]
+            return (t, *out[1:]) if isinstance(out, tuple) else t
+        store["value"] = t[index(t)].clone()
+
+    handle = (module.register_forward_pre_hook(pre, with_kwargs=True) if site == "resid"
+              else module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            arch.hf(tok(source, return_tensors="pt").input_ids)
+            out = arch.hf(tok(dest, return_tensors="pt").input_ids).logits[0, -1]
+    finally:
+        handle.remove()
+    return out.float()
+
+
+def sites(lm):
+    return ["resid", "attn"] + (["ffn"] if lm.arch.has_ffn else [])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_patching_the_clean_run_into_itself_changes_nothing(name):
+    lm = loaded(name)
+    clean, _ = pair(lm)
+    n = len(lm.tokenizer(clean).input_ids)
+    logits = patch_logits(lm, clean, clean, patch_list(sites(lm), list(range(lm.arch.n_layers)), [0, n - 1, slice(None)]))
+    assert all(torch.equal(logits[1], row) for row in logits[2:])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_the_whole_residual_at_block_0_recovers_the_clean_run_exactly(name):
+    lm = loaded(name)
+    clean, corrupted = pair(lm)
+    logits = patch_logits(lm, clean, corrupted, [("resid", 0, slice(None))])
+    assert torch.equal(logits[2], logits[0]) and not torch.equal(logits[1], logits[0])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_batched_patches_equal_one_hooked_forward_per_patch(name):
+    lm = loaded(name)
+    clean, corrupted = pair(lm)
+    n = len(lm.tokenizer(clean).input_ids)
+    patches = patch_list(sites(lm), list(range(lm.arch.n_layers)), [0, n // 2, n - 1])
+    batched = patch_logits(lm, clean, corrupted, patches)
+    for row, (site, block, pos) in enumerate(patches, start=2):
+        ref = hooked(lm, clean, corrupted, site, block, pos)
+        assert torch.allclose(batched[row], ref, atol=1e-4, rtol=1e-4), (site, block, pos)
+    assert not all(torch.allclose(batched[row], batched[1], atol=1e-6) for row in range(2, len(patches) + 2))
+
+
+def test_pairs_line_up_and_recovery_runs_from_the_corrupted_to_the_clean_run(tmp_path):
+    lm = loaded("tiny-llama")
+    task = load_task("capitals", {"ambiguous": "flag"})
+    items = task.items(limit=12)
+    paired, _, meta = prepare_patching(lm, task, items, {})
+    tok = lm.tokenizer
+    assert meta["pairs"] == len(paired) > 0 and meta["pairs"] + meta["unpaired"] == 12
+    for it in paired:
+        assert len(tok(it.prompt).input_ids) == len(tok(it.extra["corrupted"]).input_ids)
+        query = lambda inp: task.template.format(input=inp)  # noqa: E731
+        assert it.prompt[:-len(query(it.input))] == it.extra["corrupted"][:-len(query(it.extra["corrupted_input"]))]
+        assert it.extra["corrupted_input"] != it.input
+    r = probes.run(lm, probes.task("capitals", ambiguous="flag"), "activation-patching", limit=6,
+                   output=tmp_path / "run", positions="whole", layers="0")
+    whole = r.table[r.table.position == "whole"]
+    assert (whole.recovery == 1.0).all()  # block 0, every position: the clean run itself
+    assert r.summary["pairs_used"] + r.summary["dropped_no_gap"] == r.summary["pairs"] == 6
+    s = summarize_patching(r.table, min_gap=0.0)  # a random model's clean and corrupted runs barely differ
+    assert (s["by_site"]["resid"]["whole_by_block"][0]["recovery"], s["by_site"]["resid"]["whole_by_block"][0]
+            ["recovery_lo"]) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda lm: parse_sites("heads"), "unknown patching site 'heads'; accepted: resid, attn, ffn"),
+    (lambda lm: resolve_positions("99", 10, 3), "patching position 99 is outside the prompt (10 tokens)"),
+    (lambda lm: resolve_positions("middle", 10, 3), "bad patching position 'middle'; accepted:"),
+    (lambda lm: prepare_patching(lm, load_task("nback"), [], {}), "task 'nback' has no clean/corrupted pairs"),
+    (lambda lm: prepare_patching(lm, load_task("capitals"), [], {"direction": "up"}), "unknown patching direction 'up'"),
+])
+def test_bad_patching_input_is_a_clear_error(call, message):
+    with pytest.raises(ProbeError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        call(loaded("tiny-gpt2"))
