@@ -16,6 +16,7 @@ Training throughput (--training; --only-training for it alone): `probe train` (t
 folder, one evaluation, a checkpoint, the final weights, log and plot) against a bare torch loop over the same
 model, data, batch, optimizer and steps, with the same evaluation and a save of the final weights; sequences per
 second of each, per training config.
+Activation patching (--patching): the full residual sweep of one pair batched, against one trace per patch.
 Writes benchmarks/results.json (benchmarks/scale.json with --only-scale, training.json with --only-training).
 """
 
@@ -232,6 +233,40 @@ def bench_training(config: str, steps: int, reps: int) -> dict:
             "ours_seq_per_s": seqs / ours_s, "ratio": ours_s / bare_s}
 
 
+def bench_patching(name: str, sample: int) -> dict:
+    """The full residual patching sweep (every block x position) of one clean/corrupted capitals pair, batched as
+    the activation-patching probe runs it, against one nnsight trace per patch (the clean run traced once and
+    saved, then the corrupted run once per patch), timed on `sample` patches and scaled to all; same numbers."""
+    import nnsight
+
+    from probes.methods.patching import PATCH_ROWS, patch_list, patch_logits
+
+    lm = load_model(resolve_model(name))
+    arch, tok = lm.arch, lm.tokenizer
+    clean = "Q: What is the capital of Malaysia?\nA: Kuala Lumpur\nQ: What is the capital of Poland?\nA:"
+    corrupted = clean.replace("Poland", "France")
+    n = len(tok(clean).input_ids)
+    assert n == len(tok(corrupted).input_ids)
+    patches = patch_list(["resid"], list(range(arch.n_layers)), list(range(n)))
+    start = time.perf_counter()
+    batched = torch.cat([patch_logits(lm, clean, corrupted, patches[i:i + PATCH_ROWS])[2:]
+                         for i in range(0, len(patches), PATCH_ROWS)])
+    batched_s = time.perf_counter() - start
+    start = time.perf_counter()
+    with lm.trace(clean):
+        saved = nnsight.save([arch.block_input(i) for i in range(arch.n_layers)])
+    loop = []
+    for _, block, pos in patches[:sample]:
+        with lm.trace(corrupted, logits_to_keep=1):
+            x = arch.block_input(block)
+            x[0, pos] = saved[block][0, pos]
+            loop.append(nnsight.save(lm.model.output.logits[0, -1]))
+    loop_s = (time.perf_counter() - start) / sample * len(patches)
+    diff = max(float((batched[j] - loop[j].float()).abs().max()) for j in range(sample))
+    return {"model": name, "patches": len(patches), "blocks": arch.n_layers, "positions": n, "chunk": PATCH_ROWS,
+            "batched_seconds": batched_s, "loop_seconds": loop_s, "speedup": loop_s / batched_s, "max_diff": diff}
+
+
 def tiny_llama(layers: int, hidden: int = 512):
     spec = parse_entry(f"bench-llama-{layers}x{hidden}", {"random": {
         "model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": 8,
@@ -313,6 +348,8 @@ def main():
                    "(default: configs/training/nback-paper.yaml and nback-standard.yaml)")
     p.add_argument("--only-training", action="store_true", help="only training throughput")
     p.add_argument("--steps", type=int, default=250, help="training steps per timed run (default 250: the paper's)")
+    p.add_argument("--patching", action="store_true", help="also the residual patching sweep against one trace per "
+                   "patch (on the first of --models)")
     args = p.parse_args()
     if args.only_training and args.training is None:
         args.training = []
@@ -334,6 +371,11 @@ def main():
             print(f"training {r['config']}: {r['steps']} steps x batch {r['batch']}: bare loop {r['bare_seconds']:.2f} s "
                   f"({r['bare_seq_per_s']:.0f} seq/s), probe train {r['ours_seconds']:.2f} s ({r['ours_seq_per_s']:.0f} "
                   f"seq/s) = {r['ratio']:.2f}x")
+    if args.patching:
+        results["patching"] = r = bench_patching(args.models[0], sample=60)
+        print(f"patching {r['model']}: {r['patches']} patches ({r['blocks']} blocks x {r['positions']} positions): "
+              f"batched {r['batched_seconds']:.1f} s, one trace per patch {r['loop_seconds']:.1f} s = "
+              f"{r['speedup']:.2f}x faster; max difference {r['max_diff']:.1e}")
     name = "scale.json" if args.only_scale else "training.json" if args.only_training else "results.json"
     out = Path(__file__).parent / name
     out.write_text(json.dumps(results, indent=2))

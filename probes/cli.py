@@ -105,7 +105,8 @@ def cmd_run(args) -> None:
     options = {"topk": args.topk, "mode": args.mode, "layers": args.layers, "scales": args.scales,
                "positions": args.positions, "controls": False if args.no_controls else None,
                "sources": args.sources, "source_items": args.source_items, "source_layer": args.source_layer,
-               "context": args.context, "how": args.ablation, "sites": args.sites, "direction": args.direction}
+               "context": args.context, "how": args.ablation, "sites": args.sites, "direction": args.direction,
+               "label": args.label, "site": args.site, "position": args.position}
     chosen = probe_options(args.probe, options, strict=True)
     check_limit(args.limit)
     outputs = {t.name: Path(args.output) if args.output else default_output(RESULTS, spec.name, t.name, args.probe)
@@ -357,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ablation", help="ffn-ablation: zero (default) or identity")
     f.add_argument("--sites", help="activation-patching: resid (default), attn, ffn, e.g. 'resid,ffn'")
     f.add_argument("--direction", help="activation-patching: denoise (clean into corrupted; default) or noise")
+    f.add_argument("--label", help="linear-probe: what to decode: group (default), answer, argument, or a column the "
+                                   "task adds (e.g. match)")
+    f.add_argument("--site", help="linear-probe: resid (default), attn or ffn")
+    f.add_argument("--position", help="linear-probe: last (default) or argument")
     r.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
     r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
     r.add_argument("--compute-dtype", help="quantized models: the dtype activations are computed and read in "

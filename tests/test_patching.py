@@ -132,3 +132,43 @@ def test_pairs_line_up_and_recovery_runs_from_the_corrupted_to_the_clean_run(tmp
 def test_bad_patching_input_is_a_clear_error(call, message):
     with pytest.raises(ProbeError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
         call(loaded("tiny-gpt2"))
+
+
+def test_a_linear_probe_finds_a_planted_feature_and_shuffled_labels_sit_at_chance():
+    """Dimension 0 carries the label at layer 1 only; the random-weights vectors carry nothing."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from probes.methods.linear_probe import summarize_linear_probe
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(200):
+        label = "a" if i % 2 else "b"
+        for layer in range(2):
+            v = rng.normal(size=8)
+            if layer == 1:
+                v[0] += 6.0 if label == "a" else -6.0
+            rows.append({"item": i, "layer": layer, "label": label, "site": "resid", "position": "last",
+                         "vector": json.dumps(v.tolist()), "random_vector": json.dumps(rng.normal(size=8).tolist())})
+    s = summarize_linear_probe(pd.DataFrame(rows))
+    assert (s["train"], s["test"]) == (100, 100)
+    planted, blank = s["layers"][1], s["layers"][0]
+    assert planted["accuracy"] >= 0.99 and planted["macro_f1"] >= 0.99 and planted["selectivity"] > 0.35
+    assert abs(blank["accuracy"] - 0.5) < 0.15 and abs(planted["random_accuracy"] - 0.5) < 0.15
+    # shuffled labels: chance on average over seeds (one shuffle can correlate with the planted feature by luck)
+    shuffled = [summarize_linear_probe(pd.DataFrame(rows), seed)["layers"][layer]["shuffled_accuracy"]
+                for seed in range(8) for layer in (0, 1)]
+    assert abs(np.mean(shuffled) - 0.5) < 0.06
+
+
+def test_the_linear_probe_runs_on_a_model_with_its_random_weights_control(tmp_path):
+    r = probes.run(loaded("tiny-llama"), probes.task("past-tense", ambiguous="flag"), "linear-probe", limit=24,
+                   output=tmp_path / "run")
+    assert set(r.summary["layers"]) == set(range(loaded("tiny-llama").arch.n_layers + 1))
+    assert r.summary["train"] + r.summary["test"] == 24 and "random weights" in r.report
+    with pytest.raises(ProbeError, match="^probe label 'group' has 1 value"):
+        probes.run(loaded("tiny-llama"), probes.task("capitals", ambiguous="flag"), "linear-probe", limit=4,
+                   output=tmp_path / "one")

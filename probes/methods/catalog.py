@@ -8,7 +8,7 @@ from typing import Callable
 
 from ..errors import ProbeError, choice_error
 from ..reports import plots
-from . import attention, ffn_ablation, ffn_readout, ffn_transplant, nback, patching
+from . import attention, ffn_ablation, ffn_readout, ffn_transplant, linear_probe, nback, patching
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import report_lens, run_lens, summarize_lens
 
@@ -60,6 +60,12 @@ PROBES: dict[str, Probe] = {
                                  run_options=("sites", "layers", "positions", "direction"),
                                  passes=patching.patching_passes,
                                  defaults={"sites": "resid", "positions": "all", "direction": "denoise"}),
+    "linear-probe": Probe(linear_probe.run_linear_probe, linear_probe.summarize_linear_probe,
+                          linear_probe.report_linear_probe,
+                          "logistic-regression probes per layer for a label of the items, held out, against "
+                          "shuffled labels and random weights", plots.plot_linear_probe, ("label", "site", "position"),
+                          prepare=linear_probe.prepare_linear_probe, run_options=("label", "site", "position"),
+                          passes=lambda n_layers, opts: 2, defaults={"label": "group", "site": "resid", "position": "last"}),
 }
 
 

@@ -208,3 +208,24 @@ def plot_patching(df, meta: dict, path: Path) -> None:
         fig.colorbar(im, ax=ax, label="recovery")
     _note(axes[0][0], f"{len(used)} pairs; mean over pairs")
     _save(fig, path)
+
+
+def plot_linear_probe(df, meta: dict, path: Path) -> None:
+    """Held-out accuracy per layer with Wilson bars, beside the shuffled-label and random-weights controls."""
+    from ..methods.linear_probe import summarize_linear_probe
+
+    summary = summarize_linear_probe(df, meta.get("seed", 0))
+    if not summary["layers"]:
+        return
+    import pandas as pd
+
+    t = pd.DataFrame(summary["layers"]).T.astype(float)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, fmt, label in (("accuracy", "o-", "probe"), ("shuffled_accuracy", "s--", "shuffled labels"),
+                             ("random_accuracy", "^--", "random weights")):
+        _bars(ax, t[[name, f"{name}_lo", f"{name}_hi"]], fmt, label)
+    _note(ax, f"fitted on {summary['train']} items, scored on {summary['test']}; bars: {{level}} Wilson")
+    ax.set(xlabel="layer (resid: 0 = embeddings)", ylabel="held-out accuracy", ylim=(0, 1.02),
+           title=f"linear probe · {_title(meta)}")
+    ax.legend(fontsize=8)
+    _save(fig, path)

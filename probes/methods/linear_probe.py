@@ -1,0 +1,171 @@
+"""linear-probe: is a label the task defines per item linearly decodable from the model's activations, layer by
+layer, and is that the model's doing?
+
+Activations are read through nnsight at a site (`resid`: the residual at each index 0..L, 0 = embeddings;
+`attn`, `ffn`: each block's update) and a position (`last`, or `argument`: the argument's last token). A
+scikit-learn logistic regression per layer is fitted on a seeded, stratified half of the items and scored on the
+other half: accuracy (Wilson interval) and macro-F1 (bootstrap over the held-out items), against two controls: the
+same probe on shuffled training labels (chance as this label's classes make it), and on the same architecture with
+re-initialised random weights (selectivity = accuracy - random-weights accuracy). Labels (`--label`): `group`
+(regular/irregular verbs, the N of an N-back trial), `answer` (N-back: match or not; relational: the answer),
+`argument`, or any column a task adds per item (e.g. `match`).
+
+Activations of all items are collected while the run goes (one row per item, layer and site with the vector), and
+the fits are made when the run is summarized: a probe needs every item at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import nnsight
+import numpy as np
+import torch
+
+from ..errors import ProbeError
+from ..stats import bootstrap, interval_text, level, proportion
+from ..tasks.base import Item, item_columns
+from .patching import argument_position
+
+SITES = ("resid", "attn", "ffn")
+
+
+def _vectors(loaded, prompts: list[str], site: str, positions: list[int]) -> torch.Tensor:
+    """(batch, layers, d) activations at each prompt's position (prompts run one by one: positions differ)."""
+    arch = loaded.arch
+    out = []
+    for prompt, pos in zip(prompts, positions):
+        with loaded.trace(prompt, logits_to_keep=1):
+            if site == "resid":
+                got = [arch.block_input(0)[0, pos]] + [arch.block_output(i)[0, pos] for i in range(arch.n_layers)]
+            elif site == "attn":
+                got = [arch.attn_update(i)[0, pos] for i in range(arch.n_layers)]
+            else:
+                got = []
+                for i in range(arch.n_layers):
+                    x = arch.block_input(i)
+                    got.append(arch.ffn_update(i, like=x)[0, pos])
+            saved = nnsight.save([g.float().cpu() for g in got])
+        out.append(torch.stack(saved))
+    return torch.stack(out)
+
+
+def label_of(item: Item, label: str) -> str:
+    if label in ("group", "answer", "argument", "input", "output"):
+        return str(getattr(item, label)).strip()
+    if label in item.extra:
+        return str(item.extra[label])
+    raise ProbeError(f"unknown probe label {label!r} for this task; accepted: group, answer, argument, input, output"
+                     + "".join(f", {k}" for k in item.extra))
+
+
+def run_linear_probe(loaded, items: list[Item], state: dict | None = None, label: str = "group", site: str = "resid",
+                     position: str = "last") -> list[dict]:
+    if site not in SITES:
+        raise ProbeError(f"unknown probe site {site!r}; accepted: {', '.join(SITES)}")
+    if site == "ffn" and not loaded.arch.has_ffn:
+        raise ProbeError("probe site 'ffn': this model has no FFN; accepted: resid, attn")
+    if position not in ("last", "argument"):
+        raise ProbeError(f"unknown probe position {position!r}; accepted: last, argument")
+    tok = loaded.tokenizer
+    pos = [len(tok(it.prompt).input_ids) - 1 if position == "last" else argument_position(tok, it.prompt, it.argument)
+           for it in items]
+    real = _vectors(loaded, [it.prompt for it in items], site, pos)
+    random = _vectors(state["random"], [it.prompt for it in items], site, pos)
+    rows = []
+    for b, it in enumerate(items):
+        cols = {**item_columns(tok, it), "label": label_of(it, label), "site": site, "position": position,
+                "token_index": pos[b]}
+        for layer in range(real.shape[1]):
+            rows.append({**cols, "layer": layer, "vector": json.dumps(real[b, layer].tolist()),
+                         "random_vector": json.dumps(random[b, layer].tolist())})
+    return rows
+
+
+def prepare_linear_probe(loaded, task, items: list[Item], options: dict):
+    """The control model: the same architecture (config) and tokenizer with freshly initialised random weights
+    (seeded with the task's seed); it doubles the memory the model takes."""
+    import dataclasses
+
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoModelForCausalLM
+
+    from ..models.arch import Arch
+
+    labels = {label_of(it, options.get("label", "group")) for it in items}
+    if len(labels) < 2:
+        raise ProbeError(f"probe label {options.get('label', 'group')!r} has {len(labels)} value(s) on these items; "
+                         "accepted: a label with at least two classes (e.g. --label group on past-tense)")
+    torch.manual_seed(task.seed)
+    hf = AutoModelForCausalLM.from_config(copy.deepcopy(loaded.arch.config), dtype=loaded.arch.hf.dtype)
+    hf.eval().requires_grad_(False)
+    model = TransformersModel(hf, task="text-generation", tokenizer=loaded.tokenizer)
+    random = dataclasses.replace(loaded, model=model, arch=Arch(model), remote=False)
+    return items, {"random": random}, {"classes": sorted(labels), "control": "random weights (re-initialised)"}
+
+
+def _fit(x_train, y_train, x_test):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    return clf.fit(x_train, y_train).predict(x_test)
+
+
+def _macro_f1(truth, pred):
+    """Macro-F1 of integer labels, vectorized over resamples (arrays of shape (..., items))."""
+    scores = []
+    for c in np.unique(truth):
+        tp = ((truth == c) & (pred == c)).sum(-1)
+        wrong = ((truth == c) != (pred == c)).sum(-1)
+        scores.append(np.where(2 * tp + wrong > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0))
+    return np.mean(scores, axis=0)
+
+
+def summarize_linear_probe(df, seed: int = 0) -> dict:
+    """Per layer: held-out accuracy (Wilson) and macro-F1 (bootstrap) of the real model, the shuffled-label and
+    random-weights controls, and the selectivity; the split is stratified by label and seeded."""
+    from sklearn.model_selection import train_test_split
+
+    per = df[df.layer == 0].sort_values("item")
+    items, labels = per.item.to_numpy(), per.label.to_numpy()
+    counts = per.label.value_counts()
+    if len(counts) < 2 or counts.min() < 2:
+        return {"items": int(len(per)), "layers": {}, "note": "every class needs two items to hold one out"}
+    train, test = train_test_split(items, test_size=0.5, random_state=seed, stratify=labels)
+    rng = np.random.default_rng(seed)
+    out = {"items": int(len(per)), "train": int(len(train)), "test": int(len(test)),
+           "classes": {str(k): int(v) for k, v in counts.items()}, "layers": {}}
+    for layer, g in df.groupby("layer"):
+        g = g.set_index("item")
+        y_train, y_test = g.loc[train, "label"].to_numpy(), g.loc[test, "label"].to_numpy()
+        shuffled = rng.permutation(y_train)
+        row = {}
+        for name, col, y in (("", "vector", y_train), ("shuffled_", "vector", shuffled),
+                             ("random_", "random_vector", y_train)):
+            x = np.array([json.loads(v) for v in g[col]])
+            index = {it: k for k, it in enumerate(g.index)}
+            pred = _fit(x[[index[i] for i in train]], y, x[[index[i] for i in test]])
+            right = pred == y_test
+            row.update(proportion(int(right.sum()), len(right), f"{name}accuracy"))
+            codes = {c: k for k, c in enumerate(sorted(set(y_test) | set(pred)))}
+            f1, lo, hi = bootstrap(_macro_f1, [codes[c] for c in y_test], [codes[c] for c in pred], seed=seed,
+                                   vectorized=True)
+            row.update({f"{name}macro_f1": f1, f"{name}macro_f1_lo": lo, f"{name}macro_f1_hi": hi})
+        row["selectivity"] = row["accuracy"] - row["random_accuracy"]
+        out["layers"][int(layer)] = row
+    return out
+
+
+def report_linear_probe(df, summary) -> str:
+    if not summary["layers"]:
+        return f"{summary['items']} items: {summary['note']}"
+    lines = [f"classes {json.dumps(summary['classes'])}; fitted on {summary['train']} items, scored on the other "
+             f"{summary['test']} (site {df.site.iloc[0]}, position {df.position.iloc[0]}):"]
+    for layer, r in summary["layers"].items():
+        lines.append(f"  layer {layer:2d}: accuracy {interval_text(r, 'accuracy', 2)}, macro-F1 "
+                     f"{interval_text(r, 'macro_f1', 2)}; shuffled labels {r['shuffled_accuracy']:.2f}, random "
+                     f"weights {r['random_accuracy']:.2f}, selectivity {r['selectivity']:+.2f}")
+    return "\n".join(lines) + f"\n[{level():.0%} intervals: Wilson for accuracy, bootstrap over held-out items for F1]"
