@@ -318,6 +318,8 @@ def _level(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .methods.names import NAMES
+
     p = Parser(prog="probe", description="Probe the internals of pretrained language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("models", help="list the model registry").set_defaults(func=cmd_models)
@@ -325,15 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", help="also count the items ambiguous for this model's tokenizer")
     t.set_defaults(func=cmd_tasks)
     pr = sub.add_parser("prompt", help="show the exact text, token ids and target a model will see")
-    pr.add_argument("--task", required=True)
-    pr.add_argument("--model", required=True)
-    pr.add_argument("--index", type=_count(0), default=0)
-    pr.add_argument("--task-option", action="append", metavar="FIELD=VALUE")
+    pr.add_argument("--task", required=True, help="task name (see `probe tasks`) or task file .yaml")
+    pr.add_argument("--model", required=True, help="model whose tokenizer shows the tokens (registry name or folder)")
+    pr.add_argument("--index", type=_count(0), default=0, help="which item of the task (default 0, the first)")
+    pr.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
+                    help="override a field of the task file, e.g. shots=1 (repeatable)")
     pr.set_defaults(func=cmd_prompt)
     r = sub.add_parser("run", help="run a probe on a task")
     r.add_argument("--model", required=True, help="registry name, checkpoint folder, or config .json/.yaml")
     r.add_argument("--task", required=True, help="task name(s), comma-separated (see `probe tasks`), or a .yaml file")
-    r.add_argument("--probe", default="logit-lens")
+    r.add_argument("--probe", default="logit-lens", help="what to run (default logit-lens): "
+                   + ", ".join(NAMES) + " (the README describes each)")
     r.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
                    help="override a task field, e.g. n=2 or shots=3 (repeatable)")
     r.add_argument("--limit", type=_count(1), help="N scored items, drawn stratified by group with the task's seed "
@@ -384,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
     pl = sub.add_parser("plan", help="memory, device map and GPUs needed, from the model's config alone")
-    pl.add_argument("--model", required=True)
+    pl.add_argument("--model", required=True, help="registry name, checkpoint folder or config file")
     pl.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
     pl.add_argument("--quantize", help="8bit or 4bit (default: none; all three are listed)")
     pl.add_argument("--compute-dtype", help="quantized: dtype of the layers left unquantized (default bfloat16)")
@@ -394,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq-len", type=_count(1), default=64, help="prompt length in tokens (default 64)")
     pl.set_defaults(func=cmd_plan)
     sw = sub.add_parser("sweep", help="run a sweep file (models x tasks x probes x seeds) locally or on Slurm")
-    sw.add_argument("file")
+    sw.add_argument("file", help="sweep file .yaml (see sweeps/ and probes/runs/sweep.py)")
     sw.add_argument("--executor", default="local", help="local (in this process) or slurm (job arrays via sbatch)")
     sw.add_argument("--unit", action="append", help="only this unit (model/task/probe[/seed-N]); repeatable")
     sw.add_argument("--dry-run", action="store_true", help="slurm: write the job scripts, submit nothing")
@@ -402,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
     sw.set_defaults(func=cmd_sweep)
     st = sub.add_parser("status", help="done / running / queued / failed / pending for each unit of a sweep")
-    st.add_argument("file")
+    st.add_argument("file", help="sweep file .yaml whose units to show")
     st.set_defaults(func=cmd_status)
     ag = sub.add_parser("aggregate", help="tables across all complete runs (CSV, Parquet, Markdown)")
     ag.add_argument("results", nargs="?", help="results folder (default: results/)")
@@ -413,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     ag.set_defaults(func=cmd_aggregate)
     rp = sub.add_parser("report", help="a static HTML page of the tables and plots, viewable offline")
     rp.add_argument("results", nargs="?", help="results folder (default: results/)")
-    rp.add_argument("--by", default="model,task,probe")
+    rp.add_argument("--by", default="model,task,probe", help="group rows by these columns, as probe aggregate "
+                    "(default model,task,probe)")
     rp.add_argument("--out", help="HTML file (default: RESULTS/report.html)")
     rp.add_argument("--ci", type=_level, default=0.95, help="confidence level of pooled intervals (default 0.95)")
     rp.set_defaults(func=cmd_report)

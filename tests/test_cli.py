@@ -136,3 +136,27 @@ def test_plan_prints_memory_device_map_and_refuses_too_few_gpus():
     r = probe("plan", "--model", "bloom-176b", "--quantize", "8bit", "--gpus", "2")
     assert r.returncode == 2 and "needs 3 GPUs of 80GiB; --gpus 2 is not enough" in r.stderr
     assert "or 4bit: 2" in r.stderr
+
+
+def test_every_command_option_and_argument_has_help_text():
+    import argparse
+
+    from probes.cli import build_parser
+    from probes.methods.catalog import PROBES
+
+    missing = []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(a, argparse._HelpAction) and not (a.help or "").strip():
+                missing.append(f"{path} {a.option_strings or a.dest}")
+
+    parser = build_parser()
+    walk(parser, "probe")
+    assert not missing
+    run_help = next(a for a in parser._subparsers._group_actions[0].choices["run"]._actions
+                    if "--probe" in a.option_strings).help
+    assert all(name in run_help for name in PROBES) and "default logit-lens" in run_help

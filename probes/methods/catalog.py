@@ -11,6 +11,7 @@ from ..reports import plots
 from . import attention, ffn_ablation, ffn_readout, ffn_transplant, linear_probe, nback, patching
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import report_lens, run_lens, summarize_lens
+from .names import NAMES
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ PROBES: dict[str, Probe] = {
                           prepare=linear_probe.prepare_linear_probe, run_options=("label", "site", "position"),
                           passes=lambda n_layers, opts: 2, defaults={"label": "group", "site": "resid", "position": "last"}),
 }
+
+
+assert tuple(PROBES) == NAMES, "probes/methods/names.py must list the probes of PROBES, in order"
 
 
 def get_probe(name: str) -> Probe:

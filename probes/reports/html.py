@@ -17,11 +17,12 @@ from ..stats import level
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; font-size: .85em; margin: .5em 0 1em; }
+.table { overflow-x: auto; max-width: 100%; margin: .5em 0 1em; }
+table { border-collapse: collapse; font-size: .85em; }
 th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: right; } th { background: #f4f4f4; }
 td:first-child, th:first-child { text-align: left; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; width: 560px; } figure img { width: 100%; border: 1px solid #eee; }
+figure { margin: 0; flex: 0 1 560px; max-width: 100%; } figure img { width: 100%; border: 1px solid #eee; }
 figcaption { font-size: .8em; color: #555; }
 """
 
@@ -59,7 +60,9 @@ def with_intervals(df):
 
 
 def _html_table(df) -> str:
-    return with_intervals(df).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", border=0)
+    """A table in a box of its own that scrolls sideways, so a wide table never widens the page."""
+    table = with_intervals(df).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="", border=0)
+    return f"<div class='table'>{table}</div>"
 
 
 def headline_name(probe: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +14,13 @@ from ..runs.rundir import atomic_write  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    counted = {"layer", "block", "blocks", "index", "n", "position", "letter", "step"}
+    for ax in fig.axes:  # layers, blocks, N, positions, steps: whole numbers on every axis that counts them
+        for axis, label in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
+            if counted & set(re.findall(r"[a-z]+", label.lower())):
+                axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
     plt.close(fig)
@@ -170,15 +178,16 @@ def plot_attention(df, meta: dict, path: Path) -> None:
         per_seq = df[df.layer == layer].groupby(["n", "item"]).entropy_nosink.mean().reset_index()
         _bars(axes[0], _means(per_seq.groupby("n"), "entropy_nosink"), "o-", f"layer {layer}")
     _note(axes[0], f"{df.item.nunique()} sequences; bars: {{level}} bootstrap over sequences")
-    axes[0].set(xlabel="N", ylabel="row entropy, no sink (nats)", title=f"attention · {_title(meta)}")
-    if len(layers) <= 10:
-        axes[0].legend(fontsize=6)
+    axes[0].set(xlabel="N", ylabel="row entropy, no sink (nats)", title="entropy by N")
+    fig.suptitle(f"attention · {_title(meta)}", fontsize=10)
+    axes[0].legend(fontsize=6, ncol=max(1, len(layers) // 8), title="layer" if len(layers) > 10 else None)
     heads = nback_heads(attention_table(df[df.item.isin(select)]))
     for ax, n in zip(axes[1:], ns):
         _, layer, head = heads[n]
         rows = df[(df.n == n) & (df.layer == layer) & (df["head"] == head) & df.item.isin(report)].letter_attention
         mean = np.mean([np.array(json.loads(x)) for x in rows], axis=0)
-        ax.imshow(mean, cmap="viridis")
+        im = ax.imshow(mean, cmap="viridis")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="attention")
         ax.set(title=f"N={n}: layer {layer} head {head}\n(chosen on one half, shown on {len(rows)} others)",
                xlabel="key letter", ylabel="query letter")
     _save(fig, path)
