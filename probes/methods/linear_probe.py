@@ -98,7 +98,9 @@ def prepare_linear_probe(loaded, task, items: list[Item], options: dict):
         raise ProbeError(f"probe label {options.get('label', 'group')!r} has {len(labels)} value(s) on these items; "
                          "accepted: a label with at least two classes (e.g. --label group on past-tense)")
     torch.manual_seed(task.seed)
-    hf = AutoModelForCausalLM.from_config(copy.deepcopy(loaded.arch.config), dtype=loaded.arch.hf.dtype)
+    config = copy.deepcopy(loaded.arch.config)
+    config.__dict__.pop("quantization_config", None)  # the control is built in the dtype the model computes in
+    hf = AutoModelForCausalLM.from_config(config, dtype=loaded.arch.hf.dtype)
     hf.eval().requires_grad_(False)
     model = TransformersModel(hf, task="text-generation", tokenizer=loaded.tokenizer)
     random = dataclasses.replace(loaded, model=model, arch=Arch(model), remote=False)

@@ -48,6 +48,8 @@ _GEMMA_POSTNORM = dict(_DECODER, attn="post_attention_layernorm", ffn="post_feed
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp"),
+    # GPT-2 with a residual path between heads' values (models/custom.py): GPT-2's modules
+    "gpt2_value_residual": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp"),
     "gptj": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp"),
     "bloom": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="self_attention.dense",
                       ffn="mlp.dense_4h_to_h", attn_weights="self_attention"),

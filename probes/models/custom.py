@@ -12,6 +12,12 @@ positions. A block computes
 so the architecture identities read: block out = in + attn + ffn with a residual; without one, block out = the
 last update (the FFN's, else the attention's). Attention is eager and returns its probabilities, for the
 attention probe.
+
+`gpt2_value_residual`: GPT-2 with a residual path between the attention heads of adjacent layers (Burns, Fukai &
+Earls), per projection: `value_residual` (and `key_residual`, `query_residual`) `none` (stock GPT-2, exactly),
+`previous` (for every layer l >= 1, head h's values are its own plus the raw values of head h of layer l-1, before
+the attention weighting and the output projection; each layer passes on its own raw values, not the sum) or
+`first` (ResFormer: 0.5 V_0 + 0.5 V_l for l >= 1). Same module names and weights as GPT-2.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ import math
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, GPT2Config, GPT2LMHeadModel,
+                          PretrainedConfig, PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import ProbeError
 
 
 class ProbeTransformerConfig(PretrainedConfig):
@@ -128,3 +138,57 @@ class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
 
 AutoConfig.register(ProbeTransformerConfig.model_type, ProbeTransformerConfig)
 AutoModelForCausalLM.register(ProbeTransformerConfig, ProbeTransformerForCausalLM)
+
+
+RESIDUAL_MODES = ("none", "previous", "first")
+
+
+class ValueResidualGPT2Config(GPT2Config):
+    model_type = "gpt2_value_residual"
+
+    def __init__(self, value_residual: str = "previous", key_residual: str = "none", query_residual: str = "none",
+                 **kwargs):
+        for name, mode in (("value_residual", value_residual), ("key_residual", key_residual),
+                           ("query_residual", query_residual)):
+            if mode not in RESIDUAL_MODES:
+                raise ProbeError(f"unknown {name} {mode!r}; accepted: {', '.join(RESIDUAL_MODES)}")
+        self.value_residual, self.key_residual, self.query_residual = value_residual, key_residual, query_residual
+        super().__init__(**kwargs)
+
+
+class ResidualQKV(Conv1D):
+    """GPT-2's c_attn (same weight and bias), whose query, key and value outputs receive those of an earlier layer
+    (per `modes`, in q, k, v order); the raw outputs of layer 0 and of the layer just run are kept in `shared`."""
+
+    layer: int
+    modes: tuple
+    shared: dict
+
+    def forward(self, x):
+        raw = super().forward(x)
+        out = raw
+        if self.layer > 0 and any(m != "none" for m in self.modes):
+            own = raw.split(self.nf // 3, dim=-1)
+            prev, first = (self.shared[k].split(self.nf // 3, dim=-1) for k in ("previous", "first"))
+            out = torch.cat([o + prev[i] if m == "previous" else 0.5 * first[i] + 0.5 * o if m == "first" else o
+                             for i, (o, m) in enumerate(zip(own, self.modes))], dim=-1)
+        self.shared["previous"] = raw
+        if self.layer == 0:
+            self.shared["first"] = raw
+        return out
+
+
+class ValueResidualGPT2LMHeadModel(GPT2LMHeadModel):
+    config_class = ValueResidualGPT2Config
+
+    def __init__(self, config: ValueResidualGPT2Config):
+        super().__init__(config)
+        shared: dict = {}
+        modes = (config.query_residual, config.key_residual, config.value_residual)
+        for i, block in enumerate(self.transformer.h):
+            block.attn.c_attn.__class__ = ResidualQKV  # the same parameters, so GPT-2's weights load as they are
+            block.attn.c_attn.layer, block.attn.c_attn.modes, block.attn.c_attn.shared = i, modes, shared
+
+
+AutoConfig.register(ValueResidualGPT2Config.model_type, ValueResidualGPT2Config)
+AutoModelForCausalLM.register(ValueResidualGPT2Config, ValueResidualGPT2LMHeadModel)

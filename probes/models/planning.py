@@ -84,6 +84,10 @@ def check_quantizable(spec: ModelSpec, opts: dict) -> None:
     are checked only where the model computes on the CPU."""
     if not opts["quantize"]:
         return
+    if spec.family == "gpt2_value_residual" or (spec.random or {}).get("model_type") == "gpt2_value_residual":
+        raise ProbeError(f"{spec.name} carries its value residual in each attention's c_attn, which bitsandbytes "
+                         f"would replace by a plain quantized layer, dropping the path; accepted: no --quantize "
+                         "for gpt2_value_residual")
     model, _ = empty_model(model_config(spec), getattr(torch, opts["compute_dtype"]), opts["quantize"],
                            opts["compute_dtype"])
     layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
