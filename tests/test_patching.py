@@ -122,11 +122,29 @@ def test_pairs_line_up_and_recovery_runs_from_the_corrupted_to_the_clean_run(tmp
             ["recovery_lo"]) == (1.0, 1.0)
 
 
+def test_nback_pairs_flip_the_answer_by_changing_the_current_letter_only():
+    lm = loaded("tiny-gpt2")
+    task = load_task("nback", {"sequences": 1, "n": [2]})
+    items = task.items()
+    paired, _, meta = prepare_patching(lm, task, items, {})
+    # GPT-2's tokenizer merges some letters with what follows: a pair must keep the token count, so some
+    # non-match trials (whose corrupted letter is forced: the one N back) have none; every match trial has one
+    assert meta["pairs"] == len(paired) >= len(items) / 2
+    assert sum(it.extra["match"] for it in paired) == sum(it.extra["match"] for it in items)
+    for it in paired:
+        assert it.extra["corrupted_answer"] != it.answer
+        clean, corrupted = it.prompt, it.extra["corrupted"]
+        assert clean[:-12] == corrupted[:-12] and clean != corrupted  # only the last trial's letter differs
+        letters = it.extra["letters"]
+        assert (it.extra["corrupted_input"] == letters[it.extra["position"] - 2]) == (not it.extra["match"])
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda lm: parse_sites("heads"), "unknown patching site 'heads'; accepted: resid, attn, ffn"),
     (lambda lm: resolve_positions("99", 10, 3), "patching position 99 is outside the prompt (10 tokens)"),
     (lambda lm: resolve_positions("middle", 10, 3), "bad patching position 'middle'; accepted:"),
-    (lambda lm: prepare_patching(lm, load_task("nback"), [], {}), "task 'nback' has no clean/corrupted pairs"),
+    (lambda lm: prepare_patching(lm, load_task("nback-sequence"), [], {}),
+     "task 'nback-sequence' has no clean/corrupted pairs"),
     (lambda lm: prepare_patching(lm, load_task("capitals"), [], {"direction": "up"}), "unknown patching direction 'up'"),
 ])
 def test_bad_patching_input_is_a_clear_error(call, message):

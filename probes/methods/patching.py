@@ -2,7 +2,8 @@
 
 A pair is an item's prompt (clean) and the same prompt, shots and all, with the query asked of another item
 (corrupted: another country), chosen with the task's seed among the items whose prompt has the same number of
-tokens and whose answer starts with another token, so positions line up. Activations of the source run (clean,
+tokens and whose answer starts with another token, so positions line up. On N-back trials the corrupted prompt
+changes the current letter so that the answer flips (match <-> no match). Activations of the source run (clean,
 or corrupted with --direction noise) are written into the destination run at one site, block and position per
 patch: `resid` (the residual entering block i), `attn` (block i's attention update), `ffn` (its FFN update).
 The metric is the logit difference LD = logit(clean answer) - logit(corrupted answer) at the last position, as
@@ -79,15 +80,41 @@ def argument_position(tokenizer, prompt: str, argument: str) -> int:
     return next((i for i, (a, b) in enumerate(offsets) if a <= char < b), len(offsets) - 1)
 
 
+def _nback_pairs(task, items: list[Item], length) -> list[Item]:
+    """N-back trials: the corrupted prompt changes the current letter so that the answer flips (a match becomes
+    another letter, a non-match becomes the letter N back); everything before it is the same."""
+    rng = np.random.default_rng([task.seed, 7])
+    out = []
+    for it in items:
+        n, t, letters = it.extra["n"], it.extra["position"], it.extra["letters"]
+        back = letters[t - n]
+        options = (rng.permutation([c for c in task.letters if c not in (back, letters[t])]).tolist()
+                   if it.extra["match"] else [back])
+        prefix = it.prompt[: len(it.prompt) - len(task.trial.format(letter=letters[t]))]
+        for new in options:  # the first that keeps the prompt's token count (tokenizers merge some letters)
+            corrupted = prefix + task.trial.format(letter=new)
+            if length(corrupted) == length(it.prompt):
+                out.append(dataclasses.replace(it, extra={**it.extra, "corrupted": corrupted, "corrupted_input": new,
+                                                          "corrupted_answer": task._response(not it.extra["match"])}))
+                break
+    return out
+
+
 def prepare_patching(loaded, task, items: list[Item], options: dict):
     """Pair every item with a corrupted prompt (see the module's docstring); items with no partner are left out."""
-    if not hasattr(task, "template") or not hasattr(task, "rows"):
+    nback = task.kind == "nback" and getattr(task, "unit", "") == "trial"
+    if not nback and (not hasattr(task, "template") or not hasattr(task, "rows")):
         raise ProbeError(f"task {task.name!r} has no clean/corrupted pairs; accepted: a relational task "
-                         "(e.g. capitals)")
+                         "(e.g. capitals) or N-back trials (nback, nback-trained)")
     direction = options.get("direction", "denoise")
     if direction not in DIRECTIONS:
         raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
     tok = loaded.tokenizer
+    if nback:
+        paired = _nback_pairs(task, items, lambda text: len(tok(text).input_ids))
+        if not paired:
+            raise ProbeError(f"no trial of task {task.name!r} has a corrupted partner of the same token length")
+        return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
     rows = task.rows()
     length = lambda text: len(tok(text).input_ids)  # noqa: E731
     pool = task.items()  # partners: any item of the task, limited or not
