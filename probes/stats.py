@@ -112,6 +112,15 @@ def mean(values: Sequence, name: str, conf: float | None = None, seed: int = 0) 
     return {name: finite_or_none(m), f"{name}_lo": finite_or_none(lo), f"{name}_hi": finite_or_none(hi), f"{name}_n": int(len(values))}
 
 
+def student_half(sd: float, n: int, conf: float | None = None) -> float:
+    """Half-width of the t interval of a mean of `n` replicates (seeds) with standard deviation `sd`; nan if n < 2."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + (level() if conf is None else conf) / 2, n - 1) * sd / math.sqrt(n))
+
+
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> float:
     """Exact two-sided McNemar p-value for paired right/wrong outcomes (a[i], b[i]) on the same items."""
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)

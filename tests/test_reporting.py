@@ -3,6 +3,7 @@ sample of scored items, clean worked examples, seeds pooled and runs of other se
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -192,3 +193,19 @@ def test_the_nback_head_is_chosen_on_one_half_of_the_sequences_and_reported_on_t
         assert (head["selected_on"], head["reported_on"], head["held_out"]) == (2, 2, True)
     one = probes.run(model, probes.task("nback-sequence", n=[1], sequences=1), "attention")
     assert one.summary["nback_head"][1]["held_out"] is False and "too few to hold any out" in one.report
+
+
+def test_means_over_seeds_get_the_t_interval_of_their_mean():
+    """d' of three seeds (1, 2, 3): mean 2, sd 1, half-width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321 = 2.4841;
+    a single run keeps its own interval."""
+    from probes.reports.aggregate import group
+    from probes.stats import student_half
+
+    assert student_half(1.0, 3) == pytest.approx(2.48414, abs=1e-4) and np.isnan(student_half(1.0, 1))
+    df = pd.DataFrame({"model": ["m"] * 3 + ["solo"], "task": "t", "probe": "nback", "seed": [0, 1, 2, 0],
+                       "dprime": [1.0, 2.0, 3.0, 5.0], "dprime_lo": [0.5, 1.5, 2.5, 4.0],
+                       "dprime_hi": [1.5, 2.5, 3.5, 6.0]})
+    out = group(df, ["model"]).set_index("model")
+    assert out.loc["m", "dprime"] == 2.0 and out.loc["m", "dprime_sd"] == 1.0
+    assert (out.loc["m", "dprime_lo"], out.loc["m", "dprime_hi"]) == pytest.approx((2 - 2.48414, 2 + 2.48414), abs=1e-4)
+    assert (out.loc["solo", "dprime_lo"], out.loc["solo", "dprime_hi"]) == (4.0, 6.0)

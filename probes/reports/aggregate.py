@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..errors import ProbeError, choice_error
 from ..runs.rundir import atomic_write, write_csv
-from ..stats import wilson
+from ..stats import student_half, wilson
 
 UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed", "training_config", "training_run",
                 "step"]
@@ -49,6 +49,8 @@ def complete_runs(results: Path, skipped: dict | None = None) -> list[dict]:
         else:
             if not isinstance(meta, dict) or "config" not in meta:
                 reason = "meta.json is not a run's metadata"
+            elif meta.get("kind") == "training":
+                reason = "a training run (a model to probe, not a probe's run)"
             elif meta.get("status") != "complete":
                 reason = f"status {meta.get('status')}"
             else:
@@ -114,7 +116,8 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
     """One row per `by` (+ `keep`, e.g. a curve's dimension) and setup (SETUP_COLUMNS: runs of another limit,
     task content or options are never merged). Runs that differ only by seed are pooled: a rate with its counts
     (`x_k`, `x_n`) becomes the pooled k / n with its Wilson interval, plus `x_sd` (the spread across runs); other
-    metrics are averaged. `runs` counts the runs of each row, `seeds` their distinct seeds."""
+    metrics are averaged, and those with an interval get the interval of that mean over the runs (t, the runs as
+    replicates) and `x_sd`. `runs` counts the runs of each row, `seeds` their distinct seeds."""
     if df.empty:
         return df
     df = df.drop(columns=[c for c in TRAINING_COLUMNS if c in df and df[c].isna().all()])  # pretrained
@@ -143,6 +146,18 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
             bounds = [wilson(int(a), int(b)) for a, b in zip(k, n)]
             out[f"{c}_lo"], out[f"{c}_hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
             out[f"{c}_sd"] = g[c].std()
+    # other metrics with an interval (d', entropies, masses, recovery): across several runs, the interval of their
+    # mean with the runs as the replicates (Student's t), and the spread; one run keeps its own interval
+    spread = [c for c in numeric if c not in pooled and f"{c}_lo" in numeric and f"{c}_hi" in numeric]
+    if spread:
+        runs, sd = g.size(), g[spread].std()
+        half = {c: [student_half(s, int(r)) for s, r in zip(sd[c], runs)] for c in spread}
+        for c in spread:
+            many = runs > 1
+            out[f"{c}_lo"] = (out[c] - half[c]).where(many, out[f"{c}_lo"])
+            out[f"{c}_hi"] = (out[c] + half[c]).where(many, out[f"{c}_hi"])
+            out[f"{c}_sd"] = sd[c]
+    out = out.copy()  # one block again after the pooled columns were added one by one
     out.insert(0, "runs", g.size())
     if "seed" in df and "seed" not in keys:
         out.insert(1, "seeds", g["seed"].nunique(dropna=False))
