@@ -137,6 +137,7 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
     g = df.groupby(keys, dropna=False, sort=False)
     out = g[numeric].mean()
     pooled = [c for c in numeric if f"{c}_k" in numeric and f"{c}_n" in numeric]
+    spreads = {}  # the *_sd columns, added at once
     if pooled:
         sums = g[[f"{c}_{x}" for c in pooled for x in "kn"]].sum()
         for c in pooled:
@@ -145,7 +146,7 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
             out[c] = (k / n).where(n > 0)
             bounds = [wilson(int(a), int(b)) for a, b in zip(k, n)]
             out[f"{c}_lo"], out[f"{c}_hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
-            out[f"{c}_sd"] = g[c].std()
+            spreads[f"{c}_sd"] = g[c].std()
     # other metrics with an interval (d', entropies, masses, recovery): across several runs, the interval of their
     # mean with the runs as the replicates (Student's t), and the spread; one run keeps its own interval
     spread = [c for c in numeric if c not in pooled and f"{c}_lo" in numeric and f"{c}_hi" in numeric]
@@ -156,8 +157,9 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
             many = runs > 1
             out[f"{c}_lo"] = (out[c] - half[c]).where(many, out[f"{c}_lo"])
             out[f"{c}_hi"] = (out[c] + half[c]).where(many, out[f"{c}_hi"])
-            out[f"{c}_sd"] = sd[c]
-    out = out.copy()  # one block again after the pooled columns were added one by one
+            spreads[f"{c}_sd"] = sd[c]
+    # the bounds were replaced column by column: one block again (pandas warns of fragmentation otherwise)
+    out = pd.concat([out, pd.DataFrame(spreads, index=out.index)], axis=1).copy()
     out.insert(0, "runs", g.size())
     if "seed" in df and "seed" not in keys:
         out.insert(1, "seeds", g["seed"].nunique(dropna=False))
