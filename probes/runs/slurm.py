@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..errors import ProbeError
 from .rundir import write_json
-from .sweep import GPU_HOST_MEMORY, SLURM_DEFAULTS, TRAIN_SLURM, Sweep, TrainUnit, Unit, unit_states
+from .sweep import GPU_HOST_MEMORY, SLURM_DEFAULTS, Sweep, Unit, unit_states
+from .trained_units import TRAIN_SLURM, TrainUnit
 
 
 def _queued(sweep: Sweep) -> dict[str, str]:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,35 +47,14 @@ from ..errors import ProbeError, choice_error, read_yaml
 from ..paths import runs_root
 from ..training.config import checkpoint_steps, load_training_config
 from .rundir import RunBusy, RunLock, safe_name
+from .trained_units import CHECKPOINTS, TrainUnit, expand_models, from_training, train_units
 
 KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
         "results", "slurm", "train", "checkpoints"}
-TRAIN_KEYS = {"configs", "set", "seeds", "runs", "slurm"}
-CHECKPOINTS = ("final", "all")
-TRAIN_SLURM = {"gpus": 0, "mem": "8G", "time": "02:00:00"}  # a training unit's resources unless `slurm` says
 LOAD_KEYS = {"dtype", "quantize", "device_map", "max_memory", "compute_dtype"}
 SLURM_KEYS = {"partition", "time", "gpus", "mem", "cpus_per_task", "gpu_mem", "account", "qos", "extra"}
 SLURM_DEFAULTS = {"cpus_per_task": 4, "gpu_mem": "80GiB"}
 GPU_HOST_MEMORY = 60 * 2**30  # host memory asked for a GPU unit, at most (plus 4 GiB)
-
-
-@dataclass(frozen=True)
-class TrainUnit:
-    """One training run of the sweep: a config with `overrides` ((dotted field, value), ...) and a seed."""
-    name: str  # the config's name
-    config: str  # its file
-    overrides: tuple = ()
-    seed: int | None = None
-
-    @property
-    def folder(self) -> str:
-        """The run folder's name: the set values and the seed, e.g. n3-seed0 (as `probe train` names it)."""
-        parts = [f"{k.rsplit('.', 1)[-1]}{v}" for k, v in self.overrides] + ([] if self.seed is None else [f"seed{self.seed}"])
-        return safe_name("-".join(parts) or "run")
-
-    @property
-    def id(self) -> str:
-        return f"train/{safe_name(self.name)}/{self.folder}"
 
 
 @dataclass(frozen=True)
@@ -174,7 +152,7 @@ class Sweep:
     def task(self, unit: Unit):
         from ..tasks.files import load_task
 
-        options = {k: _from_training(v, k, unit, self) for k, v in self.task_options.items()}
+        options = {k: from_training(v, k, unit, self) for k, v in self.task_options.items()}
         return self._once(("task", unit.task, unit.seed, json.dumps(options, sort_keys=True, default=str)),
                           lambda: load_task(unit.task, {**options, **({} if unit.seed is None else {"seed": unit.seed})}))
 
@@ -202,80 +180,6 @@ class Sweep:
     @property
     def bookkeeping(self) -> Path:
         return self.results / ".sweeps" / safe_name(self.name)
-
-
-TEMPLATE = re.compile(r"\{(task|model|train)\.(\w+)\}")
-
-
-def _from_training(value, key: str, unit: Unit, sweep: Sweep):
-    """A task option's value, with "{section.field}" (alone, or as an item of a list) taken from the unit's model's
-    training config."""
-    if isinstance(value, list):
-        return [_from_training(v, key, unit, sweep) for v in value]
-    m = TEMPLATE.fullmatch(value) if isinstance(value, str) else None
-    if not m:
-        return value
-    cfg = sweep.training_config_of(unit)
-    if cfg is None:
-        raise ProbeError(f"task option {key}={value!r} names a training field, but {unit.model!r} is not a trained "
-                         "run; accepted: such options with trained models only")
-    section, name = m.groups()
-    if name not in cfg[section]:
-        raise ProbeError(f"task option {key}={value!r}: the training config has no {section}.{name}; accepted: "
-                         + ", ".join(f"{{{section}.{k}}}" for k in cfg[section]))
-    return cfg[section][name]
-
-
-def _expand_models(models: list, base: Path, checkpoints: str, where: str) -> list[str]:
-    """Globs (relative to the sweep file) to the folders they match, and training runs to their checkpoint
-    folders with `checkpoints: all` (in step order)."""
-    from ..models.registry import trained_checkpoint
-
-    out = []
-    for m in map(str, models):
-        if any(c in m for c in "*?["):
-            found = sorted(base.glob(m) if not Path(m).is_absolute() else Path("/").glob(m.lstrip("/")),
-                           key=lambda p: (str(p.parent), _step(p)))
-            if not found:
-                raise ProbeError(f"{where}: model glob {m!r} matches no folder; accepted: a glob of checkpoint folders")
-            out += [str(p) for p in found if p.is_dir()]
-        elif checkpoints == "all" and Path(m).is_dir() and (t := trained_checkpoint(Path(m))) and t["final"]:
-            out += [str(p) for p in sorted(Path(m).glob("checkpoint-*"), key=_step)]
-        else:
-            out.append(m)
-    return out
-
-
-def _step(path: Path) -> int:
-    tail = path.name.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
-
-def _train_units(spec, base: Path, where: str) -> list[TrainUnit]:
-    """The training units of a sweep's `train` mapping (configs x `set` grid x seeds)."""
-    if not isinstance(spec, dict):
-        raise ProbeError(f"{where}: train {spec!r} is not a mapping; accepted: configs, set, seeds, runs, slurm")
-    bad = set(spec) - TRAIN_KEYS
-    if bad:
-        raise ProbeError(f"{where}: unknown train field(s) {', '.join(sorted(bad))}; accepted: {', '.join(sorted(TRAIN_KEYS))}")
-    configs = _list(spec, "configs", f"{where}: train")
-    grid = spec.get("set") or {}
-    if not isinstance(grid, dict):
-        raise ProbeError(f"{where}: train.set {grid!r} is not a mapping; accepted: field: [values], e.g. task.n: [1, 2]")
-    seeds = spec.get("seeds", [None])
-    seeds = [seeds] if isinstance(seeds, int) else seeds
-    if not isinstance(seeds, list) or not all(s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in seeds):
-        raise ProbeError(f"{where}: train.seeds {seeds!r}; accepted: a list of integer seeds")
-    keys = list(grid)
-    values = [v if isinstance(v, list) else [v] for v in grid.values()]
-    units = []
-    for c in configs:
-        path = (base / str(c)) if not Path(str(c)).is_absolute() else Path(str(c))
-        name = load_training_config(path)["name"]
-        for combo in itertools.product(*values):
-            for seed in seeds:
-                units.append(TrainUnit(name, str(path), tuple(zip(keys, combo)), seed))
-    return units
 
 
 def _probes(data: dict, where: str) -> list | dict:
@@ -358,11 +262,11 @@ def load_sweep(path: str | Path) -> Sweep:
     checkpoints = data.get("checkpoints", "final")
     if checkpoints not in CHECKPOINTS:
         raise choice_error("checkpoints", checkpoints, CHECKPOINTS)
-    train_units = _train_units(data["train"], base, where) if data.get("train") is not None else []
+    trained = train_units(data["train"], base, where) if data.get("train") is not None else []
     runs = data.get("train", {}).get("runs") if isinstance(data.get("train"), dict) else None
-    if not data.get("models") and not train_units:
+    if not data.get("models") and not trained:
         raise ProbeError(f"{where}: 'models' must be a non-empty list (or give 'train')")
-    models = _expand_models(data.get("models") or [], base, checkpoints, where)
+    models = expand_models(data.get("models") or [], base, checkpoints, where)
     sweep = Sweep(path=path.resolve(), name=str(data.get("name") or path.stem), models=models,
                   tasks=[] if isinstance(data.get("probes"), dict) else _list(data, "tasks", where),
                   probes=_probes(data, where),
@@ -370,10 +274,10 @@ def load_sweep(path: str | Path) -> Sweep:
                   limit=data.get("limit"),
                   batch_size=parse_batch_size(data.get("batch_size", 8)), options=options,
                   task_options=data.get("task_options") or {}, load=data.get("load") or {},
-                  results=results.resolve(), slurm=data.get("slurm") or {}, train_units=train_units,
+                  results=results.resolve(), slurm=data.get("slurm") or {}, train_units=trained,
                   runs=((base / runs) if runs else runs_root()).resolve(), checkpoints=checkpoints,
                   train_slurm=(data.get("train") or {}).get("slurm") or {})
-    for tu in train_units:
+    for tu in trained:
         sweep.train_config(tu)
     registry = load_registry()
     for m in sweep.models:
