@@ -201,12 +201,18 @@ def run_patching(loaded, items: list[Item], state: dict | None = None, sites="re
 MIN_GAP = 0.1  # pairs whose source and destination logit differences differ by less carry no signal to recover
 
 
+def pairs_used(df, min_gap: float = MIN_GAP):
+    """The items whose source and destination logit differences differ by at least `min_gap`."""
+    per = df.groupby("item").first()
+    return per[(per.ld_source - per.ld_dest).abs() >= min_gap].index
+
+
 def summarize_patching(df, seed: int = 0, min_gap: float = MIN_GAP) -> dict:
     """Per site and block (and, over positions, the position with the largest recovery, chosen on one half of the
     pairs and reported on the other), the mean recovery with a bootstrap interval over the pairs whose source and
     destination logit differences differ by at least `min_gap`."""
     per = df.groupby("item").first()
-    used = per[(per.ld_source - per.ld_dest).abs() >= min_gap].index
+    used = pairs_used(df, min_gap)
     d = df[df.item.isin(used)]
     out = {"pairs": int(len(per)), "pairs_used": int(len(used)), "dropped_no_gap": int(len(per) - len(used)),
            "min_gap": min_gap,
@@ -234,8 +240,7 @@ def report_patching(df, summary) -> str:
     lines = [f"{summary['pairs']} clean/corrupted pairs ({summary['direction']}); {summary['pairs_used']} used, "
              f"{summary['dropped_no_gap']} dropped (source and destination logit differences within "
              f"{summary['min_gap']})"]
-    per = df.groupby("item").first()
-    d = df[df.item.isin(per[(per.ld_source - per.ld_dest).abs() >= summary["min_gap"]].index)]
+    d = df[df.item.isin(pairs_used(df, summary["min_gap"]))]
     for site, s in summary["by_site"].items():
         cells = d[(d.site == site) & (d.position != "whole")]
         if len(cells):

@@ -197,10 +197,9 @@ def plot_patching(df, meta: dict, path: Path) -> None:
     """Mean recovery per block x position from the end, one heat map per site (the pairs with a gap to recover)."""
     import numpy as np
 
-    from ..methods.patching import MIN_GAP
+    from ..methods.patching import pairs_used
 
-    per = df.groupby("item").first()
-    used = per[(per.ld_source - per.ld_dest).abs() >= MIN_GAP].index
+    used = pairs_used(df)
     cells = df[df.item.isin(used) & (df.position != "whole")]
     sites = list(dict.fromkeys(cells.site)) or ["resid"]
     fig, axes = plt.subplots(1, len(sites), figsize=(4.5 * len(sites), 3.8), squeeze=False)
