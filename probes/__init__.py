@@ -2,7 +2,7 @@
 
 The package, by part:
     models/    the registry, loading (hub, GGUF, folder, random config), architecture access, options, planning
-    tasks/     the task-file reader and each kind of task (relational, N-back)
+    tasks/     the task-file reader and each kind of task (relational, N-back, a user's prompts)
     methods/   the probes themselves, one module each, and the catalog that names them
     runs/      local execution, run folders and their locks, sweeps and Slurm
     reports/   aggregate tables, the HTML report, plots
@@ -18,13 +18,13 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first use, so that `probe --help` does not wait for torch
 _PUBLIC = {"Result": "api", "aggregate": "api", "list_models": "api", "list_probes": "api", "list_tasks": "api",
-           "load": "api", "run": "api", "task": "api", "ProbeError": "errors", "Loaded": "models.loading",
+           "load": "api", "prompts": "api", "run": "api", "task": "api", "ProbeError": "errors", "Loaded": "models.loading",
            "Item": "tasks.base", "Task": "tasks.base"}
 __all__ = ["Item", "Loaded", "ProbeError", "Result", "Task", "aggregate", "list_models", "list_probes",
-           "list_tasks", "load", "run", "task"]
+           "list_tasks", "load", "prompts", "run", "task"]
 
 if TYPE_CHECKING:
-    from .api import Result, aggregate, list_models, list_probes, list_tasks, load, run, task
+    from .api import Result, aggregate, list_models, list_probes, list_tasks, load, prompts, run, task
     from .errors import ProbeError
     from .models.loading import Loaded
     from .tasks.base import Item, Task

@@ -74,6 +74,17 @@ def task(name: str | Path, **fields) -> Task:
     return load_task(str(name), fields)
 
 
+def prompts(source: str | Path | list[dict], **options) -> Task:
+    """A task of your own prompts: a CSV/JSONL file with prompt and answer columns (and optionally argument,
+    group), or the rows as dicts, e.g. `probes.prompts([{"prompt": "The capital of France is", "answer": "Paris"}])`.
+    `options`: delimiter (put before the answer; default one space), ambiguous (flag, the default, or drop), seed."""
+    from .tasks.prompts import prompts_task
+
+    if isinstance(source, (str, Path)):
+        return prompts_task(source, overrides=options)
+    return prompts_task(rows=source, overrides=options)
+
+
 def run(model: Loaded | str, task: Task | str, probe: str = "logit-lens", *, limit: int | None = None,
         batch_size: int | str = 8, output: str | Path | None = None, overwrite: bool = False,
         progress: bool = False, **options) -> Result:

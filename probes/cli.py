@@ -88,30 +88,32 @@ def cmd_prompt(args) -> None:
 
 def cmd_run(args) -> None:
     from . import api
-    from .methods.catalog import get_probe, probe_options
+    from .methods.catalog import check_task, get_probe, probe_options
     from .models.registry import resolve_model
     from .models.options import load_options
     from .runs.execution import check_limit, counts_text, default_output, parse_batch_size, run_config
     from .runs.rundir import check_folder
-    from .tasks.files import load_task, parse_overrides
+    from .tasks.files import parse_overrides
 
-    spec = resolve_model(args.model)
-    overrides = parse_overrides(args.task_option)
-    tasks = [load_task(name, overrides) for name in args.task.split(",")]
+    # every check that needs no weights comes before loading: names, options, tasks, the output folder
     probe = get_probe(args.probe)
-    if args.output and len(tasks) > 1:
-        raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
-    batch_size = parse_batch_size(args.batch_size)
     options = {"topk": args.topk, "mode": args.mode, "layers": args.layers, "scales": args.scales,
                "positions": args.positions, "controls": False if args.no_controls else None,
                "sources": args.sources, "source_items": args.source_items, "source_layer": args.source_layer,
                "context": args.context, "how": args.ablation, "sites": args.sites, "direction": args.direction,
-               "label": args.label, "site": args.site, "position": args.position}
+               "label": args.label, "site": args.site, "position": args.position, "vocab": args.vocab}
     chosen = probe_options(args.probe, options, strict=True)
+    overrides = parse_overrides(args.task_option)
+    tasks = _run_tasks(args, overrides)
+    for t in tasks:
+        check_task(args.probe, t)
+    spec = resolve_model(args.model)
+    if args.output and len(tasks) > 1:
+        raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
+    batch_size = parse_batch_size(args.batch_size)
     check_limit(args.limit)
     outputs = {t.name: Path(args.output) if args.output else default_output(RESULTS, spec.name, t.name, args.probe)
                for t in tasks}
-    # every check that needs no weights, before loading: a folder holding another run is refused at once
     opts = {"dtype": spec.dtype, "quantize": None} if args.remote else load_options(
         spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize, max_memory=args.max_memory,
         gpus=args.gpus, compute_dtype=args.compute_dtype)
@@ -139,6 +141,27 @@ def cmd_run(args) -> None:
         print(f"results: {out}/table.csv  metadata: {out}/meta.json" + ("  plot: plot.png" if probe.plot else ""))
     if len(tasks) > 1 and args.probe == "ffn-ablation":
         print_ablation_comparison(tables, {t.name: t.kind for t in tasks}, spec.name)
+
+
+def _run_tasks(args, overrides: dict) -> list:
+    """The tasks of `probe run`: --task names (comma-separated), a --prompts file, or one --prompt with --answer."""
+    from .tasks.files import load_task
+    from .tasks.prompts import prompts_task
+
+    given = [k for k in ("task", "prompts", "prompt") if getattr(args, k) is not None]
+    if len(given) != 1:
+        raise ProbeError("give one of --task, --prompts or --prompt" + (f" (given: --{', --'.join(given)})"
+                                                                        if given else ""))
+    if (args.answer is not None or args.argument is not None) and not args.prompt:
+        raise ProbeError("--answer and --argument go with --prompt; a --prompts file has them as columns")
+    if args.prompt is not None:
+        if args.answer is None:
+            raise ProbeError("--prompt needs --answer TEXT (the answer whose first token is scored)")
+        row = {"prompt": args.prompt, "answer": args.answer, "argument": args.argument or ""}
+        return [prompts_task(rows=[row], overrides=overrides)]
+    if args.prompts is not None:
+        return [prompts_task(args.prompts, overrides=overrides)]
+    return [load_task(name, overrides) for name in args.task.split(",")]
 
 
 def cmd_train(args) -> None:
@@ -335,7 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_prompt)
     r = sub.add_parser("run", help="run a probe on a task")
     r.add_argument("--model", required=True, help="registry name, checkpoint folder, or config .json/.yaml")
-    r.add_argument("--task", required=True, help="task name(s), comma-separated (see `probe tasks`), or a .yaml file")
+    r.add_argument("--task", help="task name(s), comma-separated (see `probe tasks`), a task .yaml file, or a prompts "
+                                  ".csv/.jsonl file (one of --task, --prompts, --prompt is required)")
+    r.add_argument("--prompts", metavar="FILE", help="a CSV or JSONL file of prompts: columns prompt, answer, and "
+                                                     "optionally argument, group (README: Prompts)")
+    r.add_argument("--prompt", metavar="TEXT", help="one prompt, with --answer (and optionally --argument)")
+    r.add_argument("--answer", metavar="TEXT", help="with --prompt: the answer whose first token is scored; a space "
+                                                    "goes before it unless one side has whitespace")
+    r.add_argument("--argument", metavar="TEXT", help="with --prompt: the argument the lens tracks (e.g. Poland)")
     r.add_argument("--probe", default="logit-lens", help="what to run (default logit-lens): "
                    + ", ".join(NAMES) + " (the README describes each)")
     r.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
@@ -346,13 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(halved on out-of-memory)")
     r.add_argument("--ci", type=_level, default=0.95, help="confidence level of every interval (default 0.95)")
     r.add_argument("--topk", type=_count(1), help="logit-lens, ffn-readout: top-k tokens kept per layer (default 5)")
+    r.add_argument("--vocab", choices=("all", "text"), help="logit-lens, accuracy, ffn-*: all (the whole vocabulary, "
+                   "as the paper; default) or text (special and control tokens left out of top-k and ranks)")
     f = r.add_argument_group("FFN probes")
     f.add_argument("--layers", help="blocks: 'all', '5', '3,7' or '10-17' (ablation: 'sixths', the default)")
     f.add_argument("--mode", help="ffn-transplant: add (to the residual after each block; default) or replace "
                                   "(the FFN updates of a range of blocks)")
     f.add_argument("--scales", help="ffn-transplant: multiples of o, e.g. '1,2' (default 1)")
-    f.add_argument("--positions", help="ffn-transplant replace: all (broadcast, default) or last; activation-patching: "
-                                       "all (each on its own; default), whole, last, argument or token indices")
+    f.add_argument("--positions", help="logit-lens: last (default), all, token indices '0,5,-1' or a slice '-3:' "
+                                       "(a layer x position heat map); ffn-transplant replace: all (broadcast, "
+                                       "default) or last; activation-patching: all (each on its own; default), "
+                                       "whole, last, argument or token indices")
     f.add_argument("--no-controls", action="store_true", help="ffn-transplant: skip shuffled and random vectors")
     f.add_argument("--sources", type=_count(1), help="ffn-transplant: average o over this many source prompts")
     f.add_argument("--source-items", help="ffn-transplant: source inputs, e.g. 'Poland,France'")

@@ -62,7 +62,7 @@ def test_the_model_object_exposes_nnsight_tokenizer_and_architecture():
     (lambda: probes.task("no-such-task"), r"^unknown task 'no-such-task'; accepted: "),
     (lambda: probes.run("tiny-gpt2", "capitals", "x-ray"), r"^unknown probe 'x-ray'; accepted: accuracy, "),
     (lambda: probes.run("tiny-gpt2", "capitals", "accuracy", topk=3),
-     r"^probe 'accuracy' takes no option 'topk'; accepted: none$"),
+     r"^probe 'accuracy' takes no option 'topk'; accepted: vocab$"),
     (lambda: probes.load("tiny-gpt2", dtype="float8"), r"^unknown dtype 'float8'; accepted: float32, "),
     (lambda: probes.run(probes.load("tiny-gpt2"), probes.task("nback-sequence"), "attention"),
      r"^probe 'attention' needs the model loaded with attn_implementation='eager'"),
@@ -75,7 +75,7 @@ def test_bad_input_raises_the_command_s_one_line_error(call, message):
 
 def test_the_command_prints_the_same_message():
     r = probe("run", "--model", "tiny-gpt2", "--task", "capitals", "--probe", "accuracy", "--topk", "3")
-    assert r.returncode == 2 and r.stderr == "probe: error: probe 'accuracy' takes no option 'topk'; accepted: none\n"
+    assert r.returncode == 2 and r.stderr == "probe: error: probe 'accuracy' takes no option 'topk'; accepted: vocab\n"
 
 
 def test_every_public_name_is_typed_and_documented():

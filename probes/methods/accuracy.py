@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import torch
 
-from .lens import next_token_logits, rank_of
+from .lens import excluded_ids, next_token_logits, rank_of, restrict, special_flags
 from ..stats import interval_text, level, proportion
 from ..tasks.base import Item, answer_token, item_columns
 
 
-def run_accuracy(loaded, items: list[Item]) -> list[dict]:
+def run_accuracy(loaded, items: list[Item], vocab: str | None = None) -> list[dict]:
     tok = loaded.tokenizer
-    logits = next_token_logits(loaded, [it.prompt for it in items])
+    logits = restrict(next_token_logits(loaded, [it.prompt for it in items]), excluded_ids(tok, vocab))
     ids = torch.tensor([answer_token(tok, it) for it in items], device=logits.device)
     rank = rank_of(logits, ids).tolist()
     prob = logits.softmax(-1).gather(-1, ids[:, None])[:, 0].tolist()
-    predicted = [tok.decode(t) for t in logits.argmax(-1).tolist()]
+    top = logits.argmax(-1).tolist()
+    predicted, special = [tok.decode(t) for t in top], special_flags(tok, top)
     return [{**item_columns(tok, it), "predicted": predicted[b], "correct": rank[b] == 0,
              "consistent": bool(predicted[b].strip()) and it.answer.startswith(predicted[b]),
-             "answer_rank": rank[b], "answer_prob": prob[b]} for b, it in enumerate(items)]
+             "answer_rank": rank[b], "answer_prob": prob[b], "special_top1": special[b]} for b, it in enumerate(items)]
 
 
 def summarize_accuracy(df, seed: int = 0) -> dict:

@@ -10,8 +10,11 @@ from ..errors import ProbeError, choice_error
 from ..reports import plots
 from . import attention, ffn_ablation, ffn_readout, ffn_transplant, linear_probe, nback, patching
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
-from .lens import report_lens, run_lens, summarize_lens
+from .lens import VOCABS, parse_positions, prepare_lens, report_lens, run_lens, summarize_lens
 from .names import NAMES
+
+ALL_KINDS = ("abstractive", "extractive", "nback", "prompts")
+RELATIONAL = ("abstractive", "extractive")
 
 
 @dataclass(frozen=True)
@@ -27,40 +30,46 @@ class Probe:
     load: dict = field(default_factory=dict)  # what it needs from loading (eager attention)
     passes: Callable = lambda n_layers, options: 1  # forward passes per prompt, for Slurm time limits
     defaults: dict = field(default_factory=dict)  # option values used when none is given (part of a run's identity)
+    kinds: tuple[str, ...] = ALL_KINDS  # the task kinds it runs on
+    needs_argument: bool = False  # it tracks each item's argument (a prompts file must give one)
 
 
 PROBES: dict[str, Probe] = {
     "logit-lens": Probe(run_lens, summarize_lens, report_lens,
-                        "decode the last position's residual stream at every layer (0 = embeddings)", plots.plot_lens, ("topk",),
-                        run_options=("topk",), defaults={"topk": 5}),
+                        "decode the residual stream at every layer (0 = embeddings), at the last or chosen positions",
+                        plots.plot_lens, ("topk", "positions", "vocab"), prepare=prepare_lens,
+                        run_options=("topk", "positions", "vocab"),
+                        defaults={"topk": 5}),
     "accuracy": Probe(run_accuracy, summarize_accuracy, report_accuracy,
-                      "greedy answer: is the answer's first token the top-1 next token", None),
+                      "greedy answer: is the answer's first token the top-1 next token", None, ("vocab",),
+                      run_options=("vocab",)),
     "ffn-readout": Probe(ffn_readout.run_readout, ffn_readout.summarize_readout, ffn_readout.report_readout,
                          "each block's FFN update decoded, its norm and effect on the answer; stage layers", plots.plot_readout,
-                         ("topk",), run_options=("topk",), defaults={"topk": 5}),
+                         ("topk", "vocab"), run_options=("topk", "vocab"), defaults={"topk": 5}, needs_argument=True),
     "ffn-transplant": Probe(ffn_transplant.run_transplant, ffn_transplant.summarize_transplant, ffn_transplant.report_transplant,
                             "put a source prompt's FFN update o into other prompts (add or replace), with controls",
                             plots.plot_transplant,
                             ("mode", "layers", "scales", "positions", "controls", "sources", "source_items",
-                             "source_layer", "context"), prepare=ffn_transplant.prepare_transplant,
-                            run_options=("mode", "layers", "scales", "positions", "controls"),
-                            passes=ffn_transplant.transplant_passes, defaults={"controls": True}),
+                             "source_layer", "context", "vocab"), prepare=ffn_transplant.prepare_transplant,
+                            run_options=("mode", "layers", "scales", "positions", "controls", "vocab"),
+                            passes=ffn_transplant.transplant_passes, defaults={"controls": True}, kinds=RELATIONAL),
     "ffn-ablation": Probe(ffn_ablation.run_ablation, ffn_ablation.summarize_ablation, ffn_ablation.report_ablation,
                           "zero (or identity-replace) FFN updates of chosen blocks, or the top sixths", plots.plot_ablation,
-                          ("layers", "how"), run_options=("layers", "how"),
+                          ("layers", "how", "vocab"), run_options=("layers", "how", "vocab"),
                           passes=lambda n_layers, opts: len(ffn_ablation.ablation_variants(n_layers, opts.get("layers")))),
     "nback": Probe(nback.run_nback, nback.summarize_nback, nback.report_nback,
-                   "N-back hit rate, false alarms, accuracy and signed d' by N", plots.plot_nback),
+                   "N-back hit rate, false alarms, accuracy and signed d' by N", plots.plot_nback, kinds=("nback",)),
     "attention": Probe(attention.run_attention, attention.summarize_attention, attention.report_attention,
                        "attention entropy and mass to the N-back letter, by N x layer x head", plots.plot_attention,
-                       load=attention.EAGER),
+                       load=attention.EAGER, kinds=("nback",)),
     "activation-patching": Probe(patching.run_patching, patching.summarize_patching, patching.report_patching,
                                  "clean activations into a corrupted run (or back) per site, block and position: "
                                  "logit-difference recovery", plots.plot_patching,
                                  ("sites", "layers", "positions", "direction"), prepare=patching.prepare_patching,
                                  run_options=("sites", "layers", "positions", "direction"),
                                  passes=patching.patching_passes,
-                                 defaults={"sites": "resid", "positions": "all", "direction": "denoise"}),
+                                 defaults={"sites": "resid", "positions": "all", "direction": "denoise"},
+                                 kinds=(*RELATIONAL, "nback")),
     "linear-probe": Probe(linear_probe.run_linear_probe, linear_probe.summarize_linear_probe,
                           linear_probe.report_linear_probe,
                           "logistic-regression probes per layer for a label of the items, held out, against "
@@ -79,6 +88,18 @@ def get_probe(name: str) -> Probe:
     return PROBES[name]
 
 
+def check_task(probe: str, task) -> None:
+    """Refuse, before any model loads, a task the probe cannot run on: another kind, or prompts without the
+    argument it tracks."""
+    spec = get_probe(probe)
+    if task.kind not in spec.kinds:
+        raise ProbeError(f"probe {probe!r} does not run on {task.kind} task {task.name!r}; accepted: "
+                         f"{', '.join(spec.kinds)} tasks")
+    if spec.needs_argument and task.kind == "prompts" and not all(it.argument for it in task.items()):
+        raise ProbeError(f"probe {probe!r} tracks each item's argument, and task {task.name!r} gives none; accepted: "
+                         "an argument column in the prompts file (or --argument)")
+
+
 def probe_options(probe: str, options: dict | None, strict: bool = False) -> dict:
     """The options `probe` takes, with its defaults for those not given (what identifies its computation).
     strict: an option it does not take is an error (a user's own call); else it is left out (a sweep's options
@@ -89,4 +110,9 @@ def probe_options(probe: str, options: dict | None, strict: bool = False) -> dic
         bad = sorted(set(given) - set(spec.options))[0]
         raise ProbeError(f"probe {probe!r} takes no option {bad!r}; accepted: "
                          + (", ".join(spec.options) if spec.options else "none"))
-    return {**spec.defaults, **{k: v for k, v in given.items() if k in spec.options}}
+    chosen = {**spec.defaults, **{k: v for k, v in given.items() if k in spec.options}}
+    if chosen.get("vocab", "all") not in VOCABS:  # values that need no model, checked before one loads
+        raise ProbeError(f"unknown --vocab {chosen['vocab']!r}; accepted: {', '.join(VOCABS)}")
+    if probe == "logit-lens":
+        parse_positions(chosen.get("positions"))
+    return chosen

@@ -14,7 +14,7 @@ from ..errors import ProbeError
 from ..models.arch import parse_blocks
 from ..stats import bootstrap, difference, finite_or_none, level, mcnemar, proportion
 from ..tasks.base import Item, answer_token, item_columns
-from .lens import rank_of
+from .lens import excluded_ids, rank_of, restrict, special_flags
 
 
 def ablate(loaded, prompts: list[str], variants: list[tuple[int, ...]], how: str = "zero") -> torch.Tensor:
@@ -50,19 +50,20 @@ def ablation_variants(n_layers: int, layers=None) -> dict[str, tuple[int, ...]]:
     return {"none": (), f"blocks {','.join(map(str, blocks))}": blocks}
 
 
-def run_ablation(loaded, items: list[Item], layers=None, how: str = "zero") -> list[dict]:
+def run_ablation(loaded, items: list[Item], layers=None, how: str = "zero", vocab: str | None = None) -> list[dict]:
     tok = loaded.tokenizer
     variants = ablation_variants(loaded.arch.n_layers, layers)
     names, blocks = list(variants), list(variants.values())
-    logits = ablate(loaded, [it.prompt for it in items], blocks, how)
+    logits = restrict(ablate(loaded, [it.prompt for it in items], blocks, how), excluded_ids(tok, vocab))
     ids = torch.tensor([answer_token(tok, it) for it in items for _ in blocks], device=logits.device)
     rank = rank_of(logits, ids).tolist()
     top = logits.argmax(-1).tolist()
+    special = special_flags(tok, top)
     rows = []
     for r, (it, v) in enumerate((it, v) for it in items for v in range(len(blocks))):
         rows.append({**item_columns(tok, it), "ablation": how, "variant": names[v], "n_ablated": len(blocks[v]),
                      "blocks": json.dumps(list(blocks[v])), "correct": rank[r] == 0, "answer_rank": rank[r],
-                     "predicted": tok.decode(top[r])})
+                     "predicted": tok.decode(top[r]), "special_top1": special[r]})
     return rows
 
 

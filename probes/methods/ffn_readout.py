@@ -14,7 +14,7 @@ import torch
 
 from ..tasks.base import Item, item_columns
 from ..stats import halves, interval_text, level, median_reached, proportion
-from .lens import lens_tensors, reached_text, stats_rows, target_ids
+from .lens import excluded_ids, lens_tensors, reached_text, stats_rows, target_ids
 
 
 def updates_in_trace(arch) -> dict[str, torch.Tensor]:
@@ -50,16 +50,17 @@ def stages(answer_ranks: list[int], argument_ranks: list[int], mid_answer_ranks:
             "switch_by": switch_by, "argument_first": arg is not None and ans is not None and arg < ans}
 
 
-def run_readout(loaded, items: list[Item], topk: int = 5) -> list[dict]:
+def run_readout(loaded, items: list[Item], topk: int = 5, vocab: str | None = None) -> list[dict]:
     """Decoded inside the trace, as the lens: only ranks, logits, top-k ids and norms leave the model."""
     arch, tok = loaded.arch, loaded.tokenizer
     targets = target_ids(loaded, items)
+    ex = excluded_ids(tok, vocab)
     with loaded.trace([it.prompt for it in items], logits_to_keep=1):
         u = updates_in_trace(arch)
         mid = u["resid"][:, :-1] + u["attn"]  # after block i's attention, before its FFN
-        stats = nnsight.save({"lens": lens_tensors(arch, u["resid"], targets, 1, logit=True),
-                              "before": lens_tensors(arch, mid, targets, 1, logit=True),
-                              "ffn": lens_tensors(arch, u["ffn"], targets, topk),
+        stats = nnsight.save({"lens": lens_tensors(arch, u["resid"], targets, 1, logit=True, excluded=ex),
+                              "before": lens_tensors(arch, mid, targets, 1, logit=True, excluded=ex),
+                              "ffn": lens_tensors(arch, u["ffn"], targets, topk, excluded=ex),
                               "norms": u["ffn"].float().norm(dim=-1)})
     lens, before = stats_rows(tok, stats["lens"]), stats_rows(tok, stats["before"])
     ffn = stats_rows(tok, stats["ffn"], prefix="ffn_")

@@ -19,7 +19,7 @@ from ..models.arch import execution_device, parse_blocks
 from ..stats import best_of, halves, interval_text, level, mcnemar, mean, proportion
 from ..tasks.base import Item, answer_token, first_token, item_columns
 from .ffn_readout import last_position_updates, run_readout
-from .lens import rank_of
+from .lens import excluded_ids, rank_of, restrict, special_flags
 
 COPY_CONTEXT = "table mug free{arg} table mug free{arg} table mug free"  # the paper's neutral copying prompt
 
@@ -174,8 +174,9 @@ def transplant_passes(n_layers: int, options: dict) -> float:
 
 
 def run_transplant(loaded, items: list[Item], state: dict, mode: str = "add", layers=None, scales=(1.0,),
-                   positions: str = "all", controls: bool = True) -> list[dict]:
+                   positions: str = "all", controls: bool = True, vocab: str | None = None) -> list[dict]:
     arch, tok = loaded.arch, loaded.tokenizer
+    excluded = excluded_ids(tok, vocab)
     if mode not in ("add", "replace"):
         raise ProbeError(f"unknown transplant mode {mode!r}; accepted: add, replace")
     if positions not in ("all", "last"):
@@ -192,17 +193,17 @@ def run_transplant(loaded, items: list[Item], state: dict, mode: str = "add", la
     variants = [Variant("none")] + [Variant(k, g, s) for g in groups for s in scales for k in kinds]
     rows = []
     for it in items:
-        logits = (add_sweep if mode == "add" else replace_ffn)(
-            loaded, it.prompt, variants, vectors, **({} if mode == "add" else {"positions": positions}))
+        logits = restrict((add_sweep if mode == "add" else replace_ffn)(
+            loaded, it.prompt, variants, vectors, **({} if mode == "add" else {"positions": positions})), excluded)
         ids = torch.tensor([answer_token(tok, it)] * len(variants), device=logits.device)
         arg = torch.tensor([first_token(tok, it.argument)] * len(variants), device=logits.device)
         rank, arg_rank = rank_of(logits, ids).tolist(), rank_of(logits, arg).tolist()
         top = logits.argmax(-1).tolist()
         cols = item_columns(tok, it)
-        for v, r, ar, t in zip(variants, rank, arg_rank, top):
+        for v, r, ar, t, sp in zip(variants, rank, arg_rank, top, special_flags(tok, top)):
             rows.append({**cols, "mode": mode, "blocks": v.label, "scale": v.scale, "vector": v.vector,
                          "answer_rank": r, "answer_rr": 1.0 / (r + 1), "top1": r == 0, "argument_rank": ar,
-                         "predicted": tok.decode(t)})
+                         "predicted": tok.decode(t), "special_top1": sp})
     return rows
 
 

@@ -165,11 +165,47 @@ def trained_runs(root: Path | None = None) -> list[dict]:
     return found
 
 
+HUB_ID = re.compile(r"hf:([A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@([\w][\w./-]{0,127}))?")
+
+
+def hub_model(value: str) -> ModelSpec:
+    """`hf:ORG/NAME[@REVISION]`: any hub model of a supported family, without a registry entry (as lm-eval's
+    `pretrained=ORG/NAME,revision=...`). Its config is read (downloaded if need be: a few kB, never weights) for the
+    family and dtype; planning then checks the weights against this machine before anything else is fetched."""
+    from .arch import ARCHITECTURES
+
+    m = HUB_ID.fullmatch(value)
+    if not m or ".." in value:
+        raise ProbeError(f"bad hub model {value!r}; accepted: hf:ORG/NAME or hf:ORG/NAME@REVISION (a branch, tag or "
+                         "commit), e.g. hf:openai-community/gpt2@main")
+    repo, revision = m.group(1), m.group(2) or "main"
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(repo, "config.json", revision=revision)
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # the hub's errors (not found, offline, gated) are OSErrors
+        raise ProbeError(f"hub model {repo!r} at {revision!r}: no config.json in the local Hugging Face cache and "
+                         f"the hub cannot give one ({type(e).__name__}); accepted: a public repo id and revision, "
+                         f"fetched first where there is a network (huggingface-cli download {repo} --revision "
+                         f"{revision})") from None
+    family = config.get("model_type") if isinstance(config, dict) else None
+    if family not in ARCHITECTURES:
+        raise ProbeError(f"hub model {repo!r} is a {family!r} model, not a supported family; accepted: "
+                         + ", ".join(sorted(ARCHITECTURES)))
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return ModelSpec(name=repo + (f"@{revision}" if m.group(2) else ""), source="hub", family=family, repo=repo,
+                     revision=revision, dtype=dtype if dtype in DTYPES else "float32")
+
+
 def resolve_model(value: str, registry: dict[str, ModelSpec] | None = None) -> ModelSpec:
-    """A registry name, a local checkpoint folder, or a config file (JSON/YAML) for a random model."""
+    """A registry name, `hf:ORG/NAME[@REVISION]`, a local checkpoint folder, or a config file (JSON/YAML) for a
+    random model."""
     registry = load_registry() if registry is None else registry
     if value in registry:
         return registry[value]
+    if value.startswith("hf:"):
+        return hub_model(value)
     p = Path(value)
     if p.is_dir():
         cfg = p / "config.json"
@@ -188,4 +224,5 @@ def resolve_model(value: str, registry: dict[str, ModelSpec] | None = None) -> M
         if not isinstance(cfg, dict) or "model_type" not in cfg:
             raise ProbeError(f"model config {value!r} must be a mapping with a model_type")
         return parse_entry(p.stem, {"random": cfg}, value)
-    raise choice_error("model", value, list(registry) + ["<checkpoint folder>", "<config .json/.yaml>"])
+    raise choice_error("model", value, list(registry) + ["<checkpoint folder>", "<config .json/.yaml>",
+                                                        "hf:<ORG/NAME>[@REVISION]"])

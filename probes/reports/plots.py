@@ -74,16 +74,54 @@ def _bars(ax, t, fmt: str, label: str, x=None) -> None:
     ax.errorbar(t.index if x is None else x, t[value], yerr=_yerr(t, value), fmt=fmt, capsize=3, label=label)
 
 
+LENS_MAPS = 4  # heat maps drawn for a lens over positions: the first items'
+
+
 def plot_lens(df, meta: dict, path: Path, layer_col: str = "layer") -> None:
     """The paper's "X": mean reciprocal rank of argument and answer across layers, with a bootstrap band over
-    items."""
+    items; a lens over several positions draws layer x position heat maps instead (`plot_lens_positions`)."""
+    if "position" in df and df.groupby("item").position.nunique().max() > 1:
+        return plot_lens_positions(df, meta, path)
+    if "last_position" in df:
+        df = df[df.last_position.astype(bool)]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for col, fmt, label in (("argument_rr", "o-", "argument (e.g. Poland)"), ("answer_rr", "s-", "answer (e.g. Warsaw)")):
-        _band(ax, _means(df.groupby(layer_col), col), fmt, label)
+        if col in df:
+            _band(ax, _means(df.groupby(layer_col), col), fmt, label)
     _note(ax, f"{df.item.nunique()} items; bands: {{level}} bootstrap over items")
     ax.set(xlabel="residual index (0 = embeddings)", ylabel="mean reciprocal rank", ylim=(0, 1.02),
            title=f"logit lens · {_title(meta)}")
     ax.legend()
+    _save(fig, path)
+
+
+def plot_lens_positions(df, meta: dict, path: Path) -> None:
+    """Per item (the first LENS_MAPS), the answer's lens probability at every layer x position, the prompt's tokens
+    as labels, as the pictures of TransformerLens and tuned-lens; the top-1 token is written in each cell when
+    there is room."""
+    import numpy as np
+
+    items = list(dict.fromkeys(df.item))[:LENS_MAPS]
+    widths = [df[df.item == i].position.nunique() for i in items]
+    fig, axes = plt.subplots(len(items), 1, squeeze=False,
+                             figsize=(min(14, 2.5 + 0.45 * max(widths)), 0.5 + sum(1.2 + 0.22 * df.layer.nunique()
+                                                                                   for _ in items)))
+    for ax, item in zip(axes[:, 0], items):
+        sub = df[df.item == item]
+        grid = sub.pivot_table(index="layer", columns="position", values="answer_prob", aggfunc="first")
+        tokens = sub.drop_duplicates("position").set_index("position").token.reindex(grid.columns)
+        im = ax.imshow(grid.to_numpy(), aspect="auto", origin="lower", cmap="viridis", vmin=0,
+                       vmax=max(1e-6, float(np.nanmax(grid.to_numpy()))))
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="P(answer)")
+        ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=90, fontsize=7)
+        ax.set(ylabel="layer", title=f"item {item}: answer {sub.answer_token.iloc[0]!r} "
+                                     f"(probability of its first token, logit lens)")
+        if len(tokens) <= 24 and grid.shape[0] <= 24:
+            top = sub.pivot_table(index="layer", columns="position", values="top1", aggfunc="first")
+            for (y, x), text in np.ndenumerate(top.to_numpy()):
+                ax.text(x, y, str(text).strip()[:6], ha="center", va="center", fontsize=5, color="white")
+    fig.suptitle(f"logit lens over positions · {_title(meta)} ({len(items)} of {df.item.nunique()} items)",
+                 fontsize=10)
     _save(fig, path)
 
 

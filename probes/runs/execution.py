@@ -7,7 +7,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ProbeError, is_out_of_memory
-from ..methods.catalog import get_probe, probe_options
+from ..methods.catalog import check_task, get_probe, probe_options
 from ..models.loading import model_digest
 from ..stats import level
 from .rundir import RunDir, environment, safe_name
@@ -75,7 +75,29 @@ def counts_text(summary: dict) -> str:
         text += f"; {summary['flagged_ambiguous']} ambiguous ones kept and flagged"
     if summary.get("limit"):
         text += f"; --limit {summary['limit']}: drawn from the rest with the task's seed, stratified by group"
-    return text + f"; intervals at {summary.get('ci', 0.95):.0%}"
+    text += f"; intervals at {summary.get('ci', 0.95):.0%}"
+    if summary.get("special_top1_items", 0) >= SPECIAL_WARN:
+        text += (f"\nnote: the model's top-1 is a special token (most often {summary['special_top1_token']!r}) in "
+                 f"{summary['special_top1_rows']} of {summary['special_top1_of']} predictions, on "
+                 f"{summary['special_top1_items']} items; --vocab text leaves special tokens out")
+    return text
+
+
+SPECIAL_WARN = 3  # items whose top-1 is a special token before a run's summary says so
+
+
+def special_top1(table) -> dict:
+    """How often the model's own top-1 (the rows with a `special_top1` flag: the final layer's last position, the
+    prediction of each variant) is a special or control token, and the commonest such token."""
+    if "special_top1" not in table:
+        return {}
+    rows = table[table.special_top1.notna()]
+    hit = rows[rows.special_top1.astype(bool)]
+    out = {"special_top1_rows": len(hit), "special_top1_of": len(rows), "special_top1_items": int(hit.item.nunique())}
+    column = "predicted" if "predicted" in hit else "top1"
+    if len(hit) and column in hit:
+        out["special_top1_token"] = str(hit[column].mode().iloc[0])
+    return out
 
 
 def check_limit(limit) -> None:
@@ -105,6 +127,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     auto = batch_size == "auto"
     spec = get_probe(probe)
     options = probe_options(probe, options)
+    check_task(probe, task)
     if probe.startswith("ffn-") and not loaded.arch.has_ffn:
         raise ProbeError(f"{loaded.spec.name} has no FFN blocks, so probe {probe!r} has nothing to read; accepted: "
                          "logit-lens, accuracy, nback, attention")
@@ -117,7 +140,9 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
         kwargs = {k: v for k, v in options.items() if k in spec.run_options}
         prepared = {}
         if spec.prepare is not None:
-            items, kwargs["state"], prepared = spec.prepare(loaded, task, items, options)
+            items, state, prepared = spec.prepare(loaded, task, items, options)
+            if state is not None:  # what the probe's batches need from preparing (the lens only checks)
+                kwargs["state"] = state
         check_context(loaded, items)
         size = AUTO_START if auto else batch_size
         run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
@@ -126,7 +151,8 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
                    "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map, "remote": loaded.remote,
                    "model_params": loaded.spec.params or loaded.arch.n_params, "family": loaded.spec.family,
                    "task_kind": task.kind, "training": loaded.spec.training, **(extra_meta or {}),
-                   "task_source": task.source, "task_license": task.license, **environment()})
+                   "task_source": task.source, "task_license": task.license, **task.provenance(),
+                   **environment()})
         done = run.done_items()
         todo = [it for it in items if it.index not in done]
         with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{loaded.spec.name} {task.name} {probe}",
@@ -150,7 +176,8 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
                 run.write_part(rows)
                 bar.update(len(batch))
         table = run.table()
-        summary = {**spec.summarize(table, seed=task.seed), **counts(task, items, ambiguous, limit), "ci": level()}
+        summary = {**spec.summarize(table, seed=task.seed), **counts(task, items, ambiguous, limit),
+                   **special_top1(table), "ci": level()}
         if spec.plot is not None:
             spec.plot(table, {"model": loaded.spec.name, "task": task.name, "seed": task.seed}, run.path / "plot.png")
         run.finish(table, summary, {"batch_size_used": size} if auto else {})

@@ -61,6 +61,11 @@ class Task:
         """A hash of the data file's bytes (None for tasks that generate their items)."""
         return None
 
+    def provenance(self) -> dict:
+        """What a run folder's meta.json keeps of the task beyond its name, version and digest (the prompts a user
+        listed; nothing for task files, which are in the repository)."""
+        return {}
+
     def ambiguity(self, tokenizer) -> dict[int, str]:
         """{index: reason} of the items ambiguous for this tokenizer: the answer's first token is also the
         argument's first token, or the answer is several tokens and its first token also starts a different
@@ -72,7 +77,7 @@ class Task:
             starts.setdefault(first[it.index], set()).add(it.output)
         reasons = {}
         for it in items:
-            if first[it.index] == first_token(tokenizer, it.argument):
+            if it.argument and first[it.index] == first_token(tokenizer, it.argument):
                 reasons[it.index] = "answer starts with the argument's token"
             elif len(tokenizer(it.answer, add_special_tokens=False).input_ids) > 1 and len(starts[first[it.index]]) > 1:
                 reasons[it.index] = "first answer token shared with other answers"

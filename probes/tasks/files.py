@@ -34,6 +34,7 @@ from ..errors import ProbeError, choice_error, read_yaml
 from ..paths import tasks_dir
 from .base import Task
 from .nback import NBack
+from .prompts import FORMATS, prompts_task
 from .relational import VARS, Relational
 
 _KINDS = ("abstractive", "extractive", "nback")
@@ -129,12 +130,15 @@ def available_tasks() -> dict[str, Path]:
 
 
 def load_task(name: str, overrides: dict | None = None) -> Task:
+    """A task by name, a task .yaml file, or a prompts file (.csv or .jsonl with prompt and answer columns)."""
     tasks = available_tasks()
     if name in tasks:
         return load_task_file(tasks[name], overrides)
+    if Path(name).suffix in FORMATS:
+        return prompts_task(name, overrides=overrides)
     if Path(name).is_file():
         return load_task_file(Path(name), overrides)
-    raise choice_error("task", name, list(tasks) + ["<task .yaml file>"])
+    raise choice_error("task", name, list(tasks) + ["<task .yaml file>", "<prompts .csv/.jsonl file>"])
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:
