@@ -49,6 +49,12 @@ def _tokenizer(model: str):
 def cmd_tasks(args) -> None:
     from .tasks.files import available_tasks, load_task_file
 
+    if args.schema:
+        from .schema import task_text
+
+        print(task_text())
+        return
+
     tok = _tokenizer(args.model) if args.model else None
     header = ("task", "kind", "items") + (("ambiguous", "rule") if tok else ()) + ("source",)
     rows = []
@@ -348,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the model registry").set_defaults(func=cmd_models)
     t = sub.add_parser("tasks", help="list tasks with item counts")
     t.add_argument("--model", help="also count the items ambiguous for this model's tokenizer")
+    t.add_argument("--schema", action="store_true", help="print every field of a task file (type, default, meaning, "
+                                                         "example) instead; docs/schema.md has all file formats")
     t.set_defaults(func=cmd_tasks)
     pr = sub.add_parser("prompt", help="show the exact text, token ids and target a model will see")
     pr.add_argument("--task", required=True, help="task name (see `probe tasks`) or task file .yaml")

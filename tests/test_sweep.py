@@ -1,7 +1,10 @@
 """Sweeps: local and real-Slurm execution, resumable shards under SIGKILL, concurrent writers, aggregate, report."""
 
+import html
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,12 +195,69 @@ def test_report_opens_in_headless_chromium_with_its_plots(tmp_path, reference):
     assert "ffn-ablation: accuracy by variant" in text and "top 6/6" in text
     shot = tmp_path / "shot.png"
     subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1280,2400", f"--screenshot={shot}", report.as_uri()],
+                    "--window-size=1280,8000", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, timeout=120, check=True)
     pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
     # matplotlib's first two line colours (C0 blue, C1 orange) appear only if the inlined plots were drawn
     for colour in ((31, 119, 180), (255, 127, 14)):
         assert (np.abs(pixels - colour).sum(1) < 30).sum() > 200, colour
+
+
+MEASURE = """<script>window.addEventListener("load", () => {
+  const d = document.documentElement, imgs = [...document.images];
+  const boxes = [...document.querySelectorAll(".table")];
+  document.title = JSON.stringify({page: d.scrollWidth, view: d.clientWidth, images: imgs.length,
+    broken: imgs.filter(i => !i.complete || i.naturalWidth === 0).length,
+    shrunk: imgs.filter(i => i.getBoundingClientRect().width < 0.7 * i.naturalWidth
+      || i.getBoundingClientRect().width < Math.min(i.naturalWidth, i.closest(".plots").clientWidth) - 2).length,
+    tables: boxes.length, scrolling: boxes.filter(b => b.scrollWidth > b.clientWidth).length,
+    beyond: [...document.body.querySelectorAll("*")].filter(e => e.getBoundingClientRect().right > d.clientWidth + 1
+      && !e.closest(".table")).length});
+});</script>"""
+
+
+def page_metrics(report: Path, width: int) -> dict:
+    """What headless Chromium lays out for `report` in a window `width` px wide: the page's and the window's
+    widths, images (broken; shrunk: shown narrower than their own size on a page that has room, or below 70% of
+    it, where their text gets too small to read), table boxes and how many scroll, elements beyond the right edge
+    outside those boxes."""
+    probe_page = report.with_name(f"measured-{width}.html")
+    probe_page.write_text(report.read_text().replace("</body>", MEASURE + "</body>"))
+    dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                          "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                          "--disable-sync", f"--window-size={width},900", "--virtual-time-budget=10000",
+                          "--dump-dom", probe_page.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    return json.loads(html.unescape(re.search(r"<title>(.*?)</title>", dom, re.S).group(1)))
+
+
+@pytest.fixture(scope="module")
+def wide_results(reference, tmp_path_factory):
+    """The reference runs plus the widest tables and figures a report shows: the attention probe's per-N table,
+    the FFN read-out's, and a lens over every position (a heat map per item)."""
+    import probes
+
+    folder = tmp_path_factory.mktemp("wide") / "results"
+    shutil.copytree(reference, folder)
+    runs = [("tiny-llama", "nback-sequence", "attention", {}), ("tiny-llama", "capitals", "ffn-readout", {}),
+            ("tiny-gpt2", "capitals", "logit-lens", {"positions": "all"})]
+    for model, task, name, options in runs:
+        lm = probes.load(model, attn_implementation="eager" if name == "attention" else None)
+        probes.run(lm, probes.task(task, ambiguous="flag"), name, limit=6,
+                   output=folder / model / f"{task}-wide" / name, **options)
+    return folder
+
+
+@pytest.mark.parametrize("width", [1400, 1024])
+def test_the_report_fits_the_window_in_a_real_browser_with_every_image_loaded(tmp_path, wide_results, width):
+    report = tmp_path / "report.html"
+    r = subprocess.run([sys.executable, "-m", "probes", "report", str(wide_results), "--out", str(report)],
+                       capture_output=True, text=True, env=ENV, check=False)
+    assert r.returncode == 0, r.stderr
+    m = page_metrics(report, width)
+    assert m["images"] >= 12 and m["broken"] == 0 and m["shrunk"] == 0, m
+    assert m["page"] <= m["view"] and m["beyond"] == 0, m  # no sideways scrolling: wide tables scroll in a box
+    assert m["tables"] >= 5 and m["scrolling"] >= 1, m
 
 
 def test_slurm_array_completes_aggregates_and_reruns_only_a_deleted_unit(tmp_path_factory, reference):

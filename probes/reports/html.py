@@ -15,14 +15,16 @@ from ..runs.rundir import atomic_write
 from ..stats import level
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1200px; color: #222; }
+*, *::before, *::after { box-sizing: border-box; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 .table { overflow-x: auto; max-width: 100%; margin: .5em 0 1em; }
 table { border-collapse: collapse; font-size: .85em; }
 th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: right; } th { background: #f4f4f4; }
 td:first-child, th:first-child { text-align: left; }
-.plots { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; flex: 0 1 560px; max-width: 100%; } figure img { width: 100%; border: 1px solid #eee; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
+figure { margin: 0; max-width: 100%; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: .8em; color: #555; }
 """
 

@@ -104,7 +104,7 @@ def plot_lens_positions(df, meta: dict, path: Path) -> None:
     items = list(dict.fromkeys(df.item))[:LENS_MAPS]
     widths = [df[df.item == i].position.nunique() for i in items]
     fig, axes = plt.subplots(len(items), 1, squeeze=False,
-                             figsize=(min(14, 2.5 + 0.45 * max(widths)), 0.5 + sum(1.2 + 0.22 * df.layer.nunique()
+                             figsize=(min(10, 2.5 + 0.3 * max(widths)), 0.5 + sum(1.4 + 0.22 * df.layer.nunique()
                                                                                    for _ in items)))
     for ax, item in zip(axes[:, 0], items):
         sub = df[df.item == item]
@@ -113,7 +113,9 @@ def plot_lens_positions(df, meta: dict, path: Path) -> None:
         im = ax.imshow(grid.to_numpy(), aspect="auto", origin="lower", cmap="viridis", vmin=0,
                        vmax=max(1e-6, float(np.nanmax(grid.to_numpy()))))
         fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="P(answer)")
-        ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=90, fontsize=7)
+        every = -(-len(tokens) // 40)  # at most 40 labels: every k-th token on a long prompt
+        ax.set_xticks(range(0, len(tokens), every), [repr(t)[1:-1] for t in tokens[::every]], rotation=90,
+                      fontsize=7)
         ax.set(ylabel="layer", title=f"item {item}: answer {sub.answer_token.iloc[0]!r} "
                                      f"(probability of its first token, logit lens)")
         if len(tokens) <= 24 and grid.shape[0] <= 24:
@@ -210,7 +212,12 @@ def plot_attention(df, meta: dict, path: Path) -> None:
 
     select, report = halves(df.item, meta.get("seed", 0), strata=df.n)
     ns = sorted(df.n.unique())
-    fig, axes = plt.subplots(1, 1 + len(ns), figsize=(4 + 3 * len(ns), 3.5))
+    # the entropy panel, then the heat maps three to a row: a page-wide figure whose text stays readable
+    cols = min(3, len(ns)) or 1
+    rows = 1 + -(-len(ns) // cols)
+    fig = plt.figure(figsize=(3.4 * cols + 0.6, 3.6 * rows))
+    grid = fig.add_gridspec(rows, cols)
+    axes = [fig.add_subplot(grid[0, :])] + [fig.add_subplot(grid[1 + i // cols, i % cols]) for i in range(len(ns))]
     layers = sorted(df.layer.unique())
     for layer in layers:
         per_seq = df[df.layer == layer].groupby(["n", "item"]).entropy_nosink.mean().reset_index()
@@ -218,7 +225,8 @@ def plot_attention(df, meta: dict, path: Path) -> None:
     _note(axes[0], f"{df.item.nunique()} sequences; bars: {{level}} bootstrap over sequences")
     axes[0].set(xlabel="N", ylabel="row entropy, no sink (nats)", title="entropy by N")
     fig.suptitle(f"attention · {_title(meta)}", fontsize=10)
-    axes[0].legend(fontsize=6, ncol=max(1, len(layers) // 8), title="layer" if len(layers) > 10 else None)
+    axes[0].legend(fontsize=7, ncol=max(1, len(layers) // 6), title="layer" if len(layers) > 10 else None,
+                   loc="center left", bbox_to_anchor=(1.01, 0.5))
     heads = nback_heads(attention_table(df[df.item.isin(select)]))
     for ax, n in zip(axes[1:], ns):
         _, layer, head = heads[n]
@@ -226,8 +234,8 @@ def plot_attention(df, meta: dict, path: Path) -> None:
         mean = np.mean([np.array(json.loads(x)) for x in rows], axis=0)
         im = ax.imshow(mean, cmap="viridis")
         fig.colorbar(im, ax=ax, fraction=0.046, label="attention")
-        ax.set(title=f"N={n}: layer {layer} head {head}\n(chosen on one half, shown on {len(rows)} others)",
-               xlabel="key letter", ylabel="query letter")
+        ax.set_title(f"N={n}: layer {layer} head {head}\n(shown on {len(rows)} held-out sequences)", fontsize=9)
+        ax.set(xlabel="key letter", ylabel="query letter")
     _save(fig, path)
 
 

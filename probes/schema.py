@@ -1,0 +1,183 @@
+"""The reference of every file a user writes: task files (each kind), prompts files, sweep files and training
+configs; each field with its type, default, meaning and an example. Types and defaults are read from the code that
+validates the files (the task dataclasses, the training defaults, the sweep's accepted keys), so the reference
+cannot drift from them; `probe tasks --schema` prints it and docs/schema.md is its Markdown (a test keeps the two
+equal: regenerate with `python -m probes.schema > docs/schema.md`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+# field -> (meaning, example); one entry for every field the validators accept (a test checks both ways)
+TASK_FIELDS = {
+    "name": ("the task's name (runs are filed under it)", "capitals"),
+    "version": ("bump when the items change meaning; part of a run's identity", "1"),
+    "kind": ("abstractive, extractive, nback (a prompts file has no task file)", "abstractive"),
+    "seed": ("draws worked examples, context facts, N-back letters, --limit samples, bootstrap resamples", "0"),
+    "description": ("one line for `probe tasks` and reports", "world capitals, Q/A format"),
+    "source": ("where the data comes from", "Wikipedia list of national capitals"),
+    "license": ("the data's licence", "CC BY-SA 4.0"),
+    "ambiguous": ("drop or flag items whose answer's first token is ambiguous for a tokenizer", "drop"),
+    "data": ("relational: the data file (CSV/JSON/JSONL, relative to the task file) and its input, output and "
+             "optional group columns", "{file: data/world_capitals.csv, input: country, output: capital}"),
+    "template": ("relational: the query, with {input} and {output}", "'Q: What is the capital of {input}?\\nA:'"),
+    "answer": ("relational: the answer as emitted after the prompt; scored on its first token", "' {output}'"),
+    "argument": ("relational: the argument's text as it would be emitted; the lens tracks its first token",
+                 "' {input}'"),
+    "shots": ("relational: worked examples before the query (other items, never ambiguous ones)", "1"),
+    "separator": ("text between facts, examples and the query (N-back: between trials)", "'\\n'"),
+    "context": ("extractive: a fact stated before the query", "'The capital of {input} is {output}.'"),
+    "context_items": ("extractive: facts stated, the queried item's among them", "3"),
+    "n": ("nback: N, one value or a list (1 to 6)", "[1, 2, 3]"),
+    "sequences": ("nback: letter sequences per N", "4"),
+    "length": ("nback: letters per sequence", "24"),
+    "matches": ("nback: targets per sequence (a letter equal to the one N back)", "8"),
+    "letters": ("nback: the alphabet", "BCDFGHJKLMNPQRSTVWXZ"),
+    "unit": ("nback: trial (one item per letter) or sequence (one per sequence, for attention)", "trial"),
+    "instruction": ("nback: the text before the letters, with {n}", "'Respond m when ... {n} letters back'"),
+    "trial": ("nback: one trial, with {letter}", "'Letter: {letter}\\nResponse:'"),
+    "match_answer": ("nback: the answer to a target", "' m'"),
+    "nonmatch_answer": ("nback: the answer to any other letter", "' -'"),
+    "first_sequence": ("nback: index of the first sequence (a trained model's held-out ones)", "800"),
+    "feedback": ("nback: earlier letters followed by their correct response (prompted models)", "true"),
+}
+PROMPT_COLUMNS = {
+    "prompt": ("required: the text the model reads", "The capital of France is"),
+    "answer": ("required: the answer; a space goes before it unless the prompt ends in whitespace or it starts "
+               "with some", "Paris"),
+    "argument": ("optional, in every row or none: what the lens tracks (and ffn-readout needs)", "France"),
+    "group": ("optional: a label to stratify --limit and to split accuracy by", "europe"),
+}
+PROMPT_OPTIONS = {
+    "delimiter": ("put between the prompt and the answer (--task-option delimiter='')", "' '"),
+    "ambiguous": ("flag (the default: your prompts are kept) or drop", "flag"),
+    "seed": ("draws --limit samples and bootstrap resamples", "0"),
+}
+SWEEP_FIELDS = {
+    "name": ("names the sweep's bookkeeping folder (default: the file's name)", "capitals-scale"),
+    "models": ("registry names, hf:ORG/NAME@REV, checkpoint folders, config files, or globs of checkpoints",
+               "[gpt2, gpt2-medium]"),
+    "tasks": ("task names, task files or prompts files", "[capitals, capitals-extractive]"),
+    "probes": ("probe names, every one on every task; or {probe: [its tasks]} without tasks",
+               "[logit-lens, ffn-ablation]"),
+    "seeds": ("task seeds, one unit each", "[0, 1, 2]"),
+    "limit": ("as probe run --limit", "40"),
+    "batch_size": ("as probe run --batch-size (or auto)", "8"),
+    "options": ("probe options, as probe run's (underscores for dashes)", "{topk: 5, positions: all}"),
+    "task_options": ("as --task-option; \"{task.n}\" takes the field from a trained model's config",
+                     "{shots: 1}"),
+    "load": ("dtype, quantize, device_map, max_memory, compute_dtype", "{dtype: bfloat16, quantize: 8bit}"),
+    "results": ("where run folders go, relative to the sweep file", "results"),
+    "slurm": ("partition, time, gpus, mem, cpus_per_task, gpu_mem, account, qos, extra (sbatch flags)",
+              "{partition: gpu, time: '04:00:00'}"),
+    "train": ("training units first: configs, set (a grid of --set values), seeds, runs, slurm",
+              "{configs: [configs/training/nback-paper.yaml], set: {task.n: [1, 2]}, seeds: [0, 1]}"),
+    "checkpoints": ("trained models: final (the default) or all (every checkpoint, for metrics over training)",
+                    "all"),
+}
+TRAINING_FIELDS = {
+    "name": ("the config's name; runs go to runs/<name>/n<N>-seed<S>", "nback-paper"),
+    "task.generator": ("the synthetic task", "nback"),
+    "task.n": ("N of the N-back task", "2"),
+    "task.train": ("training sequences", "800"),
+    "task.test": ("held-out sequences (evaluated, and the nback-trained task's items)", "200"),
+    "task.length": ("letters per sequence", "24"),
+    "task.matches": ("targets per sequence", "8"),
+    "task.letters": ("the alphabet", "bcdfghjklnpqrstvwxyz"),
+    "task.seed": ("draws the sequences", "0"),
+    "model.architecture": ("probe_transformer, gpt2_value_residual or any supported family; the other model "
+                           "fields are that config's values (n_layer, n_embd, ffn, norm, residual, ...)",
+                           "probe_transformer"),
+    "train.epochs": ("passes over the training sequences (or steps)", "10"),
+    "train.steps": ("optimizer steps, instead of epochs", "1000"),
+    "train.batch_size": ("global batch (split over data-parallel processes)", "32"),
+    "train.lr": ("learning rate", "1.0e-4"),
+    "train.schedule": ("constant, linear or cosine", "constant"),
+    "train.warmup_steps": ("linear warm-up steps", "0"),
+    "train.weight_decay": ("AdamW weight decay", "0.0"),
+    "train.eval_steps": ("evaluate on the held-out sequences every this many steps", "25"),
+    "train.save_steps": ("write checkpoint-<step>/ every this many steps", "50"),
+    "train.seed": ("initialisation and data order (--seed)", "0"),
+}
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint) or hint
+    return {int: "integer", str: "text", dict: "mapping", list: "list", bool: "boolean", float: "number"}.get(
+        origin, str(hint))
+
+
+def task_rows() -> list[tuple]:
+    """(field, kinds, type, default, meaning, example) for every field of a task file."""
+    from .tasks.base import Task
+    from .tasks.nback import NBack
+    from .tasks.relational import Relational
+
+    rows: dict[str, list] = {}
+    for cls, kinds in ((Task, "all"), (Relational, "abstractive, extractive"), (NBack, "nback")):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name in ("path", "overrides"):
+                continue
+            if f.name in rows:  # inherited, or a field both kinds have (separator): its kinds grow
+                if rows[f.name][1] != "all":
+                    rows[f.name][1] += ", " + kinds
+                continue
+            default = ("(required)" if f.name in ("name", "version", "kind") else
+                       repr(f.default) if f.default is not dataclasses.MISSING else repr(f.default_factory()))
+            rows[f.name] = [f.name, kinds, _type_name(hints[f.name]), default, *TASK_FIELDS[f.name]]
+    return [tuple(r) for r in rows.values()]
+
+
+def training_rows() -> list[tuple]:
+    from .training.config import DEFAULTS, TASK, TRAIN
+
+    rows = [("name", "text", "the file's name", *TRAINING_FIELDS["name"])]
+    for section, schema in (("task", TASK), ("train", TRAIN)):
+        for key, want in schema.items():
+            default = DEFAULTS[section].get(key)
+            rows.append((f"{section}.{key}", _type_name(want), "-" if default is None else repr(default),
+                         *TRAINING_FIELDS[f"{section}.{key}"]))
+    rows.insert(1 + len(TASK), ("model.architecture", "text", "(required)", *TRAINING_FIELDS["model.architecture"]))
+    return rows
+
+
+def _table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown() -> str:
+    """The whole reference, as docs/schema.md holds it."""
+    from .runs.sweep import KEYS
+
+    sweep = [(k, *SWEEP_FIELDS[k]) for k in sorted(KEYS, key=list(SWEEP_FIELDS).index)]
+    return "\n\n".join([
+        "# File reference\n\nEvery field of the files a user writes, with its type, default, meaning and an example. "
+        "Generated from the code that validates them (`python -m probes.schema`; `probe tasks --schema` prints "
+        "the task part). Unknown fields are refused with the list of accepted ones.",
+        "## Task files (`tasks/*.yaml`, or any `.yaml` given to `--task`)\n\n"
+        + _table(("field", "kinds", "type", "default", "meaning", "example"), task_rows()),
+        "## Prompts files (`--prompts FILE`, or a `.csv`/`.jsonl` given to `--task` or a sweep)\n\n"
+        "Columns:\n\n" + _table(("column", "meaning", "example"), [(k, *v) for k, v in PROMPT_COLUMNS.items()])
+        + "\n\nTask options (`--task-option FIELD=VALUE`):\n\n"
+        + _table(("option", "meaning", "example"), [(k, *v) for k, v in PROMPT_OPTIONS.items()]),
+        "## Sweep files (`probe sweep FILE`; see `sweeps/`)\n\n" + _table(("field", "meaning", "example"), sweep),
+        "## Training configs (`probe train CONFIG`; see `configs/training/`)\n\n"
+        + _table(("field", "type", "default", "meaning", "example"), training_rows()),
+    ]) + "\n"
+
+
+def task_text() -> str:
+    """The task-file part for the terminal (`probe tasks --schema`)."""
+    out = ["task file fields (docs/schema.md has prompts files, sweep files and training configs too):"]
+    for name, kinds, kind_type, default, meaning, example in task_rows():
+        out.append(f"  {name} ({kind_type}; {kinds}; default {default}): {meaning}; e.g. {example}")
+    out.append("prompts files (.csv/.jsonl): " + "; ".join(f"{k}: {v[0]}" for k, v in PROMPT_COLUMNS.items()))
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -1,0 +1,41 @@
+"""The file reference (docs/schema.md, `probe tasks --schema`) covers every field the validators accept."""
+
+import dataclasses
+
+from probes import schema
+from probes.paths import ROOT
+from probes.runs.sweep import KEYS
+from probes.tasks.base import Task
+from probes.tasks.nback import NBack
+from probes.tasks.prompts import COLUMNS, OPTIONS
+from probes.tasks.relational import Relational
+from probes.training.config import TASK, TRAIN
+
+from .test_cli import probe
+
+
+def test_every_accepted_field_is_described_and_nothing_else():
+    task_fields = {f.name for cls in (Task, Relational, NBack) for f in dataclasses.fields(cls)
+                   if f.init and f.name not in ("path", "overrides")}
+    assert set(schema.TASK_FIELDS) == task_fields
+    assert set(schema.SWEEP_FIELDS) == KEYS
+    assert set(schema.TRAINING_FIELDS) == ({"name", "model.architecture"} | {f"task.{k}" for k in TASK}
+                                           | {f"train.{k}" for k in TRAIN})
+    assert set(schema.PROMPT_COLUMNS) == set(COLUMNS) and set(schema.PROMPT_OPTIONS) == set(OPTIONS)
+
+
+def test_docs_schema_is_the_generated_reference():
+    assert (ROOT / "docs" / "schema.md").read_text() == schema.markdown(), \
+        "regenerate it: python -m probes.schema > docs/schema.md"
+    text = schema.markdown()
+    assert "| context_items | abstractive, extractive | integer | 0 |" in text
+    assert "| separator | abstractive, extractive, nback | text | '\\n' |" in text
+    assert "| train.lr | number | 0.0001 |" in text and "| checkpoints |" in text
+
+
+def test_probe_tasks_schema_prints_every_task_field():
+    r = probe("tasks", "--schema")
+    assert r.returncode == 0, r.stderr
+    for name in schema.TASK_FIELDS:
+        assert f"\n  {name} (" in r.stdout, name
+    assert "context_items (integer; abstractive, extractive; default 0)" in r.stdout
