@@ -17,7 +17,10 @@ folder, one evaluation, a checkpoint, the final weights, log and plot) against a
 model, data, batch, optimizer and steps, with the same evaluation and a save of the final weights; sequences per
 second of each, per training config.
 Activation patching (--patching): the full residual sweep of one pair batched, against one trace per patch.
-Writes benchmarks/results.json (benchmarks/scale.json with --only-scale, training.json with --only-training).
+The lens over every position (--lens-positions; --only-lens-positions for it alone): time and peak memory of the
+logit lens at all positions and at the last, against a bare forward that computes the logits of every position.
+Writes benchmarks/results.json (benchmarks/scale.json with --only-scale, training.json with --only-training,
+lens-positions.json with --only-lens-positions).
 """
 
 from __future__ import annotations
@@ -267,6 +270,28 @@ def bench_patching(name: str, sample: int) -> dict:
             "batched_seconds": batched_s, "loop_seconds": loop_s, "speedup": loop_s / batched_s, "max_diff": diff}
 
 
+def bench_lens_positions(name: str, batch: int, reps: int) -> dict:
+    """The lens over all positions of `batch` capitals prompts against the lens at the last position and a bare
+    forward with full-vocabulary logits at every position; peak memory above the loaded model, against the logits
+    an unchunked decode of every layer and position would hold at once."""
+    from probes.methods.lens import LOGITS_CHUNK
+
+    lm = load_model(resolve_model(name))
+    task = load_task("capitals")
+    items = task.scored_items(lm.tokenizer, batch)[0]
+    hf, tok = lm.model._module, lm.tokenizer
+    enc = tok([it.prompt for it in items], return_tensors="pt", padding=True)
+    bare_s, bare_mem = measure(lambda: hf(**enc), reps)
+    last_s, last_mem = measure(lambda: run_lens(lm, items), reps)
+    all_s, all_mem = measure(lambda: run_lens(lm, items, positions="all"), reps)
+    tokens = sum(len(tok(it.prompt).input_ids) for it in items)
+    vectors = enc.input_ids.shape[1] * len(items) * (lm.arch.n_layers + 1)
+    return {"model": name, "prompts": len(items), "tokens": tokens, "decoded_vectors": vectors,
+            "bare_seconds": bare_s, "last_seconds": last_s, "all_seconds": all_s, "all_ratio": all_s / bare_s,
+            "bare_peak": bare_mem, "last_peak": last_mem, "all_peak": all_mem,
+            "unchunked_logits": vectors * lm.arch.vocab_size * 4, "chunk": LOGITS_CHUNK}
+
+
 def tiny_llama(layers: int, hidden: int = 512):
     spec = parse_entry(f"bench-llama-{layers}x{hidden}", {"random": {
         "model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": 8,
@@ -350,14 +375,21 @@ def main():
     p.add_argument("--steps", type=int, default=250, help="training steps per timed run (default 250: the paper's)")
     p.add_argument("--patching", action="store_true", help="also the residual patching sweep against one trace per "
                    "patch (on the first of --models)")
+    p.add_argument("--lens-positions", action="store_true", help="also the lens over every position (on the first "
+                   "of --models)")
+    p.add_argument("--only-lens-positions", action="store_true", help="only the lens over every position")
     args = p.parse_args()
+    if args.only_lens_positions:
+        args.lens_positions, args.no_scale, args.models_run = True, True, False
+    else:
+        args.models_run = not (args.only_scale or args.only_training)
     if args.only_training and args.training is None:
         args.training = []
     torch.set_grad_enabled(False)
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
                           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}",
                "date": time.strftime("%Y-%m-%d"), "models": []}
-    for m in [] if args.only_scale or args.only_training else args.models:
+    for m in args.models if args.models_run else []:
         results["models"].append(bench_model(m, args.batch, args.reps, cold=not args.no_cold))
         print_model(results["models"][-1])
     if not args.no_scale and not args.only_training:
@@ -376,7 +408,16 @@ def main():
         print(f"patching {r['model']}: {r['patches']} patches ({r['blocks']} blocks x {r['positions']} positions): "
               f"batched {r['batched_seconds']:.1f} s, one trace per patch {r['loop_seconds']:.1f} s = "
               f"{r['speedup']:.2f}x faster; max difference {r['max_diff']:.1e}")
-    name = "scale.json" if args.only_scale else "training.json" if args.only_training else "results.json"
+    if args.lens_positions:
+        results["lens_positions"] = r = bench_lens_positions(args.models[0], args.batch, args.reps)
+        print(f"lens over positions {r['model']}: {r['prompts']} prompts, {r['tokens']} tokens, "
+              f"{r['decoded_vectors']} vectors decoded: bare forward (logits everywhere) {r['bare_seconds']:.2f} s, "
+              f"lens at the last position {r['last_seconds']:.2f} s, at all {r['all_seconds']:.2f} s = "
+              f"{r['all_ratio']:.2f}x; peak memory above the model: bare {r['bare_peak'] / 2**20:.0f} MB, last "
+              f"{r['last_peak'] / 2**20:.0f} MB, all {r['all_peak'] / 2**20:.0f} MB (unchunked logits would be "
+              f"{r['unchunked_logits'] / 2**20:.0f} MB; chunks of {r['chunk'] / 2**20:.0f} MB)")
+    name = ("scale.json" if args.only_scale else "training.json" if args.only_training else
+            "lens-positions.json" if args.only_lens_positions else "results.json")
     out = Path(__file__).parent / name
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {out}")
