@@ -179,10 +179,11 @@ def hub_model(value: str) -> ModelSpec:
         raise ProbeError(f"bad hub model {value!r}; accepted: hf:ORG/NAME or hf:ORG/NAME@REVISION (a branch, tag or "
                          "commit), e.g. hf:openai-community/gpt2@main")
     repo, revision = m.group(1), m.group(2) or "main"
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    try:
-        path = hf_hub_download(repo, "config.json", revision=revision)
+    try:  # the cached config first: no network round trip (and no retries) for a model fetched before
+        path = try_to_load_from_cache(repo, "config.json", revision=revision)
+        path = path if isinstance(path, str) else hf_hub_download(repo, "config.json", revision=revision)
         config = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:  # the hub's errors (not found, offline, gated) are OSErrors
         raise ProbeError(f"hub model {repo!r} at {revision!r}: no config.json in the local Hugging Face cache and "

@@ -104,7 +104,7 @@ def plot_lens_positions(df, meta: dict, path: Path) -> None:
     items = list(dict.fromkeys(df.item))[:LENS_MAPS]
     widths = [df[df.item == i].position.nunique() for i in items]
     fig, axes = plt.subplots(len(items), 1, squeeze=False,
-                             figsize=(min(10, 2.5 + 0.3 * max(widths)), 0.5 + sum(1.4 + 0.22 * df.layer.nunique()
+                             figsize=(min(10, max(7, 2.5 + 0.3 * max(widths))), 0.5 + sum(1.4 + 0.22 * df.layer.nunique()
                                                                                    for _ in items)))
     for ax, item in zip(axes[:, 0], items):
         sub = df[df.item == item]
@@ -116,13 +116,13 @@ def plot_lens_positions(df, meta: dict, path: Path) -> None:
         every = -(-len(tokens) // 40)  # at most 40 labels: every k-th token on a long prompt
         ax.set_xticks(range(0, len(tokens), every), [repr(t)[1:-1] for t in tokens[::every]], rotation=90,
                       fontsize=7)
-        ax.set(ylabel="layer", title=f"item {item}: answer {sub.answer_token.iloc[0]!r} "
-                                     f"(probability of its first token, logit lens)")
+        ax.set_ylabel("layer")
+        ax.set_title(f"item {item}: P({sub.answer_token.iloc[0]!r}), the answer's first token", fontsize=9)
         if len(tokens) <= 24 and grid.shape[0] <= 24:
             top = sub.pivot_table(index="layer", columns="position", values="top1", aggfunc="first")
             for (y, x), text in np.ndenumerate(top.to_numpy()):
                 ax.text(x, y, str(text).strip()[:6], ha="center", va="center", fontsize=5, color="white")
-    fig.suptitle(f"logit lens over positions · {_title(meta)} ({len(items)} of {df.item.nunique()} items)",
+    fig.suptitle(f"logit lens by layer and position · {_title(meta)}\n{len(items)} of {df.item.nunique()} items",
                  fontsize=10)
     _save(fig, path)
 
