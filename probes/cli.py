@@ -181,8 +181,12 @@ def cmd_train(args) -> None:
         return
     meta = json.loads((run / "meta.json").read_text())
     final = meta.get("final", {})
-    print(f"trained {cfg['name']} (N={cfg['task']['n']}, seed {cfg['train']['seed']}): {meta.get('steps')} steps, "
-          f"test accuracy {final.get('eval_accuracy', float('nan')):.3f} on {cfg['task']['test']} sequences "
+    from .training.data import GENERATORS
+
+    what = GENERATORS[cfg["task"]["generator"]].summary(cfg["task"])
+    print(f"trained {cfg['name']} ({what}, seed {cfg['train']['seed']}): {meta.get('steps')} steps, test accuracy "
+          f"{final.get('eval_accuracy', float('nan')):.3f} (whole sequences "
+          f"{final.get('eval_sequence_accuracy', float('nan')):.3f}) on {cfg['task']['test']} sequences "
           f"(eval loss {final.get('eval_loss', float('nan')):.3f})")
     print(f"run: {run}  (use it as --model {run}; log.csv, plot.png, checkpoint-*/)")
 

@@ -13,7 +13,7 @@ import typing
 TASK_FIELDS = {
     "name": ("the task's name (runs are filed under it)", "capitals"),
     "version": ("bump when the items change meaning; part of a run's identity", "1"),
-    "kind": ("abstractive, extractive, nback (a prompts file has no task file)", "abstractive"),
+    "kind": ("abstractive, extractive, nback, tree (a prompts file has no task file)", "abstractive"),
     "seed": ("draws worked examples, context facts, N-back letters, --limit samples, bootstrap resamples", "0"),
     "description": ("one line for `probe tasks` and reports", "world capitals, Q/A format"),
     "source": ("where the data comes from", "Wikipedia list of national capitals"),
@@ -41,6 +41,11 @@ TASK_FIELDS = {
     "nonmatch_answer": ("nback: the answer to any other letter", "' -'"),
     "first_sequence": ("nback: index of the first sequence (a trained model's held-out ones)", "800"),
     "feedback": ("nback: earlier letters followed by their correct response (prompted models)", "true"),
+    "nodes": ("tree: nodes per tree", "16"),
+    "trees": ("tree: trees, one item per step of each one's path", "200"),
+    "first_tree": ("tree: index of the first tree (a trained model's held-out ones)", "135000"),
+    "order": ("tree: edge order: mixed (reversed for even trees, shuffled for odd, as the authors), forward, "
+              "backward or random", "mixed"),
 }
 PROMPT_COLUMNS = {
     "prompt": ("required: the text the model reads", "The capital of France is"),
@@ -78,13 +83,15 @@ SWEEP_FIELDS = {
 }
 TRAINING_FIELDS = {
     "name": ("the config's name; runs go to runs/<name>/n<N>-seed<S>", "nback-paper"),
-    "task.generator": ("the synthetic task", "nback"),
-    "task.n": ("N of the N-back task", "2"),
-    "task.train": ("training sequences", "800"),
-    "task.test": ("held-out sequences (evaluated, and the nback-trained task's items)", "200"),
-    "task.length": ("letters per sequence", "24"),
-    "task.matches": ("targets per sequence", "8"),
-    "task.letters": ("the alphabet", "bcdfghjklnpqrstvwxyz"),
+    "task.generator": ("the synthetic task: nback or tree", "nback"),
+    "task.n": ("nback: N", "2"),
+    "task.train": ("training sequences (the first ones of the seed)", "800"),
+    "task.test": ("held-out sequences, the next ones (evaluated, and the *-trained tasks' items)", "200"),
+    "task.length": ("nback: letters per sequence", "24"),
+    "task.matches": ("nback: targets per sequence", "8"),
+    "task.letters": ("nback: the alphabet", "bcdfghjklnpqrstvwxyz"),
+    "task.nodes": ("tree: nodes per tree", "16"),
+    "task.order": ("tree: edge order (mixed, forward, backward, random)", "mixed"),
     "task.seed": ("draws the sequences", "0"),
     "model.architecture": ("probe_transformer, gpt2_value_residual or any supported family; the other model "
                            "fields are that config's values (n_layer, n_embd, ffn, norm, residual, ...)",
@@ -92,10 +99,12 @@ TRAINING_FIELDS = {
     "train.epochs": ("passes over the training sequences (or steps)", "10"),
     "train.steps": ("optimizer steps, instead of epochs", "1000"),
     "train.batch_size": ("global batch (split over data-parallel processes)", "32"),
-    "train.lr": ("learning rate", "1.0e-4"),
-    "train.schedule": ("constant, linear or cosine", "constant"),
+    "train.lr": ("learning rate (the peak, after warm-up)", "1.0e-4"),
+    "train.min_lr": ("cosine_with_min_lr: where the cosine ends", "2.0e-6"),
+    "train.schedule": ("constant, linear, cosine or cosine_with_min_lr", "constant"),
     "train.warmup_steps": ("linear warm-up steps", "0"),
     "train.weight_decay": ("AdamW weight decay", "0.0"),
+    "train.adam_beta2": ("AdamW's second beta (default 0.999)", "0.99"),
     "train.eval_steps": ("evaluate on the held-out sequences every this many steps", "25"),
     "train.save_steps": ("write checkpoint-<step>/ every this many steps", "50"),
     "train.seed": ("initialisation and data order (--seed)", "0"),
@@ -113,9 +122,10 @@ def task_rows() -> list[tuple]:
     from .tasks.base import Task
     from .tasks.nback import NBack
     from .tasks.relational import Relational
+    from .tasks.tree import TreeTask
 
     rows: dict[str, list] = {}
-    for cls, kinds in ((Task, "all"), (Relational, "abstractive, extractive"), (NBack, "nback")):
+    for cls, kinds in ((Task, "all"), (Relational, "abstractive, extractive"), (NBack, "nback"), (TreeTask, "tree")):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name in ("path", "overrides"):
@@ -130,16 +140,29 @@ def task_rows() -> list[tuple]:
     return [tuple(r) for r in rows.values()]
 
 
-def training_rows() -> list[tuple]:
-    from .training.config import DEFAULTS, TASK, TRAIN
+def training_fields() -> dict:
+    """{task.FIELD: (type, default by generator)} and {train.FIELD: (type, default)}, as the validator takes them."""
+    from .training.config import DEFAULTS, TRAIN
+    from .training.data import GENERATORS
 
+    task: dict = {}
+    for name, gen in GENERATORS.items():
+        for key, (want, default) in gen.fields.items():
+            task.setdefault(f"task.{key}", (want, {}))[1][name] = default
+    return {**task, **{f"train.{k}": (want, DEFAULTS["train"].get(k)) for k, want in TRAIN.items()}}
+
+
+def training_rows() -> list[tuple]:
     rows = [("name", "text", "the file's name", *TRAINING_FIELDS["name"])]
-    for section, schema in (("task", TASK), ("train", TRAIN)):
-        for key, want in schema.items():
-            default = DEFAULTS[section].get(key)
-            rows.append((f"{section}.{key}", _type_name(want), "-" if default is None else repr(default),
-                         *TRAINING_FIELDS[f"{section}.{key}"]))
-    rows.insert(1 + len(TASK), ("model.architecture", "text", "(required)", *TRAINING_FIELDS["model.architecture"]))
+    for key, (want, default) in training_fields().items():
+        if key == "task.generator":
+            default = "'nback'"
+        elif isinstance(default, dict):  # a task field: its default per generator
+            default = ", ".join(f"{g}: {v!r}" for g, v in default.items()) if len(default) > 1 else repr(
+                next(iter(default.values())))
+        rows.append((key, _type_name(want), "-" if default is None else str(default), *TRAINING_FIELDS[key]))
+    task_rows_end = 1 + sum(k.startswith("task.") for k in training_fields())
+    rows.insert(task_rows_end, ("model.architecture", "text", "(required)", *TRAINING_FIELDS["model.architecture"]))
     return rows
 
 

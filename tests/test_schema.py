@@ -9,18 +9,18 @@ from probes.tasks.base import Task
 from probes.tasks.nback import NBack
 from probes.tasks.prompts import COLUMNS, OPTIONS
 from probes.tasks.relational import Relational
-from probes.training.config import TASK, TRAIN
+from probes.tasks.tree import TreeTask
 
 from .test_cli import probe
 
 
 def test_every_accepted_field_is_described_and_nothing_else():
-    task_fields = {f.name for cls in (Task, Relational, NBack) for f in dataclasses.fields(cls)
+    task_fields = {f.name for cls in (Task, Relational, NBack, TreeTask) for f in dataclasses.fields(cls)
                    if f.init and f.name not in ("path", "overrides")}
     assert set(schema.TASK_FIELDS) == task_fields
     assert set(schema.SWEEP_FIELDS) == KEYS
-    assert set(schema.TRAINING_FIELDS) == ({"name", "model.architecture"} | {f"task.{k}" for k in TASK}
-                                           | {f"train.{k}" for k in TRAIN})
+    assert set(schema.TRAINING_FIELDS) == {"name", "model.architecture", *schema.training_fields()}
+    assert {"task.nodes", "task.n", "train.min_lr"} <= set(schema.TRAINING_FIELDS)
     assert set(schema.PROMPT_COLUMNS) == set(COLUMNS) and set(schema.PROMPT_OPTIONS) == set(OPTIONS)
 
 
@@ -31,6 +31,7 @@ def test_docs_schema_is_the_generated_reference():
     assert "| context_items | abstractive, extractive | integer | 0 |" in text
     assert "| separator | abstractive, extractive, nback | text | '\\n' |" in text
     assert "| train.lr | number | 0.0001 |" in text and "| checkpoints |" in text
+    assert "| task.train | integer | nback: 800, tree: 135000 |" in text
 
 
 def test_probe_tasks_schema_prints_every_task_field():

@@ -13,7 +13,7 @@ from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import VOCABS, parse_positions, prepare_lens, report_lens, run_lens, summarize_lens
 from .names import NAMES
 
-ALL_KINDS = ("abstractive", "extractive", "nback", "prompts")
+ALL_KINDS = ("abstractive", "extractive", "nback", "tree", "prompts")
 RELATIONAL = ("abstractive", "extractive")
 
 

@@ -19,6 +19,7 @@ Relational tasks (abstractive: the answer comes from pretraining; extractive: th
     seed: 0
 
 N-back tasks (`kind: nback`) generate letter sequences from the seed instead of reading data; see tasks/nback.py.
+Tree path-finding tasks (`kind: tree`) generate trees the same way; see tasks/tree.py.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ from ..paths import tasks_dir
 from .base import Task
 from .nback import NBack
 from .prompts import FORMATS, prompts_task
+from .tree import TreeTask
 from .relational import VARS, Relational
 
-_KINDS = ("abstractive", "extractive", "nback")
+_KINDS = ("abstractive", "extractive", "nback", "tree")
 _AMBIGUOUS = ("drop", "flag")
 
 
-_CLASSES = {"abstractive": Relational, "extractive": Relational, "nback": NBack}
+_CLASSES = {"abstractive": Relational, "extractive": Relational, "nback": NBack, "tree": TreeTask}
 _REQUIRED = {"abstractive": ("template", "data"), "extractive": ("template", "data", "context", "context_items"),
-             "nback": ("instruction",)}
+             "nback": ("instruction",), "tree": ()}
 
 
 def _check_template(name: str, key: str, text: str, accepted=VARS):
@@ -58,7 +60,8 @@ def _check_template(name: str, key: str, text: str, accepted=VARS):
 
 
 _TYPE_NAMES = {int: "an integer", str: "a text", dict: "a mapping", list: "a list"}
-_NONNEGATIVE = {"version", "seed", "shots", "context_items", "sequences", "length", "matches", "first_sequence"}
+_NONNEGATIVE = {"version", "seed", "shots", "context_items", "sequences", "length", "matches", "first_sequence",
+                "nodes", "trees", "first_tree"}
 
 
 def _check_types(cls, spec: dict, name: str) -> None:
@@ -115,7 +118,7 @@ def build_task(spec: dict, path: Path | None = None, overrides: dict | None = No
             if not str(spec.get(key, " {output}")).strip():
                 raise ProbeError(f"task {name!r}: {key} is empty; accepted: a template such as "
                                  + ("'Q: What is the capital of {input}?\\nA:'" if key == "template" else "' {output}'"))
-    else:
+    elif cls is NBack:
         _check_template(name, "instruction", spec["instruction"], accepted=("n",))
         _check_template(name, "trial", spec.get("trial", "{letter}"), accepted=("letter",))
     return cls(**spec, path=path, overrides=dict(overrides or {}))

@@ -2,7 +2,7 @@
 
     name: nback-paper
     task: {generator: nback, n: 2, train: 800, test: 200, length: 24, matches: 8,
-           letters: bcdfghjklnpqrstvwxyz, seed: 0}
+           letters: bcdfghjklnpqrstvwxyz, seed: 0}   # or {generator: tree, nodes: 16, train, test, order, seed}
     model: {architecture: probe_transformer, n_layer: 1, n_head: 1, n_embd: 512, ffn: false, norm: false,
             residual: false}            # or architecture: gpt2 (any supported family's config values)
     train: {epochs: 10, batch_size: 32, lr: 1.0e-4, schedule: constant, warmup_steps: 0, weight_decay: 0.0,
@@ -16,17 +16,16 @@ from pathlib import Path
 
 from ..errors import ProbeError, read_yaml
 
-GENERATORS = ("nback",)
-SCHEDULES = ("constant", "linear", "cosine")
-TASK = {"generator": str, "n": int, "train": int, "test": int, "length": int, "matches": int, "letters": str,
-        "seed": int}
-TRAIN = {"epochs": int, "steps": int, "batch_size": int, "lr": float, "schedule": str, "warmup_steps": int,
-         "weight_decay": float, "eval_steps": int, "save_steps": int, "seed": int}
-DEFAULTS = {"task": {"generator": "nback", "n": 2, "train": 800, "test": 200, "length": 24, "matches": 8,
-                     "letters": "bcdfghjklnpqrstvwxyz", "seed": 0},
-            "train": {"epochs": 10, "batch_size": 32, "lr": 1e-4, "schedule": "constant", "warmup_steps": 0,
+from .data import GENERATORS, check_task
+
+SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr")
+TRAIN = {"epochs": int, "steps": int, "batch_size": int, "lr": float, "min_lr": float, "schedule": str,
+         "warmup_steps": int, "weight_decay": float, "adam_beta2": float, "eval_steps": int, "save_steps": int,
+         "seed": int}
+# min_lr (cosine_with_min_lr) and adam_beta2 (default 0.999) have no entry: a config without them is unchanged
+DEFAULTS = {"train": {"epochs": 10, "batch_size": 32, "lr": 1e-4, "schedule": "constant", "warmup_steps": 0,
                       "weight_decay": 0.0, "eval_steps": 25, "save_steps": 50, "seed": 0}}
-POSITIVE = {"n", "train", "test", "length", "epochs", "steps", "batch_size", "eval_steps", "save_steps"}
+POSITIVE = {"n", "nodes", "train", "test", "length", "epochs", "steps", "batch_size", "eval_steps", "save_steps"}
 
 
 def _set(cfg: dict, dotted: str, value, where: str) -> None:
@@ -54,11 +53,15 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
         if not isinstance(cfg.get(section, {}), dict):
             raise ProbeError(f"{where}: {section} must be a mapping")
     cfg["name"] = str(cfg.get("name") or Path(path).stem)
-    cfg["task"] = {**DEFAULTS["task"], **cfg.get("task", {})}
+    generator = cfg.get("task", {}).get("generator", "nback")
+    if generator not in GENERATORS:
+        raise ProbeError(f"{where}: unknown task generator {generator!r}; accepted: {', '.join(GENERATORS)}")
+    fields = GENERATORS[generator].fields
+    cfg["task"] = {**{k: default for k, (_, default) in fields.items()}, **cfg.get("task", {})}
     cfg["train"] = {**DEFAULTS["train"], **cfg.get("train", {})}
     if "steps" in cfg["train"]:
         cfg["train"].pop("epochs", None)
-    for section, schema in (("task", TASK), ("train", TRAIN)):
+    for section, schema in (("task", {k: want for k, (want, _) in fields.items()}), ("train", TRAIN)):
         for key, value in cfg[section].items():
             if key not in schema:
                 raise ProbeError(f"{where}: unknown {section} field {key!r}; accepted: {', '.join(schema)}")
@@ -68,8 +71,9 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
                 raise ProbeError(f"{where}: {section}.{key} {value!r} is not {'a number' if want is float else want.__name__}")
             if key in POSITIVE and value < 1:
                 raise ProbeError(f"{where}: {section}.{key} {value!r}; accepted: a positive integer")
-    if cfg["task"]["generator"] not in GENERATORS:
-        raise ProbeError(f"{where}: unknown task generator {cfg['task']['generator']!r}; accepted: {', '.join(GENERATORS)}")
+    check_task(cfg["task"], where)
+    if (cfg["train"]["schedule"] == "cosine_with_min_lr") != ("min_lr" in cfg["train"]):
+        raise ProbeError(f"{where}: train.min_lr goes with schedule cosine_with_min_lr (both or neither)")
     if cfg["train"]["schedule"] not in SCHEDULES:
         raise ProbeError(f"{where}: unknown schedule {cfg['train']['schedule']!r}; accepted: {', '.join(SCHEDULES)}")
     model = cfg.get("model", {})

@@ -1,4 +1,8 @@
-"""A synthetic task's data and vocabulary for training.
+"""A synthetic task's data and vocabulary for training, one `Generator` per task (`task.generator` of a config).
+
+Every generator gives rows of (input_ids, target): target[p] is what position p is trained to output (IGNORE where
+nothing is scored), over the generator's `readout` tokens (N-back: the two labels) or, without one, the whole
+vocabulary (tree: the next token). The vocabulary is a `tokenizers` word-level tokenizer saved with the model.
 
 N-back: the letters come from the same generator as the prompted N-back task (tasks/nback.py: exactly `matches`
 targets at positions >= N, no accidental match anywhere), training sequences and test sequences from disjoint
@@ -9,8 +13,12 @@ the project's `nback` task files for trained models (tasks/nback-trained*.yaml) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from ..errors import ProbeError
 from ..tasks.nback import NBack
+from ..tasks.tree import ORDERS, make_tree, vocabulary
 
 LABELS = ("-", "m")  # target 0: no match, 1: match
 IGNORE = -100  # positions before N are not scored
@@ -25,17 +33,24 @@ def nback_generator(task: dict, n: int | None = None) -> NBack:
                  letters=task["letters"], instruction="", trial="{letter}", separator=" ", feedback=False)
 
 
-def tokenizer_for(task: dict):
-    """A word-level tokenizer over the task's letters and the two labels (ids: pad, unk, letters..., -, m)."""
+def word_tokenizer(words: list[str], pad: str):
+    """A word-level tokenizer over `words` (their order is their ids) split on whitespace, with `pad` padding."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *task["letters"], *LABELS])}
+    vocab = {w: i for i, w in enumerate(words)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # no model_max_length: the model's positions bound its inputs (checked before a probe runs), and a probe
     # tokenizes a prompt with its answer, one token past the sequence, which is never fed to the model
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, unk_token="<unk>")
+
+
+def tokenizer_for(task: dict):
+    """The task's vocabulary: N-back: pad, unk, letters..., -, m; tree: the authors' 35 tokens, then unk."""
+    if task["generator"] == "tree":
+        return word_tokenizer([*vocabulary(task["nodes"]), "<unk>"], pad=",")
+    return word_tokenizer(["<pad>", "<unk>", *task["letters"], *LABELS], pad="<pad>")
 
 
 def nback_splits(task: dict, tokenizer) -> dict:
@@ -51,3 +66,56 @@ def nback_splits(task: dict, tokenizer) -> dict:
         rows.append({"input_ids": ids(letters),
                      "target": [IGNORE if t < n else int(m) for t, m in enumerate(labels)]})
     return {"train": Dataset.from_list(rows[: task["train"]]), "test": Dataset.from_list(rows[task["train"]:])}
+
+
+def tree_splits(task: dict, tokenizer) -> dict:
+    """{'train': Dataset, 'test': Dataset}: trees 0..train-1 and the next `test` ones; the input is the sequence
+    but its last token, the target the next token at the path's positions (each path node, then the two ","
+    that end it, as the authors score them)."""
+    from datasets import Dataset
+
+    ids = tokenizer.convert_tokens_to_ids
+    rows = []
+    for index in range(task["train"] + task["test"]):
+        tree = make_tree(task["seed"], index, task["nodes"], task["order"])
+        tokens = ids(tree.tokens(task["nodes"]))
+        first, last = tree.start() + 1, tree.start() + len(tree.path) + 1  # target positions (token index)
+        rows.append({"input_ids": tokens[:-1],
+                     "target": [tokens[p + 1] if first <= p + 1 <= last else IGNORE for p in range(len(tokens) - 1)]})
+    return {"train": Dataset.from_list(rows[: task["train"]]), "test": Dataset.from_list(rows[task["train"]:])}
+
+
+@dataclass(frozen=True)
+class Generator:
+    """What training needs of a synthetic task: its config fields (type, default), data, readout and names."""
+
+    fields: dict  # name -> (type, default)
+    splits: Callable  # (task, tokenizer) -> {'train': Dataset, 'test': Dataset}
+    readout: tuple | None  # the tokens the loss chooses among at each scored position; None: the whole vocabulary
+    positions: Callable  # task -> input positions of a sequence
+    run_name: Callable  # (task, seed) -> the run's folder name
+    chance: Callable  # task -> the test accuracy of a model that always gives the commonest answer
+    summary: Callable  # task -> what a run trained on, in a few words
+
+
+GENERATORS = {
+    "nback": Generator(
+        {"generator": (str, "nback"), "n": (int, 2), "train": (int, 800), "test": (int, 200), "length": (int, 24),
+         "matches": (int, 8), "letters": (str, "bcdfghjklnpqrstvwxyz"), "seed": (int, 0)},
+        nback_splits, LABELS, lambda t: t["length"], lambda t, seed: f"n{t['n']}-seed{seed}",
+        lambda t: 1 - t["matches"] / (t["length"] - t["n"]), lambda t: f"N={t['n']}"),
+    "tree": Generator(
+        {"generator": (str, "tree"), "nodes": (int, 16), "train": (int, 135000), "test": (int, 15000),
+         "order": (str, "mixed"), "seed": (int, 0)},
+        tree_splits, None, lambda t: 4 * t["nodes"] + 1, lambda t, seed: f"seed{seed}",
+        lambda t: 1 / t["nodes"], lambda t: f"{t['nodes']}-node trees"),
+}
+
+
+def check_task(task: dict, where: str) -> None:
+    """Values a generator's types cannot say: tree orders and sizes, N-back letters."""
+    if task["generator"] == "tree":
+        if task["order"] not in ORDERS:
+            raise ProbeError(f"{where}: task.order {task['order']!r}; accepted: {', '.join(ORDERS)}")
+        if task["nodes"] < 3:
+            raise ProbeError(f"{where}: task.nodes {task['nodes']}; accepted: 3 or more")

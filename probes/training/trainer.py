@@ -26,11 +26,15 @@ from ..models import custom  # noqa: F401  (registers this project's architectur
 from ..models.arch import arch_spec
 from ..paths import runs_root
 from ..runs.rundir import RunBusy, RunLock, _now, atomic_write, environment, safe_name, write_csv, write_json
-from .data import IGNORE, LABELS, nback_splits, tokenizer_for
+from .data import GENERATORS, IGNORE, tokenizer_for
+
+
+def generator(cfg: dict):
+    return GENERATORS[cfg["task"]["generator"]]
 
 
 def default_run_dir(cfg: dict) -> Path:
-    return runs_root() / safe_name(cfg["name"]) / f"n{cfg['task']['n']}-seed{cfg['train']['seed']}"
+    return runs_root() / safe_name(cfg["name"]) / generator(cfg).run_name(cfg["task"], cfg["train"]["seed"])
 
 
 def build_model(cfg: dict, tokenizer):
@@ -40,7 +44,7 @@ def build_model(cfg: dict, tokenizer):
     values = dict(cfg["model"])
     family = values.pop("architecture")
     arch_spec(family)  # an unknown architecture: one line naming the supported ones
-    length = cfg["task"]["length"]
+    length = generator(cfg).positions(cfg["task"])
     ids = {k: tokenizer.pad_token_id for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     set_seed(cfg["train"]["seed"])
     try:
@@ -55,25 +59,37 @@ def _trainer_class():
     from transformers import Trainer
 
     class LabelTrainer(Trainer):
-        """Loss on the choice between the two label tokens at each scored position (a 2-way readout)."""
+        """Cross-entropy at each scored position, over the generator's readout tokens (N-back: a 2-way choice
+        between the two labels) or the whole vocabulary (the next token)."""
 
-        label_ids: list[int] = []
+        label_ids: list[int] | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             target = inputs["target"]
-            out = model(input_ids=inputs["input_ids"])
-            pair = out.logits[..., self.label_ids]
-            loss = torch.nn.functional.cross_entropy(pair.reshape(-1, 2).float(), target.reshape(-1),
-                                                     ignore_index=IGNORE)
-            return (loss, {"logits": pair}) if return_outputs else loss
+            ids = inputs["input_ids"]  # never padded: whole sequences of one length (a tree's "," are its tokens)
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            logits = out.logits[..., self.label_ids] if self.label_ids else out.logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     target.reshape(-1), ignore_index=IGNORE)
+            return (loss, {"logits": logits}) if return_outputs else loss
 
     return LabelTrainer
 
 
+def _argmax(logits, labels):
+    """Only the predicted class leaves each evaluation batch (not the logits: a vocabulary per position)."""
+    return logits.argmax(-1)
+
+
 def _accuracy(pred) -> dict:
-    logits, target = pred.predictions, pred.label_ids
+    """Accuracy over scored positions, and over sequences (every scored position right)."""
+    import numpy as np
+
+    predicted, target = pred.predictions, pred.label_ids
     scored = target != IGNORE
-    return {"accuracy": float((logits.argmax(-1) == target)[scored].mean())}
+    right = (predicted == target) | ~scored
+    return {"accuracy": float((predicted == target)[scored].mean()),
+            "sequence_accuracy": float(np.all(right, axis=-1).mean())}
 
 
 def _same_run(run: Path, cfg: dict, resume: bool) -> bool:
@@ -125,7 +141,7 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
             if _same_run(run, cfg, resume or not state.is_main_process):
                 return run
             tok = tokenizer_for(cfg["task"])
-            data = nback_splits(cfg["task"], tok)
+            data = generator(cfg).splits(cfg["task"], tok)
             model = build_model(cfg, tok)
             meta = {"kind": "training", "config": cfg, "status": "running", "started": _now(), "processes": world,
                     "params": int(sum(p.numel() for p in model.parameters())), **environment()}
@@ -134,8 +150,9 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
                 write_json(run / "meta.json", meta)
         trainer = _trainer_class()(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                                    processing_class=tok, compute_metrics=_accuracy,
-                                   data_collator=_collate(tok.pad_token_id))
-        trainer.label_ids = tok.convert_tokens_to_ids(list(LABELS))
+                                   preprocess_logits_for_metrics=_argmax, data_collator=_collate(tok.pad_token_id))
+        readout = generator(cfg).readout
+        trainer.label_ids = tok.convert_tokens_to_ids(list(readout)) if readout else None
 
         class Log(TrainerCallback):  # the log as CSV after every logging step: a killed run keeps its curve
             def on_log(self, a, st, control, **kw):
@@ -170,7 +187,8 @@ def _arguments(run: Path, t: dict, world: int, progress: bool):
     return TrainingArguments(
         output_dir=str(run), per_device_train_batch_size=t["batch_size"] // world, per_device_eval_batch_size=64,
         learning_rate=t["lr"], lr_scheduler_type=t["schedule"], warmup_steps=t["warmup_steps"],
-        weight_decay=t["weight_decay"], optim="adamw_torch", seed=t["seed"], data_seed=t["seed"],
+        lr_scheduler_kwargs={"min_lr": t["min_lr"]} if "min_lr" in t else {},
+        weight_decay=t["weight_decay"], adam_beta2=t.get("adam_beta2", 0.999), optim="adamw_torch", seed=t["seed"], data_seed=t["seed"],
         max_steps=t.get("steps", -1), num_train_epochs=t.get("epochs", 1), eval_strategy="steps",
         eval_steps=t["eval_steps"], save_strategy="steps", save_steps=t["save_steps"], logging_steps=t["eval_steps"],
         label_names=["target"], remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
@@ -192,7 +210,7 @@ def write_log(run: Path, history: list[dict]) -> None:
         if step is None:
             continue
         row = rows.setdefault(step, {"step": step})
-        for k in ("loss", "eval_loss", "eval_accuracy", "learning_rate", "epoch"):
+        for k in ("loss", "eval_loss", "eval_accuracy", "eval_sequence_accuracy", "learning_rate", "epoch"):
             if k in h:
                 row[k] = h[k]
     if rows:
@@ -208,15 +226,16 @@ def plot_log(run: Path, cfg: dict) -> None:
         if col in log:
             d = log.dropna(subset=[col])
             a.plot(d.step, d[col], "o-", label=label, ms=3)
-    a.set(xlabel="step", ylabel="loss (2-way cross-entropy)", title=run.name)
+    readout = generator(cfg).readout
+    a.set(xlabel="step", ylabel=f"loss ({len(readout)}-way cross-entropy)" if readout else "loss (next token)",
+          title=run.name)
     a.legend()
-    if "eval_accuracy" in log:
-        d = log.dropna(subset=["eval_accuracy"])
-        b.plot(d.step, d.eval_accuracy, "o-", ms=3)
-    task = cfg["task"]
-    b.axhline(1 - task["matches"] / (task["length"] - task["n"]), color="gray", ls=":", lw=1,
-              label="always 'no match'")
+    for col, label in (("eval_accuracy", "scored positions"), ("eval_sequence_accuracy", "whole sequences")):
+        if col in log:
+            d = log.dropna(subset=[col])
+            b.plot(d.step, d[col], "o-", ms=3, label=label)
+    b.axhline(generator(cfg).chance(cfg["task"]), color="gray", ls=":", lw=1, label="commonest answer (positions)")
     b.legend(fontsize=8)
-    b.set(xlabel="step", ylabel="test accuracy (positions >= N)", ylim=(0, 1.02))
+    b.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1.02))
     _save(fig, run / "plot.png")
 

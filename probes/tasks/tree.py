@@ -1,0 +1,137 @@
+"""Tree path-finding (Brinkmann et al. 2024): given a tree's edges and a goal, the path from the root to the goal.
+
+A tree of `nodes` nodes (16) is built from a seed and an index: a root-to-goal path of 1 to nodes-1 edges, a second
+branch from the root of 1 to the nodes left, then every other node attached to a random parent with room (binary:
+at most two children; the goal is never a parent, so it is a leaf). Serialized as the authors' tokens:
+
+    3 >7 , 7 >2 , ... , 9 >4 | 2 : 3 >7 >2 , , ,
+    edges ("A >B", comma-separated; topological order, reversed or shuffled), "|", the goal, ":", the root,
+    then the path as ">k" tokens, padded with "," (which also ends the path) to nodes * 4 + 2 tokens
+
+With 16 nodes the 15 edges take positions 0-43, "|" is at 44, the goal at 45, ":" at 46, the root at 47 and the
+path starts at 48. `order: mixed` (the authors') reverses the topological order for even indices and shuffles it
+for odd ones. Training (training/data.py) scores the path tokens and the two "," after them; the probing task
+(`kind: tree`) gives one item per path step: the tokens so far, to be continued by the next ">k".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ProbeError
+from .base import Item, Task
+
+ORDERS = ("mixed", "forward", "backward", "random")
+PAD = ","
+
+
+@dataclass(frozen=True)
+class Tree:
+    edges: tuple  # (parent, child) in serialized order
+    root: int
+    goal: int
+    path: tuple  # root, ..., goal
+
+    def tokens(self, nodes: int) -> list[str]:
+        """The whole sequence, padded with "," to nodes * 4 + 2 tokens."""
+        out = []
+        for i, (a, b) in enumerate(self.edges):
+            out += ([PAD] if i else []) + [str(a), f">{b}"]
+        out += ["|", str(self.goal), ":", str(self.root), *(f">{v}" for v in self.path[1:])]
+        return out + [PAD] * (nodes * 4 + 2 - len(out))
+
+    def start(self) -> int:
+        """Position of the root token (the last one before the path)."""
+        return 3 * len(self.edges) + 2
+
+
+def vocabulary(nodes: int) -> list[str]:
+    """The authors' 35 tokens for 16 nodes: ",", ":", "|", then ">k" and "k" for every node."""
+    return [PAD, ":", "|", *(f">{k}" for k in range(nodes)), *(str(k) for k in range(nodes))]
+
+
+def make_tree(seed: int, index: int, nodes: int = 16, order: str = "mixed") -> Tree:
+    """Tree `index` of `seed` (see the module docstring), from its own random stream."""
+    if order not in ORDERS:
+        raise ProbeError(f"unknown tree order {order!r}; accepted: {', '.join(ORDERS)}")
+    if nodes < 3:
+        raise ProbeError(f"trees of {nodes} nodes; accepted: 3 nodes or more")
+    rng = np.random.default_rng([seed, index])
+    free = list(range(nodes))
+
+    def take() -> int:
+        return free.pop(int(rng.integers(len(free))))
+
+    length = int(rng.integers(1, nodes))
+    path = [take() for _ in range(length + 1)]
+    children: dict[int, list[int]] = {v: [] for v in range(nodes)}
+    for a, b in zip(path, path[1:]):
+        children[a].append(b)
+    placed = path[:-1]  # the goal never gets a child
+    if free:  # a second branch from the root
+        prev = path[0]
+        for _ in range(int(rng.integers(1, len(free) + 1))):
+            v = take()
+            children[prev].append(v)
+            placed.append(v)
+            prev = v
+    for v in sorted(free):
+        room = [u for u in placed if len(children[u]) < 2]
+        parent = room[int(rng.integers(len(room)))]
+        children[parent].append(v)
+        placed.append(v)
+    edges, queue = [], [path[0]]  # breadth-first from the root: a topological order
+    while queue:
+        u = queue.pop(0)
+        edges += [(u, c) for c in children[u]]
+        queue += children[u]
+    if order == "backward" or (order == "mixed" and index % 2 == 0):
+        edges = edges[::-1]
+    elif order == "random" or order == "mixed":
+        edges = [edges[i] for i in rng.permutation(len(edges))]
+    return Tree(tuple(edges), path[0], path[-1], tuple(path))
+
+
+@dataclass
+class TreeTask(Task):
+    """Held-out trees of the training generator, one item per path step: the tokens up to the last path node so
+    far (the root for step 0), answered by the next ">k". Grouped by path length."""
+
+    nodes: int = 16
+    trees: int = 200
+    first_tree: int = 0  # trees first_tree, first_tree + 1, ... (a trained model's held-out ones)
+    order: str = "mixed"
+    _trees: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ProbeError(f"task {self.name!r}: order {self.order!r}; accepted: {', '.join(ORDERS)}")
+        if self.nodes < 3 or self.trees < 1:
+            raise ProbeError(f"task {self.name!r}: nodes {self.nodes}, trees {self.trees}; accepted: at least 3 "
+                             "nodes and 1 tree")
+
+    def tree(self, index: int) -> Tree:
+        if index not in self._trees:
+            self._trees[index] = make_tree(self.seed, index, self.nodes, self.order)
+        return self._trees[index]
+
+    def items(self, limit: int | None = None, inputs: list[str] | None = None,
+              shot_exclude: set[int] = frozenset()) -> list[Item]:
+        out = []
+        for t in range(self.first_tree, self.first_tree + self.trees):
+            tree = self.tree(t)
+            tokens, start = tree.tokens(self.nodes), tree.start()
+            steps = len(tree.path) - 1
+            for step in range(steps):
+                prompt = " ".join(tokens[:start + 1 + step])
+                out.append(Item(len(out), prompt, tokens[start + 1 + step], prompt, " " + tokens[start + 1 + step],
+                                f" {tree.goal}", group=str(steps),
+                                extra={"tree": t, "step": step, "path_length": steps, "goal": tree.goal,
+                                       "root": tree.root, "path": " ".join(map(str, tree.path))}))
+                if limit and len(out) >= limit:
+                    return out
+        if inputs is not None:
+            out = [it for it in out if it.input in inputs]
+        return out

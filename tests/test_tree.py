@@ -1,0 +1,105 @@
+"""Tree path-finding (Brinkmann et al.): the generator's invariants, the authors' token positions, training targets
+on the path alone, a trained run that loads as a model and is probed on held-out trees, and bad configs."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import probes
+from probes.errors import ProbeError
+from probes.tasks.files import load_task
+from probes.tasks.tree import make_tree, vocabulary
+from probes.training.config import load_training_config
+from probes.training.data import IGNORE, tokenizer_for, tree_splits
+from probes.training.trainer import train
+
+from .test_cli import probe
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ROOT / "configs" / "training" / "tree-paper.yaml"
+TINY = {"model.n_layer": 2, "model.n_embd": 32, "model.n_inner": 64, "task.train": 256, "task.test": 32,
+        "train.steps": 40, "train.batch_size": 16, "train.save_steps": 20, "train.eval_steps": 20}
+
+
+@pytest.mark.parametrize("order", ["mixed", "forward", "random"])
+def test_trees_are_binary_with_sixteen_nodes_a_leaf_goal_and_a_valid_path(order):
+    lengths = Counter()
+    for index in range(600):
+        tree = make_tree(3, index, 16, order)
+        parents = Counter(a for a, _ in tree.edges)
+        children = [b for _, b in tree.edges]
+        assert len(tree.edges) == 15 and max(parents.values()) <= 2  # binary, 15 edges
+        assert sorted(children + [tree.root]) == list(range(16))  # every node but the root has one parent
+        assert tree.goal not in parents  # the goal is a leaf
+        assert tree.path[0] == tree.root and tree.path[-1] == tree.goal
+        assert all(edge in tree.edges for edge in zip(tree.path, tree.path[1:]))  # the path follows edges
+        if len(tree.path) < 16:
+            assert parents[tree.root] == 2  # the second branch from the root
+        if order == "forward" or (order == "mixed" and index % 2 == 0):  # topological, or reversed topological
+            seen = {tree.root}
+            for a, b in tree.edges if order == "forward" else tree.edges[::-1]:
+                assert a in seen  # a parent's edge comes before its children's
+                seen.add(b)
+        tokens = tree.tokens(16)
+        assert len(tokens) == 66 and tokens[44] == "|" and tokens[45] == str(tree.goal) and tokens[46] == ":"
+        assert tokens[47] == str(tree.root) and tree.start() == 47
+        assert tokens[48:48 + len(tree.path) - 1] == [f">{v}" for v in tree.path[1:]]
+        assert set(tokens[48 + len(tree.path) - 1:]) == {","}
+        lengths[len(tree.path) - 1] += 1
+    assert set(lengths) == set(range(1, 16))  # paths of every length 1..15
+
+
+def test_the_vocabulary_is_the_authors_and_targets_are_the_path_and_its_end():
+    task = load_training_config(PAPER, TINY)["task"]
+    tok = tokenizer_for(task)
+    assert vocabulary(16)[:3] == [",", ":", "|"] and len(vocabulary(16)) == 35 and len(tok) == 36
+    data = tree_splits(task, tok)
+    for split, first in (("train", 0), ("test", 256)):
+        for i, row in enumerate(data[split].select(range(8))):
+            tree = make_tree(0, first + i, 16, "mixed")
+            ids = tok.convert_tokens_to_ids(tree.tokens(16))
+            assert row["input_ids"] == ids[:-1] == tok(" ".join(tree.tokens(16)[:-1])).input_ids
+            scored = [p for p, t in enumerate(row["target"]) if t != IGNORE]
+            steps = len(tree.path) - 1
+            assert scored == list(range(47, 47 + steps + 2))  # each path node, then the two "," that end it
+            assert [row["target"][p] for p in scored] == ids[48:48 + steps + 2]
+
+
+def test_bad_tree_configs_are_one_line_errors():
+    for change, message in (({"task.order": "sideways"}, "task.order 'sideways'; accepted: mixed, forward"),
+                            ({"task.nodes": 2}, "task.nodes 2; accepted: 3 or more"),
+                            ({"task.n": 2}, "unknown task field 'n'; accepted: generator, nodes"),
+                            ({"train.schedule": "cosine"}, "train.min_lr goes with schedule cosine_with_min_lr")):
+        with pytest.raises(ProbeError, match=message):
+            load_training_config(PAPER, change)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tree") / "run"
+    train(load_training_config(PAPER, TINY), folder, progress=False)
+    return folder
+
+
+def test_a_trained_tree_model_loads_and_is_probed_on_held_out_trees_by_path_length(tiny_run, tmp_path):
+    meta = json.loads((tiny_run / "meta.json").read_text())
+    assert meta["status"] == "complete" and {"eval_accuracy", "eval_sequence_accuracy"} <= set(meta["final"])
+    log = pd.read_csv(tiny_run / "log.csv")
+    assert log.loss.dropna().iloc[-1] < log.loss.dropna().iloc[0]  # it learns something in 40 steps
+    task = load_task("tree-trained", {"first_tree": 256, "trees": 12})
+    model = probes.load(str(tiny_run))
+    items = task.items()
+    tree = make_tree(0, 256, 16, "mixed")
+    assert items[0].prompt == " ".join(tree.tokens(16)[:48]) and items[0].answer == f" >{tree.path[1]}"
+    ids = model.tokenizer(items[1].prompt).input_ids
+    assert ids == model.tokenizer.convert_tokens_to_ids(tree.tokens(16)[:49])  # the training tokens exactly
+    result = probes.run(model, task, "accuracy")
+    assert result.summary["items"] == len(items) == sum(len(make_tree(0, t).path) - 1 for t in range(256, 268))
+    assert set(result.summary["by_group"]) == {str(len(make_tree(0, t).path) - 1) for t in range(256, 268)}
+    r = probe("run", "--model", str(tiny_run), "--task", "tree-trained", "--task-option", "first_tree=256",
+              "--task-option", "trees=6", "--probe", "logit-lens", "--output", str(tmp_path / "lens"))
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout and (tmp_path / "lens" / "plot.png").exists()
