@@ -44,6 +44,7 @@ TASK_FIELDS = {
     "nodes": ("tree: nodes per tree", "16"),
     "trees": ("tree: trees, one item per step of each one's path", "200"),
     "first_tree": ("tree: index of the first tree (a trained model's held-out ones)", "135000"),
+    "steps": ("tree: all (every step of each path) or first (step 0: the prompt ends at the root)", "first"),
     "order": ("tree: edge order: mixed (reversed for even trees, shuffled for odd, as the authors), forward, "
               "backward or random", "mixed"),
 }

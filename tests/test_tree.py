@@ -103,3 +103,44 @@ def test_a_trained_tree_model_loads_and_is_probed_on_held_out_trees_by_path_leng
               "--task-option", "trees=6", "--probe", "logit-lens", "--output", str(tmp_path / "lens"))
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout and (tmp_path / "lens" / "plot.png").exists()
+
+
+def test_items_carry_the_nodes_up_the_path_from_the_goal():
+    task = load_task("tree-trained", {"trees": 30, "steps": "first"})
+    items = task.items()
+    assert len(items) == 30 and all(it.extra["step"] == 0 for it in items)
+    for it in items:
+        path = [int(v) for v in it.extra["path"].split()]
+        assert it.extra["up0"] == str(path[-1]) == it.argument.strip()
+        assert it.extra[f"up{len(path) - 1}"] == str(path[0]) == it.prompt.split()[-1]  # the root ends the prompt
+        assert all(it.extra[f"up{k}"] == "-" for k in range(len(path), 16))
+
+
+def test_patching_pairs_are_another_tree_at_the_same_step_with_another_answer(tiny_run):
+    from probes.methods.patching import prepare_patching
+
+    model = probes.load(str(tiny_run))
+    task = load_task("tree-trained", {"first_tree": 256, "trees": 20})
+    items = task.items()
+    paired, _, meta = prepare_patching(model, task, items, {})
+    # a step only one tree reaches has no partner: left out, and counted
+    assert meta["pairs"] == len(paired) > 0.9 * len(items) and meta["unpaired"] == len(items) - len(paired)
+    tok = model.tokenizer
+    for it in paired:
+        other = make_tree(0, it.extra["corrupted_input"])
+        assert it.extra["corrupted_input"] != it.extra["tree"] and it.extra["corrupted_answer"] != it.answer
+        assert len(tok(it.extra["corrupted"]).input_ids) == len(tok(it.prompt).input_ids)
+        assert it.extra["corrupted"] == " ".join(other.tokens(16)[:48 + it.extra["step"]])
+
+
+def test_several_labels_are_probed_on_the_same_activations_as_one_label_each(tiny_run):
+    model = probes.load(str(tiny_run))
+    task = load_task("tree-trained", {"first_tree": 256, "trees": 120, "steps": "first"})
+    both = probes.run(model, task, "linear-probe", label="up0,up1")
+    assert set(both.summary["labels"]) == {"up0", "up1"}
+    for name in ("up0", "up1"):
+        alone = probes.run(model, task, "linear-probe", label=name).summary
+        mine = both.summary["labels"][name]
+        assert mine["layers"] == alone["layers"] and mine["classes"] == alone["classes"]
+        assert mine["left_out"] == alone["left_out"]
+    assert "held-out accuracy by label and layer" in both.report and "up1 " in both.report

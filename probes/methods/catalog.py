@@ -69,7 +69,7 @@ PROBES: dict[str, Probe] = {
                                  run_options=("sites", "layers", "positions", "direction"),
                                  passes=patching.patching_passes,
                                  defaults={"sites": "resid", "positions": "all", "direction": "denoise"},
-                                 kinds=(*RELATIONAL, "nback")),
+                                 kinds=(*RELATIONAL, "nback", "tree")),
     "linear-probe": Probe(linear_probe.run_linear_probe, linear_probe.summarize_linear_probe,
                           linear_probe.report_linear_probe,
                           "logistic-regression probes per layer for a label of the items, held out, against "

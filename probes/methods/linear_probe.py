@@ -8,7 +8,9 @@ other half: accuracy (Wilson interval) and macro-F1 (bootstrap over the held-out
 same probe on shuffled training labels (chance as this label's classes make it), and on the same architecture with
 re-initialised random weights (selectivity = accuracy - random-weights accuracy). Labels (`--label`): `group`
 (regular/irregular verbs, the N of an N-back trial), `answer` (N-back: match or not; relational: the answer),
-`argument`, or any column a task adds per item (e.g. `match`).
+`argument`, or any column a task adds per item (e.g. `match`, or a tree's `up2`: the node two steps up from the
+goal). Several labels, comma-separated (`--label up0,up1,up2`), are probed on the same activations: a label x layer
+matrix, as backward chaining is shown. Classes with a single item are left out of that label's fit (counted).
 
 Activations of all items are collected while the run goes (one row per item, layer and site with the vector), and
 the fits are made when the run is summarized: a probe needs every item at once.
@@ -60,6 +62,13 @@ def label_of(item: Item, label: str) -> str:
                      + "".join(f", {k}" for k in item.extra))
 
 
+def label_names(label: str) -> list[str]:
+    names = [n.strip() for n in str(label).split(",") if n.strip()]
+    if not names:
+        raise ProbeError(f"bad probe label {label!r}; accepted: a label, or several comma-separated")
+    return names
+
+
 def run_linear_probe(loaded, items: list[Item], state: dict | None = None, label: str = "group", site: str = "resid",
                      position: str = "last") -> list[dict]:
     if site not in SITES:
@@ -75,8 +84,11 @@ def run_linear_probe(loaded, items: list[Item], state: dict | None = None, label
     random = _vectors(state["random"], [it.prompt for it in items], site, pos)
     rows = []
     for b, it in enumerate(items):
-        cols = {**item_columns(tok, it), "label": label_of(it, label), "site": site, "position": position,
+        names = label_names(label)
+        cols = {**item_columns(tok, it), "label": label_of(it, names[0]), "site": site, "position": position,
                 "token_index": pos[b]}
+        if len(names) > 1:
+            cols.update({f"label_{n}": label_of(it, n) for n in names})
         for layer in range(real.shape[1]):
             rows.append({**cols, "layer": layer, "vector": json.dumps(real[b, layer].tolist()),
                          "random_vector": json.dumps(random[b, layer].tolist())})
@@ -93,10 +105,11 @@ def prepare_linear_probe(loaded, task, items: list[Item], options: dict):
 
     from ..models.arch import Arch
 
-    labels = {label_of(it, options.get("label", "group")) for it in items}
-    if len(labels) < 2:
-        raise ProbeError(f"probe label {options.get('label', 'group')!r} has {len(labels)} value(s) on these items; "
-                         "accepted: a label with at least two classes (e.g. --label group on past-tense)")
+    for name in label_names(options.get("label", "group")):
+        labels = {label_of(it, name) for it in items}
+        if len(labels) < 2:
+            raise ProbeError(f"probe label {name!r} has {len(labels)} value(s) on these items; accepted: a label "
+                             "with at least two classes (e.g. --label group on past-tense)")
     torch.manual_seed(task.seed)
     config = copy.deepcopy(loaded.arch.config)
     config.__dict__.pop("quantization_config", None)  # the control is built in the dtype the model computes in
@@ -104,7 +117,8 @@ def prepare_linear_probe(loaded, task, items: list[Item], options: dict):
     hf.eval().requires_grad_(False)
     model = TransformersModel(hf, task="text-generation", tokenizer=loaded.tokenizer)
     random = dataclasses.replace(loaded, model=model, arch=Arch(model), remote=False)
-    return items, {"random": random}, {"classes": sorted(labels), "control": "random weights (re-initialised)"}
+    return items, {"random": random}, {"labels": label_names(options.get("label", "group")),
+                                       "control": "random weights (re-initialised)"}
 
 
 def _fit(x_train, y_train, x_test):
@@ -128,26 +142,37 @@ def _macro_f1(truth, pred):
 
 def summarize_linear_probe(df, seed: int = 0) -> dict:
     """Per layer: held-out accuracy (Wilson) and macro-F1 (bootstrap) of the real model, the shuffled-label and
-    random-weights controls, and the selectivity; the split is stratified by label and seeded."""
+    random-weights controls, and the selectivity; the split is stratified by label and seeded. Several labels:
+    the same for each, under `labels`."""
+    names = [c[len("label_"):] for c in df.columns if c.startswith("label_")]
+    if not names:
+        return _summarize_label(df, "label", seed)
+    return {"items": int(df.item.nunique()), "labels": {n: _summarize_label(df, f"label_{n}", seed) for n in names}}
+
+
+def _summarize_label(df, col: str, seed: int) -> dict:
     from sklearn.model_selection import train_test_split
 
     per = df[df.layer == 0].sort_values("item")
-    items, labels = per.item.to_numpy(), per.label.to_numpy()
-    counts = per.label.value_counts()
-    if len(counts) < 2 or counts.min() < 2:
-        return {"items": int(len(per)), "layers": {}, "note": "every class needs two items to hold one out"}
+    counts = per[col].astype(str).value_counts()
+    rare = counts[counts < 2].index
+    per = per[~per[col].astype(str).isin(rare)]
+    out = {"items": int(len(per)), "left_out": int(counts[counts < 2].sum()), "layers": {}}
+    if per[col].nunique() < 2:
+        return {**out, "note": "fewer than two classes with two items each: nothing to hold out"}
+    items, labels = per.item.to_numpy(), per[col].astype(str).to_numpy()
     train, test = train_test_split(items, test_size=0.5, random_state=seed, stratify=labels)
     rng = np.random.default_rng(seed)
-    out = {"items": int(len(per)), "train": int(len(train)), "test": int(len(test)),
-           "classes": {str(k): int(v) for k, v in counts.items()}, "layers": {}}
-    for layer, g in df.groupby("layer"):
+    out.update({"train": int(len(train)), "test": int(len(test)),
+                "classes": {str(k): int(v) for k, v in counts.drop(rare).items()}})
+    for layer, g in df[df.item.isin(items)].groupby("layer"):
         g = g.set_index("item")
-        y_train, y_test = g.loc[train, "label"].to_numpy(), g.loc[test, "label"].to_numpy()
+        y_train, y_test = g.loc[train, col].astype(str).to_numpy(), g.loc[test, col].astype(str).to_numpy()
         shuffled = rng.permutation(y_train)
         row = {}
-        for name, col, y in (("", "vector", y_train), ("shuffled_", "vector", shuffled),
-                             ("random_", "random_vector", y_train)):
-            x = np.array([json.loads(v) for v in g[col]])
+        for name, vectors, y in (("", "vector", y_train), ("shuffled_", "vector", shuffled),
+                                 ("random_", "random_vector", y_train)):
+            x = np.array([json.loads(v) for v in g[vectors]])
             index = {it: k for k, it in enumerate(g.index)}
             pred = _fit(x[[index[i] for i in train]], y, x[[index[i] for i in test]])
             right = pred == y_test
@@ -162,6 +187,8 @@ def summarize_linear_probe(df, seed: int = 0) -> dict:
 
 
 def report_linear_probe(df, summary) -> str:
+    if "labels" in summary:
+        return report_matrix(df, summary)
     if not summary["layers"]:
         return f"{summary['items']} items: {summary['note']}"
     lines = [f"classes {json.dumps(summary['classes'])}; fitted on {summary['train']} items, scored on the other "
@@ -171,3 +198,28 @@ def report_linear_probe(df, summary) -> str:
                      f"{interval_text(r, 'macro_f1', 2)}; shuffled labels {r['shuffled_accuracy']:.2f}, random "
                      f"weights {r['random_accuracy']:.2f}, selectivity {r['selectivity']:+.2f}")
     return "\n".join(lines) + f"\n[{level():.0%} intervals: Wilson for accuracy, bootstrap over held-out items for F1]"
+
+
+def report_matrix(df, summary) -> str:
+    """Several labels: held-out accuracy [interval] per label (rows) and layer (columns), then per label its
+    count, controls at their best layer and what was left out."""
+    import pandas as pd
+
+    cells, notes = {}, []
+    for name, s in summary["labels"].items():
+        if not s["layers"]:
+            notes.append(f"  {name}: {s['note']}")
+            continue
+        cells[name] = {layer: f"{r['accuracy']:.2f} [{r['accuracy_lo']:.2f}, {r['accuracy_hi']:.2f}]"
+                       for layer, r in s["layers"].items()}
+        best = max(s["layers"], key=lambda layer: s["layers"][layer]["accuracy"])
+        r = s["layers"][best]
+        notes.append(f"  {name}: {len(s['classes'])} classes, fitted on {s['train']}, scored on {s['test']}"
+                     + (f" ({s['left_out']} items of single-item classes left out)" if s["left_out"] else "")
+                     + f"; at its best layer {best}: shuffled labels {r['shuffled_accuracy']:.2f}, random weights "
+                     f"{r['random_accuracy']:.2f}, selectivity {r['selectivity']:+.2f}")
+    table = pd.DataFrame(cells).T
+    table.columns.name = "layer"
+    return (f"held-out accuracy by label and layer (site {df.site.iloc[0]}, position {df.position.iloc[0]}, "
+            f"{summary['items']} items):\n" + table.to_string() + "\n" + "\n".join(notes)
+            + f"\n[{level():.0%} Wilson intervals]")

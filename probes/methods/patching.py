@@ -3,7 +3,8 @@
 A pair is an item's prompt (clean) and the same prompt, shots and all, with the query asked of another item
 (corrupted: another country), chosen with the task's seed among the items whose prompt has the same number of
 tokens and whose answer starts with another token, so positions line up. On N-back trials the corrupted prompt
-changes the current letter so that the answer flips (match <-> no match). Activations of the source run (clean,
+changes the current letter so that the answer flips (match <-> no match); on trees, the corrupted prompt is the same
+step of another held-out tree whose next path node differs (a resampled tree). Activations of the source run (clean,
 or corrupted with --direction noise) are written into the destination run at one site, block and position per
 patch: `resid` (the residual entering block i), `attn` (block i's attention update), `ffn` (its FFN update).
 The metric is the logit difference LD = logit(clean answer) - logit(corrupted answer) at the last position, as
@@ -100,12 +101,39 @@ def _nback_pairs(task, items: list[Item], length) -> list[Item]:
     return out
 
 
+def _tree_pairs(task, items: list[Item], tok, direction: str):
+    """Each tree's step paired with the same step of another held-out tree (a resampled tree: same token count,
+    since every tree has as many edges) whose next path node differs, drawn with the task's seed."""
+    if direction not in DIRECTIONS:
+        raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
+    pool: dict[int, list[Item]] = {}
+    for other in task.items():
+        pool.setdefault(other.extra["step"], []).append(other)
+    rng = np.random.default_rng([task.seed, 7])
+    paired = []
+    for it in items:
+        same = pool[it.extra["step"]]
+        for j in rng.permutation(len(same)):
+            other = same[int(j)]
+            if other.extra["tree"] != it.extra["tree"] and answer_token(tok, other) != answer_token(tok, it):
+                paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": other.prompt,
+                                                             "corrupted_input": other.extra["tree"],
+                                                             "corrupted_answer": other.answer}))
+                break
+    if not paired:
+        raise ProbeError(f"no item of task {task.name!r} has another tree at the same step with another answer; "
+                         "accepted: more trees (--task-option trees=N)")
+    return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
+
+
 def prepare_patching(loaded, task, items: list[Item], options: dict):
     """Pair every item with a corrupted prompt (see the module's docstring); items with no partner are left out."""
     nback = task.kind == "nback" and getattr(task, "unit", "") == "trial"
+    if task.kind == "tree":
+        return _tree_pairs(task, items, loaded.tokenizer, options.get("direction", "denoise"))
     if not nback and (not hasattr(task, "template") or not hasattr(task, "rows")):
         raise ProbeError(f"task {task.name!r} has no clean/corrupted pairs; accepted: a relational task "
-                         "(e.g. capitals) or N-back trials (nback, nback-trained)")
+                         "(e.g. capitals), N-back trials (nback, nback-trained) or trees (tree-trained)")
     direction = options.get("direction", "denoise")
     if direction not in DIRECTIONS:
         raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")

@@ -97,17 +97,22 @@ def make_tree(seed: int, index: int, nodes: int = 16, order: str = "mixed") -> T
 @dataclass
 class TreeTask(Task):
     """Held-out trees of the training generator, one item per path step: the tokens up to the last path node so
-    far (the root for step 0), answered by the next ">k". Grouped by path length."""
+    far (the root for step 0), answered by the next ">k". Grouped by path length. Items carry `up0`..: the node k
+    steps up the path from the goal ("-" above the root), the labels of the backward-chaining probes
+    (`--probe linear-probe --label up2 --task-option steps=first`)."""
 
     nodes: int = 16
     trees: int = 200
     first_tree: int = 0  # trees first_tree, first_tree + 1, ... (a trained model's held-out ones)
     order: str = "mixed"
+    steps: str = "all"  # all: every step of each path; first: step 0 only (the prompt ends at the root)
     _trees: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.order not in ORDERS:
             raise ProbeError(f"task {self.name!r}: order {self.order!r}; accepted: {', '.join(ORDERS)}")
+        if self.steps not in ("all", "first"):
+            raise ProbeError(f"task {self.name!r}: steps {self.steps!r}; accepted: all, first")
         if self.nodes < 3 or self.trees < 1:
             raise ProbeError(f"task {self.name!r}: nodes {self.nodes}, trees {self.trees}; accepted: at least 3 "
                              "nodes and 1 tree")
@@ -124,12 +129,14 @@ class TreeTask(Task):
             tree = self.tree(t)
             tokens, start = tree.tokens(self.nodes), tree.start()
             steps = len(tree.path) - 1
-            for step in range(steps):
+            # the node k steps up from the goal (up0 = the goal), "-" above the root: the linear probes' labels
+            up = {f"up{k}": str(tree.path[-1 - k]) if k < len(tree.path) else "-" for k in range(self.nodes)}
+            for step in range(1 if self.steps == "first" else steps):
                 prompt = " ".join(tokens[:start + 1 + step])
                 out.append(Item(len(out), prompt, tokens[start + 1 + step], prompt, " " + tokens[start + 1 + step],
                                 f" {tree.goal}", group=str(steps),
                                 extra={"tree": t, "step": step, "path_length": steps, "goal": tree.goal,
-                                       "root": tree.root, "path": " ".join(map(str, tree.path))}))
+                                       "root": tree.root, "path": " ".join(map(str, tree.path)), **up}))
                 if limit and len(out) >= limit:
                     return out
         if inputs is not None:
