@@ -144,3 +144,25 @@ def test_several_labels_are_probed_on_the_same_activations_as_one_label_each(tin
         assert mine["layers"] == alone["layers"] and mine["classes"] == alone["classes"]
         assert mine["left_out"] == alone["left_out"]
     assert "held-out accuracy by label and layer" in both.report and "up1 " in both.report
+
+
+def test_whole_path_accuracy_counts_the_trees_with_every_step_right():
+    from probes.methods.accuracy import summarize_accuracy
+
+    df = pd.DataFrame({"tree": [1, 1, 2, 2, 2, 3, 4], "group": ["2", "2", "3", "3", "3", "1", "1"],
+                       "path_length": [2, 2, 3, 3, 3, 1, 1],
+                       "correct": [True, True, True, False, True, True, False]}).assign(consistent=lambda d: d.correct)
+    s = summarize_accuracy(df)
+    assert (s["accuracy_k"], s["accuracy_n"]) == (5, 7) and (s["whole_accuracy_k"], s["whole_accuracy_n"]) == (2, 4)
+    assert list(s["by_group"]) == ["1", "2", "3"]  # path lengths in numeric order
+    assert (s["by_group"]["1"]["whole_accuracy_k"], s["by_group"]["1"]["whole_accuracy_n"]) == (1, 2)
+    assert (s["by_group"]["3"]["whole_accuracy_k"], s["by_group"]["3"]["whole_accuracy_n"]) == (0, 1)
+
+
+def test_whole_path_accuracy_needs_every_step_of_each_tree():
+    from probes.methods.accuracy import summarize_accuracy
+
+    df = pd.DataFrame({"tree": [1, 1, 2], "path_length": [2, 2, 2], "group": ["2", "2", "2"],
+                       "correct": [True, True, True]}).assign(consistent=lambda d: d.correct)
+    assert "whole_accuracy" not in summarize_accuracy(df)  # tree 2 has one of its two steps (a --limit sample)
+    assert summarize_accuracy(df.iloc[:2])["whole_accuracy_k"] == 1

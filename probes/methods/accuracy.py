@@ -27,20 +27,43 @@ def run_accuracy(loaded, items: list[Item], vocab: str | None = None) -> list[di
              "answer_rank": rank[b], "answer_prob": prob[b], "special_top1": special[b]} for b, it in enumerate(items)]
 
 
+WHOLE = ("tree", "sequence")  # item columns that tie steps into one whole (a tree's path, an N-back sequence)
+
+
 def summarize_accuracy(df, seed: int = 0) -> dict:
+    """Accuracy (and top-1 a prefix of the answer) with Wilson intervals, by group; where items are the steps of
+    a whole (a tree's path, an N-back sequence), also how many wholes have every step right (teacher-forced)."""
     n = len(df)
     out = {"items": int(n), **proportion(int(df.correct.sum()), n, "accuracy"),
            **proportion(int(df.consistent.sum()), n, "consistent")}
-    if "group" in df:
-        groups = df.groupby(df["group"].astype("string").fillna(""))
-        if len(groups) > 1:
-            out["by_group"] = {str(g): proportion(int(sub.correct.sum()), len(sub), "accuracy") for g, sub in groups}
+    group = df["group"].astype("string").fillna("") if "group" in df else None
+    if group is not None and group.nunique() > 1:
+        subs = dict(list(df.groupby(group)))
+        order = sorted(subs, key=lambda g: (0, int(g), "") if str(g).isdigit() else (1, 0, str(g)))  # 2 before 13
+        out["by_group"] = {str(g): proportion(int(subs[g].correct.sum()), len(subs[g]), "accuracy") for g in order}
+    unit = next((c for c in WHOLE if c in df), None)
+    sizes = df.groupby(unit).size() if unit is not None else None
+    # only wholes with every step present (a --limit sample has some steps of some wholes)
+    expected = df.groupby(unit).path_length.first() if unit == "tree" and "path_length" in df else sizes.max() if \
+        unit is not None else None
+    if unit is not None and (sizes == expected).all():
+        whole = df.assign(group=group if group is not None else "").groupby(unit).agg(
+            right=("correct", "all"), group=("group", "first"))
+        out["whole_unit"] = unit
+        out.update(proportion(int(whole.right.sum()), len(whole), "whole_accuracy"))
+        if "by_group" in out:
+            for g, sub in whole.groupby("group"):
+                out["by_group"][str(g)].update(proportion(int(sub.right.sum()), len(sub), "whole_accuracy"))
     return out
 
 
 def report_accuracy(df, summary) -> str:
     lines = [f"items {summary['items']}  accuracy {interval_text(summary, 'accuracy')}  "
              f"(top-1 a prefix of the answer: {interval_text(summary, 'consistent')})"]
+    if "whole_unit" in summary:
+        lines.append(f"every step of a {summary['whole_unit']} right: {interval_text(summary, 'whole_accuracy')}")
     for group, acc in summary.get("by_group", {}).items():
-        lines.append(f"  {group}: {interval_text(acc, 'accuracy')}")
+        lines.append(f"  {group}: {interval_text(acc, 'accuracy')}"
+                     + (f"; whole {summary['whole_unit']}s {interval_text(acc, 'whole_accuracy')}"
+                        if "whole_accuracy" in acc else ""))
     return "\n".join(lines) + f"\n[{level():.0%} Wilson intervals; (right/items)]"
