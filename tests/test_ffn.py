@@ -1,5 +1,6 @@
 """Exact equivalences of the FFN probes on tiny random models of every family and on a bundled model."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,3 +153,34 @@ def test_readout_rows_agree_with_the_model_on_gemma():
     assert all(r["answer_rank_after_ffn"] == 0 and r["correct"] for r in last)  # Warsaw, Paris, Tokyo
     assert all(r["answer_top1_layer"] is not None and r["switch_block"] is not None for r in last)
     assert all(r["ffn_norm"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-opt"])
+def test_the_readout_s_causal_check_equals_ffn_patching_at_the_last_position(name):
+    """ffn-readout's per-block recovery is the activation-patching probe's, site ffn at the last position, on the
+    same pairs; and the summary reports it at the held-out switch block."""
+    import probes
+
+    lm = loaded(name)
+    task = probes.task("capitals", ambiguous="flag")
+    readout = probes.run(lm, task, "ffn-readout", limit=12).table
+    patched = probes.run(lm, task, "activation-patching", limit=12, sites="ffn", positions="last").table
+    assert readout.corrupted.notna().all()
+    mine = readout.set_index(["item", "block"]).ffn_patch_recovery
+    theirs = patched.set_index(["item", "block"]).recovery.reindex(mine.index)
+    both = mine.notna() & theirs.notna()
+    assert both.all() and np.allclose(mine, theirs, atol=1e-4, rtol=1e-3)
+    gap = patched.groupby("item").ld_source.first() - patched.groupby("item").ld_dest.first()
+    assert np.allclose(readout.groupby("item").ffn_patch_gap.first(), gap.reindex(readout.item.unique()), atol=1e-5)
+
+
+def test_the_causal_check_is_reported_on_held_out_pairs_with_a_gap():
+    import pandas as pd
+
+    from probes.methods.ffn_readout import causal_check
+
+    rows = [{"item": i, "block": b, "ffn_patch_recovery": (0.8 if b == 2 else 0.1 * b), "ffn_patch_gap": gap}
+            for i, gap in enumerate([1.0, 2.0, 0.05, 1.5]) for b in range(4)]
+    check = causal_check(pd.DataFrame(rows), 2, report=[0, 1, 2], seed=0)
+    assert check["recovery"] == pytest.approx(0.8) and check["recovery_n"] == 2  # item 3 selects; item 2: no gap
+    assert check["others"] == pytest.approx((0.0 + 0.1 + 0.3) / 3) and check["strongest_other"] == 3

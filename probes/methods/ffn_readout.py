@@ -5,6 +5,12 @@ update made the answer top-1 (the paper's function application).
 
 "FFN update" and layer numbers are those of probes/models/arch.py: block i's FFN moves residual index i (after
 block i's attention) to residual index i + 1.
+
+The causal check (relational tasks): each prompt is paired, as activation-patching pairs it, with the same prompt
+asking about another item (another country); every block's FFN update at the last position is patched from the
+clean run into the corrupted one, one block per row of one batched forward, and the logit difference between the
+two answers recovered is `ffn_patch_recovery`. The summary gives it at the held-out FFN switch block against the
+other blocks: if that FFN applies the relation, moving its update alone should move the answer, others much less.
 """
 
 from __future__ import annotations
@@ -12,8 +18,8 @@ from __future__ import annotations
 import nnsight
 import torch
 
-from ..tasks.base import Item, item_columns
-from ..stats import halves, interval_text, level, median_reached, proportion
+from ..tasks.base import Item, answer_token, item_columns
+from ..stats import halves, interval_text, level, mean, median_reached, proportion
 from .lens import excluded_ids, lens_tensors, reached_text, stats_rows, target_ids
 
 
@@ -65,6 +71,7 @@ def run_readout(loaded, items: list[Item], topk: int = 5, vocab: str | None = No
     lens, before = stats_rows(tok, stats["lens"]), stats_rows(tok, stats["before"])
     ffn = stats_rows(tok, stats["ffn"], prefix="ffn_")
     norms = stats["norms"].tolist()
+    recovery = {it.index: ffn_patch_recovery(loaded, it) for it in items if "corrupted" in it.extra}
     rows = []
     for b, it in enumerate(items):
         st = stages([s["answer_rank"] for s in lens[b]], [s["argument_rank"] for s in lens[b]],
@@ -79,8 +86,41 @@ def run_readout(loaded, items: list[Item], topk: int = 5, vocab: str | None = No
                          "argument_rank_after_ffn": after["argument_rank"],
                          "top1_after_ffn": after["top1"],
                          "answer_logit_delta": after["answer_logit"] - before[b][i]["answer_logit"],
-                         "correct": lens[b][-1]["answer_rank"] == 0, **st})
+                         "correct": lens[b][-1]["answer_rank"] == 0, **st,
+                         "ffn_patch_recovery": recovery[it.index][0][i] if it.index in recovery else None,
+                         "ffn_patch_gap": recovery[it.index][1] if it.index in recovery else None})
     return rows
+
+
+def prepare_readout(loaded, task, items: list[Item], options: dict):
+    """Relational tasks: each item paired for the causal check (items without a partner keep no check)."""
+    from .patching import relational_pairs
+
+    if not (hasattr(task, "template") and hasattr(task, "rows")):
+        return items, None, {"causal_check": False}
+    paired = {it.index: it for it in relational_pairs(task, items, loaded.tokenizer)}
+    return [paired.get(it.index, it) for it in items], None, {"causal_check": True, "pairs": len(paired)}
+
+
+def ffn_patch_recovery(loaded, item: Item) -> tuple[list[float], float]:
+    """(per block: the share of the clean-minus-corrupted logit difference (clean answer vs the other) that patching
+    that block's FFN update at the last position, clean into corrupted, recovers; the difference itself)."""
+    import dataclasses
+
+    from .patching import patch_logits
+
+    tok = loaded.tokenizer
+    last = len(tok(item.prompt).input_ids) - 1
+    logits = patch_logits(loaded, item.prompt, item.extra["corrupted"],
+                          [("ffn", b, last) for b in range(loaded.arch.n_layers)])
+    good = answer_token(tok, item)
+    bad = answer_token(tok, dataclasses.replace(item, answer=item.extra["corrupted_answer"]))
+    ld = (logits[:, good] - logits[:, bad]).tolist()
+    gap = ld[0] - ld[1]
+    return [(x - ld[1]) / gap if gap else float("nan") for x in ld[2:]], gap
+
+
+GAP = 0.1  # logit difference below which a pair has nothing to recover (as activation-patching's pairs_used)
 
 
 def summarize_readout(df, seed: int = 0) -> dict:
@@ -108,7 +148,27 @@ def summarize_readout(df, seed: int = 0) -> dict:
             out["ffn_switch_block"] = {"block": block, "selected_on": len(select), "reported_on": len(held),
                                        **proportion(int(((held.switch_by == "ffn") & (held.switch_block == block)).sum()),
                                                     len(held), "share")}
+            out["causal_check"] = causal_check(df, block, report, seed)
     return out
+
+
+def causal_check(df, block: int, report, seed: int) -> dict | None:
+    """On the held-out half: the recovery from patching the chosen switch block's FFN update, against the other
+    blocks' (their mean, and the largest of them, each with a bootstrap interval over pairs)."""
+    if "ffn_patch_recovery" not in df:
+        return None
+    held = df[df.item.isin(report)].dropna(subset=["ffn_patch_recovery"])
+    held = held[held.ffn_patch_gap.abs() >= GAP]  # pairs whose answers the two runs tell apart
+    if held.empty:
+        return None
+    per_block = held.groupby("block").ffn_patch_recovery
+    chosen = held[held.block == block].ffn_patch_recovery
+    others = held[held.block != block].groupby("item").ffn_patch_recovery.mean()
+    strongest = per_block.mean().drop(block, errors="ignore")
+    top = int(strongest.idxmax()) if len(strongest) else None
+    return {"block": block, **mean(chosen, "recovery", seed=seed), **mean(others, "others", seed=seed),
+            "strongest_other": top,
+            **(mean(held[held.block == top].ffn_patch_recovery, "strongest", seed=seed) if top is not None else {})}
 
 
 def report_readout(df, summary) -> str:
@@ -125,12 +185,20 @@ def report_readout(df, summary) -> str:
             f"\nargument before answer: {interval_text(summary, 'argument_first')}; the switch to the answer is "
             f"made by an FFN in {interval_text(summary, 'switch_by_ffn')} of switches; FFN switch blocks: "
             + (", ".join(f"{int(k)}: {v}" for k, v in counts.items()) or "none")
-            + _switch_text(summary["ffn_switch_block"])
+            + _switch_text(summary["ffn_switch_block"], summary.get("causal_check"))
             + f"\n[{level():.0%} Wilson intervals]")
 
 
-def _switch_text(chosen: dict | None) -> str:
+def _switch_text(chosen: dict | None, check: dict | None = None) -> str:
     if not chosen:
         return "\nFFN switch block: none (no FFN switch among the selecting half)"
-    return (f"\nFFN switch block {chosen['block']}, chosen on {chosen['selected_on']} items: on the other "
+    text = (f"\nFFN switch block {chosen['block']}, chosen on {chosen['selected_on']} items: on the other "
             f"{chosen['reported_on']}, the answer is switched on by that block's FFN in {interval_text(chosen, 'share')}")
+    if check:
+        text += (f"\ncausal check on those items (its FFN update at the last position patched from the clean prompt "
+                 f"into one about another item, {check['recovery_n']} pairs with a logit difference): recovers "
+                 f"{interval_text(check, 'recovery')} of the logit difference; the other blocks "
+                 f"{interval_text(check, 'others')} on average, the largest of their means (block "
+                 f"{check['strongest_other']}, picked on these pairs) {interval_text(check, 'strongest')} "
+                 "[bootstrap over pairs]")
+    return text

@@ -101,6 +101,29 @@ def _nback_pairs(task, items: list[Item], length) -> list[Item]:
     return out
 
 
+def relational_pairs(task, items: list[Item], tok) -> list[Item]:
+    """The items of a relational task that have a partner: the same prompt (shots and all) with the query asked of
+    another item whose answer starts with another token, of the same token length; drawn with the task's seed."""
+    rows = task.rows()
+    length = lambda text: len(tok(text).input_ids)  # noqa: E731
+    pool = task.items()  # partners: any item of the task, limited or not
+    query = {it.index: task.template.format(**rows[it.index]) for it in pool}
+    rng = np.random.default_rng([task.seed, 7])
+    paired = []
+    for it in items:
+        prefix = it.prompt[: len(it.prompt) - len(query[it.index])]
+        n, first = length(it.prompt), answer_token(tok, it)
+        for j in rng.permutation(len(pool)):
+            other = pool[int(j)]
+            corrupted = prefix + query[other.index]
+            if other.index != it.index and answer_token(tok, other) != first and length(corrupted) == n:
+                paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": corrupted,
+                                                             "corrupted_input": other.input,
+                                                             "corrupted_answer": other.answer}))
+                break
+    return paired
+
+
 def _tree_pairs(task, items: list[Item], tok, direction: str):
     """Each tree's step paired with the same step of another held-out tree (a resampled tree: same token count,
     since every tree has as many edges) whose next path node differs, drawn with the task's seed."""
@@ -143,23 +166,7 @@ def prepare_patching(loaded, task, items: list[Item], options: dict):
         if not paired:
             raise ProbeError(f"no trial of task {task.name!r} has a corrupted partner of the same token length")
         return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
-    rows = task.rows()
-    length = lambda text: len(tok(text).input_ids)  # noqa: E731
-    pool = task.items()  # partners: any item of the task, limited or not
-    query = {it.index: task.template.format(**rows[it.index]) for it in pool}
-    rng = np.random.default_rng([task.seed, 7])
-    paired = []
-    for it in items:
-        prefix = it.prompt[: len(it.prompt) - len(query[it.index])]
-        n, first = length(it.prompt), answer_token(tok, it)
-        for j in rng.permutation(len(pool)):
-            other = pool[int(j)]
-            corrupted = prefix + query[other.index]
-            if other.index != it.index and answer_token(tok, other) != first and length(corrupted) == n:
-                paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": corrupted,
-                                                             "corrupted_input": other.input,
-                                                             "corrupted_answer": other.answer}))
-                break
+    paired = relational_pairs(task, items, tok)
     if not paired:
         raise ProbeError(f"no item of task {task.name!r} has a corrupted partner of the same token length on "
                          f"{loaded.spec.name}; accepted: a task with more items")
