@@ -33,10 +33,15 @@ def hooked(lm, source: str, dest: str, site: str, block: int, pos) -> torch.Tens
     on the transformers modules (no nnsight): the reference the batched patching must equal."""
     arch, tok = lm.arch, lm.tokenizer
     layer = _get(arch.hf, arch.spec.layers)[block]
-    module = {"resid": layer, "attn": _get(layer, arch.spec.attn), "ffn": _get(layer, arch.spec.ffn)}[site]
+    head = int(site[5:]) if site.startswith("head.") else None
+    module = {"resid": layer, "attn": _get(layer, arch.spec.attn), "ffn": _get(layer, arch.spec.ffn)}.get(
+        site, _get(layer, arch.spec.attn_out))
     store = {}
 
     def index(t):  # OPT's FFN runs on (batch*seq, d): batch 1, so a position is a row
+        if head is not None:  # one head's slice of the output projection's input
+            size = t.shape[-1] // arch.n_heads
+            return (0, pos, slice(head * size, (head + 1) * size))
         return (pos,) if arch.spec.ffn_flat and site == "ffn" else (0, pos)
 
     def pre(mod, args, kwargs):
@@ -55,7 +60,7 @@ def hooked(lm, source: str, dest: str, site: str, block: int, pos) -> torch.Tens
             return (t, *out[1:]) if isinstance(out, tuple) else t
         store["value"] = t[index(t)].clone()
 
-    handle = (module.register_forward_pre_hook(pre, with_kwargs=True) if site == "resid"
+    handle = (module.register_forward_pre_hook(pre, with_kwargs=True) if site == "resid" or head is not None
               else module.register_forward_hook(post))
     try:
         with torch.no_grad():
@@ -67,7 +72,7 @@ def hooked(lm, source: str, dest: str, site: str, block: int, pos) -> torch.Tens
 
 
 def sites(lm):
-    return ["resid", "attn"] + (["ffn"] if lm.arch.has_ffn else [])
+    return ["resid", "attn", "head"] + (["ffn"] if lm.arch.has_ffn else [])
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -75,7 +80,8 @@ def test_patching_the_clean_run_into_itself_changes_nothing(name):
     lm = loaded(name)
     clean, _ = pair(lm)
     n = len(lm.tokenizer(clean).input_ids)
-    logits = patch_logits(lm, clean, clean, patch_list(sites(lm), list(range(lm.arch.n_layers)), [0, n - 1, slice(None)]))
+    logits = patch_logits(lm, clean, clean, patch_list(sites(lm), list(range(lm.arch.n_layers)), [0, n - 1, slice(None)],
+                                                       lm.arch.n_heads))
     assert all(torch.equal(logits[1], row) for row in logits[2:])
 
 
@@ -92,7 +98,7 @@ def test_batched_patches_equal_one_hooked_forward_per_patch(name):
     lm = loaded(name)
     clean, corrupted = pair(lm)
     n = len(lm.tokenizer(clean).input_ids)
-    patches = patch_list(sites(lm), list(range(lm.arch.n_layers)), [0, n // 2, n - 1])
+    patches = patch_list(sites(lm), list(range(lm.arch.n_layers)), [0, n // 2, n - 1], lm.arch.n_heads)
     batched = patch_logits(lm, clean, corrupted, patches)
     for row, (site, block, pos) in enumerate(patches, start=2):
         ref = hooked(lm, clean, corrupted, site, block, pos)

@@ -6,7 +6,8 @@ tokens and whose answer starts with another token, so positions line up. On N-ba
 changes the current letter so that the answer flips (match <-> no match); on trees, the corrupted prompt is the same
 step of another held-out tree whose next path node differs (a resampled tree). Activations of the source run (clean,
 or corrupted with --direction noise) are written into the destination run at one site, block and position per
-patch: `resid` (the residual entering block i), `attn` (block i's attention update), `ffn` (its FFN update).
+patch: `resid` (the residual entering block i), `attn` (block i's attention update), `ffn` (its FFN update),
+`head` (one attention head's output, each head on its own: its slice of the output projection's input).
 The metric is the logit difference LD = logit(clean answer) - logit(corrupted answer) at the last position, as
 recovery (LD_patched - LD_dest) / (LD_source - LD_dest): 1 = the patch carries the whole difference, 0 = none.
 
@@ -30,7 +31,7 @@ from ..stats import halves, interval_text, level, mean
 from ..tasks.base import Item, answer_token, item_columns
 from .lens import rank_of
 
-SITES = ("resid", "attn", "ffn")
+SITES = ("resid", "attn", "ffn", "head")
 DIRECTIONS = ("denoise", "noise")  # clean into corrupted (does it restore?), corrupted into clean (does it break?)
 PATCH_ROWS = 64
 
@@ -179,13 +180,22 @@ def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, o
     arch = loaded.arch
     groups: dict = {}
     for row, (site, block, pos) in enumerate(patches, start=2):
-        groups.setdefault((block, site), []).append((row, pos))
+        if site.startswith("head."):  # one head: its slice of the output projection's input
+            h = int(site[5:])
+            groups.setdefault((block, "head"), []).append((row, (pos, h)))
+        else:
+            groups.setdefault((block, site), []).append((row, pos))
     blocks = sorted({b for b, _ in groups})
     with loaded.trace([source, dest] + [dest] * len(patches), logits_to_keep=1):
         for i in blocks:
             x = arch.block_input(i)
             for row, pos in groups.get((i, "resid"), []):
                 x[row, pos] = x[0, pos]
+            if (i, "head") in groups:
+                heads = arch.heads_input(i)
+                size = heads.shape[-1] // arch.n_heads
+                for row, (pos, h) in groups[(i, "head")]:
+                    heads[row, pos, h * size:(h + 1) * size] = heads[0, pos, h * size:(h + 1) * size]
             if (i, "attn") in groups:
                 a = arch.attn_update(i)
                 for row, pos in groups[(i, "attn")]:
@@ -198,8 +208,10 @@ def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, o
     return logits.float()
 
 
-def patch_list(sites: list[str], blocks: list[int], positions: list) -> list[tuple[str, int, object]]:
-    return [(s, b, p) for s in sites for b in blocks for p in positions]
+def patch_list(sites: list[str], blocks: list[int], positions: list, heads: int = 0) -> list[tuple[str, int, object]]:
+    """(site, block, position) of every patch; site `head` becomes `head.<h>` for each of `heads` heads."""
+    expanded = [x for s in sites for x in ([f"head.{h}" for h in range(heads)] if s == "head" else [s])]
+    return [(s, b, p) for s in expanded for b in blocks for p in positions]
 
 
 def run_patching(loaded, items: list[Item], state: dict | None = None, sites="resid", layers=None,
@@ -213,7 +225,7 @@ def run_patching(loaded, items: list[Item], state: dict | None = None, sites="re
         source, dest = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
         n = len(tok(clean).input_ids)
         pos = resolve_positions(positions, n, argument_position(tok, clean, it.argument))
-        patches = patch_list(sites, blocks, pos)
+        patches = patch_list(sites, blocks, pos, arch.n_heads)
         good, bad = answer_token(tok, it), answer_token(tok, dataclasses.replace(it, answer=it.extra["corrupted_answer"]))
         logits = []
         for start in range(0, len(patches), PATCH_ROWS):
@@ -227,7 +239,9 @@ def run_patching(loaded, items: list[Item], state: dict | None = None, sites="re
                 "tokens": n, "ld_source": ld[0], "ld_dest": ld[1]}
         for k, (site, block, p) in enumerate(patches, start=2):
             at = "whole" if isinstance(p, slice) else p
-            rows.append({**cols, "site": site, "block": block, "position": str(at),
+            head = int(site[5:]) if site.startswith("head.") else None
+            rows.append({**cols, "site": "head" if head is not None else site, "head": head, "block": block,
+                         "position": str(at),
                          "from_end": None if isinstance(p, slice) else p - n, "ld_patched": ld[k],
                          "recovery": (ld[k] - ld[1]) / gap if gap else float("nan"), "answer_rank": rank[k]})
     return rows
@@ -260,13 +274,16 @@ def summarize_patching(df, seed: int = 0, min_gap: float = MIN_GAP) -> dict:
                     for b, gb in g[g.position == "whole"].groupby("block")}
         named = g[g.position != "whole"].dropna(subset=["from_end"])
         best = None
+        keys = ["block", "head", "from_end"] if site == "head" else ["block", "from_end"]  # a cell of the heat map
         if len(named):
-            cells = named[named.item.isin(select)].groupby(["block", "from_end"]).recovery.mean()
+            cells = named[named.item.isin(select)].groupby(keys).recovery.mean()
             if len(cells):
-                b, pos = cells.idxmax()
-                held = named[named.item.isin(report) & (named.block == b) & (named.from_end == pos)]
-                best = {"block": int(b), "from_end": int(pos), "selected_on": len(select), "reported_on": len(report),
-                        **mean(held.recovery, "recovery", seed=seed)}
+                cell = dict(zip(keys, cells.idxmax()))
+                held = named[named.item.isin(report)]
+                for k, v in cell.items():
+                    held = held[held[k] == v]
+                best = {**{k: int(v) for k, v in cell.items()}, "selected_on": len(select),
+                        "reported_on": len(report), **mean(held.recovery, "recovery", seed=seed)}
         out["by_site"][site] = {"whole_by_block": by_block, "best": best}
     return out
 
@@ -279,14 +296,17 @@ def report_patching(df, summary) -> str:
     for site, s in summary["by_site"].items():
         cells = d[(d.site == site) & (d.position != "whole")]
         if len(cells):
-            heat = cells.pivot_table(index="block", columns="from_end", values="recovery", aggfunc="mean")
-            lines.append(f"\n{site}: mean recovery by block (rows) and position from the end (columns):\n"
-                         + heat.round(2).to_string())
+            across = "head" if site == "head" else "from_end"
+            heat = cells.pivot_table(index="block", columns=across, values="recovery", aggfunc="mean")
+            lines.append(f"\n{site}: mean recovery by block (rows) and "
+                         + ("head (columns), over the positions patched" if site == "head" else
+                            "position from the end (columns)") + ":\n" + heat.round(2).to_string())
         for b, r in s["whole_by_block"].items():
             lines.append(f"  {site} block {b}, every position: recovery {interval_text(r, 'recovery', 2)}")
         if s["best"]:
             b = s["best"]
-            lines.append(f"  {site}: largest recovery at block {b['block']}, position {b['from_end']} from the end "
+            lines.append(f"  {site}: largest recovery at block {b['block']}"
+                         + (f", head {b['head']}" if "head" in b else "") + f", position {b['from_end']} from the end "
                          f"(chosen on {b['selected_on']} pairs; on the other {b['reported_on']}: "
                          f"{interval_text(b, 'recovery', 2)})")
     return "\n".join(lines) + f"\n[{level():.0%} bootstrap intervals over pairs]"
@@ -294,7 +314,7 @@ def report_patching(df, summary) -> str:
 
 def patching_passes(n_layers: int, options: dict) -> float:
     """Forward passes per item, for time limits: one row per patch (positions taken as 20 when 'all')."""
-    sites = len(parse_sites(options.get("sites")))
+    sites = sum(16 if s == "head" else 1 for s in parse_sites(options.get("sites")))  # heads: taken as 16
     blocks = len(parse_blocks(options.get("layers") or "all", n_layers, "--layers"))
     positions = options.get("positions") or "all"
     n_pos = 20 if "all" in str(positions) else len(str(positions).split(","))

@@ -36,26 +36,31 @@ class ArchSpec:
     pre_unembed: str | None = None  # projection between final norm and unembedding (OPT-350m's project_out)
     ffn_flat: bool = False  # the FFN module works on (batch*seq, d) (OPT)
     ffn_inplace: bool = False  # the FFN output is edited in place later in the block (Falcon): clone on read
+    attn_out: str = ""  # module under a block whose input is every head's output side by side (the output projection)
 
     @property
     def attn_probs_module(self) -> str:
         return self.attn_weights or self.attn
 
 
-_DECODER = dict(layers="model.layers", final_norm="model.norm", unembed="lm_head", attn="self_attn", ffn="mlp")
+_DECODER = dict(layers="model.layers", final_norm="model.norm", unembed="lm_head", attn="self_attn", ffn="mlp",
+                attn_out="self_attn.o_proj")
 _GEMMA_POSTNORM = dict(_DECODER, attn="post_attention_layernorm", ffn="post_feedforward_layernorm",
                        attn_weights="self_attn")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp"),
+    "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp", attn_out="attn.c_proj"),
     # GPT-2 with a residual path between heads' values (models/custom.py): GPT-2's modules
-    "gpt2_value_residual": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp"),
-    "gptj": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp"),
+    "gpt2_value_residual": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp",
+                                    attn_out="attn.c_proj"),
+    "gptj": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="attn", ffn="mlp", attn_out="attn.out_proj"),
     "bloom": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="self_attention.dense",
-                      ffn="mlp.dense_4h_to_h", attn_weights="self_attention"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head", attn="attention", ffn="mlp"),
+                      ffn="mlp.dense_4h_to_h", attn_weights="self_attention", attn_out="self_attention.dense"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "lm_head", attn="attention", ffn="mlp",
+                         attn_out="attention.dense"),
     "opt": ArchSpec("model.decoder.layers", "model.decoder.final_layer_norm", "lm_head", attn="self_attn",
-                    ffn="fc2", ffn_in="fc1", pre_unembed="model.decoder.project_out", ffn_flat=True),
+                    ffn="fc2", ffn_in="fc1", pre_unembed="model.decoder.project_out", ffn_flat=True,
+                    attn_out="self_attn.out_proj"),
     "llama": ArchSpec(**_DECODER),
     "mistral": ArchSpec(**_DECODER),
     "qwen2": ArchSpec(**_DECODER),
@@ -64,9 +69,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": ArchSpec(**_GEMMA_POSTNORM),
     "gemma3_text": ArchSpec(**_GEMMA_POSTNORM),
     "falcon": ArchSpec("transformer.h", "transformer.ln_f", "lm_head", attn="self_attention", ffn="mlp",
-                       ffn_inplace=True),
+                       ffn_inplace=True, attn_out="self_attention.dense"),
     # this project's trained decoder (models/custom.py): norm, FFN and residual each optional
-    "probe_transformer": ArchSpec("model.layers", "model.norm", "lm_head", attn="attn", ffn="mlp", ffn_in="mlp"),
+    "probe_transformer": ArchSpec("model.layers", "model.norm", "lm_head", attn="attn", ffn="mlp", ffn_in="mlp",
+                                  attn_out="attn.out"),
 }
 
 
@@ -125,6 +131,8 @@ class Arch:
         self._pre_unembed = _get(self.hf, self.spec.pre_unembed)
         self._unembed = _get(self.hf, self.spec.unembed)
         self.vocab_size = self._unembed.weight.shape[0]
+        self.n_heads = int(next(getattr(self.config, k) for k in ("num_attention_heads", "n_head", "num_heads")
+                                if getattr(self.config, k, None)))
 
     # --- inside a trace -------------------------------------------------------------------------------------
     def block(self, i: int):
@@ -142,6 +150,11 @@ class Arch:
 
     def attn_update(self, i: int):
         return _first(_get(self.block(i), self.spec.attn).output)
+
+    def heads_input(self, i: int):
+        """Every head's output of block i side by side, (batch, seq, heads x head_dim), as the output projection
+        reads it: head h is the h-th slice. The live tensor: write into a slice to change one head."""
+        return _get(self.block(i), self.spec.attn_out).input
 
     def ffn_module(self, i: int):
         return _get(self.block(i), self.spec.ffn)

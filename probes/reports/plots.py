@@ -250,14 +250,16 @@ def plot_patching(df, meta: dict, path: Path) -> None:
     sites = list(dict.fromkeys(cells.site)) or ["resid"]
     fig, axes = plt.subplots(1, len(sites), figsize=(4.5 * len(sites), 3.8), squeeze=False)
     for ax, site in zip(axes[0], sites):
-        heat = cells[cells.site == site].pivot_table(index="block", columns="from_end", values="recovery",
+        across = "head" if site == "head" else "from_end"  # heads: block x head, over the positions patched
+        heat = cells[cells.site == site].pivot_table(index="block", columns=across, values="recovery",
                                                      aggfunc="mean")
         if heat.empty:
             continue
         im = ax.imshow(heat.to_numpy(dtype=float), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1,
                        extent=(heat.columns.min() - 0.5, heat.columns.max() + 0.5, heat.index.max() + 0.5,
                                heat.index.min() - 0.5))
-        ax.set(xlabel="position (from the end)", ylabel="block", title=f"{site} · {_title(meta)}")
+        ax.set(xlabel="head" if site == "head" else "position (from the end)", ylabel="block",
+               title=f"{site} · {_title(meta)}")
         ax.set_xticks(np.asarray(heat.columns, dtype=int))
         fig.colorbar(im, ax=ax, label="recovery")
     _note(axes[0][0], f"{len(used)} pairs; mean over pairs")
