@@ -6,7 +6,8 @@ The package, by part:
     methods/   the probes themselves, one module each, and the catalog that names them
     runs/      local execution, run folders and their locks, sweeps and Slurm
     reports/   aggregate tables, the HTML report, plots
-    api.py     the Python API below; cli.py, the `probe` command, is a thin layer over it
+    api.py     the Python API below; cli.py, the `probe` command, is a thin layer over it (its arguments: parser.py)
+    schema.py  the reference of every file a user writes (docs/schema.md)
 """
 
 from __future__ import annotations

@@ -319,158 +319,6 @@ def _print_table(header, rows) -> None:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (the value, what is accepted, where help is) and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"probe: error: {message} (see {self.prog} --help)\n")
-
-
-def _count(minimum: int):
-    """An argparse type: an integer of at least `minimum`, named in the error otherwise."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer of at least {minimum}")
-        return value
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def _level(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a confidence level between 0 and 1, e.g. 0.9")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .methods.names import NAMES
-
-    p = Parser(prog="probe", description="Probe the internals of pretrained language models.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    sub.add_parser("models", help="list the model registry").set_defaults(func=cmd_models)
-    t = sub.add_parser("tasks", help="list tasks with item counts")
-    t.add_argument("--model", help="also count the items ambiguous for this model's tokenizer")
-    t.add_argument("--schema", action="store_true", help="print every field of a task file (type, default, meaning, "
-                                                         "example) instead; docs/schema.md has all file formats")
-    t.set_defaults(func=cmd_tasks)
-    pr = sub.add_parser("prompt", help="show the exact text, token ids and target a model will see")
-    pr.add_argument("--task", required=True, help="task name (see `probe tasks`) or task file .yaml")
-    pr.add_argument("--model", required=True, help="model whose tokenizer shows the tokens (registry name or folder)")
-    pr.add_argument("--index", type=_count(0), default=0, help="which item of the task (default 0, the first)")
-    pr.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
-                    help="override a field of the task file, e.g. shots=1 (repeatable)")
-    pr.set_defaults(func=cmd_prompt)
-    r = sub.add_parser("run", help="run a probe on a task")
-    r.add_argument("--model", required=True, help="registry name, checkpoint folder, or config .json/.yaml")
-    r.add_argument("--task", help="task name(s), comma-separated (see `probe tasks`), a task .yaml file, or a prompts "
-                                  ".csv/.jsonl file (one of --task, --prompts, --prompt is required)")
-    r.add_argument("--prompts", metavar="FILE", help="a CSV or JSONL file of prompts: columns prompt, answer, and "
-                                                     "optionally argument, group (README: Prompts)")
-    r.add_argument("--prompt", metavar="TEXT", help="one prompt, with --answer (and optionally --argument)")
-    r.add_argument("--answer", metavar="TEXT", help="with --prompt: the answer whose first token is scored; a space "
-                                                    "goes before it unless one side has whitespace")
-    r.add_argument("--argument", metavar="TEXT", help="with --prompt: the argument the lens tracks (e.g. Poland)")
-    r.add_argument("--probe", default="logit-lens", help="what to run (default logit-lens): "
-                   + ", ".join(NAMES) + " (the README describes each)")
-    r.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
-                   help="override a task field, e.g. n=2 or shots=3 (repeatable)")
-    r.add_argument("--limit", type=_count(1), help="N scored items, drawn stratified by group with the task's seed "
-                                                   "(default: every item)")
-    r.add_argument("--batch-size", default="8", help="prompts per forward pass, or 'auto': the largest that fits "
-                                                     "(halved on out-of-memory)")
-    r.add_argument("--ci", type=_level, default=0.95, help="confidence level of every interval (default 0.95)")
-    r.add_argument("--topk", type=_count(1), help="logit-lens, ffn-readout: top-k tokens kept per layer (default 5)")
-    r.add_argument("--vocab", choices=("all", "text"), help="logit-lens, accuracy, ffn-*: all (the whole vocabulary, "
-                   "as the paper; default) or text (special and control tokens left out of top-k and ranks)")
-    f = r.add_argument_group("FFN probes")
-    f.add_argument("--layers", help="blocks: 'all', '5', '3,7' or '10-17' (ablation: 'sixths', the default)")
-    f.add_argument("--mode", help="ffn-transplant: add (to the residual after each block; default) or replace "
-                                  "(the FFN updates of a range of blocks)")
-    f.add_argument("--scales", help="ffn-transplant: multiples of o, e.g. '1,2' (default 1)")
-    f.add_argument("--positions", help="logit-lens: last (default), all, token indices '0,5,-1' or a slice '-3:' "
-                                       "(a layer x position heat map); ffn-transplant replace: all (broadcast, "
-                                       "default) or last; activation-patching: all (each on its own; default), "
-                                       "whole, last, argument or token indices")
-    f.add_argument("--no-controls", action="store_true", help="ffn-transplant: skip shuffled and random vectors")
-    f.add_argument("--sources", type=_count(1), help="ffn-transplant: average o over this many source prompts")
-    f.add_argument("--source-items", help="ffn-transplant: source inputs, e.g. 'Poland,France'")
-    f.add_argument("--source-layer", type=_count(0), help="ffn-transplant: block of o (default: the FFN switch block)")
-    f.add_argument("--context", help="ffn-transplant targets: copy (the paper's neutral prompt; default) or "
-                                     "zero-shot (the task's template without shots)")
-    f.add_argument("--ablation", help="ffn-ablation: zero (default) or identity")
-    f.add_argument("--sites", help="activation-patching: resid (default), attn, ffn, e.g. 'resid,ffn'")
-    f.add_argument("--direction", help="activation-patching: denoise (clean into corrupted; default) or noise")
-    f.add_argument("--label", help="linear-probe: what to decode: group (default), answer, argument, or a column the "
-                                   "task adds (e.g. match)")
-    f.add_argument("--site", help="linear-probe: resid (default), attn or ffn")
-    f.add_argument("--position", help="linear-probe: last (default) or argument")
-    r.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
-    r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
-    r.add_argument("--compute-dtype", help="quantized models: the dtype activations are computed and read in "
-                                           "(default: the entry's bnb_4bit_compute_dtype, else bfloat16)")
-    r.add_argument("--device-map", help="auto, balanced, sequential or cpu (accelerate)")
-    r.add_argument("--max-memory", help="per-device limits, e.g. '0=75GiB,cpu=200GiB'")
-    r.add_argument("--remote", action="store_true", help="run on NDIF through nnsight (hub models it hosts; "
-                                                          "API key from NDIF_API_KEY)")
-    r.add_argument("--gpus", type=_count(0), help="spread the model over the first N GPUs (device map auto)")
-    r.add_argument("--output", help="run folder (default: results/<model>/<task>/<probe>)")
-    r.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
-    r.set_defaults(func=cmd_run)
-    tr = sub.add_parser("train", help="train a model on a synthetic task (a training config); the run loads as --model")
-    tr.add_argument("config", help="training config .yaml (see configs/training/)")
-    tr.add_argument("--output", help="run folder (default: runs/<name>/n<N>-seed<S>)")
-    tr.add_argument("--resume", action="store_true", help="continue an unfinished run from its last checkpoint")
-    tr.add_argument("--seed", type=_count(0), help="training seed (initialisation, data order); overrides train.seed")
-    tr.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                    help="override a config field, e.g. task.n=3 or train.steps=100 (repeatable)")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    tr.set_defaults(func=cmd_train)
-    pl = sub.add_parser("plan", help="memory, device map and GPUs needed, from the model's config alone")
-    pl.add_argument("--model", required=True, help="registry name, checkpoint folder or config file")
-    pl.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
-    pl.add_argument("--quantize", help="8bit or 4bit (default: none; all three are listed)")
-    pl.add_argument("--compute-dtype", help="quantized: dtype of the layers left unquantized (default bfloat16)")
-    pl.add_argument("--gpus", type=_count(0), help="refuse unless it fits on this many GPUs")
-    pl.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU (default 80GiB)")
-    pl.add_argument("--batch-size", type=_count(1), default=8, help="prompts per forward pass (default 8)")
-    pl.add_argument("--seq-len", type=_count(1), default=64, help="prompt length in tokens (default 64)")
-    pl.set_defaults(func=cmd_plan)
-    sw = sub.add_parser("sweep", help="run a sweep file (models x tasks x probes x seeds) locally or on Slurm")
-    sw.add_argument("file", help="sweep file .yaml (see sweeps/ and probes/runs/sweep.py)")
-    sw.add_argument("--executor", default="local", help="local (in this process) or slurm (job arrays via sbatch)")
-    sw.add_argument("--unit", action="append", help="only this unit (model/task/probe[/seed-N]); repeatable")
-    sw.add_argument("--dry-run", action="store_true", help="slurm: write the job scripts, submit nothing")
-    sw.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then print the status")
-    sw.add_argument("--quiet", action="store_true", help="no progress bars")
-    sw.set_defaults(func=cmd_sweep)
-    st = sub.add_parser("status", help="done / running / queued / failed / pending for each unit of a sweep")
-    st.add_argument("file", help="sweep file .yaml whose units to show")
-    st.set_defaults(func=cmd_status)
-    ag = sub.add_parser("aggregate", help="tables across all complete runs (CSV, Parquet, Markdown)")
-    ag.add_argument("results", nargs="?", help="results folder (default: results/)")
-    ag.add_argument("--by", default="model,task,probe", help="group rows by these columns, averaging the rest "
-                                                             "(of model, task, probe, seed, family, kind, params)")
-    ag.add_argument("--out", help="folder for the tables (default: RESULTS/aggregate)")
-    ag.add_argument("--ci", type=_level, default=0.95, help="confidence level of pooled intervals (default 0.95)")
-    ag.set_defaults(func=cmd_aggregate)
-    rp = sub.add_parser("report", help="a static HTML page of the tables and plots, viewable offline")
-    rp.add_argument("results", nargs="?", help="results folder (default: results/)")
-    rp.add_argument("--by", default="model,task,probe", help="group rows by these columns, as probe aggregate "
-                    "(default model,task,probe)")
-    rp.add_argument("--out", help="HTML file (default: RESULTS/report.html)")
-    rp.add_argument("--ci", type=_level, default=0.95, help="confidence level of pooled intervals (default 0.95)")
-    rp.set_defaults(func=cmd_report)
-    return p
-
-
 class _Stderr(logging.StreamHandler):
     """A handler writing to whatever sys.stderr is when a record comes (not the stream of the first call)."""
 
@@ -481,6 +329,12 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, _):
         pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .parser import build_parser as parser
+
+    return parser({name[4:]: f for name, f in globals().items() if name.startswith("cmd_")})
 
 
 def main(argv=None) -> int:
