@@ -2,10 +2,11 @@
 
 The package, by part:
     models/    the registry, loading (hub, GGUF, folder, random config), architecture access, options, planning
-    tasks/     the task-file reader and each kind of task (relational, N-back, a user's prompts)
+    tasks/     the task-file reader and each kind of task (relational, N-back, tree path-finding, a user's prompts)
     methods/   the probes themselves, one module each, and the catalog that names them
     runs/      local execution, run folders and their locks, sweeps and Slurm
     reports/   aggregate tables, the HTML report, plots
+    training/  training configs, the synthetic tasks' data (one generator each) and the trainer (`probe train`)
     api.py     the Python API below; cli.py, the `probe` command, is a thin layer over it (its arguments: parser.py)
     schema.py  the reference of every file a user writes (docs/schema.md)
 """
