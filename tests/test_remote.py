@@ -11,6 +11,7 @@ import json
 from dataclasses import replace
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -153,7 +154,12 @@ def test_remote_probe_equals_local_and_never_writes_the_key(ndif, tmp_path, prob
                        progress=False)
     want, _ = run_probe(loaded("tiny-llama", **PROBES[probe].load), t, probe, tmp_path / "local", limit=6,
                         batch_size=3, options=options, progress=False)
-    pd.testing.assert_frame_equal(got, want, check_exact=False, atol=1e-5)
+    # the read-out's causal check is a ratio over each pair's logit gap, which on a tiny random model is small and
+    # scales float noise up by its inverse: compared relatively, everything else absolutely
+    ratio = [c for c in ("ffn_patch_recovery",) if c in got]
+    pd.testing.assert_frame_equal(got.drop(columns=ratio), want.drop(columns=ratio), check_exact=False, atol=1e-5)
+    for c in ratio:
+        assert np.allclose(got[c], want[c], rtol=1e-3, atol=1e-5, equal_nan=True), c
     assert len(ndif.results) == 0 and ndif.headers and all(h["ndif-api-key"] == KEY for h in ndif.headers)
     assert json.loads((tmp_path / "remote" / "meta.json").read_text())["remote"] is True
     for f in (tmp_path / "remote").rglob("*"):
