@@ -44,6 +44,8 @@ TASK_FIELDS = {
     "nodes": ("tree: nodes per tree", "16"),
     "trees": ("tree: trees, one item per step of each one's path", "200"),
     "first_tree": ("tree: index of the first tree (a trained model's held-out ones)", "135000"),
+    "corrupt": ("tree: activation-patching's corrupted prompt: another tree (tree) or the same tree with another "
+                "goal leaf whose path turns elsewhere at the step (goal)", "goal"),
     "steps": ("tree: all (every step of each path) or first (step 0: the prompt ends at the root)", "first"),
     "order": ("tree: edge order: mixed (reversed for even trees, shuffled for odd, as the authors), forward, "
               "backward or random", "mixed"),

@@ -166,3 +166,24 @@ def test_whole_path_accuracy_needs_every_step_of_each_tree():
                        "correct": [True, True, True]}).assign(consistent=lambda d: d.correct)
     assert "whole_accuracy" not in summarize_accuracy(df)  # tree 2 has one of its two steps (a --limit sample)
     assert summarize_accuracy(df.iloc[:2])["whole_accuracy_k"] == 1
+
+
+def test_goal_corruption_keeps_the_tree_and_swaps_the_goal_for_a_leaf_that_turns_elsewhere():
+    task = load_task("tree-trained", {"trees": 40, "corrupt": "goal"})
+    found = 0
+    for it in task.items():
+        other = task.other_goal(it)
+        if other is None:
+            continue
+        found += 1
+        corrupted, answer = other
+        a, b = it.prompt.split(" "), corrupted.split(" ")
+        assert len(a) == len(b) and [i for i in range(len(a)) if a[i] != b[i]] == [45]  # only the goal token
+        tree = task.tree(it.extra["tree"])
+        leaf = int(b[45])
+        assert leaf not in {x for x, _ in tree.edges} and leaf != tree.goal  # another leaf
+        assert answer != it.answer and (tree.path[it.extra["step"]], int(answer.strip()[1:])) in tree.edges
+    first = [it for it in task.items() if it.extra["step"] == 0 and it.extra["path_length"] < 15]
+    assert found >= len(first) and all(task.other_goal(it) for it in first)  # the root's second branch: always
+    with pytest.raises(ProbeError, match="corrupt 'leaf'; accepted: tree, goal"):
+        load_task("tree-trained", {"corrupt": "leaf"})

@@ -127,9 +127,21 @@ def relational_pairs(task, items: list[Item], tok) -> list[Item]:
 
 def _tree_pairs(task, items: list[Item], tok, direction: str):
     """Each tree's step paired with the same step of another held-out tree (a resampled tree: same token count,
-    since every tree has as many edges) whose next path node differs, drawn with the task's seed."""
+    since every tree has as many edges) whose next path node differs, drawn with the task's seed; with the task's
+    `corrupt: goal`, with the same tree asking for another leaf whose path turns elsewhere at this step."""
     if direction not in DIRECTIONS:
         raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
+    if task.corrupt == "goal":
+        paired = []
+        for it in items:
+            other = task.other_goal(it)
+            if other is not None:
+                paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": other[0],
+                                                             "corrupted_input": it.extra["tree"],
+                                                             "corrupted_answer": other[1]}))
+        if not paired:
+            raise ProbeError(f"no item of task {task.name!r} has another leaf whose path turns elsewhere at its step")
+        return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
     pool: dict[int, list[Item]] = {}
     for other in task.items():
         pool.setdefault(other.extra["step"], []).append(other)

@@ -106,16 +106,39 @@ class TreeTask(Task):
     first_tree: int = 0  # trees first_tree, first_tree + 1, ... (a trained model's held-out ones)
     order: str = "mixed"
     steps: str = "all"  # all: every step of each path; first: step 0 only (the prompt ends at the root)
+    corrupt: str = "tree"  # activation-patching's corrupted prompt: another tree (tree) or this tree, another goal
     _trees: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.order not in ORDERS:
             raise ProbeError(f"task {self.name!r}: order {self.order!r}; accepted: {', '.join(ORDERS)}")
+        if self.corrupt not in ("tree", "goal"):
+            raise ProbeError(f"task {self.name!r}: corrupt {self.corrupt!r}; accepted: tree, goal")
         if self.steps not in ("all", "first"):
             raise ProbeError(f"task {self.name!r}: steps {self.steps!r}; accepted: all, first")
         if self.nodes < 3 or self.trees < 1:
             raise ProbeError(f"task {self.name!r}: nodes {self.nodes}, trees {self.trees}; accepted: at least 3 "
                              "nodes and 1 tree")
+
+    def other_goal(self, item: Item) -> tuple[str, str] | None:
+        """The item's prompt with its goal swapped for another leaf of the same tree whose path shares the steps so
+        far and then turns elsewhere (so the answer changes and nothing else does), and that answer; None if no
+        leaf does. The leaf is the first such in node order."""
+        tree = self.tree(item.extra["tree"])
+        step = item.extra["step"]
+        parent = {b: a for a, b in tree.edges}
+        sources = {a for a, _ in tree.edges}
+        for leaf in sorted(set(parent) - sources - {tree.goal}):
+            path = [leaf]
+            while path[-1] != tree.root:
+                path.append(parent[path[-1]])
+            path = path[::-1]
+            if len(path) > step + 1 and path[:step + 1] == list(tree.path[:step + 1]) and \
+                    path[step + 1] != tree.path[step + 1]:
+                tokens = item.prompt.split(" ")
+                tokens[3 * len(tree.edges)] = str(leaf)  # the goal, after "|"
+                return " ".join(tokens), f" >{path[step + 1]}"
+        return None
 
     def tree(self, index: int) -> Tree:
         if index not in self._trees:
