@@ -42,11 +42,7 @@ def summarize_accuracy(df, seed: int = 0) -> dict:
         order = sorted(subs, key=lambda g: (0, int(g), "") if str(g).isdigit() else (1, 0, str(g)))  # 2 before 13
         out["by_group"] = {str(g): proportion(int(subs[g].correct.sum()), len(subs[g]), "accuracy") for g in order}
     unit = next((c for c in WHOLE if c in df), None)
-    sizes = df.groupby(unit).size() if unit is not None else None
-    # only wholes with every step present (a --limit sample has some steps of some wholes)
-    expected = df.groupby(unit).path_length.first() if unit == "tree" and "path_length" in df else sizes.max() if \
-        unit is not None else None
-    if unit is not None and (sizes == expected).all():
+    if unit is not None and _complete(df, unit):
         whole = df.assign(group=group if group is not None else "").groupby(unit).agg(
             right=("correct", "all"), group=("group", "first"))
         out["whole_unit"] = unit
@@ -55,6 +51,15 @@ def summarize_accuracy(df, seed: int = 0) -> dict:
             for g, sub in whole.groupby("group"):
                 out["by_group"][str(g)].update(proportion(int(sub.right.sum()), len(sub), "whole_accuracy"))
     return out
+
+
+def _complete(df, unit: str) -> bool:
+    """Whether every whole has all its steps (a --limit sample has some steps of some wholes): a tree as many as
+    its path's length, N-back sequences all the same number."""
+    sizes = df.groupby(unit).size()
+    if "path_length" in df:
+        return bool((sizes == df.groupby(unit).path_length.first()).all())
+    return sizes.nunique() == 1
 
 
 def report_accuracy(df, summary) -> str:

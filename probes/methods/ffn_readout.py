@@ -120,8 +120,6 @@ def ffn_patch_recovery(loaded, item: Item) -> tuple[list[float], float]:
     return [(x - ld[1]) / gap if gap else float("nan") for x in ld[2:]], gap
 
 
-GAP = 0.1  # logit difference below which a pair has nothing to recover (as activation-patching's pairs_used)
-
 
 def summarize_readout(df, seed: int = 0) -> dict:
     """Accuracy, stage layers and who makes the switch to the answer; the FFN switch block (the block whose FFN
@@ -153,12 +151,14 @@ def summarize_readout(df, seed: int = 0) -> dict:
 
 
 def causal_check(df, block: int, report, seed: int) -> dict | None:
+    from .patching import MIN_GAP
+
     """On the held-out half: the recovery from patching the chosen switch block's FFN update, against the other
     blocks' (their mean, and the largest of them, each with a bootstrap interval over pairs)."""
     if "ffn_patch_recovery" not in df:
         return None
     held = df[df.item.isin(report)].dropna(subset=["ffn_patch_recovery"])
-    held = held[held.ffn_patch_gap.abs() >= GAP]  # pairs whose answers the two runs tell apart
+    held = held[held.ffn_patch_gap.abs() >= MIN_GAP]  # pairs whose answers the two runs tell apart
     if held.empty:
         return None
     per_block = held.groupby("block").ffn_patch_recovery

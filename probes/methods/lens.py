@@ -222,9 +222,8 @@ def run_lens(loaded, items: list[Item], topk: int = 5, positions: str | None = N
                               for i in range(arch.n_layers + 1)], dim=1)  # (batch, L + 1, width, d)
         # assigned, then saved: a remote trace returns only the names it assigns and saves
         stats = nnsight.save(lens_tensors(arch, hidden.flatten(1, 2), targets, topk, excluded=excluded))
-    top1 = stats["top"][..., 0].tolist()
+    special = special_flags(tok, stats["top"][..., 0].flatten().tolist())  # per (item, layer, position)
     rows_of = stats_rows(tok, stats)
-    special = set(special_ids(tok))
     rows = []
     for b, it in enumerate(items):
         cols = item_columns(tok, it)
@@ -235,7 +234,7 @@ def run_lens(loaded, items: list[Item], topk: int = 5, positions: str | None = N
                 final = layer == arch.n_layers and pos == last
                 rows.append({**cols, "layer": layer, "position": pos, "token": tok.decode(ids[b][pos]),
                              "last_position": pos == last, **r,
-                             "special_top1": (top1[b][layer * width + k] in special) if final else None})
+                             "special_top1": special[(b * (arch.n_layers + 1) + layer) * width + k] if final else None})
     return rows
 
 
