@@ -184,11 +184,27 @@ def cmd_train(args) -> None:
     from .training.data import GENERATORS
 
     what = GENERATORS[cfg["task"]["generator"]].summary(cfg["task"])
-    print(f"trained {cfg['name']} ({what}, seed {cfg['train']['seed']}): {meta.get('steps')} steps, test accuracy "
-          f"{final.get('eval_accuracy', float('nan')):.3f} (whole sequences "
-          f"{final.get('eval_sequence_accuracy', float('nan')):.3f}) on {cfg['task']['test']} sequences "
-          f"(eval loss {final.get('eval_loss', float('nan')):.3f})")
+    print(f"trained {cfg['name']} ({what}, seed {cfg['train']['seed']}): {meta.get('steps')} steps; "
+          + final_accuracy_text(final, cfg["task"]["test"]))
     print(f"run: {run}  (use it as --model {run}; log.csv, plot.png, checkpoint-*/)")
+
+
+def final_accuracy_text(final: dict, sequences: int) -> str:
+    """'test accuracy 0.981 of scored positions; whole sequences 0.912 [0.893, 0.928] (912/1000)', or per test set
+    ('ic 0.953 [0.948, 0.957] (9530/10000); ...') where each sequence has one answer: intervals (Wilson) over
+    sequences, the unit that is drawn independently."""
+    from .stats import proportion, interval_text
+
+    def whole(name: str, value: float) -> str:
+        return f"{name} {interval_text(proportion(round(value * sequences), sequences, 'a'), 'a')}"
+
+    sets = [k for k in final if k.startswith("eval_") and k.endswith("_accuracy") and k != "eval_sequence_accuracy"]
+    if "eval_accuracy" in final:
+        text = f"test accuracy {final['eval_accuracy']:.3f} of scored positions on {sequences} sequences"
+        if "eval_sequence_accuracy" in final:
+            text += "; " + whole("whole sequences", final["eval_sequence_accuracy"])
+        return text
+    return "test accuracy " + "; ".join(whole(k[len("eval_"):-len("_accuracy")], final[k]) for k in sets)
 
 
 def cmd_plan(args) -> None:
@@ -232,6 +248,11 @@ def cmd_sweep(args) -> None:
     sweep = load_sweep(args.file)
     if args.executor not in ("local", "slurm"):
         raise ProbeError(f"unknown executor {args.executor!r}; accepted: local, slurm")
+    if args.executor == "local" and args.dry_run:  # what would run, nothing run
+        units = [tu.id for tu in sweep.train_units] + [u.id for u in sweep.units()]
+        print(f"sweep {sweep.name} would run {len(units)} unit(s) (finished ones are skipped when it runs):")
+        print("\n".join(f"  {u}" for u in units))
+        return
     if args.executor == "local":
         outcome = run_local(sweep, only=args.unit, progress=not args.quiet)
         failed = {u: o for u, o in outcome.items() if o.startswith("failed")}
@@ -276,6 +297,9 @@ def cmd_aggregate(args) -> None:
         raise ProbeError(f"--out {str(out)!r} is a file; accepted: a folder for the tables")
     write_tables(tables, out)
     for name, df in tables.items():
+        if name == "training-curves":  # every metric at every evaluation: a file to read, not a screenful
+            print(f"\n## {name}\n\n{len(df)} rows (metric x step x variant): {out}/{name}.csv")
+            continue
         print(f"\n## {name}\n\n{to_markdown(df)}")
     print(f"\ntables: {out}/<table>.csv, .parquet, .md (all in {out}/tables.md)")
 

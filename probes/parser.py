@@ -134,7 +134,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     sw.add_argument("file", help="sweep file .yaml (see sweeps/ and probes/runs/sweep.py)")
     sw.add_argument("--executor", default="local", help="local (in this process) or slurm (job arrays via sbatch)")
     sw.add_argument("--unit", action="append", help="only this unit (model/task/probe[/seed-N]); repeatable")
-    sw.add_argument("--dry-run", action="store_true", help="slurm: write the job scripts, submit nothing")
+    sw.add_argument("--dry-run", action="store_true", help="list the units that would run (slurm: write the job "
+                    "scripts), run and submit nothing")
     sw.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then print the status")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
     sw.set_defaults(func=commands["sweep"])

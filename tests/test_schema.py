@@ -31,7 +31,7 @@ def test_docs_schema_is_the_generated_reference():
     assert "| context_items | abstractive, extractive | integer | 0 |" in text
     assert "| separator | abstractive, extractive, nback | text | '\\n' |" in text
     assert "| train.lr | number | 0.0001 |" in text and "| checkpoints |" in text
-    assert "| task.train | integer | nback: 800, tree: 135000 |" in text
+    assert "| task.train | integer | nback: 800, tree: 135000, icl: 9600000 |" in text
 
 
 def test_probe_tasks_schema_prints_every_task_field():

@@ -60,8 +60,9 @@ def test_train_and_test_sequences_are_disjoint_and_tokenized_as_letters():
     assert tok(" m", add_special_tokens=False).input_ids == tok.convert_tokens_to_ids(["m"])
 
 
-def _kill_after(step: int, out: Path):
-    """Train TINY in a subprocess that SIGKILLs itself right after the checkpoint of `step` is written."""
+def _kill_after(step: int, out: Path, config: Path = PAPER, overrides: dict = TINY):
+    """Train `config` with `overrides` (TINY nback-paper) in a subprocess that SIGKILLs itself right after the
+    checkpoint of `step` is written."""
     code = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -81,7 +82,7 @@ def patched():
             self.add_callback(Kill())
     return K
 t._trainer_class = patched
-t.train(load_training_config({str(PAPER)!r}, {TINY!r}, seed=0), {str(out)!r}, progress=False)
+t.train(load_training_config({str(config)!r}, {overrides!r}, seed=0), {str(out)!r}, progress=False)
 """
     r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]

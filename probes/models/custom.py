@@ -11,7 +11,13 @@ positions. A block computes
 
 so the architecture identities read: block out = in + attn + ffn with a residual; without one, block out = the
 last update (the FFN's, else the attention's). Attention is eager and returns its probabilities, for the
-attention probe.
+attention probe. The in-context classification model of Burns, Fukai & Earls (after Reddy) is one too: vector
+inputs (`inputs_embeds`, positions inside the vectors: `positions: false`), attention without biases, output
+projection or 1/sqrt(d) scaling (`attn_bias`, `attn_out`, `attn_scale`), the value residual between layers
+(`value_residual`, as below), and `head_layers` ReLU layers between the last block and the readout (they sit in
+`model.norm`, after the LayerNorm if any, so the lens reads through them and its last layer is the logits).
+`init_attn_std` (e.g. 1/sqrt(85)) draws the weights as the authors' code does: attention N(0, init_attn_std^2), ReLU layers
+He-normal, readout N(0, 1/width); else transformers' default (N(0, 0.02^2)).
 
 `gpt2_value_residual`: GPT-2 with a residual path between the attention heads of adjacent layers (Burns, Fukai &
 Earls), per projection: `value_residual` (and `key_residual`, `query_residual`) `none` (stock GPT-2, exactly),
@@ -39,10 +45,16 @@ class ProbeTransformerConfig(PretrainedConfig):
 
     def __init__(self, vocab_size: int = 32, n_positions: int = 64, n_layer: int = 1, n_head: int = 1,
                  n_embd: int = 64, ffn: bool = False, n_inner: int | None = None, norm: bool = False,
-                 residual: bool = False, **kwargs):
+                 residual: bool = False, positions: bool = True, attn_bias: bool = True, attn_out: bool = True,
+                 attn_scale: bool = True, value_residual: str = "none", key_residual: str = "none",
+                 query_residual: str = "none", head_layers: int = 0, init_attn_std: float | None = None, **kwargs):
         self.vocab_size, self.n_positions, self.n_layer, self.n_head, self.n_embd = (
             vocab_size, n_positions, n_layer, n_head, n_embd)
         self.ffn, self.n_inner, self.norm, self.residual = ffn, n_inner or 4 * n_embd, norm, residual
+        self.positions, self.attn_bias, self.attn_out, self.attn_scale = positions, attn_bias, attn_out, attn_scale
+        self.value_residual, self.key_residual, self.query_residual = check_modes(
+            value_residual=value_residual, key_residual=key_residual, query_residual=query_residual)
+        self.head_layers, self.init_attn_std = head_layers, init_attn_std
         # the names transformers and this project read
         self.hidden_size, self.num_hidden_layers, self.num_attention_heads = n_embd, n_layer, n_head
         self.max_position_embeddings = n_positions
@@ -50,27 +62,58 @@ class ProbeTransformerConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+RESIDUAL_MODES = ("none", "previous", "first")
+
+
+def check_modes(**modes: str) -> tuple:
+    for name, mode in modes.items():
+        if mode not in RESIDUAL_MODES:
+            raise ProbeError(f"unknown {name} {mode!r}; accepted: {', '.join(RESIDUAL_MODES)}")
+    return tuple(modes.values())
+
+
+def residual_mix(raw: torch.Tensor, layer: int, modes: tuple, shared: dict) -> torch.Tensor:
+    """The concatenated query, key and value projections `raw` of `layer`, each given the raw ones of an earlier
+    layer as its mode (in q, k, v order) says: `previous` adds layer l-1's, `first` averages with layer 0's. Keeps
+    the raw projections of layer 0 and of this layer in `shared` for the next layer."""
+    out = raw
+    if layer > 0 and any(m != "none" for m in modes):
+        third = raw.shape[-1] // 3
+        own = raw.split(third, dim=-1)
+        prev, first = (shared[k].split(third, dim=-1) for k in ("previous", "first"))
+        out = torch.cat([o + prev[i] if m == "previous" else 0.5 * first[i] + 0.5 * o if m == "first" else o
+                         for i, (o, m) in enumerate(zip(own, modes))], dim=-1)
+    shared["previous"] = raw
+    if layer == 0:
+        shared["first"] = raw
+    return out
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ProbeTransformerConfig):
+    def __init__(self, config: ProbeTransformerConfig, layer: int = 0, shared: dict | None = None):
         super().__init__()
         self.heads, self.head_dim = config.n_head, config.n_embd // config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.out = nn.Linear(config.n_embd, config.n_embd)
+        self.scale = 1 / math.sqrt(self.head_dim) if config.attn_scale else 1.0
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.attn_bias)
+        self.out = nn.Linear(config.n_embd, config.n_embd, bias=config.attn_bias) if config.attn_out else nn.Identity()
+        self.layer, self.shared = layer, shared if shared is not None else {}
+        self.modes = (config.query_residual, config.key_residual, config.value_residual)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, d = x.shape
-        q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in self.qkv(x).split(d, dim=-1))
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        qkv = residual_mix(self.qkv(x), self.layer, self.modes, self.shared)
+        q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in qkv.split(d, dim=-1))
+        scores = (q @ k.transpose(-1, -2)) * self.scale
         probs = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
         return self.out((probs @ v).transpose(1, 2).reshape(b, t, d)), probs
 
 
 class Block(nn.Module):
-    def __init__(self, config: ProbeTransformerConfig):
+    def __init__(self, config: ProbeTransformerConfig, layer: int = 0, shared: dict | None = None):
         super().__init__()
         self.residual = config.residual
         self.norm1 = nn.LayerNorm(config.n_embd) if config.norm else nn.Identity()
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer, shared)
         self.norm2 = nn.LayerNorm(config.n_embd) if config.norm and config.ffn else nn.Identity()
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, config.n_inner), nn.GELU(),
                                  nn.Linear(config.n_inner, config.n_embd)) if config.ffn else None
@@ -88,16 +131,21 @@ class ProbeTransformerModel(nn.Module):
     def __init__(self, config: ProbeTransformerConfig):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = nn.LayerNorm(config.n_embd) if config.norm else None
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd) if config.positions else None
+        shared: dict = {}  # the raw q/k/v projections a layer passes to the next (value residual)
+        self.layers = nn.ModuleList(Block(config, i, shared) for i in range(config.n_layer))
+        self.norm = final(config)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states: bool = False):
-        """(final hidden states, the residual stream before each block and after the last, or None)."""
-        b, t = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        x = self.wte(input_ids) + self.wpe(position_ids)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_hidden_states: bool = False,
+                inputs_embeds=None, keep: int = 0):
+        """(final hidden states (the last `keep` positions, or all), the residual stream before each block and
+        after the last, or None)."""
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        if self.wpe is not None:
+            if position_ids is None:
+                position_ids = torch.arange(t, device=x.device).expand(b, t)
+            x = x + self.wpe(position_ids)
         mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
         if attention_mask is not None:  # padding: no query attends to a pad key
             mask = mask & attention_mask[:, None, None, :].bool()
@@ -106,7 +154,18 @@ class ProbeTransformerModel(nn.Module):
             x = block(x, mask)
             if states is not None:
                 states.append(x)
+        if keep:
+            x = x[:, -keep:]
         return (self.norm(x) if self.norm is not None else x), (tuple(states) if states is not None else None)
+
+
+def final(config: ProbeTransformerConfig) -> nn.Module | None:
+    """What lies between the last block and the readout: the LayerNorm, then `head_layers` ReLU layers."""
+    parts = ([nn.LayerNorm(config.n_embd)] if config.norm else []) + [
+        m for _ in range(config.head_layers) for m in (nn.Linear(config.n_embd, config.n_embd), nn.ReLU())]
+    if not config.head_layers:
+        return parts[0] if parts else None
+    return nn.Sequential(*parts)
 
 
 class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
@@ -121,6 +180,22 @@ class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = ProbeTransformerModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
+        if config.init_attn_std is not None:
+            self._draw_as_authors(config)
+
+    @torch.no_grad()
+    def _draw_as_authors(self, config: ProbeTransformerConfig) -> None:
+        """Burns et al.'s toy-model draws (see the module docstring); biases N(0, 1/width) like theirs."""
+        width = config.n_embd
+        for layer in self.model.layers:
+            for m in (layer.attn.qkv, layer.attn.out):
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0, config.init_attn_std)
+        for m in (self.model.norm or []) if config.head_layers else []:
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0, math.sqrt(2 / width))
+                m.bias.normal_(0, math.sqrt(1 / width))
+        self.lm_head.weight.normal_(0, math.sqrt(1 / width))
 
     def get_input_embeddings(self):
         return self.model.wte
@@ -129,10 +204,9 @@ class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
         self.model.wte = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, logits_to_keep: int = 0,
-                output_hidden_states: bool | None = None, **kwargs) -> CausalLMOutput:
-        h, states = self.model(input_ids, attention_mask, position_ids, bool(output_hidden_states))
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
+                output_hidden_states: bool | None = None, inputs_embeds=None, **kwargs) -> CausalLMOutput:
+        h, states = self.model(input_ids, attention_mask, position_ids, bool(output_hidden_states), inputs_embeds,
+                               logits_to_keep)
         return CausalLMOutput(logits=self.lm_head(h), hidden_states=states)
 
 
@@ -140,42 +214,26 @@ AutoConfig.register(ProbeTransformerConfig.model_type, ProbeTransformerConfig)
 AutoModelForCausalLM.register(ProbeTransformerConfig, ProbeTransformerForCausalLM)
 
 
-RESIDUAL_MODES = ("none", "previous", "first")
-
-
 class ValueResidualGPT2Config(GPT2Config):
     model_type = "gpt2_value_residual"
 
     def __init__(self, value_residual: str = "previous", key_residual: str = "none", query_residual: str = "none",
                  **kwargs):
-        for name, mode in (("value_residual", value_residual), ("key_residual", key_residual),
-                           ("query_residual", query_residual)):
-            if mode not in RESIDUAL_MODES:
-                raise ProbeError(f"unknown {name} {mode!r}; accepted: {', '.join(RESIDUAL_MODES)}")
-        self.value_residual, self.key_residual, self.query_residual = value_residual, key_residual, query_residual
+        self.value_residual, self.key_residual, self.query_residual = check_modes(
+            value_residual=value_residual, key_residual=key_residual, query_residual=query_residual)
         super().__init__(**kwargs)
 
 
 class ResidualQKV(Conv1D):
     """GPT-2's c_attn (same weight and bias), whose query, key and value outputs receive those of an earlier layer
-    (per `modes`, in q, k, v order); the raw outputs of layer 0 and of the layer just run are kept in `shared`."""
+    (`residual_mix`)."""
 
     layer: int
     modes: tuple
     shared: dict
 
     def forward(self, x):
-        raw = super().forward(x)
-        out = raw
-        if self.layer > 0 and any(m != "none" for m in self.modes):
-            own = raw.split(self.nf // 3, dim=-1)
-            prev, first = (self.shared[k].split(self.nf // 3, dim=-1) for k in ("previous", "first"))
-            out = torch.cat([o + prev[i] if m == "previous" else 0.5 * first[i] + 0.5 * o if m == "first" else o
-                             for i, (o, m) in enumerate(zip(own, self.modes))], dim=-1)
-        self.shared["previous"] = raw
-        if self.layer == 0:
-            self.shared["first"] = raw
-        return out
+        return residual_mix(super().forward(x), self.layer, self.modes, self.shared)
 
 
 class ValueResidualGPT2LMHeadModel(GPT2LMHeadModel):

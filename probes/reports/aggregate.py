@@ -171,17 +171,20 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
 
 
 def aggregate(results: Path, by: list[str], skipped: dict | None = None) -> dict[str, pd.DataFrame]:
-    """{table name: DataFrame}: '<probe>' summaries and '<probe>-curve' tables, grouped by `by`; folders with a
-    meta.json that are not complete runs go to `skipped` ({folder: reason})."""
+    """{table name: DataFrame}: '<probe>' summaries and '<probe>-curve' tables, grouped by `by`, and the training
+    tables of training runs (reports/training.py); folders with a meta.json that are not complete probe runs go to
+    `skipped` ({folder: reason})."""
     bad = [b for b in by if b not in UNIT_COLUMNS]
     if bad:
         raise choice_error("--by column", bad[0], UNIT_COLUMNS)
+    from .training import training_tables
+
     skipped = {} if skipped is None else skipped
     runs = complete_runs(results, skipped)
-    if not runs:
+    tables = training_tables(results)  # training runs: their curves over seeds and steps to given accuracies
+    if not runs and not tables:
         raise ProbeError(f"no complete runs under {str(results)!r}; accepted: a results folder written by "
-                         "`probe run` or `probe sweep`")
-    tables = {}
+                         "`probe run` or `probe sweep`, or a folder of training runs")
     for probe in sorted({m["config"]["probe"] for m in runs}):
         tables[probe] = group(summary_table(runs, probe), by)
         if probe in CURVES:

@@ -128,6 +128,8 @@ def build_report(results: Path, by: list[str]) -> str:
              f"grouped by {', '.join(by)}; written {_dt.datetime.now().isoformat(timespec='seconds')}. "
              f"Brackets: {level():.0%} intervals (Wilson for rates, pooled over seeds; bootstrap over items for "
              "means); <code>_n</code>: items counted; <code>runs</code>/<code>seeds</code>: runs pooled in a row.</p>"]
+    if "training-curves" in tables:
+        parts += training_section(tables)
     for probe in sorted({m["config"]["probe"] for m in runs}):
         parts.append(f"<h2 id='{probe}'>{html.escape(probe)}</h2>")
         df = tables[probe]
@@ -151,6 +153,22 @@ def build_report(results: Path, by: list[str]) -> str:
             parts.append("<div class='plots'>" + "".join(figures) + "</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def training_section(tables: dict) -> list[str]:
+    """The training runs: steps to each accuracy level per variant (with the test against the baseline), and the
+    curves with their bands over seeds."""
+    from .training import plot_curves
+
+    curve = tables["training-curves"]
+    parts = ["<h2 id='training'>training runs</h2>",
+             "<p>Intervals over seeds (Student t; the difference: bootstrap over each variant's seeds); p: permutation "
+             "test of the mean steps against the baseline variant; steps interpolated between evaluations.</p>"]
+    if "training-milestones" in tables:
+        parts.append(_html_table(tables["training-milestones"]))
+    figures = [_figure(_png(plot_curves(curve, config)), f"{config}: evaluations against step")
+               for config in dict.fromkeys(curve.training_config)]
+    return parts + ["<div class='plots'>" + "".join(figures) + "</div>"]
 
 
 def write_report(results: Path, by: list[str], out: Path | None = None) -> Path:

@@ -268,8 +268,9 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ProbeError(f"{where}: 'models' must be a non-empty list (or give 'train')")
     models = expand_models(data.get("models") or [], base, checkpoints, where)
     sweep = Sweep(path=path.resolve(), name=str(data.get("name") or path.stem), models=models,
-                  tasks=[] if isinstance(data.get("probes"), dict) else _list(data, "tasks", where),
-                  probes=_probes(data, where),
+                  tasks=[] if isinstance(data.get("probes"), dict) or (trained and not data.get("probes"))
+                  else _list(data, "tasks", where),
+                  probes=_probes(data, where) if data.get("probes") or not trained else [],  # train only
                   seeds=([data["seeds"]] if isinstance(data.get("seeds"), int) else data.get("seeds")) or [None],
                   limit=data.get("limit"),
                   batch_size=parse_batch_size(data.get("batch_size", 8)), options=options,

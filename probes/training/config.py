@@ -16,13 +16,15 @@ from pathlib import Path
 
 from ..errors import ProbeError, read_yaml
 
+from . import icl
 from .data import GENERATORS, check_task
 
 SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr")
 TRAIN = {"epochs": int, "steps": int, "batch_size": int, "lr": float, "min_lr": float, "schedule": str,
-         "warmup_steps": int, "weight_decay": float, "adam_beta2": float, "eval_steps": int, "save_steps": int,
-         "seed": int}
-# min_lr (cosine_with_min_lr) and adam_beta2 (default 0.999) have no entry: a config without them is unchanged
+         "warmup_steps": int, "weight_decay": float, "adam_beta2": float, "optimizer": str, "eval_steps": int,
+         "save_steps": int, "seed": int}
+OPTIMIZERS = ("adamw", "sgd")
+# min_lr (cosine_with_min_lr), adam_beta2 (default 0.999) and optimizer (adamw; or sgd, without momentum) have no entry: a config without them is unchanged
 DEFAULTS = {"train": {"epochs": 10, "batch_size": 32, "lr": 1e-4, "schedule": "constant", "warmup_steps": 0,
                       "weight_decay": 0.0, "eval_steps": 25, "save_steps": 50, "seed": 0}}
 POSITIVE = {"n", "nodes", "train", "test", "length", "epochs", "steps", "batch_size", "eval_steps", "save_steps"}
@@ -74,12 +76,19 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
     check_task(cfg["task"], where)
     if (cfg["train"]["schedule"] == "cosine_with_min_lr") != ("min_lr" in cfg["train"]):
         raise ProbeError(f"{where}: train.min_lr goes with schedule cosine_with_min_lr (both or neither)")
+    if cfg["train"].get("optimizer", "adamw") not in OPTIMIZERS:
+        raise ProbeError(f"{where}: unknown train.optimizer {cfg['train']['optimizer']!r}; accepted: "
+                         f"{', '.join(OPTIMIZERS)}")
     if cfg["train"]["schedule"] not in SCHEDULES:
         raise ProbeError(f"{where}: unknown schedule {cfg['train']['schedule']!r}; accepted: {', '.join(SCHEDULES)}")
     model = cfg.get("model", {})
     if "architecture" not in model:
         raise ProbeError(f"{where}: model needs an architecture; accepted: probe_transformer or a supported family")
     width, heads = model.get("n_embd", model.get("hidden_size")), model.get("n_head", model.get("num_attention_heads"))
+    if generator == "icl" and width != icl.width(cfg["task"]):
+        raise ProbeError(f"{where}: model width {width} differs from the task's vectors ({icl.width(cfg['task'])}: "
+                         "2 * max_pairs + 1 position dimensions + item_dim); accepted: n_embd "
+                         f"{icl.width(cfg['task'])}")
     if isinstance(width, int) and isinstance(heads, int) and (heads < 1 or width % heads):
         raise ProbeError(f"{where}: width {width} is not divisible by {heads} heads; accepted: a width that is a "
                          "multiple of the number of heads")

@@ -16,9 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from ..errors import ProbeError
 from ..tasks.nback import NBack
 from ..tasks.tree import ORDERS, make_tree, vocabulary
+from . import icl
 
 LABELS = ("-", "m")  # target 0: no match, 1: match
 IGNORE = -100  # positions before N are not scored
@@ -47,7 +50,10 @@ def word_tokenizer(words: list[str], pad: str):
 
 
 def tokenizer_for(task: dict):
-    """The task's vocabulary: N-back: pad, unk, letters..., -, m; tree: the authors' 35 tokens, then unk."""
+    """The task's vocabulary: N-back: pad, unk, letters..., -, m; tree: the authors' 35 tokens, then unk; in-context
+    classification: the labels "0".."L-1" (their ids are their indices), pad, unk."""
+    if task["generator"] == "icl":
+        return word_tokenizer([*icl_labels(task), "<pad>", "<unk>"], pad="<pad>")
     if task["generator"] == "tree":
         return word_tokenizer([*vocabulary(task["nodes"]), "<unk>"], pad=",")
     return word_tokenizer(["<pad>", "<unk>", *task["letters"], *LABELS], pad="<pad>")
@@ -85,35 +91,61 @@ def tree_splits(task: dict, tokenizer) -> dict:
     return {"train": Dataset.from_list(rows[: task["train"]]), "test": Dataset.from_list(rows[task["train"]:])}
 
 
+def icl_labels(task: dict) -> tuple:
+    return tuple(str(i) for i in range(task["labels"]))
+
+
+def icl_splits(task: dict, tokenizer) -> dict:
+    """{'train': fresh sequences (task.train of them per epoch), 'test': {in, ic, ic2, iw}: task.test each}."""
+    return {"train": icl.Fresh(task, task["train"]), "test": {k: icl.Fixed(task, k, task["test"]) for k in icl.TESTS}}
+
+
+def collate_ids(rows: list[dict]) -> dict:
+    """Rows of equal-length token sequences (never padded: every generator's sequences have one length)."""
+    return {"input_ids": torch.tensor([r["input_ids"] for r in rows]), "target": torch.tensor([r["target"] for r in rows])}
+
+
 @dataclass(frozen=True)
 class Generator:
     """What training needs of a synthetic task: its config fields (type, default), data, readout and names."""
 
     fields: dict  # name -> (type, default)
     splits: Callable  # (task, tokenizer) -> {'train': Dataset, 'test': Dataset}
-    readout: tuple | None  # the tokens the loss chooses among at each scored position; None: the whole vocabulary
+    readout: Callable  # task -> the tokens the loss chooses among at each scored position; None: the whole vocabulary
     positions: Callable  # task -> input positions of a sequence
     run_name: Callable  # (task, seed) -> the run's folder name
     chance: Callable  # task -> the test accuracy of a model that always gives the commonest answer
     summary: Callable  # task -> what a run trained on, in a few words
+    collate: Callable = lambda splits: collate_ids  # the train split -> its batches' collate function
+    eval_on_start: bool = False  # evaluate before the first step too (curves from step 0)
+    extra_metrics: Callable | None = None  # (model, test splits) -> {name: value}, logged at every evaluation
+    eval_batch: int = 64  # sequences per evaluation batch
 
 
 GENERATORS = {
     "nback": Generator(
         {"generator": (str, "nback"), "n": (int, 2), "train": (int, 800), "test": (int, 200), "length": (int, 24),
          "matches": (int, 8), "letters": (str, "bcdfghjklnpqrstvwxyz"), "seed": (int, 0)},
-        nback_splits, LABELS, lambda t: t["length"], lambda t, seed: f"n{t['n']}-seed{seed}",
+        nback_splits, lambda t: LABELS, lambda t: t["length"], lambda t, seed: f"n{t['n']}-seed{seed}",
         lambda t: 1 - t["matches"] / (t["length"] - t["n"]), lambda t: f"N={t['n']}"),
     "tree": Generator(
         {"generator": (str, "tree"), "nodes": (int, 16), "train": (int, 135000), "test": (int, 15000),
          "order": (str, "mixed"), "seed": (int, 0)},
-        tree_splits, None, lambda t: 4 * t["nodes"] + 1, lambda t, seed: f"seed{seed}",
+        tree_splits, lambda t: None, lambda t: 4 * t["nodes"] + 1, lambda t, seed: f"seed{seed}",
         lambda t: 1 / t["nodes"], lambda t: f"{t['nodes']}-node trees"),
+    "icl": Generator(
+        {**icl.FIELDS, "train": (int, 9_600_000)}, icl_splits, icl_labels, icl.length, lambda t, seed: f"seed{seed}",
+        lambda t: 1 / t["labels"], lambda t: f"in-context classification, {t['pairs']} pairs",
+        collate=lambda splits: icl.collate(splits["train"]), eval_on_start=True,
+        extra_metrics=lambda model, test: {f"ic_{k}": v for k, v in icl.query_attention(model, test["ic"]).items()},
+        eval_batch=1000),
 }
 
 
 def check_task(task: dict, where: str) -> None:
-    """Values a generator's types cannot say: tree orders and sizes, N-back letters."""
+    """Values a generator's types cannot say: tree orders and sizes, N-back letters, in-context classes."""
+    if task["generator"] == "icl":
+        icl.check(task, where)
     if task["generator"] == "tree":
         if task["order"] not in ORDERS:
             raise ProbeError(f"{where}: task.order {task['order']!r}; accepted: {', '.join(ORDERS)}")

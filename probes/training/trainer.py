@@ -63,15 +63,33 @@ def _trainer_class():
         between the two labels) or the whole vocabulary (the next token)."""
 
         label_ids: list[int] | None = None
+        extra_metrics = None  # the generator's (model, test splits) -> {name: value}
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            if self.extra_metrics is not None and eval_dataset is None and metric_key_prefix == "eval":
+                model = self.model.eval()
+                extra = {f"eval_{k}": v for k, v in self.extra_metrics(model, self.eval_dataset).items()}
+                self.log(extra)
+                metrics.update(extra)
+            return metrics
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             target = inputs["target"]
-            ids = inputs["input_ids"]  # never padded: whole sequences of one length (a tree's "," are its tokens)
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            # token ids or vectors (inputs_embeds), never padded: whole sequences of one length
+            given = {k: v for k, v in inputs.items() if k != "target"}
+            out = model(**given, attention_mask=torch.ones(target.shape, dtype=torch.long, device=target.device))
             logits = out.logits[..., self.label_ids] if self.label_ids else out.logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                      target.reshape(-1), ignore_index=IGNORE)
             return (loss, {"logits": logits}) if return_outputs else loss
+
+        def get_decay_parameter_names(self, model) -> list[str]:
+            """Every weight but LayerNorms' and biases' (Trainer's own rule also spares any module named "norm",
+            which in probe_transformer holds the ReLU layers before the readout)."""
+            from transformers.trainer_pt_utils import get_parameter_names
+
+            return get_parameter_names(model, [torch.nn.LayerNorm], [r"bias"])
 
     return LabelTrainer
 
@@ -88,8 +106,10 @@ def _accuracy(pred) -> dict:
     predicted, target = pred.predictions, pred.label_ids
     scored = target != IGNORE
     right = (predicted == target) | ~scored
-    return {"accuracy": float((predicted == target)[scored].mean()),
-            "sequence_accuracy": float(np.all(right, axis=-1).mean())}
+    out = {"accuracy": float((predicted == target)[scored].mean())}
+    if scored.sum(-1).max() > 1:  # several answers per sequence: also whole sequences
+        out["sequence_accuracy"] = float(np.all(right, axis=-1).mean())
+    return out
 
 
 def _same_run(run: Path, cfg: dict, resume: bool) -> bool:
@@ -131,7 +151,7 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
     if t["batch_size"] % world:
         raise ProbeError(f"train.batch_size {t['batch_size']} is not divisible by {world} processes; accepted: a "
                          "global batch that is a multiple of the number of processes")
-    args = _arguments(run, t, world, progress)  # with several processes, this joins their process group
+    args = _arguments(run, t, world, progress, generator(cfg))  # with several processes, this joins their process group
     state = PartialState()
     lock = RunLock(run) if state.is_main_process else None
     try:
@@ -150,9 +170,11 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
                 write_json(run / "meta.json", meta)
         trainer = _trainer_class()(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
                                    processing_class=tok, compute_metrics=_accuracy,
-                                   preprocess_logits_for_metrics=_argmax, data_collator=_collate(tok.pad_token_id))
-        readout = generator(cfg).readout
+                                   preprocess_logits_for_metrics=_argmax,
+                                   data_collator=generator(cfg).collate(data))
+        readout = generator(cfg).readout(cfg["task"])
         trainer.label_ids = tok.convert_tokens_to_ids(list(readout)) if readout else None
+        trainer.extra_metrics = generator(cfg).extra_metrics
 
         class Log(TrainerCallback):  # the log as CSV after every logging step: a killed run keeps its curve
             def on_log(self, a, st, control, **kw):
@@ -181,26 +203,22 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
             lock.release()
 
 
-def _arguments(run: Path, t: dict, world: int, progress: bool):
+def _arguments(run: Path, t: dict, world: int, progress: bool, gen):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(run), per_device_train_batch_size=t["batch_size"] // world, per_device_eval_batch_size=64,
+        output_dir=str(run), per_device_train_batch_size=t["batch_size"] // world, per_device_eval_batch_size=gen.eval_batch,
         learning_rate=t["lr"], lr_scheduler_type=t["schedule"], warmup_steps=t["warmup_steps"],
         lr_scheduler_kwargs={"min_lr": t["min_lr"]} if "min_lr" in t else {},
-        weight_decay=t["weight_decay"], adam_beta2=t.get("adam_beta2", 0.999), optim="adamw_torch", seed=t["seed"], data_seed=t["seed"],
+        weight_decay=t["weight_decay"], adam_beta2=t.get("adam_beta2", 0.999), optim="sgd" if t.get("optimizer") == "sgd" else "adamw_torch", seed=t["seed"], data_seed=t["seed"],
         max_steps=t.get("steps", -1), num_train_epochs=t.get("epochs", 1), eval_strategy="steps",
         eval_steps=t["eval_steps"], save_strategy="steps", save_steps=t["save_steps"], logging_steps=t["eval_steps"],
         label_names=["target"], remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
         dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(), save_only_model=False,
-        ddp_find_unused_parameters=False)
+        ddp_find_unused_parameters=False, eval_on_start=gen.eval_on_start)
 
 
-def _collate(pad_id: int):
-    def collate(rows: list[dict]) -> dict:
-        return {"input_ids": torch.tensor([r["input_ids"] for r in rows]),
-                "target": torch.tensor([r["target"] for r in rows])}
-    return collate
+NOT_LOGGED = ("_runtime", "_samples_per_second", "_steps_per_second")  # timings, not results
 
 
 def write_log(run: Path, history: list[dict]) -> None:
@@ -210,11 +228,12 @@ def write_log(run: Path, history: list[dict]) -> None:
         if step is None:
             continue
         row = rows.setdefault(step, {"step": step})
-        for k in ("loss", "eval_loss", "eval_accuracy", "eval_sequence_accuracy", "learning_rate", "epoch"):
-            if k in h:
-                row[k] = h[k]
+        for k, v in h.items():
+            if k in ("loss", "learning_rate", "epoch") or (k.startswith("eval_") and not k.endswith(NOT_LOGGED)):
+                row[k] = v
     if rows:
-        write_csv(run / "log.csv", pd.DataFrame(sorted(rows.values(), key=lambda r: r["step"])))
+        log = pd.DataFrame(sorted(rows.values(), key=lambda r: r["step"]))
+        write_csv(run / "log.csv", log[["step", *sorted(c for c in log if c != "step")]])  # same order on resume
 
 
 def plot_log(run: Path, cfg: dict) -> None:
@@ -222,20 +241,25 @@ def plot_log(run: Path, cfg: dict) -> None:
 
     log = pd.read_csv(run / "log.csv")
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for col, label in (("loss", "train"), ("eval_loss", "test")):
-        if col in log:
-            d = log.dropna(subset=[col])
-            a.plot(d.step, d[col], "o-", label=label, ms=3)
-    readout = generator(cfg).readout
+    losses = ["loss", *(c for c in log if c.startswith("eval_") and c.endswith("loss"))]
+    for col in (c for c in losses if c in log):  # eval_loss, or one per test set (eval_ic_loss, ...)
+        d = log.dropna(subset=[col])
+        a.plot(d.step, d[col], "o-", label="train" if col == "loss" else _test_name(col, "loss"), ms=3)
+    readout = generator(cfg).readout(cfg["task"])
     a.set(xlabel="step", ylabel=f"loss ({len(readout)}-way cross-entropy)" if readout else "loss (next token)",
           title=run.name)
-    a.legend()
-    for col, label in (("eval_accuracy", "scored positions"), ("eval_sequence_accuracy", "whole sequences")):
-        if col in log:
-            d = log.dropna(subset=[col])
-            b.plot(d.step, d[col], "o-", ms=3, label=label)
+    a.legend(fontsize=8)
+    for col in (c for c in log if c.startswith("eval_") and c.endswith("accuracy")):
+        d = log.dropna(subset=[col])
+        b.plot(d.step, d[col], "o-", ms=3, label=_test_name(col, "accuracy"))
     b.axhline(generator(cfg).chance(cfg["task"]), color="gray", ls=":", lw=1, label="commonest answer (positions)")
     b.legend(fontsize=8)
     b.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1.02))
     _save(fig, run / "plot.png")
 
+
+def _test_name(column: str, metric: str) -> str:
+    """eval_accuracy -> 'scored positions', eval_sequence_accuracy -> 'whole sequences', eval_ic_accuracy -> 'ic',
+    eval_loss -> 'test'."""
+    middle = column[len("eval_"):-len(metric)].strip("_")
+    return {"": "test" if metric == "loss" else "scored positions", "sequence": "whole sequences"}.get(middle, middle)
