@@ -191,40 +191,62 @@ def bench_training(config: str, steps: int, reps: int) -> dict:
     import torch.nn.functional as F
 
     from probes.training.config import load_training_config
-    from probes.training.data import IGNORE, LABELS, nback_splits, tokenizer_for
+    from probes.training.data import GENERATORS, IGNORE, tokenizer_for
     from probes.training.trainer import build_model, train
 
     cfg = load_training_config(config, {"train.steps": steps, "train.eval_steps": steps, "train.save_steps": steps})
-    t = cfg["train"]
+    t, gen = cfg["train"], GENERATORS[cfg["task"]["generator"]]
 
     def ours():
         with tempfile.TemporaryDirectory() as d:
             train(cfg, Path(d) / "run", progress=False)
 
     def bare():
+        """The same work by hand: the generator's data and batches, the loss over its readout, the optimizer, an
+        evaluation of every test set (before the first step too where the trainer does), the weights saved."""
         tok = tokenizer_for(cfg["task"])
-        data = nback_splits(cfg["task"], tok)
+        data = gen.splits(cfg["task"], tok)
+        collate = gen.collate(data)
         model = build_model(cfg, tok)
-        pair = tok.convert_tokens_to_ids(list(LABELS))
-        opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-        x, y = torch.tensor(data["train"]["input_ids"]), torch.tensor(data["train"]["target"])
+        readout = gen.readout(cfg["task"])
+        ids = tok.convert_tokens_to_ids(list(readout)) if readout else None
+        if t.get("optimizer") == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+        tests = data["test"] if isinstance(data["test"], dict) else {"test": data["test"]}
+
+        def loss_of(batch):
+            target = batch.pop("target")
+            logits = model(**batch).logits
+            logits = logits[..., ids] if ids else logits
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=IGNORE)
+
+        def evaluate():
+            model.eval()
+            with torch.no_grad():
+                for test in tests.values():
+                    for start in range(0, len(test), gen.eval_batch):
+                        loss_of(collate([test[i] for i in range(start, min(start + gen.eval_batch, len(test)))]))
+                if gen.extra_metrics is not None:
+                    gen.extra_metrics(model, tests)
+            model.train()
+
         order = torch.Generator().manual_seed(t["seed"])
-        loss_of = lambda xb, yb: F.cross_entropy(model(input_ids=xb).logits[..., pair].reshape(-1, 2).float(),  # noqa: E731
-                                                 yb.reshape(-1), ignore_index=IGNORE)
+        if gen.eval_on_start:
+            evaluate()
         model.train()
-        done = 0
+        done, train_set = 0, data["train"]
         while done < steps:
-            for idx in torch.randperm(len(x), generator=order).split(t["batch_size"]):
-                loss = loss_of(x[idx], y[idx])
+            for idx in torch.randperm(len(train_set), generator=order).split(t["batch_size"]):
+                loss = loss_of(collate([train_set[i] for i in idx.tolist()]))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 done += 1
                 if done == steps:
                     break
-        model.eval()
-        with torch.no_grad():
-            loss_of(torch.tensor(data["test"]["input_ids"]), torch.tensor(data["test"]["target"]))
+        evaluate()
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
 
@@ -234,6 +256,61 @@ def bench_training(config: str, steps: int, reps: int) -> dict:
     return {"config": cfg["name"], "steps": steps, "batch": t["batch_size"], "sequences": seqs,
             "bare_seconds": bare_s, "ours_seconds": ours_s, "bare_seq_per_s": seqs / bare_s,
             "ours_seq_per_s": seqs / ours_s, "ratio": ours_s / bare_s}
+
+
+def bench_value_residual(reps: int) -> list[dict]:
+    """Training-step time (forward, backward, SGD) of a model with the value residual against the same model
+    without it (same weights, same batches, timed alternately in one run): the 2-layer in-context classifier
+    (icl-cpu, batch 128) and the 8M GPT-2 language model (8 layers, width 256, 16 heads, 4 x 256 tokens)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from probes.models.custom import (ProbeTransformerConfig, ProbeTransformerForCausalLM, ValueResidualGPT2Config,
+                                      ValueResidualGPT2LMHeadModel)
+
+    def icl(mode):
+        return ProbeTransformerForCausalLM(ProbeTransformerConfig(
+            vocab_size=34, n_positions=17, n_layer=2, n_head=1, n_embd=64, residual=True, positions=False,
+            attn_bias=False, attn_out=False, attn_scale=False, value_residual=mode, head_layers=3,
+            init_attn_std=1 / math.sqrt(39)))
+
+    def lm(mode):
+        return ValueResidualGPT2LMHeadModel(ValueResidualGPT2Config(
+            value_residual=mode, n_layer=8, n_embd=256, n_head=16, n_positions=256, vocab_size=4096,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True))
+
+    g = torch.Generator().manual_seed(0)
+    cases = {"icl-cpu (2 layers, width 64, batch 128 x 17)":
+             (icl, {"inputs_embeds": torch.randn(128, 17, 64, generator=g)}, 20),
+             "8M GPT-2 LM (8 layers, width 256, batch 4 x 256)":
+             (lm, {"input_ids": torch.randint(0, 4096, (4, 256), generator=g)}, 3)}
+    out = []
+    for name, (build, batch, steps) in cases.items():
+        models = {mode: build(mode) for mode in ("none", "previous")}
+        models["previous"].load_state_dict(models["none"].state_dict())
+        params = sum(p.numel() for p in models["none"].parameters())
+
+        def step(model):
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+            def run():
+                for _ in range(steps):
+                    logits = model(**batch).logits
+                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), logits[:, 1:].argmax(-1).reshape(-1))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            return run
+
+        with torch.enable_grad():
+            times = {mode: [] for mode in models}
+            for _ in range(reps):  # alternately, so drift in the machine's speed hits both alike
+                for mode, model in models.items():
+                    times[mode].append(measure(step(model), 1)[0])
+        best = {mode: min(v) for mode, v in times.items()}
+        out.append({"model": name, "params": params, "steps": steps, "none_seconds": best["none"],
+                    "previous_seconds": best["previous"], "cost": best["previous"] / best["none"] - 1})
+    return out
 
 
 def bench_patching(name: str, sample: int) -> dict:
@@ -378,8 +455,12 @@ def main():
     p.add_argument("--lens-positions", action="store_true", help="also the lens over every position (on the first "
                    "of --models)")
     p.add_argument("--only-lens-positions", action="store_true", help="only the lens over every position")
+    p.add_argument("--value-residual", action="store_true", help="also the value residual's cost in training steps")
+    p.add_argument("--only-value-residual", action="store_true", help="only the value residual's cost")
     args = p.parse_args()
-    if args.only_lens_positions:
+    if args.only_value_residual:
+        args.value_residual, args.no_scale, args.models_run = True, True, False
+    elif args.only_lens_positions:
         args.lens_positions, args.no_scale, args.models_run = True, True, False
     else:
         args.models_run = not (args.only_scale or args.only_training)
@@ -416,7 +497,13 @@ def main():
               f"{r['all_ratio']:.2f}x; peak memory above the model: bare {r['bare_peak'] / 2**20:.0f} MB, last "
               f"{r['last_peak'] / 2**20:.0f} MB, all {r['all_peak'] / 2**20:.0f} MB (unchunked logits would be "
               f"{r['unchunked_logits'] / 2**20:.0f} MB; chunks of {r['chunk'] / 2**20:.0f} MB)")
+    if args.value_residual:
+        results["value_residual"] = bench_value_residual(args.reps)
+        for r in results["value_residual"]:
+            print(f"value residual, {r['model']}, {r['params']:,} parameters: {r['steps']} training steps without "
+                  f"{r['none_seconds']:.2f} s, with {r['previous_seconds']:.2f} s: cost {100 * r['cost']:+.1f}%")
     name = ("scale.json" if args.only_scale else "training.json" if args.only_training else
+            "value-residual.json" if args.only_value_residual else
             "lens-positions.json" if args.only_lens_positions else "results.json")
     out = Path(__file__).parent / name
     out.write_text(json.dumps(results, indent=2))

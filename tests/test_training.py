@@ -124,7 +124,11 @@ def test_a_trained_run_is_a_model_every_probe_runs_on(tmp_path):
 
 
 @pytest.mark.parametrize("parts", [dict(ffn=False, norm=False, residual=False), dict(ffn=True, norm=False, residual=False),
-                                   dict(ffn=True, norm=True, residual=True), dict(ffn=False, norm=True, residual=True)])
+                                   dict(ffn=True, norm=True, residual=True), dict(ffn=False, norm=True, residual=True),
+                                   # Burns et al.'s toy model: no biases, projection, scaling or positions, the value
+                                   # residual, ReLU layers before the readout
+                                   dict(ffn=False, norm=False, residual=True, positions=False, attn_bias=False,
+                                        attn_out=False, attn_scale=False, value_residual="previous", head_layers=3)])
 def test_the_trained_architecture_satisfies_its_identities(tmp_path, parts):
     """Block out = in + attn + ffn with a residual, = the last update without one; last-layer lens = logits."""
     cfg = tiny_config(**{f"model.{k}": v for k, v in parts.items()}, **{"model.n_layer": 2, "train.steps": 1})

@@ -101,7 +101,13 @@ def execution_device(module) -> torch.device:
     dev = getattr(hook, "execution_device", None)
     if dev is not None:
         return torch.device("cpu") if dev == "cpu" else torch.device(dev)
-    return module.weight.device
+    return first_weight(module).device
+
+
+def first_weight(module) -> torch.Tensor:
+    """The module's weight, or its first parameter (a final stage that is several layers: probe_transformer's ReLU
+    layers before the readout)."""
+    return module.weight if hasattr(module, "weight") else next(module.parameters())
 
 
 def _first(x):
@@ -185,7 +191,7 @@ class Arch:
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """Residual vectors (..., d) -> logits, through final norm, projection, unembedding and softcap."""
         if self._norm is not None:
-            h = self._norm(h.to(execution_device(self._norm), self._norm.weight.dtype))
+            h = self._norm(h.to(execution_device(self._norm), first_weight(self._norm).dtype))
         if self._pre_unembed is not None:
             w = self._pre_unembed.weight
             h = self._pre_unembed(h.to(execution_device(self._pre_unembed),
