@@ -50,7 +50,9 @@ def complete_runs(results: Path, skipped: dict | None = None) -> list[dict]:
             if not isinstance(meta, dict) or "config" not in meta:
                 reason = "meta.json is not a run's metadata"
             elif meta.get("kind") == "training":
-                reason = "a training run (a model to probe, not a probe's run)"
+                if meta.get("status") == "complete":
+                    continue  # the training tables take it (reports/training.py)
+                reason = f"an unfinished training run (status {meta.get('status')})"
             elif meta.get("status") != "complete":
                 reason = f"status {meta.get('status')}"
             else:
