@@ -13,7 +13,7 @@ import typing
 TASK_FIELDS = {
     "name": ("the task's name (runs are filed under it)", "capitals"),
     "version": ("bump when the items change meaning; part of a run's identity", "1"),
-    "kind": ("abstractive, extractive, nback, tree (a prompts file has no task file)", "abstractive"),
+    "kind": ("abstractive, extractive, nback, tree, ioi (a prompts file has no task file)", "abstractive"),
     "seed": ("draws worked examples, context facts, N-back letters, --limit samples, bootstrap resamples", "0"),
     "description": ("one line for `probe tasks` and reports", "world capitals, Q/A format"),
     "source": ("where the data comes from", "Wikipedia list of national capitals"),
@@ -46,6 +46,12 @@ TASK_FIELDS = {
     "first_tree": ("tree: index of the first tree (a trained model's held-out ones)", "135000"),
     "corrupt": ("tree: activation-patching's corrupted prompt: another tree (tree) or the same tree with another "
                 "goal leaf whose path turns elsewhere at the step (goal)", "goal"),
+    "draws": ("ioi: draws of template, names, place and object; two prompts each (the roles swapped)", "100"),
+    "templates": ("ioi: sentences with {A} and {B} (the names, in order), {S} (the repeated one), {place}, {object}",
+                  "['When {A} and {B} went to the {place}, {S} gave {object} to']"),
+    "names": ("ioi: the names drawn (two distinct per draw)", "[Mary, John, Tom]"),
+    "places": ("ioi: the places drawn", "[store, park]"),
+    "objects": ("ioi: the objects drawn", "[a drink, the ball]"),
     "steps": ("tree: all (every step of each path) or first (step 0: the prompt ends at the root)", "first"),
     "order": ("tree: edge order: mixed (reversed for even trees, shuffled for odd, as the authors), forward, "
               "backward or random", "mixed"),
@@ -138,10 +144,12 @@ def task_rows() -> list[tuple]:
     from .tasks.base import Task
     from .tasks.nback import NBack
     from .tasks.relational import Relational
+    from .tasks.ioi import IOITask
     from .tasks.tree import TreeTask
 
     rows: dict[str, list] = {}
-    for cls, kinds in ((Task, "all"), (Relational, "abstractive, extractive"), (NBack, "nback"), (TreeTask, "tree")):
+    for cls, kinds in ((Task, "all"), (Relational, "abstractive, extractive"), (NBack, "nback"), (TreeTask, "tree"),
+                        (IOITask, "ioi")):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name in ("path", "overrides"):

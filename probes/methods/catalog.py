@@ -8,12 +8,12 @@ from typing import Callable
 
 from ..errors import ProbeError, choice_error
 from ..reports import plots
-from . import attention, ffn_ablation, ffn_readout, ffn_transplant, linear_probe, nback, patching
+from . import attention, contrast, ffn_ablation, ffn_readout, ffn_transplant, linear_probe, nback, patching
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import VOCABS, parse_positions, prepare_lens, report_lens, run_lens, summarize_lens
 from .names import NAMES
 
-ALL_KINDS = ("abstractive", "extractive", "nback", "tree", "prompts")
+ALL_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi", "prompts")
 RELATIONAL = ("abstractive", "extractive")
 
 
@@ -70,13 +70,17 @@ PROBES: dict[str, Probe] = {
                                  run_options=("sites", "layers", "positions", "direction"),
                                  passes=patching.patching_passes,
                                  defaults={"sites": "resid", "positions": "all", "direction": "denoise"},
-                                 kinds=(*RELATIONAL, "nback", "tree")),
+                                 kinds=(*RELATIONAL, "nback", "tree", "ioi")),
     "linear-probe": Probe(linear_probe.run_linear_probe, linear_probe.summarize_linear_probe,
                           linear_probe.report_linear_probe,
                           "logistic-regression probes per layer for a label of the items, held out, against "
                           "shuffled labels and random weights", plots.plot_linear_probe, ("label", "site", "position"),
                           prepare=linear_probe.prepare_linear_probe, run_options=("label", "site", "position"),
                           passes=lambda n_layers, opts: 2, defaults={"label": "group", "site": "resid", "position": "last"}),
+    "logit-difference": Probe(contrast.run_contrast, contrast.summarize_contrast, contrast.report_contrast,
+                              "the answer against the item's argument as the next token (IOI: indirect object against "
+                              "subject): logit difference and probabilities", None, needs_argument=True,
+                              kinds=(*RELATIONAL, "ioi", "prompts")),
 }
 
 

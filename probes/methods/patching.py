@@ -162,18 +162,36 @@ def _tree_pairs(task, items: list[Item], tok, direction: str):
     return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
 
 
+def _ioi_pairs(task, items: list[Item], tok) -> list[Item]:
+    """Each IOI prompt paired with the same sentence whose other name is repeated (its answer is this one's
+    subject), where both have the same token count."""
+    paired = []
+    for it in items:
+        other = task.swapped(it)
+        if len(tok(other.prompt).input_ids) == len(tok(it.prompt).input_ids):
+            paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": other.prompt,
+                                                         "corrupted_input": other.input,
+                                                         "corrupted_answer": other.answer}))
+    return paired
+
+
 def prepare_patching(loaded, task, items: list[Item], options: dict):
     """Pair every item with a corrupted prompt (see the module's docstring); items with no partner are left out."""
     nback = task.kind == "nback" and getattr(task, "unit", "") == "trial"
     if task.kind == "tree":
         return _tree_pairs(task, items, loaded.tokenizer, options.get("direction", "denoise"))
-    if not nback and (not hasattr(task, "template") or not hasattr(task, "rows")):
+    if not nback and task.kind != "ioi" and (not hasattr(task, "template") or not hasattr(task, "rows")):
         raise ProbeError(f"task {task.name!r} has no clean/corrupted pairs; accepted: a relational task "
-                         "(e.g. capitals), N-back trials (nback, nback-trained) or trees (tree-trained)")
+                         "(e.g. capitals), N-back trials (nback, nback-trained), trees (tree-trained) or IOI prompts (ioi)")
     direction = options.get("direction", "denoise")
     if direction not in DIRECTIONS:
         raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
     tok = loaded.tokenizer
+    if task.kind == "ioi":
+        paired = _ioi_pairs(task, items, tok)
+        if not paired:
+            raise ProbeError(f"no IOI prompt of task {task.name!r} has a swapped partner of the same token length")
+        return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
     if nback:
         paired = _nback_pairs(task, items, lambda text: len(tok(text).input_ids))
         if not paired:

@@ -19,7 +19,8 @@ Relational tasks (abstractive: the answer comes from pretraining; extractive: th
     seed: 0
 
 N-back tasks (`kind: nback`) generate letter sequences from the seed instead of reading data; see tasks/nback.py.
-Tree path-finding tasks (`kind: tree`) generate trees the same way; see tasks/tree.py.
+Tree path-finding tasks (`kind: tree`) generate trees the same way; see tasks/tree.py. IOI tasks (`kind: ioi`)
+generate indirect-object prompts from templates and names; see tasks/ioi.py.
 """
 
 from __future__ import annotations
@@ -36,16 +37,17 @@ from ..paths import tasks_dir
 from .base import Task
 from .nback import NBack
 from .prompts import FORMATS, prompts_task
+from .ioi import IOITask
 from .tree import TreeTask
 from .relational import VARS, Relational
 
-_KINDS = ("abstractive", "extractive", "nback", "tree")
+_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi")
 _AMBIGUOUS = ("drop", "flag")
 
 
-_CLASSES = {"abstractive": Relational, "extractive": Relational, "nback": NBack, "tree": TreeTask}
+_CLASSES = {"abstractive": Relational, "extractive": Relational, "nback": NBack, "tree": TreeTask, "ioi": IOITask}
 _REQUIRED = {"abstractive": ("template", "data"), "extractive": ("template", "data", "context", "context_items"),
-             "nback": ("instruction",), "tree": ()}
+             "nback": ("instruction",), "tree": (), "ioi": ()}
 
 
 def _check_template(name: str, key: str, text: str, accepted=VARS):
@@ -61,7 +63,7 @@ def _check_template(name: str, key: str, text: str, accepted=VARS):
 
 _TYPE_NAMES = {int: "an integer", str: "a text", dict: "a mapping", list: "a list"}
 _NONNEGATIVE = {"version", "seed", "shots", "context_items", "sequences", "length", "matches", "first_sequence",
-                "nodes", "trees", "first_tree"}
+                "nodes", "trees", "first_tree", "draws"}
 
 
 def _check_types(cls, spec: dict, name: str) -> None:
