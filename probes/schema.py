@@ -30,8 +30,8 @@ TASK_FIELDS = {
     "context": ("extractive: a fact stated before the query", "'The capital of {input} is {output}.'"),
     "context_items": ("extractive: facts stated, the queried item's among them", "3"),
     "n": ("nback: N, one value or a list (1 to 6)", "[1, 2, 3]"),
-    "sequences": ("nback: letter sequences per N", "4"),
-    "length": ("nback: letters per sequence", "24"),
+    "sequences": ("nback: letter sequences per N; repeat: repeated sequences", "4"),
+    "length": ("nback: letters per sequence; repeat: words per segment (said twice)", "24"),
     "matches": ("nback: targets per sequence (a letter equal to the one N back)", "8"),
     "letters": ("nback: the alphabet", "BCDFGHJKLMNPQRSTVWXZ"),
     "unit": ("nback: trial (one item per letter) or sequence (one per sequence, for attention)", "trial"),
@@ -142,14 +142,13 @@ def _type_name(hint) -> str:
 def task_rows() -> list[tuple]:
     """(field, kinds, type, default, meaning, example) for every field of a task file."""
     from .tasks.base import Task
-    from .tasks.nback import NBack
-    from .tasks.relational import Relational
-    from .tasks.ioi import IOITask
-    from .tasks.tree import TreeTask
+    from .tasks.files import _CLASSES
 
+    kinds_of: dict = {}  # each task class with the kinds it makes, in the order of the file reader's table
+    for kind, cls in _CLASSES.items():
+        kinds_of.setdefault(cls, []).append(kind)
     rows: dict[str, list] = {}
-    for cls, kinds in ((Task, "all"), (Relational, "abstractive, extractive"), (NBack, "nback"), (TreeTask, "tree"),
-                        (IOITask, "ioi")):
+    for cls, kinds in ((Task, "all"), *((c, ", ".join(k)) for c, k in kinds_of.items())):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name in ("path", "overrides"):

@@ -8,12 +8,12 @@ from typing import Callable
 
 from ..errors import ProbeError, choice_error
 from ..reports import plots
-from . import attention, contrast, ffn_ablation, ffn_readout, ffn_transplant, linear_probe, nback, patching
+from . import attention, contrast, ffn_ablation, induction, ffn_readout, ffn_transplant, linear_probe, nback, patching
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import VOCABS, parse_positions, prepare_lens, report_lens, run_lens, summarize_lens
 from .names import NAMES
 
-ALL_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi", "prompts")
+ALL_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi", "prompts")  # of the probes that read answers
 RELATIONAL = ("abstractive", "extractive")
 
 
@@ -81,6 +81,9 @@ PROBES: dict[str, Probe] = {
                               "the answer against the item's argument as the next token (IOI: indirect object against "
                               "subject): logit difference and probabilities", None, needs_argument=True,
                               kinds=(*RELATIONAL, "ioi", "prompts")),
+    "induction": Probe(induction.run_induction, induction.summarize_induction, induction.report_induction,
+                       "induction-head score per head and the loss drop on repeated random sequences",
+                       induction.plot_induction, load=induction.EAGER, kinds=("repeat",)),
 }
 
 

@@ -20,7 +20,8 @@ Relational tasks (abstractive: the answer comes from pretraining; extractive: th
 
 N-back tasks (`kind: nback`) generate letter sequences from the seed instead of reading data; see tasks/nback.py.
 Tree path-finding tasks (`kind: tree`) generate trees the same way; see tasks/tree.py. IOI tasks (`kind: ioi`)
-generate indirect-object prompts from templates and names; see tasks/ioi.py.
+generate indirect-object prompts from templates and names; see tasks/ioi.py. Repeated-sequence tasks (`kind:
+repeat`) generate random word segments said twice, for induction heads; see tasks/repeat.py.
 """
 
 from __future__ import annotations
@@ -38,16 +39,18 @@ from .base import Task
 from .nback import NBack
 from .prompts import FORMATS, prompts_task
 from .ioi import IOITask
+from .repeat import RepeatTask
 from .tree import TreeTask
 from .relational import VARS, Relational
 
-_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi")
+_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi", "repeat")
 _AMBIGUOUS = ("drop", "flag")
 
 
-_CLASSES = {"abstractive": Relational, "extractive": Relational, "nback": NBack, "tree": TreeTask, "ioi": IOITask}
+_CLASSES = {"abstractive": Relational, "extractive": Relational, "nback": NBack, "tree": TreeTask, "ioi": IOITask,
+            "repeat": RepeatTask}
 _REQUIRED = {"abstractive": ("template", "data"), "extractive": ("template", "data", "context", "context_items"),
-             "nback": ("instruction",), "tree": (), "ioi": ()}
+             "nback": ("instruction",), "tree": (), "ioi": (), "repeat": ()}
 
 
 def _check_template(name: str, key: str, text: str, accepted=VARS):
