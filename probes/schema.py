@@ -126,6 +126,7 @@ TRAINING_FIELDS = {
     "train.weight_decay": ("weight decay (AdamW's, decoupled; SGD's, scaled by the lr); never on biases or "
                            "LayerNorms", "0.0"),
     "train.optimizer": ("adamw (the default) or sgd (plain, no momentum)", "sgd"),
+    "train.max_grad_norm": ("clip gradients to this norm (transformers' default 1.0; 0: never)", "0"),
     "train.adam_beta2": ("AdamW's second beta (default 0.999)", "0.99"),
     "train.eval_steps": ("evaluate on the held-out sequences every this many steps", "25"),
     "train.save_steps": ("write checkpoint-<step>/ every this many steps", "50"),

@@ -21,10 +21,11 @@ from .data import GENERATORS, check_task
 
 SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr")
 TRAIN = {"epochs": int, "steps": int, "batch_size": int, "lr": float, "min_lr": float, "schedule": str,
-         "warmup_steps": int, "weight_decay": float, "adam_beta2": float, "optimizer": str, "eval_steps": int,
+         "warmup_steps": int, "weight_decay": float, "adam_beta2": float, "optimizer": str, "max_grad_norm": float, "eval_steps": int,
          "save_steps": int, "seed": int}
 OPTIMIZERS = ("adamw", "sgd")
-# min_lr (cosine_with_min_lr), adam_beta2 (default 0.999) and optimizer (adamw; or sgd, without momentum) have no entry: a config without them is unchanged
+# min_lr (cosine_with_min_lr), adam_beta2 (default 0.999), optimizer (adamw; or sgd, without momentum) and
+# max_grad_norm (transformers' 1.0; 0: no clipping) have no entry: a config without them is unchanged
 DEFAULTS = {"train": {"epochs": 10, "batch_size": 32, "lr": 1e-4, "schedule": "constant", "warmup_steps": 0,
                       "weight_decay": 0.0, "eval_steps": 25, "save_steps": 50, "seed": 0}}
 POSITIVE = {"n", "nodes", "train", "test", "length", "epochs", "steps", "batch_size", "eval_steps", "save_steps"}
@@ -76,6 +77,9 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
     check_task(cfg["task"], where)
     if (cfg["train"]["schedule"] == "cosine_with_min_lr") != ("min_lr" in cfg["train"]):
         raise ProbeError(f"{where}: train.min_lr goes with schedule cosine_with_min_lr (both or neither)")
+    if cfg["train"].get("max_grad_norm", 1.0) < 0:
+        raise ProbeError(f"{where}: train.max_grad_norm {cfg['train']['max_grad_norm']}; accepted: a norm >= 0 "
+                         "(0: no clipping)")
     if cfg["train"].get("optimizer", "adamw") not in OPTIMIZERS:
         raise ProbeError(f"{where}: unknown train.optimizer {cfg['train']['optimizer']!r}; accepted: "
                          f"{', '.join(OPTIMIZERS)}")

@@ -215,7 +215,7 @@ def _arguments(run: Path, t: dict, world: int, progress: bool, gen):
         eval_steps=t["eval_steps"], save_strategy="steps", save_steps=t["save_steps"], logging_steps=t["eval_steps"],
         label_names=["target"], remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
         dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(), save_only_model=False,
-        ddp_find_unused_parameters=False, eval_on_start=gen.eval_on_start)
+        ddp_find_unused_parameters=False, eval_on_start=gen.eval_on_start, max_grad_norm=t.get("max_grad_norm", 1.0))
 
 
 NOT_LOGGED = ("_runtime", "_samples_per_second", "_steps_per_second")  # timings, not results
