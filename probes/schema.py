@@ -13,14 +13,16 @@ import typing
 TASK_FIELDS = {
     "name": ("the task's name (runs are filed under it)", "capitals"),
     "version": ("bump when the items change meaning; part of a run's identity", "1"),
-    "kind": ("abstractive, extractive, nback, tree, ioi (a prompts file has no task file)", "abstractive"),
+    "kind": ("abstractive, extractive, nback, tree, ioi, repeat, text (a prompts file has no task file)",
+             "abstractive"),
     "seed": ("draws worked examples, context facts, N-back letters, --limit samples, bootstrap resamples", "0"),
     "description": ("one line for `probe tasks` and reports", "world capitals, Q/A format"),
     "source": ("where the data comes from", "Wikipedia list of national capitals"),
     "license": ("the data's licence", "CC BY-SA 4.0"),
     "ambiguous": ("drop or flag items whose answer's first token is ambiguous for a tokenizer", "drop"),
     "data": ("relational: the data file (CSV/JSON/JSONL, relative to the task file) and its input, output and "
-             "optional group columns", "{file: data/world_capitals.csv, input: country, output: capital}"),
+             "optional group columns; text: {file: docs.jsonl or .txt} or {dataset: NAME, split, column}",
+             "{file: data/world_capitals.csv, input: country, output: capital}"),
     "template": ("relational: the query, with {input} and {output}", "'Q: What is the capital of {input}?\\nA:'"),
     "answer": ("relational: the answer as emitted after the prompt; scored on its first token", "' {output}'"),
     "argument": ("relational: the argument's text as it would be emitted; the lens tracks its first token",
@@ -46,6 +48,9 @@ TASK_FIELDS = {
     "first_tree": ("tree: index of the first tree (a trained model's held-out ones)", "135000"),
     "corrupt": ("tree: activation-patching's corrupted prompt: another tree (tree) or the same tree with another "
                 "goal leaf whose path turns elsewhere at the step (goal)", "goal"),
+    "documents": ("text: how many documents (the first ones long enough)", "100"),
+    "min_chars": ("text: documents shorter than this are skipped", "2000"),
+    "max_chars": ("text: each document cut to this many characters", "6000"),
     "draws": ("ioi: draws of template, names, place and object; two prompts each (the roles swapped)", "100"),
     "templates": ("ioi: sentences with {A} and {B} (the names, in order), {S} (the repeated one), {place}, {object}",
                   "['When {A} and {B} went to the {place}, {S} gave {object} to']"),

@@ -8,7 +8,7 @@ from typing import Callable
 
 from ..errors import ProbeError, choice_error
 from ..reports import plots
-from . import attention, contrast, ffn_ablation, induction, ffn_readout, ffn_transplant, linear_probe, nback, patching
+from . import attention, contrast, ffn_ablation, icl_score, induction, ffn_readout, ffn_transplant, linear_probe, nback, patching
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import VOCABS, parse_positions, prepare_lens, report_lens, run_lens, summarize_lens
 from .names import NAMES
@@ -84,6 +84,10 @@ PROBES: dict[str, Probe] = {
     "induction": Probe(induction.run_induction, induction.summarize_induction, induction.report_induction,
                        "induction-head score per head and the loss drop on repeated random sequences",
                        induction.plot_induction, load=induction.EAGER, kinds=("repeat",)),
+    "icl-score": Probe(icl_score.run_icl_score, icl_score.summarize_icl_score, icl_score.report_icl_score,
+                       "in-context learning score: loss at a late token minus at an early one, over documents",
+                       icl_score.plot_icl_score, ("early", "late"), run_options=("early", "late"),
+                       defaults={"early": 50, "late": 500}, kinds=("text",)),
 }
 
 

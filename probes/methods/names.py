@@ -2,4 +2,4 @@
 checks at import that they are its own."""
 
 NAMES = ("logit-lens", "accuracy", "ffn-readout", "ffn-transplant", "ffn-ablation", "nback", "attention",
-         "activation-patching", "linear-probe", "logit-difference", "induction")
+         "activation-patching", "linear-probe", "logit-difference", "induction", "icl-score")

@@ -1,0 +1,75 @@
+"""icl-score: Olsson et al.'s in-context learning score on natural text (task kind `text`): the next-token loss at a
+late token of each document minus the loss at an early one (token 500 minus token 50 in their paper; here
+`--late`/`--early`, defaults 500 and 50, each capped to the model's context). Negative: later tokens are predicted
+better, from the context. Each document must reach the late token (shorter ones are counted and left out). The
+plot: the mean loss against token index.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from ..errors import ProbeError
+from ..stats import interval_text, level, mean
+from ..tasks.base import Item, item_columns
+
+
+def _index(value, name: str) -> int:
+    if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
+        raise ProbeError(f"bad --{name} {value!r}; accepted: a token index >= 1")
+    return int(value)
+
+
+def run_icl_score(loaded, items: list[Item], early=50, late=500) -> list[dict]:
+    early, late = _index(early, "early"), _index(late, "late")
+    if early >= late:
+        raise ProbeError(f"--early {early} is not before --late {late}; accepted: early < late")
+    tok = loaded.tokenizer
+    limit = getattr(loaded.arch.config, "max_position_embeddings", None) or getattr(loaded.arch.config, "n_positions", None)
+    rows = []
+    for it in items:
+        ids = tok(it.prompt, truncation=bool(limit), max_length=limit).input_ids if limit else tok(it.prompt).input_ids
+        cols = item_columns(tok, it)
+        if len(ids) <= late:
+            rows.append({**cols, "tokens": len(ids), "reaches_late": False})
+            continue
+        ids = torch.tensor([ids[: late + 1]])
+        with loaded.trace(ids):
+            logits = loaded.model.output.logits.save()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
+        # loss[t - 1] is the loss of predicting token t (0-based) from the t tokens before it
+        rows.append({**cols, "tokens": int(ids.shape[1]), "reaches_late": True, "loss_early": float(loss[early - 1]),
+                     "loss_late": float(loss[late - 1]), "score": float(loss[late - 1] - loss[early - 1]),
+                     "losses": json.dumps([round(float(x), 4) for x in loss])})
+    return rows
+
+
+def summarize_icl_score(df, seed: int = 0) -> dict:
+    used = df[df.reaches_late.astype(bool)]
+    if not len(used):
+        raise ProbeError("no document reaches the late token; accepted: a smaller --late or longer documents")
+    return {"documents": int(len(used)), "too_short": int(len(df) - len(used)),
+            **mean(used.score, "score", seed=seed), **mean(used.loss_early, "loss_early", seed=seed),
+            **mean(used.loss_late, "loss_late", seed=seed)}
+
+
+def report_icl_score(df, summary) -> str:
+    return (f"documents {summary['documents']} ({summary['too_short']} too short, left out): in-context learning "
+            f"score (late - early loss) {interval_text(summary, 'score')}\nloss at the early token "
+            f"{interval_text(summary, 'loss_early')}, at the late token {interval_text(summary, 'loss_late')}\n"
+            f"[{level():.0%} bootstrap intervals over documents]")
+
+
+def plot_icl_score(df, meta: dict, path) -> None:
+    from ..reports.plots import _save, plt
+
+    used = df[df.reaches_late.astype(bool)]
+    curves = np.array([json.loads(x) for x in used.losses])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), lw=1)
+    ax.set(xscale="log", xlabel="token index", ylabel="next-token loss (nats)",
+           title=f"{meta['model']}: loss against position ({len(used)} documents)")
+    _save(fig, path)
