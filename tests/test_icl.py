@@ -151,6 +151,15 @@ def test_training_logs_every_test_set_and_the_query_attention_and_resumes_exactl
                  "eval_ic_query_label_L1", "eval_ic_query_item_L0", "eval_ic_query_uniform"):
         assert name in header
     assert [row.split(",")[0] for row in log[1:]] == ["0", "4", "8", "12"]  # evaluated before the first step too
+    # the run loads with from_pretrained and no remote code, and gives the accuracy it logged on the same test set
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(whole, trust_remote_code=False).eval()
+    assert type(model).__name__ == "ProbeTransformerForCausalLM" and model.config.value_residual == "previous"
+    test = icl.Fixed(tiny()["task"], "ic", 64)
+    with torch.no_grad():
+        right = (model(inputs_embeds=test.x).logits[:, -1, :32].argmax(-1) == test.y[:, -1]).float().mean()
+    import pandas as pd
+    assert float(right) == pytest.approx(pd.read_csv(whole / "log.csv").eval_ic_accuracy.iloc[-1])
     from transformers import Trainer
     seen = {}
     original = Trainer.create_optimizer
