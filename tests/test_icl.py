@@ -15,6 +15,7 @@ from probes.training import icl
 from probes.training.config import load_training_config
 from probes.training.trainer import train
 
+from .test_cli import probe
 from .test_training import ROOT, _kill_after
 
 PAPER = ROOT / "configs" / "training" / "icl-paper.yaml"
@@ -160,6 +161,9 @@ def test_training_logs_every_test_set_and_the_query_attention_and_resumes_exactl
         right = (model(inputs_embeds=test.x).logits[:, -1, :32].argmax(-1) == test.y[:, -1]).float().mean()
     import pandas as pd
     assert float(right) == pytest.approx(pd.read_csv(whole / "log.csv").eval_ic_accuracy.iloc[-1])
+    r = probe("run", "--model", str(whole), "--task", "capitals", "--probe", "accuracy", "--output", str(tmp_path / "o"))
+    assert r.returncode == 2 and "reads vectors (inputs_embeds), not text" in r.stderr  # refused before loading
+    assert "loading" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     from transformers import Trainer
     seen = {}
     original = Trainer.create_optimizer

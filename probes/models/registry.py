@@ -146,8 +146,9 @@ def trained_checkpoint(folder: Path) -> dict | None:
         step = int(meta["steps"])
     else:
         step = int(folder.name.split("-")[1])
+    vectors = meta["config"].get("task", {}).get("generator") == "icl"  # reads vectors, not text
     return {"run": f"{meta['config']['name']}-{run.name}", "config": meta["config"]["name"], "path": str(run),
-            "step": step, "final": run == folder}
+            "step": step, "final": run == folder, **({"inputs": "vectors"} if vectors else {})}
 
 
 def trained_runs(root: Path | None = None) -> list[dict]:

@@ -100,6 +100,13 @@ def special_top1(table) -> dict:
     return out
 
 
+def check_text_model(spec) -> None:
+    """Refuse a model that reads vectors (an in-context classifier trained on Reddy's task): the probes feed it text."""
+    if (spec.training or {}).get("inputs") == "vectors":
+        raise ProbeError(f"{spec.name} reads vectors (inputs_embeds), not text, so the probes cannot prompt it; "
+                         "accepted: a text model (its own evaluations are in its run's log.csv: probe aggregate RUNS)")
+
+
 def check_limit(limit) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ProbeError(f"bad --limit {limit!r}; accepted: a positive integer (leave it out for every item)")
@@ -124,6 +131,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     already written are kept, and the size that worked is recorded in meta.json."""
     batch_size = parse_batch_size(batch_size)
     check_limit(limit)
+    check_text_model(loaded.spec)
     auto = batch_size == "auto"
     spec = get_probe(probe)
     options = probe_options(probe, options)
