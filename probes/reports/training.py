@@ -153,8 +153,10 @@ def training_tables(folder: Path) -> dict[str, pd.DataFrame]:
 
 def _panels(metrics: list[str]) -> list[tuple[str, list[str]]]:
     """[(panel title, metrics)]: each test set's accuracy, its loss, then the query-attention metrics per layer."""
-    acc = [m for m in metrics if m.endswith("accuracy")]
-    loss = [m for m in metrics if m.endswith("loss")]
+    order = ["in", "ic", "ic2", "iw"]  # the in-context classification test sets, in the paper's order; others after
+    key = lambda m: (order.index(m.split("_")[1]) if m.split("_")[1] in order else len(order), m)  # noqa: E731
+    acc = sorted((m for m in metrics if m.endswith("accuracy")), key=key)
+    loss = sorted((m for m in metrics if m.endswith("loss")), key=key)
     attention = sorted({m.rsplit("_", 1)[-1] for m in metrics if re.search(r"_query_\w+_L\d+$", m)})
     panels = [("test accuracy", acc), ("test loss", loss)]
     for layer in attention:
