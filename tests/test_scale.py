@@ -2,6 +2,8 @@
 
 import copy
 import json
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,7 +18,7 @@ from probes.models.loading import load_model
 from probes.models.options import load_options
 from probes.models.planning import GiB, check_fits, check_quantizable, config_path, plan, time_limit
 from probes.models.registry import resolve_model
-from probes.tasks.files import load_task
+from probes.tasks.files import build_task, load_task
 
 from .conftest import REGISTRY, TINY, bundled, loaded
 
@@ -25,7 +27,7 @@ FLAG = {"ambiguous": "flag"}  # the tiny tokenizer makes most answers ambiguous:
 # Falcon: see test_a_family_bitsandbytes_would_leave_unquantized...; the value-residual GPT-2 is refused too (its
 # path lives in c_attn, which bitsandbytes would replace: tests/test_value_residual.py)
 QUANTIZABLE = [n for n in TINY if n not in ("tiny-falcon", "tiny-gpt2-value-residual")]
-TRANSPLANT = {"source_items": "Abkhazia,Afghanistan", "source_layer": 1}
+TRANSPLANT = {"source_items": "Abkhazia,Afghanistan", "source_layer": 1, "early": 3, "late": 20}
 
 
 def task_for(probe: str):
@@ -36,6 +38,13 @@ def task_for(probe: str):
         return load_task("nback-sequence", {"sequences": 1, "n": [1, 2]})
     if probe == "linear-probe":  # a label with two classes: regular and irregular verbs
         return load_task("past-tense", FLAG)
+    if probe == "induction":
+        return load_task("repeat", {"sequences": 2, "length": 6})
+    if probe == "icl-score":  # two documents long enough for --late 20 in any tokenizer
+        path = Path(tempfile.mkdtemp()) / "docs.jsonl"
+        path.write_text("".join(json.dumps({"text": f"document {i}: " + "the cat sat on the mat and then " * 8}) + "\n"
+                                for i in range(2)))
+        return build_task({"name": "docs", "version": 1, "kind": "text", "data": {"file": str(path)}})
     return load_task("capitals", FLAG)
 
 
