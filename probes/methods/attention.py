@@ -51,19 +51,22 @@ def letter_positions(tokenizer, prompt: str, pattern: str = r"Letter: ([A-Z])") 
     return out
 
 
-def attention_weights(loaded, prompt: str) -> list[torch.Tensor]:
-    """Per block, the attention probabilities (heads, seq, seq) of one prompt (eager attention)."""
+def attention_weights(loaded, prompt, with_logits: bool = False):
+    """Per block, the attention probabilities (heads, seq, seq) of one prompt (text, or token ids (1, seq)) with
+    eager attention; with_logits: (those, the logits at every position (seq, vocab)) from the same forward."""
     arch = loaded.arch
     saved = []
-    with loaded.trace(prompt, logits_to_keep=1):
+    with loaded.trace(prompt, **({} if with_logits else {"logits_to_keep": 1})):
         for i in range(arch.n_layers):
             out = _get(arch.block(i), arch.spec.attn_probs_module).output
             saved.append(out[1] if isinstance(out, tuple) and len(out) > 1 else None)
         saved = nnsight.save(saved)  # assigned: a remote trace returns only the names it assigns and saves
+        logits = loaded.model.output.logits.save() if with_logits else None
     if any(w is None for w in saved):
         raise ProbeError(f"{loaded.spec.name} returns no attention weights from its attention modules; "
                          "accepted: models loaded with eager attention (the attention probe loads them so)")
-    return [w[0].float() for w in saved]
+    weights = [w[0].float() for w in saved]
+    return (weights, logits[0].float()) if with_logits else weights
 
 
 def run_attention(loaded, items: list[Item]) -> list[dict]:

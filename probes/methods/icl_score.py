@@ -28,7 +28,9 @@ def run_icl_score(loaded, items: list[Item], early=50, late=500) -> list[dict]:
     if early >= late:
         raise ProbeError(f"--early {early} is not before --late {late}; accepted: early < late")
     tok = loaded.tokenizer
-    limit = getattr(loaded.arch.config, "max_position_embeddings", None) or getattr(loaded.arch.config, "n_positions", None)
+    from ..runs.execution import context_length
+
+    limit = context_length(loaded)
     rows = []
     for it in items:
         ids = tok(it.prompt, truncation=bool(limit), max_length=limit).input_ids if limit else tok(it.prompt).input_ids

@@ -10,17 +10,13 @@ other half, since the best of many heads is biased upward); heads scoring above 
 
 from __future__ import annotations
 
-import nnsight
-import numpy as np
-import pandas as pd
 import torch
 
 from ..errors import ProbeError
-from ..models.arch import _get
 from ..stats import halves, interval_text, level, mean
 from ..tasks.base import Item, item_columns
 from ..tasks.repeat import repeat_start
-from .attention import EAGER
+from .attention import EAGER, attention_weights
 
 THRESHOLD = 0.4  # a head whose score passes this is counted as an induction head
 
@@ -34,23 +30,15 @@ def run_induction(loaded, items: list[Item]) -> list[dict]:
             raise ProbeError(f"item {it.index} is not a repeated sequence for {loaded.spec.name}'s tokenizer; "
                              "accepted: --task repeat")
         ids = torch.tensor([tok(it.prompt).input_ids])
-        with loaded.trace(ids):
-            saved = []
-            for i in range(arch.n_layers):
-                out = _get(arch.block(i), arch.spec.attn_probs_module).output
-                saved.append(out[1] if isinstance(out, tuple) and len(out) > 1 else None)
-            saved = nnsight.save(saved)
-            logits = loaded.model.output.logits.save()
-        if any(w is None for w in saved):
-            raise ProbeError(f"{loaded.spec.name} returns no attention weights; accepted: eager attention")
+        weights, logits = attention_weights(loaded, ids, with_logits=True)
         k = ids.shape[1] - start  # segment length in tokens
         queries = torch.arange(start + 1, ids.shape[1])  # the repeat's tokens but its first
         keys = queries - k + 1  # the token after each one's first occurrence
         cols = item_columns(tok, it)
-        for layer, w in enumerate(saved):
-            score = w[0].float()[:, queries, keys].mean(-1)  # (heads,)
+        for layer, w in enumerate(weights):
+            score = w[:, queries, keys].mean(-1)  # (heads,)
             rows += [{**cols, "layer": layer, "head": h, "score": float(score[h])} for h in range(len(score))]
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
+        loss = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
         first, repeat = loss[start - k: start - 1], loss[start:]  # predicting tokens of each pass but its first
         rows.append({**cols, "layer": None, "head": None, "loss_first": float(first.mean()),
                      "loss_repeat": float(repeat.mean()), "tokens": int(k)})
