@@ -21,7 +21,8 @@ TASK_FIELDS = {
     "license": ("the data's licence", "CC BY-SA 4.0"),
     "ambiguous": ("drop or flag items whose answer's first token is ambiguous for a tokenizer", "drop"),
     "data": ("relational: the data file (CSV/JSON/JSONL, relative to the task file) and its input, output and "
-             "optional group columns; text: {file: docs.jsonl or .txt} or {dataset: NAME, split, column}",
+             "optional group columns; text: {file: docs.jsonl or .txt}, {dataset: NAME, split, column} or "
+             "{corpus: stdlib-english, split: test, holdout: 50} (a training corpus's held-out documents)",
              "{file: data/world_capitals.csv, input: country, output: capital}"),
     "template": ("relational: the query, with {input} and {output}", "'Q: What is the capital of {input}?\\nA:'"),
     "answer": ("relational: the answer as emitted after the prompt; scored on its first token", "' {output}'"),
@@ -51,6 +52,8 @@ TASK_FIELDS = {
     "documents": ("text: how many documents (the first ones long enough)", "100"),
     "min_chars": ("text: documents shorter than this are skipped", "2000"),
     "max_chars": ("text: each document cut to this many characters", "6000"),
+    "chunk": ("text: cut each document into pieces of about this many characters first, one item each (0: whole "
+              "documents)", "1500"),
     "draws": ("ioi: draws of template, names, place and object; two prompts each (the roles swapped)", "100"),
     "templates": ("ioi: sentences with {A} and {B} (the names, in order), {S} (the repeated one), {place}, {object}",
                   "['When {A} and {B} went to the {place}, {S} gave {object} to']"),
@@ -97,11 +100,12 @@ SWEEP_FIELDS = {
 }
 TRAINING_FIELDS = {
     "name": ("the config's name; runs go to runs/<name>/n<N>-seed<S>", "nback-paper"),
-    "task.generator": ("the synthetic task: nback, tree or icl (in-context classification)", "nback"),
+    "task.generator": ("the task: nback, tree, icl (in-context classification) or text (language modelling)",
+                       "nback"),
     "task.n": ("nback: N", "2"),
     "task.train": ("training sequences (the first ones of the seed); icl: fresh sequences per epoch", "800"),
     "task.test": ("held-out sequences, the next ones (evaluated, and the *-trained tasks' items); icl: per test "
-                  "set (in, ic, ic2, iw)", "200"),
+                  "set (in, ic, ic2, iw); text: blocks of the held-out documents evaluated", "200"),
     "task.length": ("nback: letters per sequence", "24"),
     "task.matches": ("nback: targets per sequence", "8"),
     "task.letters": ("nback: the alphabet", "bcdfghjklnpqrstvwxyz"),
@@ -117,6 +121,11 @@ TRAINING_FIELDS = {
     "task.p_novel": ("icl: fraction of training sequences over novel classes", "0.5"),
     "task.noise": ("icl: within-class noise eps", "0.1"),
     "task.zipf": ("icl: Zipf exponent of the class frequencies (0: uniform)", "0.0"),
+    "task.corpus": ("text: stdlib-english (a registry package's English text), dataset:NAME (through datasets, "
+                    "e.g. dataset:roneneldan/TinyStories) or file:PATH (.jsonl or .txt)", "stdlib-english"),
+    "task.vocab": ("text: tokens of the byte-level BPE trained on the training documents", "8192"),
+    "task.context": ("text: tokens per training block (the model's context)", "256"),
+    "task.holdout": ("text: every holdout-th document is held out for testing", "50"),
     "task.seed": ("draws the sequences (icl: the class means and label vectors too)", "0"),
     "model.architecture": ("probe_transformer, gpt2_value_residual or any supported family; the other model "
                            "fields are that config's values (n_layer, n_embd, ffn, norm, residual, ...)",

@@ -43,7 +43,7 @@ def test_the_score_is_the_late_loss_minus_the_early_loss(tmp_path):
 
 
 def test_bad_text_tasks_and_options_are_one_line_errors(tmp_path):
-    with pytest.raises(ProbeError, match="data must name a file or a dataset"):
+    with pytest.raises(ProbeError, match="data must name one file, dataset or corpus"):
         build_task({"name": "t", "version": 1, "kind": "text", "data": {}})
     task = docs(tmp_path)
     with pytest.raises(ProbeError, match="--early 40 is not before --late 5"):

@@ -32,6 +32,7 @@ class Probe:
     defaults: dict = field(default_factory=dict)  # option values used when none is given (part of a run's identity)
     kinds: tuple[str, ...] = ALL_KINDS  # the task kinds it runs on
     needs_argument: bool = False  # it tracks each item's argument (a prompts file must give one)
+    truncates: bool = False  # it reads each prompt's first context-length tokens (documents may be longer)
 
 
 PROBES: dict[str, Probe] = {
@@ -87,7 +88,7 @@ PROBES: dict[str, Probe] = {
     "icl-score": Probe(icl_score.run_icl_score, icl_score.summarize_icl_score, icl_score.report_icl_score,
                        "in-context learning score: loss at a late token minus at an early one, over documents",
                        icl_score.plot_icl_score, ("early", "late"), run_options=("early", "late"),
-                       defaults={"early": 50, "late": 500}, kinds=("text",)),
+                       defaults={"early": 50, "late": 500}, kinds=("text",), truncates=True),
 }
 
 

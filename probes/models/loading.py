@@ -129,19 +129,24 @@ def _tiny_corpus() -> list[str]:
 
 def tiny_tokenizer():
     """A deterministic byte-level BPE (vocab 1024) trained on the task files and data, for random models."""
+    return bpe_tokenizer(_tiny_corpus(), 1024, max_length=2048)
+
+
+def bpe_tokenizer(texts, vocab_size: int, max_length: int):
+    """A GPT-2-style byte-level BPE trained on `texts` (deterministic), with <|endoftext|> as its one special token
+    (bos, eos and padding)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = _tiny_corpus()
+    eos = "<|endoftext|>"
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    eos = "<|endoftext|>"
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eos, eos_token=eos, pad_token=eos,
-                                   model_max_length=2048)
+                                   model_max_length=max_length)
 
 
 def _random_checkpoint(spec: ModelSpec) -> tuple[Path, bool]:

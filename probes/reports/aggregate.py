@@ -4,7 +4,8 @@ Each run's meta.json carries its config and its probe's summary; summaries are f
 ("best.top1", "by_n.3.dprime"), so a new probe needs no code here. Summaries keyed by a dimension (ablation
 variants, N-back N) also come out as long "curves" tables. Model size (`params`) and family are columns, so a
 sweep over model sizes gives the across-scale tables directly; a trained run's checkpoints carry `training_run`
-and `step`, so a sweep over checkpoints gives each metric against training step.
+and `step`, so a sweep over checkpoints gives each metric against training step. Probe runs on trained variants (value residual or
+not, over seeds) also give '<probe>-paired' tables: each variant against the reference item by item (reports/paired.py).
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def aggregate(results: Path, by: list[str], skipped: dict | None = None) -> dict
     bad = [b for b in by if b not in UNIT_COLUMNS]
     if bad:
         raise choice_error("--by column", bad[0], UNIT_COLUMNS)
+    from .paired import paired_tables
     from .training import training_tables
 
     skipped = {} if skipped is None else skipped
@@ -191,6 +193,7 @@ def aggregate(results: Path, by: list[str], skipped: dict | None = None) -> dict
         tables[probe] = group(summary_table(runs, probe), by)
         if probe in CURVES:
             tables[f"{probe}-curve"] = group(curve_table(runs, probe), by, [CURVES[probe][1]])
+    tables.update(paired_tables(runs))  # trained variants compared item by item
     return tables
 
 

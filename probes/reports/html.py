@@ -134,6 +134,11 @@ def build_report(results: Path, by: list[str]) -> str:
         parts.append(f"<h2 id='{probe}'>{html.escape(probe)}</h2>")
         df = tables[probe]
         parts.append(_html_table(df))
+        if f"{probe}-paired" in tables:
+            parts.append(f"<h3>{html.escape(probe)}: trained variants item by item</h3><p>Per item, the mean over "
+                         "a variant's seeds; the difference against the reference with a bootstrap interval over "
+                         "items and a sign-flip permutation test (p).</p>")
+            parts.append(_html_table(with_intervals(tables[f"{probe}-paired"])))
         if f"{probe}-curve" in tables:
             for metric, wide in curve_wide(with_intervals(tables[f"{probe}-curve"]), probe, by, "first").items():
                 parts.append(f"<h3>{html.escape(probe)}: {metric} by {CURVES[probe][1]}</h3>")

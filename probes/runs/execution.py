@@ -151,7 +151,8 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
             items, state, prepared = spec.prepare(loaded, task, items, options)
             if state is not None:  # what the probe's batches need from preparing (the lens only checks)
                 kwargs["state"] = state
-        check_context(loaded, items)
+        if not spec.truncates:
+            check_context(loaded, items)
         size = AUTO_START if auto else batch_size
         run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
                    "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,

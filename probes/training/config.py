@@ -75,6 +75,9 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
             if key in POSITIVE and value < 1:
                 raise ProbeError(f"{where}: {section}.{key} {value!r}; accepted: a positive integer")
     check_task(cfg["task"], where)
+    if "train" not in fields and "steps" not in cfg["train"]:
+        raise ProbeError(f"{where}: task generator {generator!r} has no fixed number of training sequences; "
+                         "accepted: train.steps instead of train.epochs")
     if (cfg["train"]["schedule"] == "cosine_with_min_lr") != ("min_lr" in cfg["train"]):
         raise ProbeError(f"{where}: train.min_lr goes with schedule cosine_with_min_lr (both or neither)")
     if cfg["train"].get("max_grad_norm", 1.0) < 0:

@@ -21,7 +21,7 @@ import torch
 from ..errors import ProbeError
 from ..tasks.nback import NBack
 from ..tasks.tree import ORDERS, make_tree, vocabulary
-from . import icl
+from . import icl, text
 
 LABELS = ("-", "m")  # target 0: no match, 1: match
 IGNORE = -100  # positions before N are not scored
@@ -51,7 +51,10 @@ def word_tokenizer(words: list[str], pad: str):
 
 def tokenizer_for(task: dict):
     """The task's vocabulary: N-back: pad, unk, letters..., -, m; tree: the authors' 35 tokens, then unk; in-context
-    classification: the labels "0".."L-1" (their ids are their indices), pad, unk."""
+    classification: the labels "0".."L-1" (their ids are their indices), pad, unk; text: a BPE trained on the
+    corpus's training documents."""
+    if task["generator"] == "text":
+        return text.tokenizer(task)
     if task["generator"] == "icl":
         return word_tokenizer([*icl_labels(task), "<pad>", "<unk>"], pad="<pad>")
     if task["generator"] == "tree":
@@ -114,12 +117,13 @@ class Generator:
     readout: Callable  # task -> the tokens the loss chooses among at each scored position; None: the whole vocabulary
     positions: Callable  # task -> input positions of a sequence
     run_name: Callable  # (task, seed) -> the run's folder name
-    chance: Callable  # task -> the test accuracy of a model that always gives the commonest answer
+    chance: Callable  # task -> the test accuracy of a model that always gives the commonest answer (None: unknown)
     summary: Callable  # task -> what a run trained on, in a few words
     collate: Callable = lambda splits: collate_ids  # the train split -> its batches' collate function
     eval_on_start: bool = False  # evaluate before the first step too (curves from step 0)
     extra_metrics: Callable | None = None  # (model, test splits) -> {name: value}, logged at every evaluation
     eval_batch: int = 64  # sequences per evaluation batch
+    whole_sequences: bool = True  # also the accuracy of whole sequences (every scored position right)
 
 
 GENERATORS = {
@@ -139,6 +143,10 @@ GENERATORS = {
         collate=lambda splits: icl.collate(splits["train"]), eval_on_start=True,
         extra_metrics=lambda model, test: {f"ic_{k}": v for k, v in icl.query_attention(model, test["ic"]).items()},
         eval_batch=1000),
+    "text": Generator(
+        text.FIELDS, text.splits, lambda t: None, lambda t: t["context"], lambda t, seed: f"seed{seed}",
+        lambda t: None, lambda t: f"{t['corpus']}, {t['context']}-token blocks",
+        extra_metrics=lambda model, test: text.icl_score(model, test), eval_batch=16, whole_sequences=False),
 }
 
 
@@ -146,6 +154,8 @@ def check_task(task: dict, where: str) -> None:
     """Values a generator's types cannot say: tree orders and sizes, N-back letters, in-context classes."""
     if task["generator"] == "icl":
         icl.check(task, where)
+    if task["generator"] == "text":
+        text.check(task, where)
     if task["generator"] == "tree":
         if task["order"] not in ORDERS:
             raise ProbeError(f"{where}: task.order {task['order']!r}; accepted: {', '.join(ORDERS)}")

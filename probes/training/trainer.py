@@ -13,6 +13,7 @@ schedule, RNG states and the data order), and ends with the weights an uninterru
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -99,7 +100,7 @@ def _argmax(logits, labels):
     return logits.argmax(-1)
 
 
-def _accuracy(pred) -> dict:
+def _accuracy(pred, whole_sequences: bool = True) -> dict:
     """Accuracy over scored positions, and over sequences (every scored position right)."""
     import numpy as np
 
@@ -107,7 +108,7 @@ def _accuracy(pred) -> dict:
     scored = target != IGNORE
     right = (predicted == target) | ~scored
     out = {"accuracy": float((predicted == target)[scored].mean())}
-    if scored.sum(-1).max() > 1:  # several answers per sequence: also whole sequences
+    if whole_sequences and scored.sum(-1).max() > 1:  # several answers per sequence: also whole sequences
         out["sequence_accuracy"] = float(np.all(right, axis=-1).mean())
     return out
 
@@ -141,7 +142,10 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
     from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging as hf_logging
 
+    import datasets
+
     hf_logging.disable_progress_bar()  # "Writing model shards" at every checkpoint: noise next to the training bar
+    datasets.disable_progress_bars()  # and text generators' tokenizing
 
     run = Path(output) if output else default_run_dir(cfg)
     if run.exists() and not run.is_dir():
@@ -169,7 +173,8 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
                 atomic_write(run / "training.yaml", lambda f: yaml.safe_dump(cfg, f, sort_keys=False))
                 write_json(run / "meta.json", meta)
         trainer = _trainer_class()(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"],
-                                   processing_class=tok, compute_metrics=_accuracy,
+                                   processing_class=tok,
+                                   compute_metrics=functools.partial(_accuracy, whole_sequences=generator(cfg).whole_sequences),
                                    preprocess_logits_for_metrics=_argmax,
                                    data_collator=generator(cfg).collate(data))
         readout = generator(cfg).readout(cfg["task"])
@@ -252,7 +257,9 @@ def plot_log(run: Path, cfg: dict) -> None:
     for col in (c for c in log if c.startswith("eval_") and c.endswith("accuracy")):
         d = log.dropna(subset=[col])
         b.plot(d.step, d[col], "o-", ms=3, label=_test_name(col, "accuracy"))
-    b.axhline(generator(cfg).chance(cfg["task"]), color="gray", ls=":", lw=1, label="commonest answer (positions)")
+    chance = generator(cfg).chance(cfg["task"])
+    if chance is not None:
+        b.axhline(chance, color="gray", ls=":", lw=1, label="commonest answer (positions)")
     b.legend(fontsize=8)
     b.set(xlabel="step", ylabel="test accuracy", ylim=(0, 1.02))
     _save(fig, run / "plot.png")

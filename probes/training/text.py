@@ -1,0 +1,90 @@
+"""Language modelling on natural text (generator `text`): next-token prediction on blocks of `context` tokens.
+
+The corpus (tasks/corpus.py: a registry package's English text, a data set by name, or a file) is split by document
+(every `holdout`-th held out); a byte-level BPE of `vocab` tokens is trained by `tokenizers` on the training documents
+(deterministic, so a resumed run rebuilds the same one; it is saved with the model). Documents are tokenized, each
+ended by <|endoftext|>, joined, and cut into blocks of context + 1 tokens (as transformers' run_clm groups texts; the
+tail of each batch of 1,000 documents that fills no block is dropped): a block's first `context` tokens are the
+input, its last `context` the target. The test set is the first `test` blocks of the held-out documents. At every
+evaluation the run also logs the in-context learning score on them (Olsson et al.; the icl-score probe's measure):
+the loss at token `late` of a block minus the loss at token `early`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ProbeError
+from ..tasks import corpus as corpora
+
+FIELDS = {"generator": (str, "text"), "corpus": (str, "stdlib-english"), "vocab": (int, 8192), "context": (int, 256),
+          "holdout": (int, 50), "test": (int, 64), "seed": (int, 0)}
+EARLY, LATE = 50, 500  # Olsson et al.'s tokens (the late one capped to the context)
+BATCH = 1000  # documents tokenized together
+
+
+def check(task: dict, where: str) -> None:
+    corpora.check(task["corpus"], where)
+    if task["vocab"] < 257:
+        raise ProbeError(f"{where}: task.vocab {task['vocab']}; accepted: 257 or more (the 256 bytes and "
+                         "<|endoftext|>)")
+    for key in ("context", "holdout"):
+        if task[key] < 2:
+            raise ProbeError(f"{where}: task.{key} {task[key]}; accepted: 2 or more")
+
+
+def documents(task: dict, part: str):
+    """The corpus's training or held-out documents as a `datasets.Dataset` with a `text` column."""
+    from datasets import Dataset, load_dataset
+
+    name = task["corpus"]
+    if name.startswith("dataset:"):  # memory-mapped, never a Python list: TinyStories is 2.1M stories
+        ds = load_dataset(name.partition(":")[2], split="train").select_columns(["text"])
+    else:
+        ds = Dataset.from_dict({"text": corpora.documents(name)})
+    return ds.filter(lambda _, i: (i % task["holdout"] == 0) == (part == "test"), with_indices=True)
+
+
+def tokenizer(task: dict):
+    from ..models.loading import bpe_tokenizer
+
+    train = documents(task, "train")
+    return bpe_tokenizer((b["text"] for b in train.iter(batch_size=BATCH)), task["vocab"], max_length=task["context"])
+
+
+def blocks(docs, tok, context: int):
+    """(input_ids, target) rows of `context` tokens each from the documents, as described above."""
+    size, eos = context + 1, tok.eos_token_id
+
+    def group(batch):
+        ids = [t for ids in tok(batch["text"], verbose=False).input_ids for t in (*ids, eos)]
+        starts = range(0, len(ids) - size + 1, size)
+        return {"input_ids": [ids[s:s + context] for s in starts], "target": [ids[s + 1:s + size] for s in starts]}
+
+    return docs.map(group, batched=True, batch_size=BATCH, remove_columns=docs.column_names)
+
+
+def splits(task: dict, tok) -> dict:
+    train = blocks(documents(task, "train"), tok, task["context"])
+    test = blocks(documents(task, "test"), tok, task["context"])
+    if not len(train) or not len(test):
+        raise ProbeError(f"corpus {task['corpus']!r} gives {len(train)} training and {len(test)} test blocks of "
+                         f"{task['context'] + 1} tokens; accepted: more text, or a smaller context or holdout")
+    return {"train": train, "test": test.select(range(min(task["test"], len(test))))}
+
+
+def icl_score(model, test, batch: int = 16) -> dict:
+    """The mean loss at token `early` and `late` over the test blocks, and their difference (negative: the later
+    token is predicted better, from the context)."""
+    context = len(test[0]["input_ids"])
+    early, late = min(EARLY, context - 2), min(LATE, context - 1)  # as the icl-score probe can read them
+    sums = torch.zeros(2)
+    for start in range(0, len(test), batch):
+        rows = test[start:start + batch]
+        x, y = torch.tensor(rows["input_ids"]), torch.tensor(rows["target"])
+        with torch.no_grad():
+            logits = model(input_ids=x.to(model.device)).logits[:, [early - 1, late - 1]].float().cpu()
+        sums += torch.nn.functional.cross_entropy(logits.transpose(1, 2), y[:, [early - 1, late - 1]],
+                                                  reduction="none").sum(0)
+    e, l = (sums / len(test)).tolist()
+    return {"loss_early": e, "loss_late": l, "icl_score": l - e}
