@@ -106,8 +106,9 @@ def test_the_logged_icl_score_is_the_hand_computation(tmp_path):
         logp = torch.log_softmax(model(x).logits.float(), -1)
     nll = -logp.gather(-1, y[..., None])[..., 0].mean(0)  # per position, over the 8 blocks
     got = text.icl_score(model, test, batch=3)  # batches that do not divide the test set
-    assert got["loss_early"] == pytest.approx(float(nll[29]), abs=1e-5)  # early = min(50, context - 2) = 30
-    assert got["loss_late"] == pytest.approx(float(nll[30]), abs=1e-5)  # late = min(500, context - 1) = 31
+    # the 21 tokens up to early = min(50, context - 2) = 30 (positions 9-29) and up to late = min(500, 31) = 31
+    assert got["loss_early"] == pytest.approx(float(nll[9:30].mean()), abs=1e-5)
+    assert got["loss_late"] == pytest.approx(float(nll[10:31].mean()), abs=1e-5)
     final = json.loads((run / "meta.json").read_text())["final"]
     assert final["eval_icl_score"] == pytest.approx(got["icl_score"], abs=1e-5)
 

@@ -6,8 +6,10 @@ The corpus (tasks/corpus.py: a registry package's English text, a data set by na
 ended by <|endoftext|>, joined, and cut into blocks of context + 1 tokens (as transformers' run_clm groups texts; the
 tail of each batch of 1,000 documents that fills no block is dropped): a block's first `context` tokens are the
 input, its last `context` the target. The test set is the first `test` blocks of the held-out documents. At every
-evaluation the run also logs the in-context learning score on them (Olsson et al.; the icl-score probe's measure):
-the loss at token `late` of a block minus the loss at token `early`.
+evaluation the run also logs the in-context learning score on them (Olsson et al.): the loss late in a block minus
+the loss early, each the mean over the WINDOW tokens up to token `late` (500, capped to the block) and up to token
+`early` (50). The icl-score probe reads single tokens over many documents, with intervals; over a few dozen fixed
+test blocks, a single token's loss is mostly the luck of which tokens sit there, hence the windows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..tasks import corpus as corpora
 FIELDS = {"generator": (str, "text"), "corpus": (str, "stdlib-english"), "vocab": (int, 8192), "context": (int, 256),
           "holdout": (int, 50), "test": (int, 64), "seed": (int, 0)}
 EARLY, LATE = 50, 500  # Olsson et al.'s tokens (the late one capped to the context)
+WINDOW = 21  # tokens averaged up to each
 BATCH = 1000  # documents tokenized together
 
 
@@ -74,17 +77,20 @@ def splits(task: dict, tok) -> dict:
 
 
 def icl_score(model, test, batch: int = 16) -> dict:
-    """The mean loss at token `early` and `late` over the test blocks, and their difference (negative: the later
-    token is predicted better, from the context)."""
+    """The mean loss over the WINDOW tokens up to token `early` and up to token `late` of the test blocks, and their
+    difference (negative: later tokens are predicted better, from the context)."""
     context = len(test[0]["input_ids"])
     early, late = min(EARLY, context - 2), min(LATE, context - 1)  # as the icl-score probe can read them
+    # position p of a block predicts token p + 1 from the p + 1 tokens before it: token t is position t - 1
+    windows = [list(range(max(0, t - WINDOW), t)) for t in (early, late)]
     sums = torch.zeros(2)
     for start in range(0, len(test), batch):
         rows = test[start:start + batch]
         x, y = torch.tensor(rows["input_ids"]), torch.tensor(rows["target"])
         with torch.no_grad():
-            logits = model(input_ids=x.to(model.device)).logits[:, [early - 1, late - 1]].float().cpu()
-        sums += torch.nn.functional.cross_entropy(logits.transpose(1, 2), y[:, [early - 1, late - 1]],
-                                                  reduction="none").sum(0)
+            logits = model(input_ids=x.to(model.device)).logits.float().cpu()
+        for i, w in enumerate(windows):
+            sums[i] += torch.nn.functional.cross_entropy(logits[:, w].transpose(1, 2), y[:, w], reduction="none") \
+                .mean(1).sum()
     e, l = (sums / len(test)).tolist()
     return {"loss_early": e, "loss_late": l, "icl_score": l - e}
