@@ -108,7 +108,7 @@ def cmd_run(args) -> None:
                "sources": args.sources, "source_items": args.source_items, "source_layer": args.source_layer,
                "context": args.context, "how": args.ablation, "sites": args.sites, "direction": args.direction,
                "label": args.label, "site": args.site, "position": args.position, "vocab": args.vocab,
-               "early": args.early, "late": args.late}
+               "early": args.early, "late": args.late, "erase": args.erase}
     chosen = probe_options(args.probe, options, strict=True)
     overrides = parse_overrides(args.task_option)
     tasks = _run_tasks(args, overrides)

@@ -99,6 +99,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                                    "task adds (e.g. match)")
     f.add_argument("--site", help="linear-probe: resid (default), attn or ffn")
     f.add_argument("--position", help="linear-probe: last (default) or argument")
+    f.add_argument("--erase", help="linear-probe: a layer at which to erase the (first) label with LEACE and score "
+                                   "the model's answers, against erasing as many random directions")
     f.add_argument("--early", type=_count(1), help="icl-score: the early token index (default 50)")
     f.add_argument("--late", type=_count(1), help="icl-score: the late token index (default 500)")
     r.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")

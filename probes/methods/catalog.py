@@ -75,7 +75,7 @@ PROBES: dict[str, Probe] = {
     "linear-probe": Probe(linear_probe.run_linear_probe, linear_probe.summarize_linear_probe,
                           linear_probe.report_linear_probe,
                           "logistic-regression probes per layer for a label of the items, held out, against "
-                          "shuffled labels and random weights", plots.plot_linear_probe, ("label", "site", "position"),
+                          "shuffled labels and random weights", plots.plot_linear_probe, ("label", "site", "position", "erase"),
                           prepare=linear_probe.prepare_linear_probe, run_options=("label", "site", "position"),
                           passes=lambda n_layers, opts: 2, defaults={"label": "group", "site": "resid", "position": "last"}),
     "logit-difference": Probe(contrast.run_contrast, contrast.summarize_contrast, contrast.report_contrast,

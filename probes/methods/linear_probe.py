@@ -13,7 +13,8 @@ goal). Several labels, comma-separated (`--label up0,up1,up2`), are probed on th
 matrix, as backward chaining is shown. Classes with a single item are left out of that label's fit (counted).
 
 Activations of all items are collected while the run goes (one row per item, layer and site with the vector), and
-the fits are made when the run is summarized: a probe needs every item at once.
+the fits are made when the run is summarized: a probe needs every item at once. `--erase LAYER` also asks whether
+the model uses the (first) label's feature there: LEACE concept erasure, then the model's answers (methods/erasure.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from ..errors import ProbeError
 from ..stats import bootstrap, interval_text, level, proportion
 from ..tasks.base import Item, item_columns
+from . import erasure
 from .patching import argument_position
 
 SITES = ("resid", "attn", "ffn")
@@ -75,11 +77,8 @@ def run_linear_probe(loaded, items: list[Item], state: dict | None = None, label
         raise ProbeError(f"unknown probe site {site!r}; accepted: {', '.join(SITES)}")
     if site == "ffn" and not loaded.arch.has_ffn:
         raise ProbeError("probe site 'ffn': this model has no FFN; accepted: resid, attn")
-    if position not in ("last", "argument"):
-        raise ProbeError(f"unknown probe position {position!r}; accepted: last, argument")
+    pos = _positions(loaded.tokenizer, items, position)
     tok = loaded.tokenizer
-    pos = [len(tok(it.prompt).input_ids) - 1 if position == "last" else argument_position(tok, it.prompt, it.argument)
-           for it in items]
     real = _vectors(loaded, [it.prompt for it in items], site, pos)
     random = _vectors(state["random"], [it.prompt for it in items], site, pos)
     rows = []
@@ -89,15 +88,24 @@ def run_linear_probe(loaded, items: list[Item], state: dict | None = None, label
                 "token_index": pos[b]}
         if len(names) > 1:
             cols.update({f"label_{n}": label_of(it, n) for n in names})
+        if state.get("erase"):
+            cols.update(erasure.score(loaded, it, state["erase"], site, pos[b]))
         for layer in range(real.shape[1]):
             rows.append({**cols, "layer": layer, "vector": json.dumps(real[b, layer].tolist()),
                          "random_vector": json.dumps(random[b, layer].tolist())})
     return rows
 
 
+def _positions(tok, items: list[Item], position: str) -> list[int]:
+    if position not in ("last", "argument"):
+        raise ProbeError(f"unknown probe position {position!r}; accepted: last, argument")
+    return [len(tok(it.prompt).input_ids) - 1 if position == "last" else argument_position(tok, it.prompt, it.argument)
+            for it in items]
+
+
 def prepare_linear_probe(loaded, task, items: list[Item], options: dict):
     """The control model: the same architecture (config) and tokenizer with freshly initialised random weights
-    (seeded with the task's seed); it doubles the memory the model takes."""
+    (seeded with the task's seed); it doubles the memory the model takes. With `erase`, the LEACE eraser too."""
     import dataclasses
 
     from nnsight.modeling.transformers import TransformersModel
@@ -117,8 +125,21 @@ def prepare_linear_probe(loaded, task, items: list[Item], options: dict):
     hf.eval().requires_grad_(False)
     model = TransformersModel(hf, task="text-generation", tokenizer=loaded.tokenizer)
     random = dataclasses.replace(loaded, model=model, arch=Arch(model), remote=False)
-    return items, {"random": random}, {"labels": label_names(options.get("label", "group")),
+    state, meta = {"random": random}, {"labels": label_names(options.get("label", "group")),
                                        "control": "random weights (re-initialised)"}
+    if options.get("erase") is not None:
+        site, position = options.get("site", "resid"), options.get("position", "last")
+        if site not in SITES or any(not it.answer for it in items):
+            raise ProbeError(f"--erase needs a site of {', '.join(SITES)} (got {site!r}) and items with answers; "
+                             "accepted: a task whose items have answers")
+        layer = erasure.parse_layer(options["erase"], loaded.arch.n_layers, site)
+        first = label_names(options.get("label", "group"))[0]
+        state["erase"] = erasure.fit(
+            loaded, items, [label_of(it, first) for it in items],
+            lambda its: _vectors(loaded, [it.prompt for it in its], site, _positions(loaded.tokenizer, its, position)),
+            layer, task.seed)
+        meta.update({"erase_layer": layer, "erase_label": first, "erase_rank": state["erase"]["rank"]})
+    return items, state, meta
 
 
 def _fit(x_train, y_train, x_test):
@@ -145,9 +166,11 @@ def summarize_linear_probe(df, seed: int = 0) -> dict:
     random-weights controls, and the selectivity; the split is stratified by label and seeded. Several labels:
     the same for each, under `labels`."""
     names = [c[len("label_"):] for c in df.columns if c.startswith("label_")]
+    erased = {"erasure": erasure.summarize(df)} if "erase_half" in df else {}
     if not names:
-        return _summarize_label(df, "label", seed)
-    return {"items": int(df.item.nunique()), "labels": {n: _summarize_label(df, f"label_{n}", seed) for n in names}}
+        return {**_summarize_label(df, "label", seed), **erased}
+    return {"items": int(df.item.nunique()), "labels": {n: _summarize_label(df, f"label_{n}", seed) for n in names},
+            **erased}
 
 
 def _summarize_label(df, col: str, seed: int) -> dict:
@@ -187,6 +210,11 @@ def _summarize_label(df, col: str, seed: int) -> dict:
 
 
 def report_linear_probe(df, summary) -> str:
+    text = _report(df, summary)
+    return text + ("\n" + erasure.report(summary["erasure"]) if "erasure" in summary else "")
+
+
+def _report(df, summary) -> str:
     if "labels" in summary:
         return report_matrix(df, summary)
     if not summary["layers"]:
