@@ -54,7 +54,7 @@ def test_a_training_sweep_trains_then_probes_every_checkpoint_and_gives_curves_o
         ("tiny-n1-seed0", 1), ("tiny-n2-seed0", 2)}
     skipped = {}  # a folder holding the training runs too: not probe runs, they give their own tables (curves and
     # steps to 50%/95% accuracy) beside the probes'
-    training = {"training-curves", "training-milestones", "training-milestones-runs"}
+    training = {"training-curves", "training-final", "training-milestones", "training-milestones-runs"}
     assert set(aggregate(tmp_path, ["model", "probe"], skipped)) == set(tables) | training and not set(tables) & training
     assert not skipped
     attention = tables["attention"]

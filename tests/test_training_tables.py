@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probes.reports.training import curves, milestones, reached, training_runs, training_tables
+from probes.reports.training import curves, finals, milestones, reached, training_runs, training_tables
 from probes.stats import permutation
 
 from .test_cli import probe
@@ -70,12 +70,38 @@ def test_milestones_compare_variants_with_an_exact_permutation_test(folder):
     assert permutation([1, 2, 3], [1, 2, 3]) == 1.0
 
 
+def test_final_values_compare_variants_over_seeds(folder):
+    f = finals(training_runs(folder))
+    iw = f[(f.metric == "eval_iw_accuracy")]
+    assert set(iw.variant) == {"value_residual=none", "value_residual=previous"} and (iw.step == 1000).all()
+    prev = iw[iw.variant == "value_residual=previous"].iloc[0]
+    assert prev["mean"] == pytest.approx(0.1) and prev.runs == 5 and prev.difference == pytest.approx(0.0)
+    assert prev.p_permutation == 1.0  # identical final values: no evidence of a difference
+    label = f[(f.metric == "eval_ic_query_label_L1") & (f.variant == "value_residual=none")].iloc[0]
+    assert label["mean"] == pytest.approx(0.5) and label.mean_lo == pytest.approx(0.5)  # no spread, no width
+    assert "difference" not in f.columns or pd.isna(label.get("difference"))  # the baseline is not compared to itself
+
+
+def test_a_text_run_has_curves_and_final_values_but_no_accuracy_milestones(tmp_path):
+    for mode in ("none", "previous"):
+        run = tmp_path / mode
+        run.mkdir()
+        cfg = {"name": "lm", "task": {"generator": "text"}, "model": {"value_residual": mode}, "train": {"seed": 0}}
+        (run / "meta.json").write_text(json.dumps({"kind": "training", "status": "complete", "config": cfg}))
+        pd.DataFrame({"step": [100, 200], "eval_accuracy": [0.1, 0.2], "eval_icl_score": [-0.1, -0.3]}).to_csv(
+            run / "log.csv", index=False)
+    tables = training_tables(tmp_path)
+    assert set(tables) == {"training-curves", "training-final"}
+    assert set(tables["training-final"].metric) == {"eval_accuracy", "eval_icl_score"}
+
+
 def test_aggregate_and_report_show_the_training_runs(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("agg")
     r = probe("aggregate", str(folder), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "training-milestones" in r.stdout and "rows (metric x step x variant)" in r.stdout
-    assert set(training_tables(folder)) == {"training-curves", "training-milestones", "training-milestones-runs"}
+    assert set(training_tables(folder)) == {"training-curves", "training-final", "training-milestones",
+                                            "training-milestones-runs"}
     r = probe("report", str(folder), "--out", str(out / "r.html"))
     assert r.returncode == 0, r.stderr
     page = (out / "r.html").read_text()

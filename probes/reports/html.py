@@ -171,6 +171,8 @@ def training_section(tables: dict) -> list[str]:
              "test of the mean steps against the baseline variant; steps interpolated between evaluations.</p>"]
     if "training-milestones" in tables:
         parts.append(_html_table(tables["training-milestones"]))
+    if "training-final" in tables:
+        parts.append("<h3>at the end of training</h3>" + _html_table(with_intervals(tables["training-final"])))
     figures = [_figure(_png(plot_curves(curve, config)), f"{config}: evaluations against step")
                for config in dict.fromkeys(curve.training_config)]
     return parts + ["<div class='plots'>" + "".join(figures) + "</div>"]

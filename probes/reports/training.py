@@ -1,6 +1,7 @@
 """Tables across training runs: the runs of one config (a sweep's `set` values x seeds) grouped by what varies
 between them (e.g. model.value_residual), their evaluation curves pooled over seeds with t bands, and the steps each
-run takes to reach given levels of its headline test accuracy, compared between variants.
+run takes to reach given levels of its headline test accuracy (the generator's `milestone`), and every metric's
+value at the end of training, compared between variants.
 
 A training run's log.csv holds every evaluation (step, eval_<set>_accuracy, eval_<set>_loss, other eval_ metrics);
 seeds are the replicates, so intervals are over seeds (Student t), never over the sequences of one test set.
@@ -18,7 +19,6 @@ import pandas as pd
 from ..stats import finite_or_none, level, permutation, student_half
 
 LEVELS = (0.5, 0.95)
-HEADLINE = ("eval_ic_accuracy", "eval_accuracy")  # the metric milestones are taken on: the first a log has
 
 
 def training_runs(folder: Path) -> list[dict]:
@@ -93,11 +93,14 @@ def milestones(runs: list[dict], levels=LEVELS) -> tuple[pd.DataFrame, pd.DataFr
     """(per run: the step each level is reached; per variant and level: runs reaching it, mean step with its t
     interval, and against the baseline variant (the one named none, else the first): the difference of means with
     a bootstrap interval over seeds, how much sooner in %, and a permutation p-value)."""
+    from ..training.data import GENERATORS
+
     labels = label_runs(runs).set_index("path")
     per_run = []
     for r in runs:
-        metric = next((m for m in HEADLINE if m in r["log"]), None)
-        if metric is None:
+        generator = GENERATORS.get(r["config"].get("task", {}).get("generator", "nback"))
+        metric = generator.milestone if generator else None
+        if metric is None or metric not in r["log"]:
             continue
         lab = labels.loc[r["path"]]
         for level in levels:
@@ -106,9 +109,11 @@ def milestones(runs: list[dict], levels=LEVELS) -> tuple[pd.DataFrame, pd.DataFr
                             "last_step": int(r["log"].step.max())})
     per_run = pd.DataFrame(per_run)
     rows = []
+    if not len(per_run):
+        return per_run, pd.DataFrame()
     for (config, metric, level), sub in per_run.groupby(["training_config", "metric", "level"], sort=False):
         variants = list(dict.fromkeys(sub.variant))
-        base = next((v for v in variants if v.endswith("=none")), variants[0])
+        base = _baseline(variants)
         base_steps = sub[sub.variant == base].step.dropna().to_numpy(float)
         for v in variants:
             s = sub[sub.variant == v]
@@ -129,6 +134,42 @@ def milestones(runs: list[dict], levels=LEVELS) -> tuple[pd.DataFrame, pd.DataFr
     return per_run, pd.DataFrame(rows)
 
 
+def _baseline(variants: list[str]) -> str:
+    return next((v for v in variants if v.endswith("=none")), variants[0])
+
+
+def finals(runs: list[dict]) -> pd.DataFrame:
+    """Per config, metric and variant: the value at each run's last evaluation, its mean over seeds with a t
+    interval, and against the baseline variant the difference of means (bootstrap over seeds) and a permutation
+    p-value."""
+    labels = label_runs(runs).set_index("path")
+    last = []
+    for r in runs:
+        lab, log = labels.loc[r["path"]], r["log"]
+        for metric in (c for c in log if c.startswith("eval_")):
+            d = log.dropna(subset=[metric]).sort_values("step")
+            if len(d):
+                last.append({"training_config": lab.training_config, "variant": lab.variant, "metric": metric,
+                             "step": int(d.step.iloc[-1]), "value": float(d[metric].iloc[-1])})
+    rows = []
+    for (config, metric), sub in pd.DataFrame(last).groupby(["training_config", "metric"], sort=False):
+        variants = list(dict.fromkeys(sub.variant))
+        base = _baseline(variants)
+        b = sub[sub.variant == base].value.to_numpy(float)
+        for v in variants:
+            a = sub[sub.variant == v].value.to_numpy(float)
+            half = student_half(a.std(ddof=1), len(a)) if len(a) > 1 else np.nan
+            row = {"training_config": config, "metric": metric, "variant": v, "runs": len(a),
+                   "step": int(sub[sub.variant == v].step.max()), "mean": finite_or_none(a.mean()),
+                   "mean_lo": finite_or_none(a.mean() - half), "mean_hi": finite_or_none(a.mean() + half),
+                   "baseline": base}
+            if v != base and len(a) > 1 and len(b) > 1:
+                diff, lo, hi = _difference(a, b)
+                row.update(difference=diff, difference_lo=lo, difference_hi=hi, p_permutation=permutation(a, b))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple:
     """Mean of a minus mean of b, with a bootstrap interval resampling each group's seeds on its own."""
     from ..stats import difference
@@ -138,13 +179,13 @@ def _difference(a: np.ndarray, b: np.ndarray) -> tuple:
 
 
 def training_tables(folder: Path) -> dict[str, pd.DataFrame]:
-    """{'training-curves', 'training-milestones', 'training-milestones-runs'} for the training runs under
-    `folder`; {} if there are none."""
+    """{'training-curves', 'training-final', 'training-milestones', 'training-milestones-runs'} for the training
+    runs under `folder` (milestones where the runs' generator has one); {} if there are none."""
     runs = training_runs(folder)
     if not runs:
         return {}
     per_run, summary = milestones(runs)
-    tables = {"training-curves": curves(runs)}
+    tables = {"training-curves": curves(runs), "training-final": finals(runs)}
     if len(summary):
         tables["training-milestones"] = summary
         tables["training-milestones-runs"] = per_run
@@ -156,9 +197,10 @@ def _panels(metrics: list[str]) -> list[tuple[str, list[str]]]:
     order = ["in", "ic", "ic2", "iw"]  # the in-context classification test sets, in the paper's order; others after
     key = lambda m: (order.index(m.split("_")[1]) if m.split("_")[1] in order else len(order), m)  # noqa: E731
     acc = sorted((m for m in metrics if m.endswith("accuracy")), key=key)
-    loss = sorted((m for m in metrics if m.endswith("loss")), key=key)
+    loss = sorted((m for m in metrics if m.endswith("loss") or "_loss_" in m), key=key)
     attention = sorted({m.rsplit("_", 1)[-1] for m in metrics if re.search(r"_query_\w+_L\d+$", m)})
-    panels = [("test accuracy", acc), ("test loss", loss)]
+    panels = [("test accuracy", acc), ("test loss", loss),
+              ("in-context learning score (late - early loss)", [m for m in metrics if m.endswith("icl_score")])]
     for layer in attention:
         panels.append((f"query attention, layer {layer[1:]}", [m for m in metrics if m.endswith(f"_{layer}")]
                        + [m for m in metrics if m.endswith("_query_uniform")]))

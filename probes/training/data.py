@@ -124,6 +124,7 @@ class Generator:
     extra_metrics: Callable | None = None  # (model, test splits) -> {name: value}, logged at every evaluation
     eval_batch: int = 64  # sequences per evaluation batch
     whole_sequences: bool = True  # also the accuracy of whole sequences (every scored position right)
+    milestone: str | None = "eval_accuracy"  # the logged metric whose steps to 50% and 95% runs are compared on
 
 
 GENERATORS = {
@@ -142,11 +143,12 @@ GENERATORS = {
         lambda t: 1 / t["labels"], lambda t: f"in-context classification, {t['pairs']} pairs",
         collate=lambda splits: icl.collate(splits["train"]), eval_on_start=True,
         extra_metrics=lambda model, test: {f"ic_{k}": v for k, v in icl.query_attention(model, test["ic"]).items()},
-        eval_batch=1000),
+        eval_batch=1000, milestone="eval_ic_accuracy"),
     "text": Generator(
         text.FIELDS, text.splits, lambda t: None, lambda t: t["context"], lambda t, seed: f"seed{seed}",
         lambda t: None, lambda t: f"{t['corpus']}, {t['context']}-token blocks",
-        extra_metrics=lambda model, test: text.icl_score(model, test), eval_batch=16, whole_sequences=False),
+        extra_metrics=lambda model, test: text.icl_score(model, test), eval_batch=16, whole_sequences=False,
+        milestone=None),
 }
 
 
