@@ -207,3 +207,20 @@ def test_two_processes_train_as_one_at_the_same_global_batch(tmp_path):
     a, b = (load_file(tmp_path / r / "model.safetensors") for r in ("one", "two"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+
+
+@pytest.mark.parametrize("eval_steps", [8, 10])
+def test_the_final_metrics_are_the_last_step_evaluation_done_once(tmp_path, eval_steps, monkeypatch):
+    """24 steps: evaluated every 8 (the last at 24: reused, not repeated) or every 10 (then once more at 24)."""
+    from transformers import Trainer
+
+    calls = []
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: calls.append(self.state.global_step) or evaluate(self, *a, **k))
+    run = train(tiny_config(**{"train.eval_steps": eval_steps}), tmp_path / "run", progress=False)
+    assert calls == [s for s in range(eval_steps, 25, eval_steps)] + ([24] if 24 % eval_steps else [])
+    log = pd.read_csv(run / "log.csv").dropna(subset=["eval_loss"])
+    final = json.loads((run / "meta.json").read_text())["final"]
+    assert list(log.step) == [s for s in range(eval_steps, 24, eval_steps)] + [24]
+    assert final["eval_loss"] == pytest.approx(float(log.eval_loss.iloc[-1]), abs=0)
+    assert final["eval_accuracy"] == pytest.approx(float(log.eval_accuracy.iloc[-1]), abs=0)

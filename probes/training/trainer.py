@@ -193,7 +193,7 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
             trainer.remove_callback(PrinterCallback)
         last = get_last_checkpoint(str(run)) if resume else None
         trainer.train(resume_from_checkpoint=last)
-        final = trainer.evaluate()
+        final = _evaluation_at(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()
         trainer.save_model(str(run))  # final weights, config and tokenizer (main process): the folder loads as a model
         if state.is_main_process:
             write_log(run, trainer.state.log_history)
@@ -206,6 +206,13 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
     finally:
         if lock is not None:
             lock.release()
+
+
+def _evaluation_at(history: list[dict], step: int) -> dict:
+    """The metrics of the evaluation logged at `step` (the last one, when eval_steps divides the steps: no need to
+    evaluate the same weights twice), or {} if none was."""
+    at = {k: v for h in history if h.get("step") == step for k, v in h.items() if k.startswith("eval_")}
+    return at if any(k.endswith("loss") for k in at) else {}
 
 
 def _arguments(run: Path, t: dict, world: int, progress: bool, gen):
