@@ -123,10 +123,12 @@ def test_icl_score_reads_the_first_context_tokens_of_longer_documents(tmp_path):
     n = len(corpus.read_file(tmp_path / "docs.txt")[0]) // 400
     assert " ".join(p.prompt for p in pieces[:n + 1]).startswith(" ".join(first.split()[:50]))
     r = probe("run", "--model", str(run), "--task", str(tmp_path / "t.yaml"), "--probe", "icl-score", "--early",
-              "5", "--late", "31", "--output", str(tmp_path / "out"))
+              "5", "--output", str(tmp_path / "out"))  # --late 500 by default: capped to token 63
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "loss at token 63 - loss at token 5" in r.stdout  # the model has 64 positions (at least 64 are built)
     rows = pd.read_csv(tmp_path / "out" / "table.csv")
-    assert rows.reaches_late.all() and (rows.tokens == 32).all()  # each piece (over 32 tokens) cut to the context
+    assert rows.reaches_late.all() and (rows.tokens == 64).all()  # each piece (over 64 tokens) cut to the context
+    assert (rows.late == 63).all() and (rows.early == 5).all()
 
 
 def test_bad_lm_configs_and_corpus_tasks_are_one_line_errors(tmp_path, capsys):

@@ -1,8 +1,8 @@
 """icl-score: Olsson et al.'s in-context learning score on natural text (task kind `text`): the next-token loss at a
 late token of each document minus the loss at an early one (token 500 minus token 50 in their paper; here
-`--late`/`--early`, defaults 500 and 50, each capped to the model's context). Negative: later tokens are predicted
-better, from the context. Each document must reach the late token (shorter ones are counted and left out). The
-plot: the mean loss against token index.
+`--late`/`--early`, defaults 500 and 50; the late token is capped to the last one the model's context can predict,
+and the report says so). Negative: later tokens are predicted better, from the context. Each document must reach
+the late token (shorter ones are counted and left out). The plot: the mean loss against token index.
 """
 
 from __future__ import annotations
@@ -31,10 +31,15 @@ def run_icl_score(loaded, items: list[Item], early=50, late=500) -> list[dict]:
     from ..runs.execution import context_length
 
     limit = context_length(loaded)
+    if limit and late > limit - 1:
+        late = limit - 1  # token `late` is predicted from the late tokens before it: the context holds late + 1
+        if early >= late:
+            raise ProbeError(f"--early {early} is not before token {late}, the last this model's context of {limit} "
+                             "tokens predicts; accepted: a smaller --early")
     rows = []
     for it in items:
         ids = tok(it.prompt, truncation=bool(limit), max_length=limit).input_ids if limit else tok(it.prompt).input_ids
-        cols = item_columns(tok, it)
+        cols = {**item_columns(tok, it), "early": early, "late": late}
         if len(ids) <= late:
             rows.append({**cols, "tokens": len(ids), "reaches_late": False})
             continue
@@ -53,15 +58,17 @@ def summarize_icl_score(df, seed: int = 0) -> dict:
     used = df[df.reaches_late.astype(bool)]
     if not len(used):
         raise ProbeError("no document reaches the late token; accepted: a smaller --late or longer documents")
-    return {"documents": int(len(used)), "too_short": int(len(df) - len(used)),
+    return {"documents": int(len(used)), "too_short": int(len(df) - len(used)), "early": int(df.early.iloc[0]),
+            "late": int(df.late.iloc[0]),
             **mean(used.score, "score", seed=seed), **mean(used.loss_early, "loss_early", seed=seed),
             **mean(used.loss_late, "loss_late", seed=seed)}
 
 
 def report_icl_score(df, summary) -> str:
     return (f"documents {summary['documents']} ({summary['too_short']} too short, left out): in-context learning "
-            f"score (late - early loss) {interval_text(summary, 'score')}\nloss at the early token "
-            f"{interval_text(summary, 'loss_early')}, at the late token {interval_text(summary, 'loss_late')}\n"
+            f"score (loss at token {summary['late']} - loss at token {summary['early']}) "
+            f"{interval_text(summary, 'score')}\nloss at the early token {interval_text(summary, 'loss_early')}, at "
+            f"the late token {interval_text(summary, 'loss_late')}\n"
             f"[{level():.0%} bootstrap intervals over documents]")
 
 
