@@ -85,7 +85,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     f.add_argument("--positions", help="logit-lens: last (default), all, token indices '0,5,-1' or a slice '-3:' "
                                        "(a layer x position heat map); ffn-transplant replace: all (broadcast, "
                                        "default) or last; activation-patching: all (each on its own; default), "
-                                       "whole, last, argument or token indices")
+                                       "whole, last, argument, a position the task names (trees: goal, root, edge_up0, "
+                                       "...) or token indices")
     f.add_argument("--no-controls", action="store_true", help="ffn-transplant: skip shuffled and random vectors")
     f.add_argument("--sources", type=_count(1), help="ffn-transplant: average o over this many source prompts")
     f.add_argument("--source-items", help="ffn-transplant: source inputs, e.g. 'Poland,France'")
@@ -98,7 +99,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     f.add_argument("--label", help="linear-probe: what to decode: group (default), answer, argument, or a column the "
                                    "task adds (e.g. match)")
     f.add_argument("--site", help="linear-probe: resid (default), attn or ffn")
-    f.add_argument("--position", help="linear-probe: last (default) or argument")
+    f.add_argument("--position", help="linear-probe: last (default), argument, or a position the task names "
+                                      "(trees: goal, root, bar, colon, edge_up0, edge_up1, ...)")
     f.add_argument("--erase", help="linear-probe: a layer at which to erase the (first) label with LEACE and score "
                                    "the model's answers, against erasing as many random directions")
     f.add_argument("--early", type=_count(1), help="icl-score: the early token index (default 50)")

@@ -147,8 +147,8 @@ def test_nback_pairs_flip_the_answer_by_changing_the_current_letter_only():
 
 @pytest.mark.parametrize("call, message", [
     (lambda lm: parse_sites("heads"), "unknown patching site 'heads'; accepted: resid, attn, ffn"),
-    (lambda lm: resolve_positions("99", 10, 3), "patching position 99 is outside the prompt (10 tokens)"),
-    (lambda lm: resolve_positions("middle", 10, 3), "bad patching position 'middle'; accepted:"),
+    (lambda lm: resolve_positions("99", 10, {"argument": 3}), "patching position 99 is outside the prompt (10 tokens)"),
+    (lambda lm: resolve_positions("middle", 10, {"argument": 3}), "bad patching position 'middle'; accepted:"),
     (lambda lm: prepare_patching(lm, load_task("nback-sequence"), [], {}),
      "task 'nback-sequence' has no clean/corrupted pairs"),
     (lambda lm: prepare_patching(lm, load_task("capitals"), [], {"direction": "up"}), "unknown patching direction 'up'"),

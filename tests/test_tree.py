@@ -187,3 +187,39 @@ def test_goal_corruption_keeps_the_tree_and_swaps_the_goal_for_a_leaf_that_turns
     assert found >= len(first) and all(task.other_goal(it) for it in first)  # the root's second branch: always
     with pytest.raises(ProbeError, match="corrupt 'leaf'; accepted: tree, goal"):
         load_task("tree-trained", {"corrupt": "leaf"})
+
+
+def test_positions_by_meaning_are_the_goal_root_and_edges_up_the_path_for_any_tokenizer(tiny_run):
+    from probes.methods.patching import named_positions, resolve_positions
+
+    task = load_task("tree-trained", {"first_tree": 256, "trees": 30})
+    tree_tok = probes.load(str(tiny_run)).tokenizer
+    bpe = probes.load("tiny-gpt2").tokenizer
+    for it in task.items():
+        path = [int(v) for v in it.extra["path"].split()]
+        words = it.prompt.split(" ")
+        named = named_positions(tree_tok, it)  # word-level: a token is a word
+        assert words[named["bar"]] == "|" and words[named["colon"]] == ":" and named["root"] == 47
+        assert words[named["goal"]] == str(it.extra["goal"]) and words[named["root"]] == str(path[0])
+        assert [words[named[f"edge_up{k}"]] for k in range(len(path) - 1)] == [f">{v}" for v in reversed(path[1:])]
+        assert f"edge_up{len(path) - 1}" not in named  # the root has no edge into it
+        ids = bpe(it.prompt).input_ids
+        for name, at in named_positions(bpe, it).items():  # another tokenizer: the token holding that word
+            if name != "argument":
+                word = words[named[name]]
+                assert word.lstrip(">") in bpe.decode(ids[at]) or bpe.decode(ids[at]).strip() in word, (name, word)
+        step = it.extra["step"]  # the last token is the root at the first step (then once only)
+        want = [named["goal"], 47] + ([47 + step] if step else [])
+        assert resolve_positions("goal,root,last", 48 + step, named) == want
+    with pytest.raises(ProbeError, match="bad patching position 'registers'; accepted: all, whole, last, argument, bar"):
+        resolve_positions("registers", 48, named)
+
+
+def test_the_linear_probe_reads_a_named_position(tiny_run):
+    model = probes.load(str(tiny_run))
+    task = load_task("tree-trained", {"first_tree": 256, "trees": 40, "steps": "first"})
+    at_goal = probes.run(model, task, "linear-probe", label="up0", position="goal")
+    rows = at_goal.table[at_goal.table.layer == 0]
+    assert (rows.token_index == 45).all()  # the goal token, in every first-step prompt
+    with pytest.raises(ProbeError, match="unknown probe position 'middle'; accepted: last, argument, bar, goal"):
+        probes.run(model, task, "linear-probe", label="up0", position="middle")

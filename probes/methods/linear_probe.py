@@ -2,7 +2,8 @@
 layer, and is that the model's doing?
 
 Activations are read through nnsight at a site (`resid`: the residual at each index 0..L, 0 = embeddings;
-`attn`, `ffn`: each block's update) and a position (`last`, or `argument`: the argument's last token). A
+`attn`, `ffn`: each block's update) and a position (`last`, `argument`: the argument's last token, or one the task
+names: a tree's `goal`, `root`, `edge_up1`...). A
 scikit-learn logistic regression per layer is fitted on a seeded, stratified half of the items and scored on the
 other half: accuracy (Wilson interval) and macro-F1 (bootstrap over the held-out items), against two controls: the
 same probe on shuffled training labels (chance as this label's classes make it), and on the same architecture with
@@ -30,7 +31,7 @@ from ..errors import ProbeError
 from ..stats import bootstrap, interval_text, level, proportion
 from ..tasks.base import Item, item_columns
 from . import erasure
-from .patching import argument_position
+from .patching import named_positions
 
 SITES = ("resid", "attn", "ffn")
 
@@ -97,10 +98,14 @@ def run_linear_probe(loaded, items: list[Item], state: dict | None = None, label
 
 
 def _positions(tok, items: list[Item], position: str) -> list[int]:
-    if position not in ("last", "argument"):
-        raise ProbeError(f"unknown probe position {position!r}; accepted: last, argument")
-    return [len(tok(it.prompt).input_ids) - 1 if position == "last" else argument_position(tok, it.prompt, it.argument)
-            for it in items]
+    """Each item's token at `position`: last, argument, or a position the task names (trees: goal, root, ...)."""
+    out = []
+    for it in items:
+        named = {"last": len(tok(it.prompt).input_ids) - 1, **named_positions(tok, it)}
+        if position not in named:
+            raise ProbeError(f"unknown probe position {position!r}; accepted: {', '.join(named)}")
+        out.append(named[position])
+    return out
 
 
 def prepare_linear_probe(loaded, task, items: list[Item], options: dict):

@@ -13,8 +13,9 @@ recovery (LD_patched - LD_dest) / (LD_source - LD_dest): 1 = the patch carries t
 
 Many patches run in one forward: the pair's source and destination prompts, then the destination once per patch,
 in chunks of PATCH_ROWS rows (memory bounded by the chunk, not by layers x positions).
-Positions: `last`, `argument` (the argument's last token in the query), integers (negative count from the end),
-`all` (every position, each on its own) or `whole` (every position at once).
+Positions: `last`, `argument` (the argument's last token in the query), the task's positions by meaning (trees:
+`goal`, `root`, `bar`, `colon`, `edge_up0` = the edge token into the goal, `edge_up1` into its parent, ...), integers
+(negative count from the end), `all` (every position, each on its own) or `whole` (every position at once).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def parse_sites(value, has_ffn: bool = True) -> list[str]:
     return sites
 
 
-def resolve_positions(value, length: int, argument: int) -> list:
-    """Token positions of a prompt of `length` tokens: a list whose entries are an index, or a slice for `whole`."""
+def resolve_positions(value, length: int, named: dict[str, int]) -> list:
+    """Token positions of a prompt of `length` tokens: a list whose entries are an index, or a slice for `whole`.
+    Names: all, whole, last, and the item's positions by meaning (`named`: argument, and the task's own)."""
     names = [p.strip() for p in (value.split(",") if isinstance(value, str) else [str(v) for v in value or ["all"]])]
     out = []
     for name in names:
@@ -57,14 +59,14 @@ def resolve_positions(value, length: int, argument: int) -> list:
             out.append(slice(None))
         elif name == "last":
             out.append(length - 1)
-        elif name == "argument":
-            out.append(argument)
+        elif name in named:
+            out.append(named[name])
         else:
             try:
                 index = int(name)
             except ValueError:
-                raise ProbeError(f"bad patching position {name!r}; accepted: all, whole, last, argument or a token "
-                                 "index (negative from the end)") from None
+                raise ProbeError(f"bad patching position {name!r}; accepted: all, whole, last, "
+                                 + ", ".join(named) + " or a token index (negative from the end)") from None
             if not -length <= index < length:
                 raise ProbeError(f"patching position {index} is outside the prompt ({length} tokens); accepted: "
                                  f"{-length} to {length - 1}")
@@ -72,14 +74,24 @@ def resolve_positions(value, length: int, argument: int) -> list:
     return list(dict.fromkeys(out, None)) if not any(isinstance(p, slice) for p in out) else out
 
 
+def char_position(tokenizer, prompt: str, char: int) -> int:
+    """The token holding character `char` of the prompt."""
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    return next((i for i, (a, b) in enumerate(offsets) if a <= char < b), len(offsets) - 1)
+
+
 def argument_position(tokenizer, prompt: str, argument: str) -> int:
     """The token holding the last character of the argument's last occurrence in the prompt (the query's)."""
     at = prompt.rfind(argument.strip())
     if at < 0:
         return len(tokenizer(prompt).input_ids) - 1
-    char = at + len(argument.strip()) - 1
-    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    return next((i for i, (a, b) in enumerate(offsets) if a <= char < b), len(offsets) - 1)
+    return char_position(tokenizer, prompt, at + len(argument.strip()) - 1)
+
+
+def named_positions(tokenizer, item: Item) -> dict[str, int]:
+    """The item's positions by meaning as token indices: `argument`, then the task's (Item.positions)."""
+    return {"argument": argument_position(tokenizer, item.prompt, item.argument),
+            **{name: char_position(tokenizer, item.prompt, c) for name, c in item.positions.items()}}
 
 
 def _nback_pairs(task, items: list[Item], length) -> list[Item]:
@@ -254,7 +266,7 @@ def run_patching(loaded, items: list[Item], state: dict | None = None, sites="re
         clean, corrupted = it.prompt, it.extra["corrupted"]
         source, dest = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
         n = len(tok(clean).input_ids)
-        pos = resolve_positions(positions, n, argument_position(tok, clean, it.argument))
+        pos = resolve_positions(positions, n, named_positions(tok, it))
         patches = patch_list(sites, blocks, pos, arch.n_heads)
         good, bad = answer_token(tok, it), answer_token(tok, dataclasses.replace(it, answer=it.extra["corrupted_answer"]))
         logits = []

@@ -47,6 +47,18 @@ class Tree:
         return 3 * len(self.edges) + 2
 
 
+def named_positions(tokens: list[str], start: int, path: list[int]) -> dict[str, int]:
+    """Positions by meaning, as the first character of their token in the space-joined sequence: the `bar` ("|"),
+    the `goal`, the `colon`, the `root`, and `edge_up<k>`: the edge token ">v" into the node v k steps up the path
+    from the goal (edge_up0: the edge into the goal), the registers backward chaining reads, up to the root's child."""
+    chars = np.cumsum([0] + [len(t) + 1 for t in tokens]).tolist()
+    out = {name: chars[start + d] for name, d in (("bar", -3), ("goal", -2), ("colon", -1), ("root", 0))}
+    edges = {t: i for i, t in enumerate(tokens[:start - 3]) if t.startswith(">")}
+    for k, node in enumerate(reversed(path[1:])):
+        out[f"edge_up{k}"] = chars[edges[f">{node}"]]
+    return out
+
+
 def vocabulary(nodes: int) -> list[str]:
     """The authors' 35 tokens for 16 nodes: ",", ":", "|", then ">k" and "k" for every node."""
     return [PAD, ":", "|", *(f">{k}" for k in range(nodes)), *(str(k) for k in range(nodes))]
@@ -154,12 +166,14 @@ class TreeTask(Task):
             steps = len(tree.path) - 1
             # the node k steps up from the goal (up0 = the goal), "-" above the root: the linear probes' labels
             up = {f"up{k}": str(tree.path[-1 - k]) if k < len(tree.path) else "-" for k in range(self.nodes)}
+            named = named_positions(tokens, start, tree.path)
             for step in range(1 if self.steps == "first" else steps):
                 prompt = " ".join(tokens[:start + 1 + step])
                 out.append(Item(len(out), prompt, tokens[start + 1 + step], prompt, " " + tokens[start + 1 + step],
                                 f" {tree.goal}", group=str(steps),
                                 extra={"tree": t, "step": step, "path_length": steps, "goal": tree.goal,
-                                       "root": tree.root, "path": " ".join(map(str, tree.path)), **up}))
+                                       "root": tree.root, "path": " ".join(map(str, tree.path)), **up},
+                                positions=named))
                 if limit and len(out) >= limit:
                     return out
         if inputs is not None:
