@@ -72,16 +72,17 @@ def check_modes(**modes: str) -> tuple:
     return tuple(modes.values())
 
 
-def residual_mix(raw: torch.Tensor, layer: int, modes: tuple, shared: dict) -> torch.Tensor:
+def residual_mix(raw: torch.Tensor, layer: int, modes: tuple, shared: dict, last: bool = False) -> torch.Tensor:
     """The concatenated query, key and value projections `raw` of `layer`, each given the raw ones of an earlier
     layer as its mode (in q, k, v order) says: `previous` adds layer l-1's, `first` averages with layer 0's. Keeps
-    this layer's raw projections (and layer 0's) in `shared` for the next layer. In place on `raw` (a fresh
-    projection output), copying only the parts that pass on: the path costs a few percent of a step at most."""
+    this layer's raw projections (and layer 0's) in `shared` for the next layer, unless it is the `last`. In place
+    on `raw` (a fresh projection output), copying only the parts that pass on: the path costs a few percent of a
+    step at most."""
     used = [i for i, m in enumerate(modes) if m != "none"]
     if not used:
         return raw
     third = raw.shape[-1] // 3
-    own = {i: raw[..., i * third:(i + 1) * third].clone() for i in used}
+    own = {i: raw[..., i * third:(i + 1) * third].clone() for i in used} if not last else {}
     if layer > 0:
         for i in used:
             part = raw[..., i * third:(i + 1) * third]
@@ -103,11 +104,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.attn_bias)
         self.out = nn.Linear(config.n_embd, config.n_embd, bias=config.attn_bias) if config.attn_out else nn.Identity()
         self.layer, self.shared = layer, shared if shared is not None else {}
+        self.last = layer == config.n_layer - 1
         self.modes = (config.query_residual, config.key_residual, config.value_residual)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, d = x.shape
-        qkv = residual_mix(self.qkv(x), self.layer, self.modes, self.shared)
+        qkv = residual_mix(self.qkv(x), self.layer, self.modes, self.shared, self.last)
         q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in qkv.split(d, dim=-1))
         scores = (q @ k.transpose(-1, -2)) * self.scale
         probs = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
@@ -235,11 +237,12 @@ class ResidualQKV(Conv1D):
     (`residual_mix`)."""
 
     layer: int
+    last: bool
     modes: tuple
     shared: dict
 
     def forward(self, x):
-        return residual_mix(super().forward(x), self.layer, self.modes, self.shared)
+        return residual_mix(super().forward(x), self.layer, self.modes, self.shared, self.last)
 
 
 class ValueResidualGPT2LMHeadModel(GPT2LMHeadModel):
@@ -252,6 +255,7 @@ class ValueResidualGPT2LMHeadModel(GPT2LMHeadModel):
         for i, block in enumerate(self.transformer.h):
             block.attn.c_attn.__class__ = ResidualQKV  # the same parameters, so GPT-2's weights load as they are
             block.attn.c_attn.layer, block.attn.c_attn.modes, block.attn.c_attn.shared = i, modes, shared
+            block.attn.c_attn.last = i == config.n_layer - 1
 
 
 AutoConfig.register(ValueResidualGPT2Config.model_type, ValueResidualGPT2Config)
