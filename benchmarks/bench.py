@@ -229,7 +229,7 @@ def bench_training(config: str, steps: int, reps: int) -> dict:
                     for start in range(0, len(test), gen.eval_batch):
                         loss_of(collate([test[i] for i in range(start, min(start + gen.eval_batch, len(test)))]))
                 if gen.extra_metrics is not None:
-                    gen.extra_metrics(model, tests)
+                    gen.extra_metrics(model, data["test"])  # as the trainer passes its eval_dataset
             model.train()
 
         order = torch.Generator().manual_seed(t["seed"])
