@@ -97,7 +97,7 @@ def cmd_run(args) -> None:
     from .methods.catalog import check_task, get_probe, probe_options
     from .models.registry import resolve_model
     from .models.options import load_options
-    from .runs.execution import check_limit, check_text_model, counts_text, default_output, parse_batch_size, run_config
+    from .runs.execution import check_limit, check_inputs, counts_text, default_output, parse_batch_size, run_config
     from .runs.rundir import check_folder
     from .tasks.files import parse_overrides
 
@@ -115,7 +115,8 @@ def cmd_run(args) -> None:
     for t in tasks:
         check_task(args.probe, t)
     spec = resolve_model(args.model)
-    check_text_model(spec)
+    for t in tasks:
+        check_inputs(spec, t)
     if args.output and len(tasks) > 1:
         raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
     batch_size = parse_batch_size(args.batch_size)

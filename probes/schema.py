@@ -13,9 +13,10 @@ import typing
 TASK_FIELDS = {
     "name": ("the task's name (runs are filed under it)", "capitals"),
     "version": ("bump when the items change meaning; part of a run's identity", "1"),
-    "kind": ("abstractive, extractive, nback, tree, ioi, repeat, text (a prompts file has no task file)",
+    "kind": ("abstractive, extractive, nback, tree, ioi, repeat, text, icl (a prompts file has no task file)",
              "abstractive"),
-    "seed": ("draws worked examples, context facts, N-back letters, --limit samples, bootstrap resamples", "0"),
+    "seed": ("draws worked examples, context facts, N-back letters, --limit samples, bootstrap resamples (icl: "
+             "the training task's seed)", "0"),
     "description": ("one line for `probe tasks` and reports", "world capitals, Q/A format"),
     "source": ("where the data comes from", "Wikipedia list of national capitals"),
     "license": ("the data's licence", "CC BY-SA 4.0"),
@@ -33,7 +34,8 @@ TASK_FIELDS = {
     "context": ("extractive: a fact stated before the query", "'The capital of {input} is {output}.'"),
     "context_items": ("extractive: facts stated, the queried item's among them", "3"),
     "n": ("nback: N, one value or a list (1 to 6)", "[1, 2, 3]"),
-    "sequences": ("nback: letter sequences per N; repeat: repeated sequences", "4"),
+    "sequences": ("nback: letter sequences per N; repeat: repeated sequences; icl: the test set's first ones",
+                  "4"),
     "length": ("nback: letters per sequence; repeat: words per segment (said twice)", "24"),
     "matches": ("nback: targets per sequence (a letter equal to the one N back)", "8"),
     "letters": ("nback: the alphabet", "BCDFGHJKLMNPQRSTVWXZ"),
@@ -63,6 +65,19 @@ TASK_FIELDS = {
     "steps": ("tree: all (every step of each path) or first (step 0: the prompt ends at the root)", "first"),
     "order": ("tree: edge order: mixed (reversed for even trees, shuffled for odd, as the authors), forward, "
               "backward or random", "mixed"),
+    "classes": ("icl: as the model's training task.classes (the generator's fields must all be its)", "512"),
+    "labels": ("icl: as task.labels", "32"),
+    "pairs": ("icl: as task.pairs", "8"),
+    "max_pairs": ("icl: as task.max_pairs", "12"),
+    "item_dim": ("icl: as task.item_dim", "39"),
+    "burstiness": ("icl: as task.burstiness", "2"),
+    "p_bursty": ("icl: as task.p_bursty", "0.5"),
+    "p_novel": ("icl: as task.p_novel", "0.5"),
+    "noise": ("icl: as task.noise", "0.1"),
+    "zipf": ("icl: as task.zipf", "0.0"),
+    "set": ("icl: the test set: in (the training mixture), ic (novel classes), ic2 (labels shifted), iw (query class "
+            "absent)", "ic"),
+    "test": ("icl: as task.test (the test set's size as training drew it)", "10000"),
 }
 PROMPT_COLUMNS = {
     "prompt": ("required: the text the model reads", "The capital of France is"),

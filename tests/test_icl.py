@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from probes.errors import ProbeError
 from probes.models.custom import ProbeTransformerConfig, ProbeTransformerForCausalLM
+from probes.tasks import icl as generator
 from probes.training import icl
 from probes.training.config import load_training_config
 from probes.training.trainer import train
@@ -19,13 +20,13 @@ from .test_cli import probe
 from .test_training import ROOT, _kill_after
 
 PAPER = ROOT / "configs" / "training" / "icl-paper.yaml"
-TASK = {k: v for k, (_, v) in icl.FIELDS.items()}
+TASK = {k: v for k, (_, v) in generator.FIELDS.items()}
 P = TASK["pairs"]
 
 
 def draw(kind: str, n: int = 3000, **task):
     t = {**TASK, **task}
-    return icl.Classes(t), icl.Classes(t).sample(n, np.random.default_rng(7), kind)
+    return generator.Classes(t), generator.Classes(t).sample(n, np.random.default_rng(7), kind)
 
 
 def content(x):

@@ -70,6 +70,8 @@ def attention_weights(loaded, prompt, with_logits: bool = False):
 
 
 def run_attention(loaded, items: list[Item]) -> list[dict]:
+    if items and "match_items" in items[0].extra:
+        return run_query_attention(loaded, items)
     if not items or "matches" not in items[0].extra:
         raise ProbeError("the attention probe needs whole N-back sequences; accepted: --task nback-sequence")
     tok = loaded.tokenizer
@@ -98,6 +100,25 @@ def run_attention(loaded, items: list[Item]) -> list[dict]:
                              "nback_mass_nonmatch": float(np.mean(back[False])) if back[False] else math.nan,
                              "other_letter_mass": float(np.mean(other)) if other else math.nan,
                              "letter_attention": json.dumps(np.round(sub[h].numpy(), 5).tolist())})
+    return rows
+
+
+def run_query_attention(loaded, items: list[Item]) -> list[dict]:
+    """In-context classification (kind: icl): per layer and head, the query's (last position's) attention on the
+    context items of its class and on their labels, what uniform attention would give them (matches / positions),
+    and the entropy of the query's row: the circuit the task is known for reads the matching item's label."""
+    tok = loaded.tokenizer
+    rows = []
+    for it in items:
+        match = [int(j) for j in it.extra["match_items"].split()]
+        cols = item_columns(tok, it)
+        for layer, w in enumerate(attention_weights(loaded, it.prompt)):
+            query = w[:, -1, :]  # (heads, positions)
+            for h in range(w.shape[0]):
+                rows.append({**cols, "layer": layer, "head": h, "query_entropy": float(entropy(query[h])),
+                             "item_mass": float(query[h, [2 * j for j in match]].sum()),
+                             "label_mass": float(query[h, [2 * j + 1 for j in match]].sum()),
+                             "uniform_mass": len(match) / query.shape[-1]})
     return rows
 
 
@@ -140,6 +161,23 @@ def _total_entropy_interval(g, seed: int) -> dict:
 
 
 def summarize_attention(df, seed: int = 0) -> dict:
+    if "item_mass" in df:
+        return summarize_query_attention(df, seed)
+    return summarize_nback_attention(df, seed)
+
+
+def summarize_query_attention(df, seed: int = 0) -> dict:
+    """Per layer and head, the means over sequences of the query's mass on the matching items and labels (bootstrap
+    intervals), against uniform attention's, and of its entropy."""
+    out = {}
+    for (layer, head), g in df.groupby(["layer", "head"]):
+        out[f"L{layer}H{head}"] = {"layer": int(layer), "head": int(head),
+                                   **{k: v for c in ("item_mass", "label_mass", "uniform_mass", "query_entropy")
+                                      for k, v in mean(g[c], c, seed=seed).items()}}
+    return {"sequences": int(df.item.nunique()), "query": out}
+
+
+def summarize_nback_attention(df, seed: int = 0) -> dict:
     """Entropies by N (bootstrap intervals over sequences), and per N the head with the most N-back mass: chosen
     on one half of the sequences and its masses reported on the other half (both halves' sizes kept, intervals
     over the reporting half), so the figure is not the maximum it was picked as. With one sequence per N there
@@ -174,6 +212,12 @@ def nback_heads(table):
 
 def report_attention(df, summary) -> str:
     t = lambda d, k: interval_text(d, k, digits=2)  # noqa: E731
+    if "query" in summary:
+        lines = [f"{summary['sequences']} sequences; the query's attention, mean over sequences:"]
+        lines += [f"  layer {r['layer']} head {r['head']}: on the matching items {t(r, 'item_mass')}, on their labels "
+                  f"{t(r, 'label_mass')} (uniform attention: {r['uniform_mass']:.2f}); entropy {t(r, 'query_entropy')}"
+                  for r in summary["query"].values()]
+        return "\n".join(lines) + f"\n[{level():.0%} bootstrap intervals over sequences]"
     lines = [f"{summary['sequences']} sequences; mean over layers and heads, by N:"]
     for n, r in summary["by_n"].items():
         lines.append(f"  N={n}: entropy {t(r, 'entropy')}, no sink {t(r, 'entropy_nosink')}, "

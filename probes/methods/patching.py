@@ -4,7 +4,8 @@ A pair is an item's prompt (clean) and the same prompt, shots and all, with the 
 (corrupted: another country), chosen with the task's seed among the items whose prompt has the same number of
 tokens and whose answer starts with another token, so positions line up. On N-back trials the corrupted prompt
 changes the current letter so that the answer flips (match <-> no match); on trees, the corrupted prompt is the same
-step of another held-out tree whose next path node differs (a resampled tree). Activations of the source run (clean,
+step of another held-out tree whose next path node differs (a resampled tree); on an in-context classifier's
+sequences (vectors), the query's content is another context item's, of another label. Activations of the source run (clean,
 or corrupted with --direction noise) are written into the destination run at one site, block and position per
 patch: `resid` (the residual entering block i), `attn` (block i's attention update), `ffn` (its FFN update),
 `head` (one attention head's output, each head on its own: its slice of the output projection's input).
@@ -174,6 +175,23 @@ def _tree_pairs(task, items: list[Item], tok, direction: str):
     return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
 
 
+def _icl_pairs(task, items: list[Item], direction: str):
+    """Each classifier sequence paired with itself, the query's content swapped for a context item's of another
+    label (`IclTask.corrupted`): the answer moves to that label."""
+    if direction not in DIRECTIONS:
+        raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
+    paired = []
+    for it in items:
+        other = task.corrupted(it)
+        if other is not None:
+            paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": other[0],
+                                                         "corrupted_input": f"{it.input} query swapped",
+                                                         "corrupted_answer": other[1]}))
+    if not paired:
+        raise ProbeError(f"no sequence of task {task.name!r} has a context label other than its answer")
+    return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
+
+
 def _ioi_pairs(task, items: list[Item], tok) -> list[Item]:
     """Each IOI prompt paired with the same sentence whose other name is repeated (its answer is this one's
     subject), where both have the same token count."""
@@ -190,6 +208,8 @@ def _ioi_pairs(task, items: list[Item], tok) -> list[Item]:
 def prepare_patching(loaded, task, items: list[Item], options: dict):
     """Pair every item with a corrupted prompt (see the module's docstring); items with no partner are left out."""
     nback = task.kind == "nback" and getattr(task, "unit", "") == "trial"
+    if task.kind == "icl":
+        return _icl_pairs(task, items, options.get("direction", "denoise"))
     if task.kind == "tree":
         return _tree_pairs(task, items, loaded.tokenizer, options.get("direction", "denoise"))
     if not nback and task.kind != "ioi" and (not hasattr(task, "template") or not hasattr(task, "rows")):

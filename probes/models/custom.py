@@ -163,7 +163,7 @@ class ProbeTransformerModel(nn.Module):
             if states is not None:
                 states.append(x)
         if keep:
-            x = x[:, -keep:]
+            x = x[:, -keep:].contiguous()  # a strided slice makes BLAS round rows of one batch differently
         return (self.norm(x) if self.norm is not None else x), (tuple(states) if states is not None else None)
 
 

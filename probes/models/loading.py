@@ -22,10 +22,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import ProbeError
 from ..paths import ROOT, cache_root
+from ..tasks.base import VectorPrompt
 from . import custom  # noqa: F401  (registers this project's architectures)
 from .arch import Arch, arch_spec
 from .options import load_options, quantization_config
@@ -50,13 +52,33 @@ class Loaded:
     cache_hit: bool
     remote: bool = False  # traces run on NDIF; the local model has no weights
 
+    @property
+    def reads_vectors(self) -> bool:
+        """A model that takes `inputs_embeds` (the in-context classifier), not text."""
+        return (self.spec.training or {}).get("inputs") == "vectors"
+
     def trace(self, *inputs, **kwargs):
-        """The model's trace, sent to NDIF for a remote model (see `load_remote`)."""
+        """The model's trace, sent to NDIF for a remote model (see `load_remote`). A model that reads vectors is
+        given its prompts' vectors (`VectorPrompt`s, one or a list) as one `inputs_embeds` batch."""
+        if self.reads_vectors:
+            inputs = tuple(_embeds(x, self.spec.name) for x in inputs)
+        elif any(isinstance(p, VectorPrompt) for x in inputs for p in (x if isinstance(x, (list, tuple)) else [x])):
+            raise ProbeError(f"{self.spec.name} reads text, and was given vectors; accepted: a model trained on "
+                             "the in-context classification task")
         return self.model.trace(*inputs, **({"remote": True} if self.remote else {}), **kwargs)
 
     def session(self):
         """Several traces as one unit (one NDIF job for a remote model); values pass between them in the body."""
         return self.model.session(**({"remote": True} if self.remote else {}))
+
+
+def _embeds(prompts, model: str) -> dict:
+    """One `VectorPrompt` or a list of them -> {'inputs_embeds': (batch, positions, width)}."""
+    batch = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else None
+    if not batch or not all(isinstance(p, VectorPrompt) for p in batch):
+        raise ProbeError(f"{model} reads vectors (inputs_embeds), and this probe gave it text or token ids; "
+                         "accepted: the vector items of a kind: icl task (e.g. --task icl-trained)")
+    return {"inputs_embeds": torch.from_numpy(np.stack([p.embeds for p in batch]).astype(np.float32))}
 
 
 def _atomic_dir(target: Path, write) -> Path:

@@ -202,7 +202,10 @@ def plot_nback(df, meta: dict, path: Path) -> None:
 
 def plot_attention(df, meta: dict, path: Path) -> None:
     """Entropy against N per layer, and the trial-averaged letter-to-letter attention of the best N-back head
-    (chosen on one half of the sequences, averaged over the other, as the summary does)."""
+    (chosen on one half of the sequences, averaged over the other, as the summary does). In-context classification:
+    the query's attention on the matching items and labels by layer (the summary's table says it all)."""
+    if "item_mass" in df:
+        return
     import json
 
     import numpy as np

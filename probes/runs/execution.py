@@ -100,11 +100,23 @@ def special_top1(table) -> dict:
     return out
 
 
-def check_text_model(spec) -> None:
-    """Refuse a model that reads vectors (an in-context classifier trained on Reddy's task): the probes feed it text."""
-    if (spec.training or {}).get("inputs") == "vectors":
-        raise ProbeError(f"{spec.name} reads vectors (inputs_embeds), not text, so the probes cannot prompt it; "
-                         "accepted: a text model (its own evaluations are in its run's log.csv: probe aggregate RUNS)")
+def check_inputs(spec, task) -> None:
+    """A model that reads vectors (an in-context classifier trained on Reddy's task) takes only the vector items of
+    a `kind: icl` task, and only it does; checked before loading."""
+    vectors = (spec.training or {}).get("inputs") == "vectors"
+    if vectors and task.kind != "icl":
+        raise ProbeError(f"{spec.name} reads vectors (inputs_embeds), not text, so task {task.name!r} cannot prompt "
+                         "it; accepted: a kind: icl task of its training task (e.g. icl-trained)")
+    if task.kind == "icl" and not vectors:
+        raise ProbeError(f"task {task.name!r} is vectors (in-context classification), which {spec.name} does not "
+                         "read; accepted: a model trained by probe train on an icl config")
+
+
+def check_width(loaded, task) -> None:
+    if task.kind == "icl" and loaded.arch.config.n_embd != task.width():
+        raise ProbeError(f"task {task.name!r} draws vectors of width {task.width()}, and {loaded.spec.name} reads "
+                         f"{loaded.arch.config.n_embd}; accepted: the model's training task (e.g. in a sweep, "
+                         "task_options max_pairs: '{task.max_pairs}', item_dim: '{task.item_dim}')")
 
 
 def check_limit(limit) -> None:
@@ -131,7 +143,8 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     already written are kept, and the size that worked is recorded in meta.json."""
     batch_size = parse_batch_size(batch_size)
     check_limit(limit)
-    check_text_model(loaded.spec)
+    check_inputs(loaded.spec, task)
+    check_width(loaded, task)
     auto = batch_size == "auto"
     spec = get_probe(probe)
     options = probe_options(probe, options)

@@ -13,6 +13,23 @@ import numpy as np
 from ..errors import ProbeError
 
 
+class VectorPrompt(str):
+    """The prompt of a model that reads vectors (`inputs_embeds`: the in-context classifier): `embeds` (positions,
+    width) are what the model reads; the text names each position's token for the tokenizer and the tables (an item
+    "x", unknown to the label vocabulary, or its label), so lengths, positions and answers resolve as for text.
+    `Loaded.trace` feeds the vectors; a string made from it by slicing or joining is plain text (and refused)."""
+
+    def __new__(cls, text: str, embeds):
+        self = super().__new__(cls, text)
+        self.embeds = embeds
+        if len(text.split()) != len(embeds):
+            raise ValueError(f"{len(text.split())} tokens named for {len(embeds)} vectors")
+        return self
+
+    def __reduce__(self):
+        return VectorPrompt, (str(self), self.embeds)
+
+
 @dataclass(frozen=True)
 class Item:
     """One prompt of a task, with the answer it is scored on and the argument the lens tracks."""

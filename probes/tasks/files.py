@@ -22,7 +22,8 @@ N-back tasks (`kind: nback`) generate letter sequences from the seed instead of 
 Tree path-finding tasks (`kind: tree`) generate trees the same way; see tasks/tree.py. IOI tasks (`kind: ioi`)
 generate indirect-object prompts from templates and names; see tasks/ioi.py. Repeated-sequence tasks (`kind:
 repeat`) generate random word segments said twice, for induction heads; see tasks/repeat.py. Text tasks (`kind:
-text`) read documents from a file or a data set by name; see tasks/text.py.
+text`) read documents from a file or a data set by name; see tasks/text.py. In-context classification tasks (`kind:
+icl`) are a trained classifier's test sets, vectors, not text; see tasks/icl.py.
 """
 
 from __future__ import annotations
@@ -39,20 +40,21 @@ from ..paths import tasks_dir
 from .base import Task
 from .nback import NBack
 from .prompts import FORMATS, prompts_task
+from .icl import IclTask
 from .ioi import IOITask
 from .repeat import RepeatTask
 from .text import TextTask
 from .tree import TreeTask
 from .relational import VARS, Relational
 
-_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi", "repeat", "text")
+_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi", "repeat", "text", "icl")
 _AMBIGUOUS = ("drop", "flag")
 
 
 _CLASSES = {"abstractive": Relational, "extractive": Relational, "nback": NBack, "tree": TreeTask, "ioi": IOITask,
-            "repeat": RepeatTask, "text": TextTask}
+            "repeat": RepeatTask, "text": TextTask, "icl": IclTask}
 _REQUIRED = {"abstractive": ("template", "data"), "extractive": ("template", "data", "context", "context_items"),
-             "nback": ("instruction",), "tree": (), "ioi": (), "repeat": (), "text": ("data",)}
+             "nback": ("instruction",), "tree": (), "ioi": (), "repeat": (), "text": ("data",), "icl": ()}
 
 
 def _check_template(name: str, key: str, text: str, accepted=VARS):
@@ -68,7 +70,7 @@ def _check_template(name: str, key: str, text: str, accepted=VARS):
 
 _TYPE_NAMES = {int: "an integer", str: "a text", dict: "a mapping", list: "a list"}
 _NONNEGATIVE = {"version", "seed", "shots", "context_items", "sequences", "length", "matches", "first_sequence",
-                "nodes", "trees", "first_tree", "draws", "documents", "min_chars", "max_chars"}
+                "nodes", "trees", "first_tree", "draws", "documents", "min_chars", "max_chars", "test"}
 
 
 def _check_types(cls, spec: dict, name: str) -> None:

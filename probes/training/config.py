@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import ProbeError, read_yaml
 
-from . import icl
+from ..tasks import icl
 from .data import GENERATORS, check_task
 
 SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr")

@@ -21,6 +21,7 @@ import torch
 from ..errors import ProbeError
 from ..tasks.nback import NBack
 from ..tasks.tree import ORDERS, make_tree, vocabulary
+from ..tasks import icl as icl_task
 from . import icl, text
 
 LABELS = ("-", "m")  # target 0: no match, 1: match
@@ -100,7 +101,7 @@ def icl_labels(task: dict) -> tuple:
 
 def icl_splits(task: dict, tokenizer) -> dict:
     """{'train': fresh sequences (task.train of them per epoch), 'test': {in, ic, ic2, iw}: task.test each}."""
-    return {"train": icl.Fresh(task, task["train"]), "test": {k: icl.Fixed(task, k, task["test"]) for k in icl.TESTS}}
+    return {"train": icl.Fresh(task, task["train"]), "test": {k: icl.Fixed(task, k, task["test"]) for k in icl_task.TESTS}}
 
 
 def collate_ids(rows: list[dict]) -> dict:
@@ -139,7 +140,7 @@ GENERATORS = {
         tree_splits, lambda t: None, lambda t: 4 * t["nodes"] + 1, lambda t, seed: f"seed{seed}",
         lambda t: 1 / t["nodes"], lambda t: f"{t['nodes']}-node trees"),
     "icl": Generator(
-        {**icl.FIELDS, "train": (int, 9_600_000)}, icl_splits, icl_labels, icl.length, lambda t, seed: f"seed{seed}",
+        {**icl_task.FIELDS, "train": (int, 9_600_000)}, icl_splits, icl_labels, icl_task.length, lambda t, seed: f"seed{seed}",
         lambda t: 1 / t["labels"], lambda t: f"in-context classification, {t['pairs']} pairs",
         collate=lambda splits: icl.collate(splits["train"]), eval_on_start=True,
         extra_metrics=lambda model, test: {f"ic_{k}": v for k, v in icl.query_attention(model, test["ic"]).items()},
@@ -155,7 +156,7 @@ GENERATORS = {
 def check_task(task: dict, where: str) -> None:
     """Values a generator's types cannot say: tree orders and sizes, N-back letters, in-context classes."""
     if task["generator"] == "icl":
-        icl.check(task, where)
+        icl_task.check(task, where)
     if task["generator"] == "text":
         text.check(task, where)
     if task["generator"] == "tree":

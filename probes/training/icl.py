@@ -1,142 +1,13 @@
-"""Reddy's (2024) in-context classification task, as Burns, Fukai & Earls ran it (their public toy-Transformer code).
-
-A sequence is `pairs` (item, label) pairs then a query item: 2 * pairs + 1 vectors of `2 * max_pairs + 1 + item_dim`
-dimensions (8 pairs, 32, 85: 17 vectors of 150). The first 2 * max_pairs + 1 dimensions hold the position as a
-one-hot, shifted by a random offset per sequence; the rest hold the content:
-
-    item of class k   e * (mu_k + noise * z / sqrt(item_dim)),  e = 1 / sqrt(1 + noise^2),  z ~ N(0, I)
-    label l           lambda_l (no noise)
-    class k's label   k mod labels
-
-with class means mu (classes x item_dim) and label vectors lambda (labels x item_dim) drawn N(0, I / item_dim) from
-the task's seed. The model answers the query's label (a `labels`-way choice). Kinds of sequence:
-
-    bursty   pairs / burstiness classes with distinct labels, each `burstiness` times, shuffled; the query is one of
-             them (the in-context solution works)
-    plain    every item's class and the query's drawn independently from the `classes` (only the in-weights
-             solution works, mostly)
-    novel    bursty, over classes drawn fresh for the sequence (never seen in training twice: only in-context)
-
-Training draws novel sequences with probability p_novel, else bursty with probability p_bursty, else plain; fresh
-sequences at every step. The test sets (the authors' four): `in` (the training mixture), `ic` (all novel), `ic2`
-(known classes, bursty, every context label shifted by one: the answer is the shifted label, which only the context
-tells) and `iw` (plain, with the query's class absent from the context, as Reddy defines it; the authors' code
-draws it independently, so it is present in about 1.6% of their sequences).
-"""
+"""Training on Reddy's in-context classification task (the generator and its test sets: tasks/icl.py): fresh
+sequences at every step, the four fixed test sets, and the query's attention on the matching items logged at every
+evaluation."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..errors import ProbeError
-
-TESTS = ("in", "ic", "ic2", "iw")
-FIELDS = {"generator": (str, "icl"), "classes": (int, 512), "labels": (int, 32), "pairs": (int, 8),
-          "max_pairs": (int, 32), "item_dim": (int, 85), "burstiness": (int, 2), "p_bursty": (float, 0.5),
-          "p_novel": (float, 0.5), "noise": (float, 0.1), "zipf": (float, 0.0), "test": (int, 10000),
-          "seed": (int, 0)}
-
-
-def check(task: dict, where: str) -> None:
-    """Values the field types cannot say, each as one line."""
-    if task["classes"] % task["labels"] or task["classes"] < task["labels"]:
-        raise ProbeError(f"{where}: task.classes {task['classes']} is not a multiple of task.labels "
-                         f"{task['labels']}; accepted: classes = labels x an integer")
-    if task["pairs"] % task["burstiness"] or task["burstiness"] >= task["pairs"]:
-        raise ProbeError(f"{where}: task.burstiness {task['burstiness']} must divide task.pairs {task['pairs']} "
-                         "and be smaller; accepted: e.g. burstiness 2 with 8 pairs")
-    if task["pairs"] // task["burstiness"] > task["labels"]:
-        raise ProbeError(f"{where}: {task['pairs'] // task['burstiness']} classes per context need distinct labels, "
-                         f"but task.labels is {task['labels']}; accepted: pairs / burstiness <= labels")
-    if task["pairs"] > task["max_pairs"]:
-        raise ProbeError(f"{where}: task.pairs {task['pairs']} > task.max_pairs {task['max_pairs']}; accepted: "
-                         "pairs <= max_pairs")
-    for key in ("p_bursty", "p_novel"):
-        if not 0 <= task[key] <= 1:
-            raise ProbeError(f"{where}: task.{key} {task[key]}; accepted: a probability in [0, 1]")
-    if task["noise"] < 0 or task["zipf"] < 0:
-        raise ProbeError(f"{where}: task.noise and task.zipf must be >= 0; accepted: e.g. noise 0.1, zipf 0")
-
-
-def width(task: dict) -> int:
-    """The vectors' dimension (the model's width): the shifted one-hot position, then the content."""
-    return 2 * task["max_pairs"] + 1 + task["item_dim"]
-
-
-def length(task: dict) -> int:
-    return 2 * task["pairs"] + 1
-
-
-class Classes:
-    """The task's fixed draws: class means, label vectors, each class's label, and the class frequencies."""
-
-    def __init__(self, task: dict):
-        rng = np.random.default_rng([task["seed"], 0])
-        d = task["item_dim"]
-        self.task = task
-        self.label_vectors = rng.normal(size=(task["labels"], d)) / np.sqrt(d)
-        self.means = rng.normal(size=(task["classes"], d)) / np.sqrt(d)
-        self.label_of = np.arange(task["classes"]) % task["labels"]
-        p = 1.0 / np.arange(1, task["classes"] + 1) ** task["zipf"]
-        self.p = p / p.sum()
-
-    def sample(self, n: int, rng: np.random.Generator, kind: str) -> dict:
-        """n sequences of one kind ('train' and 'in' mix them): {'inputs_embeds' (n, T, width) float32, 'target' (n,)
-        label index, 'classes' (n, pairs + 1) class per item (query last; -1 for novel ones), 'labels' (n, pairs)
-        context labels, 'match' (n, pairs) whether a context item is of the query's class}."""
-        t, P, L = self.task, self.task["pairs"], self.task["labels"]
-        if kind in ("train", "in"):
-            novel = rng.random(n) < t["p_novel"]
-            bursty = ~novel & (rng.random(n) < t["p_bursty"])
-        else:
-            novel, bursty = np.full(n, kind == "ic"), np.full(n, kind == "ic2")
-        classes = np.empty((n, P + 1), dtype=np.int64)
-        labels = np.empty((n, P + 1), dtype=np.int64)
-        d = t["item_dim"]
-        content = np.empty((n, P + 1, d))
-        # bursty contexts (known or novel classes): pairs / burstiness classes with distinct labels
-        m = P // t["burstiness"]
-        chosen_labels = np.argsort(rng.random((n, L)), axis=1)[:, :m]  # distinct labels per sequence
-        known = chosen_labels + L * rng.integers(0, t["classes"] // L, size=(n, m))
-        slots = np.argsort(rng.random((n, P)), axis=1) % m  # each of the m classes `burstiness` times, shuffled
-        query_slot = rng.integers(0, m, size=n)
-        rows = np.arange(n)[:, None]
-        classes[:, :P] = known[rows, slots]
-        classes[:, P] = known[np.arange(n), query_slot]
-        labels[:] = self.label_of[classes]
-        plain = ~bursty & ~novel
-        if plain.any():  # every item and the query independent (iw: the query's class absent from the context)
-            k = int(plain.sum())
-            cls = rng.choice(t["classes"], size=(k, P + 1), p=self.p)
-            if kind == "iw":
-                for i in np.flatnonzero((cls[:, :P] == cls[:, P:]).any(1)):
-                    while cls[i, P] in cls[i, :P]:
-                        cls[i, P] = rng.choice(t["classes"], p=self.p)
-            classes[plain], labels[plain] = cls, self.label_of[cls]
-        content[:] = self.means[classes]
-        if novel.any():  # fresh means, one per context class; their labels the bursty draw's distinct labels
-            k = int(novel.sum())
-            fresh = rng.normal(size=(k, m, d)) / np.sqrt(d)
-            content[novel, :P] = fresh[np.arange(k)[:, None], slots[novel]]
-            content[novel, P] = fresh[np.arange(k), query_slot[novel]]
-            labels[novel, :P] = chosen_labels[novel][np.arange(k)[:, None], slots[novel]]
-            labels[novel, P] = chosen_labels[novel][np.arange(k), query_slot[novel]]
-            classes[novel] = -1
-        if kind == "ic2":  # the context teaches each class the next label; the answer follows the context
-            labels = (labels + 1) % L
-        e = 1 / np.sqrt(1 + t["noise"] ** 2)
-        content = e * (content + t["noise"] * rng.normal(size=content.shape) / np.sqrt(d))
-        x = np.zeros((n, length(t), width(t)), dtype=np.float32)
-        pos = 2 * t["max_pairs"] + 1
-        x[:, 0:-1:2, pos:] = content[:, :P]
-        x[:, 1:-1:2, pos:] = self.label_vectors[labels[:, :P]]
-        x[:, -1, pos:] = content[:, P]
-        shift = rng.integers(0, pos - length(t) + 1, size=n)
-        x[np.arange(n)[:, None], np.arange(length(t)), shift[:, None] + np.arange(length(t))] = 1.0
-        match = np.where(novel[:, None], slots == query_slot[:, None], classes[:, :P] == classes[:, P:])
-        return {"inputs_embeds": x, "target": labels[:, P], "classes": classes, "labels": labels[:, :P],
-                "match": match}
+from ..tasks.icl import Classes, length, test_set
 
 
 def targets(label: np.ndarray, T: int) -> np.ndarray:
@@ -172,8 +43,7 @@ class Fixed(torch.utils.data.Dataset):
     """A test set: `n` sequences of one kind, drawn once from the task's seed."""
 
     def __init__(self, task: dict, kind: str, n: int):
-        rng = np.random.default_rng([task["seed"], 2, TESTS.index(kind)])
-        s = Classes(task).sample(n, rng, kind)
+        s = test_set(task, kind, n)
         self.x, self.y = torch.from_numpy(s["inputs_embeds"]), torch.from_numpy(targets(s["target"], length(task)))
         self.classes, self.labels, self.match = s["classes"], s["labels"], torch.from_numpy(s["match"])
 
