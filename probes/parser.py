@@ -99,8 +99,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     f.add_argument("--label", help="linear-probe: what to decode: group (default), answer, argument, or a column the "
                                    "task adds (e.g. match)")
     f.add_argument("--site", help="linear-probe: resid (default), attn or ffn")
-    f.add_argument("--position", help="linear-probe: last (default), argument, or a position the task names "
-                                      "(trees: goal, root, bar, colon, edge_up0, edge_up1, ...)")
+    f.add_argument("--position", help="linear-probe: last (default), argument, a position the task names "
+                                      "(trees: goal, root, bar, colon, edge_up0, edge_up1, ...) or a token index; "
+                                      "several comma-separated: one probe each")
     f.add_argument("--erase", help="linear-probe: a layer at which to erase the (first) label with LEACE and score "
                                    "the model's answers, against erasing as many random directions")
     f.add_argument("--early", type=_count(1), help="icl-score: the early token index (default 50)")

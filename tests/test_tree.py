@@ -223,3 +223,14 @@ def test_the_linear_probe_reads_a_named_position(tiny_run):
     assert (rows.token_index == 45).all()  # the goal token, in every first-step prompt
     with pytest.raises(ProbeError, match="unknown probe position 'middle'; accepted: last, argument, bar, goal"):
         probes.run(model, task, "linear-probe", label="up0", position="middle")
+    # several positions (the authors' registers are token indices): one probe each on the same forward passes
+    several = probes.run(model, task, "linear-probe", label="up0,up1", position="goal,36,-1")
+    assert list(several.summary["positions"]) == ["goal", "36", "-1"]
+    assert several.summary["positions"]["goal"]["labels"]["up0"]["layers"] == at_goal.summary["layers"]  # same fits
+    t = several.table
+    assert sorted(t[t.layer == 0].groupby("position").token_index.unique().map(list).tolist()) == [[36], [45], [47]]
+    mine = t[t.position.astype(str) == "goal"].sort_values(["item", "layer"]).vector.tolist()
+    assert mine == at_goal.table.sort_values(["item", "layer"]).vector.tolist()  # the same vectors as alone
+    assert "position 36: held-out accuracy by label and layer" in several.report
+    with pytest.raises(ProbeError, match="probe position 48 is outside the prompt of item 0 \\(48 tokens\\)"):
+        probes.run(model, task, "linear-probe", label="up0", position="48")

@@ -2,8 +2,9 @@
 layer, and is that the model's doing?
 
 Activations are read through nnsight at a site (`resid`: the residual at each index 0..L, 0 = embeddings;
-`attn`, `ffn`: each block's update) and a position (`last`, `argument`: the argument's last token, or one the task
-names: a tree's `goal`, `root`, `edge_up1`...). A
+`attn`, `ffn`: each block's update) and a position (`last`, `argument`: the argument's last token, one the task
+names: a tree's `goal`, `root`, `edge_up1`..., or a token index); several comma-separated positions
+(`--position root,36,38`) read the same forward passes and give one probe per position. A
 scikit-learn logistic regression per layer is fitted on a seeded, stratified half of the items and scored on the
 other half: accuracy (Wilson interval) and macro-F1 (bootstrap over the held-out items), against two controls: the
 same probe on shuffled training labels (chance as this label's classes make it), and on the same architecture with
@@ -36,8 +37,9 @@ from .patching import named_positions
 SITES = ("resid", "attn", "ffn")
 
 
-def _vectors(loaded, prompts: list[str], site: str, positions: list[int]) -> torch.Tensor:
-    """(batch, layers, d) activations at each prompt's position (prompts run one by one: positions differ)."""
+def _vectors(loaded, prompts: list[str], site: str, positions: list[list[int]]) -> torch.Tensor:
+    """(batch, positions, layers, d) activations at each prompt's positions (prompts run one by one: positions
+    differ)."""
     arch = loaded.arch
     out = []
     for prompt, pos in zip(prompts, positions):
@@ -52,7 +54,7 @@ def _vectors(loaded, prompts: list[str], site: str, positions: list[int]) -> tor
                     x = arch.block_input(i)
                     got.append(arch.ffn_update(i, like=x)[0, pos])
             saved = nnsight.save([g.float().cpu() for g in got])
-        out.append(torch.stack(saved))
+        out.append(torch.stack(saved, dim=1))
     return torch.stack(out)
 
 
@@ -78,33 +80,56 @@ def run_linear_probe(loaded, items: list[Item], state: dict | None = None, label
         raise ProbeError(f"unknown probe site {site!r}; accepted: {', '.join(SITES)}")
     if site == "ffn" and not loaded.arch.has_ffn:
         raise ProbeError("probe site 'ffn': this model has no FFN; accepted: resid, attn")
-    pos = _positions(loaded.tokenizer, items, position)
+    wanted = position_names(position)
+    pos = _positions(loaded.tokenizer, items, wanted)
     tok = loaded.tokenizer
     real = _vectors(loaded, [it.prompt for it in items], site, pos)
     random = _vectors(state["random"], [it.prompt for it in items], site, pos)
+    names = label_names(label)
     rows = []
     for b, it in enumerate(items):
-        names = label_names(label)
-        cols = {**item_columns(tok, it), "label": label_of(it, names[0]), "site": site, "position": position,
-                "token_index": pos[b]}
+        cols = {**item_columns(tok, it), "label": label_of(it, names[0]), "site": site}
         if len(names) > 1:
             cols.update({f"label_{n}": label_of(it, n) for n in names})
         if state.get("erase"):
-            cols.update(erasure.score(loaded, it, state["erase"], site, pos[b]))
-        for layer in range(real.shape[1]):
-            rows.append({**cols, "layer": layer, "vector": json.dumps(real[b, layer].tolist()),
-                         "random_vector": json.dumps(random[b, layer].tolist())})
+            cols.update(erasure.score(loaded, it, state["erase"], site, pos[b][0]))
+        for k, where in enumerate(wanted):
+            for layer in range(real.shape[2]):
+                rows.append({**cols, "position": where, "token_index": pos[b][k], "layer": layer,
+                             "vector": json.dumps(real[b, k, layer].tolist()),
+                             "random_vector": json.dumps(random[b, k, layer].tolist())})
     return rows
 
 
-def _positions(tok, items: list[Item], position: str) -> list[int]:
-    """Each item's token at `position`: last, argument, or a position the task names (trees: goal, root, ...)."""
+def position_names(position) -> list[str]:
+    names = [p.strip() for p in str(position).split(",") if p.strip()]
+    if not names:
+        raise ProbeError(f"bad probe position {position!r}; accepted: a position, or several comma-separated")
+    return names
+
+
+def _positions(tok, items: list[Item], names: list[str]) -> list[list[int]]:
+    """Each item's tokens at the named positions: last, argument, one the task names (trees: goal, root, ...) or a
+    token index (negative from the end: the authors' register positions on trees are 36, 38, 39, 41, 42, 44)."""
     out = []
     for it in items:
-        named = {"last": len(tok(it.prompt).input_ids) - 1, **named_positions(tok, it)}
-        if position not in named:
-            raise ProbeError(f"unknown probe position {position!r}; accepted: {', '.join(named)}")
-        out.append(named[position])
+        n = len(tok(it.prompt).input_ids)
+        named = {"last": n - 1, **named_positions(tok, it)}
+        picked = []
+        for name in names:
+            if name in named:
+                picked.append(named[name])
+                continue
+            try:
+                index = int(name)
+            except ValueError:
+                raise ProbeError(f"unknown probe position {name!r}; accepted: {', '.join(named)} or a token "
+                                 "index") from None
+            if not -n <= index < n:
+                raise ProbeError(f"probe position {index} is outside the prompt of item {it.index} ({n} tokens); "
+                                 f"accepted: {-n} to {n - 1}")
+            picked.append(index % n)
+        out.append(picked)
     return out
 
 
@@ -137,11 +162,14 @@ def prepare_linear_probe(loaded, task, items: list[Item], options: dict):
         if site not in SITES or any(not it.answer for it in items):
             raise ProbeError(f"--erase needs a site of {', '.join(SITES)} (got {site!r}) and items with answers; "
                              "accepted: a task whose items have answers")
+        if len(position_names(position)) > 1:
+            raise ProbeError(f"--erase edits one position; got --position {position!r}; accepted: one position")
         layer = erasure.parse_layer(options["erase"], loaded.arch.n_layers, site)
         first = label_names(options.get("label", "group"))[0]
         state["erase"] = erasure.fit(
             loaded, items, [label_of(it, first) for it in items],
-            lambda its: _vectors(loaded, [it.prompt for it in its], site, _positions(loaded.tokenizer, its, position)),
+            lambda its: _vectors(loaded, [it.prompt for it in its], site,
+                                 _positions(loaded.tokenizer, its, [position]))[:, 0],
             layer, task.seed)
         meta.update({"erase_layer": layer, "erase_label": first, "erase_rank": state["erase"]["rank"]})
     return items, state, meta
@@ -170,6 +198,10 @@ def summarize_linear_probe(df, seed: int = 0) -> dict:
     """Per layer: held-out accuracy (Wilson) and macro-F1 (bootstrap) of the real model, the shuffled-label and
     random-weights controls, and the selectivity; the split is stratified by label and seeded. Several labels:
     the same for each, under `labels`."""
+    where = list(dict.fromkeys(df.position.astype(str)))
+    if len(where) > 1:
+        return {"items": int(df.item.nunique()),
+                "positions": {p: summarize_linear_probe(df[df.position.astype(str) == p], seed) for p in where}}
     names = [c[len("label_"):] for c in df.columns if c.startswith("label_")]
     erased = {"erasure": erasure.summarize(df)} if "erase_half" in df else {}
     if not names:
@@ -220,6 +252,9 @@ def report_linear_probe(df, summary) -> str:
 
 
 def _report(df, summary) -> str:
+    if "positions" in summary:
+        return "\n\n".join(f"position {p}: " + _report(df[df.position.astype(str) == p], s)
+                             for p, s in summary["positions"].items())
     if "labels" in summary:
         return report_matrix(df, summary)
     if not summary["layers"]:

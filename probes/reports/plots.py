@@ -274,7 +274,7 @@ def plot_linear_probe(df, meta: dict, path: Path) -> None:
     from ..methods.linear_probe import summarize_linear_probe
 
     summary = summarize_linear_probe(df, meta.get("seed", 0))
-    if "labels" in summary:
+    if "labels" in summary or "positions" in summary:
         return plot_probe_matrix(summary, meta, path)
     if not summary["layers"]:
         return
@@ -293,15 +293,20 @@ def plot_linear_probe(df, meta: dict, path: Path) -> None:
 
 
 def plot_probe_matrix(summary: dict, meta: dict, path: Path) -> None:
-    """Several labels: held-out accuracy per label (rows) and layer (columns), each cell written out."""
+    """Several labels or positions: held-out accuracy per label (rows; `position · label` with several positions)
+    and layer (columns), each cell written out."""
     import numpy as np
 
-    names = [n for n, s in summary["labels"].items() if s["layers"]]
-    if not names:
+    rows = {}
+    for where, per in (summary["positions"].items() if "positions" in summary else [("", summary)]):
+        for label, s in (per["labels"].items() if "labels" in per else [("", per)]):
+            if s["layers"]:
+                rows[" · ".join(x for x in (where, label) if x)] = s
+    if not rows:
         return
-    layers = sorted({layer for n in names for layer in summary["labels"][n]["layers"]})
-    acc = np.array([[summary["labels"][n]["layers"].get(layer, {}).get("accuracy", np.nan) for layer in layers]
-                    for n in names])
+    names = list(rows)
+    layers = sorted({layer for n in names for layer in rows[n]["layers"]})
+    acc = np.array([[rows[n]["layers"].get(layer, {}).get("accuracy", np.nan) for layer in layers] for n in names])
     fig, ax = plt.subplots(figsize=(max(5, 1 + 0.7 * len(layers)), 1.2 + 0.45 * len(names)))
     im = ax.imshow(acc, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     fig.colorbar(im, ax=ax, fraction=0.04, label="held-out accuracy")
@@ -309,7 +314,7 @@ def plot_probe_matrix(summary: dict, meta: dict, path: Path) -> None:
         ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     ax.set_yticks(range(len(names)), names)
     ax.set_xticks(range(len(layers)), layers)
-    test = {summary["labels"][n]["test"] for n in names}
-    ax.set(xlabel="layer (resid: 0 = embeddings)", ylabel="label",
-           title=f"linear probes · {_title(meta)}\n(scored on {min(test)}-{max(test)} held-out items per label)")
+    test = {rows[n]["test"] for n in names}
+    ax.set(xlabel="layer (resid: 0 = embeddings)", ylabel="position · label" if "positions" in summary else "label",
+           title=f"linear probes · {_title(meta)}\n(scored on {min(test)}-{max(test)} held-out items per row)")
     _save(fig, path)
