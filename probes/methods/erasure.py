@@ -15,7 +15,7 @@ import nnsight
 import torch
 
 from ..errors import ProbeError
-from ..stats import halves, mcnemar, proportion
+from ..stats import halves, interval_text, mcnemar, proportion
 from ..tasks.base import Item, answer_token
 
 
@@ -89,8 +89,6 @@ def summarize(df) -> dict:
 
 
 def report(s: dict) -> str:
-    from ..stats import interval_text
-
     return (f"erasure at layer {s['layer']} (LEACE, rank {s['rank']}; fitted on the other half), the model's answer "
             f"top-1 on {s['items']} held-out items: clean {interval_text(s, 'clean', 2)}, erased "
             f"{interval_text(s, 'erased', 2)} (McNemar p {s['p_erased']:.3g}), {s['rank']} random directions "

@@ -114,7 +114,7 @@ def _positions(tok, items: list[Item], names: list[str]) -> list[list[int]]:
     out = []
     for it in items:
         n = len(tok(it.prompt).input_ids)
-        named = {"last": n - 1, **named_positions(tok, it)}
+        named = {"last": n - 1, **(named_positions(tok, it) if set(names) - {"last"} else {})}
         picked = []
         for name in names:
             if name in named:

@@ -14,6 +14,8 @@ test blocks, a single token's loss is mostly the luck of which tokens sit there,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import ProbeError
@@ -37,15 +39,20 @@ def check(task: dict, where: str) -> None:
 
 
 def documents(task: dict, part: str):
-    """The corpus's training or held-out documents as a `datasets.Dataset` with a `text` column."""
+    """The corpus's training or held-out documents as a `datasets.Dataset` with a `text` column (read and split
+    once per process: the tokenizer and the blocks both read the training documents)."""
+    return _documents(task["corpus"], task["holdout"], part)
+
+
+@functools.lru_cache(maxsize=4)
+def _documents(name: str, holdout: int, part: str):
     from datasets import Dataset, load_dataset
 
-    name = task["corpus"]
     if name.startswith("dataset:"):  # memory-mapped, never a Python list: TinyStories is 2.1M stories
         ds = load_dataset(name.partition(":")[2], split="train").select_columns(["text"])
     else:
         ds = Dataset.from_dict({"text": corpora.documents(name)})
-    return ds.filter(lambda _, i: (i % task["holdout"] == 0) == (part == "test"), with_indices=True)
+    return ds.filter(lambda _, i: (i % holdout == 0) == (part == "test"), with_indices=True)
 
 
 def tokenizer(task: dict):
