@@ -57,9 +57,12 @@ def test_items_are_the_logged_test_set_with_positions_by_meaning(run):
     words = str(it.prompt).split()
     at = {name: len(str(it.prompt)[:c].split()) for name, c in it.positions.items()}  # word index of each name
     assert words[at["match_item"]] == "x" and words[at["match_label"]] == it.output and at["query"] == len(words) - 1
-    swapped, answer = t.corrupted(it)
-    changed = np.flatnonzero((swapped.embeds != it.prompt.embeds).any(1))
-    assert changed.tolist() == [len(words) - 1] and answer.strip() != it.output  # only the query's content
+    relabelled, answer = t.corrupted(it)  # the query's class taught another label, one the context does not use
+    changed = np.flatnonzero((relabelled.embeds != it.prompt.embeds).any(1))
+    assert changed.tolist() == [2 * int(j) + 1 for j in it.extra["match_items"].split()] and len(changed) == 2
+    assert answer.strip() not in words and [relabelled.split()[k] for k in changed] == [answer.strip()] * 2
+    label = t.drawn()["label_vectors"][int(answer)]
+    assert all(np.allclose(relabelled.embeds[k, 25:], label) for k in changed)  # 25 = the position's dimensions
 
 
 def test_accuracy_and_query_attention_equal_the_training_log(run, model, tmp_path):

@@ -5,7 +5,8 @@ A pair is an item's prompt (clean) and the same prompt, shots and all, with the 
 tokens and whose answer starts with another token, so positions line up. On N-back trials the corrupted prompt
 changes the current letter so that the answer flips (match <-> no match); on trees, the corrupted prompt is the same
 step of another held-out tree whose next path node differs (a resampled tree); on an in-context classifier's
-sequences (vectors), the query's content is another context item's, of another label. Activations of the source run (clean,
+sequences (vectors), the context items of the query's class are relabelled with a label the context does not use
+(the in-context answer moves to it). Activations of the source run (clean,
 or corrupted with --direction noise) are written into the destination run at one site, block and position per
 patch: `resid` (the residual entering block i), `attn` (block i's attention update), `ffn` (its FFN update),
 `head` (one attention head's output, each head on its own: its slice of the output projection's input).
@@ -176,8 +177,9 @@ def _tree_pairs(task, items: list[Item], tok, direction: str):
 
 
 def _icl_pairs(task, items: list[Item], direction: str):
-    """Each classifier sequence paired with itself, the query's content swapped for a context item's of another
-    label (`IclTask.corrupted`): the answer moves to that label."""
+    """Each classifier sequence paired with itself relabelled (`IclTask.corrupted`): the context items of the
+    query's class carry a label the context does not use, which becomes the answer; sequences with no such item
+    (iw) are left out."""
     if direction not in DIRECTIONS:
         raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
     paired = []
@@ -185,10 +187,11 @@ def _icl_pairs(task, items: list[Item], direction: str):
         other = task.corrupted(it)
         if other is not None:
             paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": other[0],
-                                                         "corrupted_input": f"{it.input} query swapped",
+                                                         "corrupted_input": f"{it.input} relabelled",
                                                          "corrupted_answer": other[1]}))
     if not paired:
-        raise ProbeError(f"no sequence of task {task.name!r} has a context label other than its answer")
+        raise ProbeError(f"no sequence of task {task.name!r} has a context item of its query's class to relabel; "
+                         "accepted: set in, ic or ic2")
     return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
 
 

@@ -191,8 +191,9 @@ def aggregate(results: Path, by: list[str], skipped: dict | None = None) -> dict
                          "`probe run` or `probe sweep`, or a folder of training runs")
     for probe in sorted({m["config"]["probe"] for m in runs}):
         tables[probe] = group(summary_table(runs, probe), by)
-        if probe in CURVES:
-            tables[f"{probe}-curve"] = group(curve_table(runs, probe), by, [CURVES[probe][1]])
+        curve = curve_table(runs, probe) if probe in CURVES else None
+        if curve is not None and len(curve):  # (attention on an in-context classifier has no N to draw against)
+            tables[f"{probe}-curve"] = group(curve, by, [CURVES[probe][1]])
     tables.update(paired_tables(runs))  # trained variants compared item by item
     return tables
 

@@ -153,8 +153,8 @@ class IclTask(Task):
     generator fields must be the model's training task's (a sweep passes them: `{task.max_pairs}`...). An item's
     prompt is a `VectorPrompt` named "x 13 x 4 ... x" (items, their labels, the query); the answer is the query's
     label; positions by meaning: `query`, `match_item` and `match_label` (the first context item of the query's
-    class and its label; none in `iw`). Activation patching's corrupted sequence swaps the query's content for a
-    context item's of another label (seeded), keeping the query's position."""
+    class and its label; none in `iw`). Activation patching's corrupted sequence relabels the context items of the
+    query's class with a label the context does not use: the in-context answer moves to it."""
 
     classes: int = 512
     labels: int = 32
@@ -186,7 +186,8 @@ class IclTask(Task):
 
     def drawn(self) -> dict:
         if not self._draw:
-            self._draw.update(test_set(self.generator(), self.set, self.test))
+            self._draw.update(test_set(self.generator(), self.set, self.test),
+                              label_vectors=Classes(self.generator()).label_vectors)
         return self._draw
 
     def items(self, limit: int | None = None, inputs: list[str] | None = None,
@@ -210,16 +211,18 @@ class IclTask(Task):
         return [it for it in out if inputs is None or it.input in inputs]
 
     def corrupted(self, item: Item) -> tuple[VectorPrompt, str] | None:
-        """The item's sequence with the query's content swapped for that of a context item whose label differs
-        from the answer (drawn with the task's seed and the item), and that item's label; None if every label is
-        the answer's."""
+        """The item's sequence with the labels of the query's class in the context relabelled to a label the
+        context does not use (drawn with the task's seed and the item), and that label: the answer the context now
+        teaches; nothing else changes. None where no context item is of the query's class (iw, plain sequences)."""
         s = self.drawn()
-        labels = s["labels"][item.index]
-        others = np.flatnonzero(labels != int(item.output))
-        if not len(others):
+        match = np.flatnonzero(s["match"][item.index])
+        unused = np.setdiff1d(np.arange(self.labels), s["labels"][item.index])
+        if not len(match) or not len(unused):
             return None
-        j = int(np.random.default_rng([self.seed, 7, item.index]).choice(others))
+        new = int(np.random.default_rng([self.seed, 7, item.index]).choice(unused))
         x = np.array(item.prompt.embeds)
-        content = 2 * self.max_pairs + 1
-        x[-1, content:] = x[2 * j, content:]
-        return VectorPrompt(str(item.prompt), x), " " + str(int(labels[j]))
+        x[2 * match + 1, 2 * self.max_pairs + 1:] = s["label_vectors"][new]
+        words = str(item.prompt).split()
+        for j in match:
+            words[2 * j + 1] = str(new)
+        return VectorPrompt(" ".join(words), x), " " + str(new)
