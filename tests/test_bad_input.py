@@ -75,8 +75,8 @@ def cases(tmp: Path) -> list[tuple[list, str]]:
           "Abkhazia", "--source-layer", "1", "--output", tmp / "t"]
     out += [([*tr, "--scales", "abc"], "abc"), ([*tr, "--mode", "swap"], "swap"), ([*tr, "--positions", "first"], "first"),
             ([*tr, "--context", "novel"], "novel"), ([*tr, "--scales", "1,nan"], "nan"),
-            ([*run, "--task-option", "ambiguous=flag", "--probe", "ffn-transplant", "--source-items", "Atlantis"],
-             "Atlantis")]
+            ([*run, "--task-option", "ambiguous=flag", "--probe", "ffn-transplant", "--source-items", "Atlantis",
+              "--output", tmp / "atlantis"], "Atlantis")]
     # --- model configs and folders ------------------------------------------------------------------------------
     for name, content, shown in (("list.json", [1, 2], "model_type"), ("none.json", {"n_layer": 2}, "model_type"),
                                  ("alien.json", {"model_type": "alien"}, "alien"),
@@ -187,6 +187,7 @@ def test_every_bad_input_is_one_line_exit_2_naming_the_value(tmp_path, capsys, m
         if not ok:
             failures.append(f"{' '.join(map(str, argv))!r}: exit {code}: {err.strip()[-300:]!r}")
     assert not failures, f"{len(failures)} of {len(all_cases)}:\n" + "\n".join(failures)
+    assert not (tmp_path / "atlantis").exists()  # refused while preparing, after loading: no run folder left behind
 
 
 def test_the_registry_file_is_validated_field_by_field(tmp_path, capsys, monkeypatch):

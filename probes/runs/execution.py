@@ -157,15 +157,15 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
         raise ProbeError(f"all {len(ambiguous)} items of task {task.name!r} are ambiguous for {loaded.spec.name}'s "
                          "tokenizer and dropped; use --task-option ambiguous=flag or a larger --limit")
     config = run_config(loaded.spec, loaded.dtype, loaded.quantize, task, probe, limit, options)
+    kwargs = {k: v for k, v in options.items() if k in spec.run_options}
+    prepared = {}
+    if spec.prepare is not None:  # before the run folder: input it refuses leaves nothing behind
+        items, state, prepared = spec.prepare(loaded, task, items, options)
+        if state is not None:  # what the probe's batches need from preparing (the lens only checks)
+            kwargs["state"] = state
+    if not spec.truncates:
+        check_context(loaded, items)
     with RunDir(output, config, overwrite=overwrite) as run:
-        kwargs = {k: v for k, v in options.items() if k in spec.run_options}
-        prepared = {}
-        if spec.prepare is not None:
-            items, state, prepared = spec.prepare(loaded, task, items, options)
-            if state is not None:  # what the probe's batches need from preparing (the lens only checks)
-                kwargs["state"] = state
-        if not spec.truncates:
-            check_context(loaded, items)
         size = AUTO_START if auto else batch_size
         run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
                    "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,
