@@ -273,7 +273,7 @@ def plot_linear_probe(df, meta: dict, path: Path) -> None:
     """Held-out accuracy per layer with Wilson bars, beside the shuffled-label and random-weights controls."""
     from ..methods.linear_probe import summarize_linear_probe
 
-    summary = summarize_linear_probe(df, meta.get("seed", 0))
+    summary = meta.get("summary") or summarize_linear_probe(df, meta.get("seed", 0))  # the fits are not redone
     if "labels" in summary or "positions" in summary:
         return plot_probe_matrix(summary, meta, path)
     if not summary["layers"]:

@@ -201,6 +201,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
         summary = {**spec.summarize(table, seed=task.seed), **counts(task, items, ambiguous, limit),
                    **special_top1(table), "ci": level()}
         if spec.plot is not None:
-            spec.plot(table, {"model": loaded.spec.name, "task": task.name, "seed": task.seed}, run.path / "plot.png")
+            spec.plot(table, {"model": loaded.spec.name, "task": task.name, "seed": task.seed, "summary": summary},
+                      run.path / "plot.png")
         run.finish(table, summary, {"batch_size_used": size} if auto else {})
     return table, summary
