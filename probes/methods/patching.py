@@ -143,8 +143,6 @@ def _tree_pairs(task, items: list[Item], tok, direction: str):
     """Each tree's step paired with the same step of another held-out tree (a resampled tree: same token count,
     since every tree has as many edges) whose next path node differs, drawn with the task's seed; with the task's
     `corrupt: goal`, with the same tree asking for another leaf whose path turns elsewhere at this step."""
-    if direction not in DIRECTIONS:
-        raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
     if task.corrupt == "goal":
         paired = []
         for it in items:
@@ -180,8 +178,6 @@ def _icl_pairs(task, items: list[Item], direction: str):
     """Each classifier sequence paired with itself relabelled (`IclTask.corrupted`): the context items of the
     query's class carry a label the context does not use, which becomes the answer; sequences with no such item
     (iw) are left out."""
-    if direction not in DIRECTIONS:
-        raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
     paired = []
     for it in items:
         other = task.corrupted(it)
@@ -211,16 +207,16 @@ def _ioi_pairs(task, items: list[Item], tok) -> list[Item]:
 def prepare_patching(loaded, task, items: list[Item], options: dict):
     """Pair every item with a corrupted prompt (see the module's docstring); items with no partner are left out."""
     nback = task.kind == "nback" and getattr(task, "unit", "") == "trial"
-    if task.kind == "icl":
-        return _icl_pairs(task, items, options.get("direction", "denoise"))
-    if task.kind == "tree":
-        return _tree_pairs(task, items, loaded.tokenizer, options.get("direction", "denoise"))
-    if not nback and task.kind != "ioi" and (not hasattr(task, "template") or not hasattr(task, "rows")):
-        raise ProbeError(f"task {task.name!r} has no clean/corrupted pairs; accepted: a relational task "
-                         "(e.g. capitals), N-back trials (nback, nback-trained), trees (tree-trained) or IOI prompts (ioi)")
     direction = options.get("direction", "denoise")
     if direction not in DIRECTIONS:
         raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
+    if task.kind == "icl":
+        return _icl_pairs(task, items, direction)
+    if task.kind == "tree":
+        return _tree_pairs(task, items, loaded.tokenizer, direction)
+    if not nback and task.kind != "ioi" and (not hasattr(task, "template") or not hasattr(task, "rows")):
+        raise ProbeError(f"task {task.name!r} has no clean/corrupted pairs; accepted: a relational task "
+                         "(e.g. capitals), N-back trials (nback, nback-trained), trees (tree-trained) or IOI prompts (ioi)")
     tok = loaded.tokenizer
     if task.kind == "ioi":
         paired = _ioi_pairs(task, items, tok)

@@ -52,15 +52,10 @@ class Loaded:
     cache_hit: bool
     remote: bool = False  # traces run on NDIF; the local model has no weights
 
-    @property
-    def reads_vectors(self) -> bool:
-        """A model that takes `inputs_embeds` (the in-context classifier), not text."""
-        return (self.spec.training or {}).get("inputs") == "vectors"
-
     def trace(self, *inputs, **kwargs):
         """The model's trace, sent to NDIF for a remote model (see `load_remote`). A model that reads vectors is
         given its prompts' vectors (`VectorPrompt`s, one or a list) as one `inputs_embeds` batch."""
-        if self.reads_vectors:
+        if self.spec.reads_vectors:
             inputs = tuple(_embeds(x, self.spec.name) for x in inputs)
         elif any(isinstance(p, VectorPrompt) for x in inputs for p in (x if isinstance(x, (list, tuple)) else [x])):
             raise ProbeError(f"{self.spec.name} reads text, and was given vectors; accepted: a model trained on "

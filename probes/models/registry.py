@@ -47,6 +47,11 @@ class ModelSpec:
     training: dict | None = None  # a trained run's weights: {run, path, step, final}; see trained_checkpoint
 
     @property
+    def reads_vectors(self) -> bool:
+        """A trained in-context classifier: it takes `inputs_embeds`, not text."""
+        return (self.training or {}).get("inputs") == "vectors"
+
+    @property
     def pinned(self) -> bool:
         return bool(re.fullmatch(r"[0-9a-f]{40}", self.revision or ""))
 

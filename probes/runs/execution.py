@@ -103,7 +103,7 @@ def special_top1(table) -> dict:
 def check_inputs(spec, task) -> None:
     """A model that reads vectors (an in-context classifier trained on Reddy's task) takes only the vector items of
     a `kind: icl` task, and only it does; checked before loading."""
-    vectors = (spec.training or {}).get("inputs") == "vectors"
+    vectors = spec.reads_vectors
     if vectors and task.kind != "icl":
         raise ProbeError(f"{spec.name} reads vectors (inputs_embeds), not text, so task {task.name!r} cannot prompt "
                          "it; accepted: a kind: icl task of its training task (e.g. icl-trained)")
