@@ -237,7 +237,7 @@ class RunDir:
         write_csv(self.parts / f"items-{items[0]:06d}-{items[-1]:06d}.csv", pd.DataFrame(rows))
 
     def table(self) -> pd.DataFrame:
-        parts = [_read_part(f, keep_default_na=False, na_values=[""]) for f in sorted(self.parts.glob("*.csv"))]
+        parts = [_read_part(f, keep_default_na=False, na_values=[""], low_memory=False) for f in sorted(self.parts.glob("*.csv"))]
         if not parts:
             raise ProbeError(f"{self.path} has no results")
         return pd.concat(parts, ignore_index=True).sort_values(["item"], kind="stable").reset_index(drop=True)
