@@ -314,9 +314,10 @@ def bench_value_residual(reps: int) -> list[dict]:
 
 
 def bench_patching(name: str, sample: int) -> dict:
-    """The full residual patching sweep (every block x position) of one clean/corrupted capitals pair, batched as
-    the activation-patching probe runs it, against one nnsight trace per patch (the clean run traced once and
-    saved, then the corrupted run once per patch), timed on `sample` patches and scaled to all; same numbers."""
+    """The full residual patching sweep (every block x position) of one clean/corrupted capitals pair, as the
+    activation-patching probe runs it (`patch_logits`), against one nnsight trace per patch (the clean run traced
+    once and saved, then the corrupted run once per patch), timed on `sample` patches and scaled to all; same
+    numbers. Peak memory: resident above what the loaded model held, and the activations' tensor bytes."""
     import nnsight
 
     from probes.methods.patching import PATCH_ROWS, patch_list, patch_logits
@@ -328,10 +329,11 @@ def bench_patching(name: str, sample: int) -> dict:
     n = len(tok(clean).input_ids)
     assert n == len(tok(corrupted).input_ids)
     patches = patch_list(["resid"], list(range(arch.n_layers)), list(range(n)))
-    start = time.perf_counter()
-    batched = torch.cat([patch_logits(lm, clean, corrupted, patches[i:i + PATCH_ROWS])[2:]
-                         for i in range(0, len(patches), PATCH_ROWS)])
-    batched_s = time.perf_counter() - start
+    before = PROC.memory_info().rss
+    with PeakRSS() as rss, PeakTensorBytes() as tensors:
+        start = time.perf_counter()
+        batched = patch_logits(lm, clean, corrupted, patches)[2:]
+        batched_s = time.perf_counter() - start
     start = time.perf_counter()
     with lm.trace(clean):
         saved = nnsight.save([arch.block_input(i) for i in range(arch.n_layers)])
@@ -344,7 +346,8 @@ def bench_patching(name: str, sample: int) -> dict:
     loop_s = (time.perf_counter() - start) / sample * len(patches)
     diff = max(float((batched[j] - loop[j].float()).abs().max()) for j in range(sample))
     return {"model": name, "patches": len(patches), "blocks": arch.n_layers, "positions": n, "chunk": PATCH_ROWS,
-            "batched_seconds": batched_s, "loop_seconds": loop_s, "speedup": loop_s / batched_s, "max_diff": diff}
+            "batched_seconds": batched_s, "loop_seconds": loop_s, "speedup": loop_s / batched_s, "max_diff": diff,
+            "peak_rss": rss.peak - before, "peak_tensors": tensors.peak}
 
 
 def bench_lens_positions(name: str, batch: int, reps: int) -> dict:
@@ -452,6 +455,7 @@ def main():
     p.add_argument("--steps", type=int, default=250, help="training steps per timed run (default 250: the paper's)")
     p.add_argument("--patching", action="store_true", help="also the residual patching sweep against one trace per "
                    "patch (on the first of --models)")
+    p.add_argument("--only-patching", action="store_true", help="only the patching sweep")
     p.add_argument("--lens-positions", action="store_true", help="also the lens over every position (on the first "
                    "of --models)")
     p.add_argument("--only-lens-positions", action="store_true", help="only the lens over every position")
@@ -460,6 +464,8 @@ def main():
     args = p.parse_args()
     if args.only_value_residual:
         args.value_residual, args.no_scale, args.models_run = True, True, False
+    elif args.only_patching:
+        args.patching, args.no_scale, args.models_run = True, True, False
     elif args.only_lens_positions:
         args.lens_positions, args.no_scale, args.models_run = True, True, False
     else:
@@ -488,7 +494,8 @@ def main():
         results["patching"] = r = bench_patching(args.models[0], sample=60)
         print(f"patching {r['model']}: {r['patches']} patches ({r['blocks']} blocks x {r['positions']} positions): "
               f"batched {r['batched_seconds']:.1f} s, one trace per patch {r['loop_seconds']:.1f} s = "
-              f"{r['speedup']:.2f}x faster; max difference {r['max_diff']:.1e}")
+              f"{r['speedup']:.2f}x faster; max difference {r['max_diff']:.1e}; peak above the model: resident "
+              f"{r['peak_rss'] / 2**20:.0f} MB, activations {r['peak_tensors'] / 2**20:.0f} MB")
     if args.lens_positions:
         results["lens_positions"] = r = bench_lens_positions(args.models[0], args.batch, args.reps)
         print(f"lens over positions {r['model']}: {r['prompts']} prompts, {r['tokens']} tokens, "

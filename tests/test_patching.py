@@ -7,6 +7,7 @@ import torch
 
 import probes
 from probes.errors import ProbeError
+from probes.methods import patching
 from probes.methods.patching import (parse_sites, patch_list, patch_logits, prepare_patching,
                                      resolve_positions, summarize_patching)
 from probes.models.arch import _get
@@ -93,8 +94,12 @@ def test_the_whole_residual_at_block_0_recovers_the_clean_run_exactly(name):
     assert torch.equal(logits[2], logits[0]) and not torch.equal(logits[1], logits[0])
 
 
+@pytest.mark.parametrize("rows", [64, 5])
 @pytest.mark.parametrize("name", TINY)
-def test_batched_patches_equal_one_hooked_forward_per_patch(name):
+def test_batched_patches_equal_one_hooked_forward_per_patch(name, rows, monkeypatch):
+    """In chunks of 5 rows, every chunk after the first starts part-way, its earlier blocks skipped (not on the
+    value-residual model, which runs every block)."""
+    monkeypatch.setattr(patching, "PATCH_ROWS", rows)
     lm = loaded(name)
     clean, corrupted = pair(lm)
     n = len(lm.tokenizer(clean).input_ids)
@@ -104,6 +109,25 @@ def test_batched_patches_equal_one_hooked_forward_per_patch(name):
         ref = hooked(lm, clean, corrupted, site, block, pos)
         assert torch.allclose(batched[row], ref, atol=1e-4, rtol=1e-4), (site, block, pos)
     assert not all(torch.allclose(batched[row], batched[1], atol=1e-6) for row in range(2, len(patches) + 2))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2-value-residual"])
+def test_chunks_after_the_first_skip_the_blocks_before_their_patches(name, monkeypatch):
+    monkeypatch.setattr(patching, "PATCH_ROWS", 4)
+    lm = loaded(name)
+    clean, corrupted = pair(lm)
+    last = lm.arch.n_layers - 1
+    calls = {i: 0 for i in range(lm.arch.n_layers)}
+    hooks = [lm.arch.hf.get_submodule(f"{lm.arch.spec.layers}.{i}.{lm.arch.spec.attn}").register_forward_hook(
+        lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls]
+    try:
+        patch_logits(lm, clean, corrupted, [("resid", last, p) for p in range(12)])  # 3 chunks, all at the last block
+        # (counted at each block's attention: a skipped block's own hooks still fire, its insides do not run)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls[last] == 3
+    assert calls[0] == (1 if lm.arch.independent_layers else 3)
 
 
 def test_pairs_line_up_and_recovery_runs_from_the_corrupted_to_the_clean_run(tmp_path):

@@ -13,8 +13,9 @@ patch: `resid` (the residual entering block i), `attn` (block i's attention upda
 The metric is the logit difference LD = logit(clean answer) - logit(corrupted answer) at the last position, as
 recovery (LD_patched - LD_dest) / (LD_source - LD_dest): 1 = the patch carries the whole difference, 0 = none.
 
-Many patches run in one forward: the pair's source and destination prompts, then the destination once per patch,
-in chunks of PATCH_ROWS rows (memory bounded by the chunk, not by layers x positions).
+Many patches run in one forward: the pair's source and destination prompts run once, then the destination once per
+patch, in chunks of PATCH_ROWS rows (memory bounded by the chunk, not by layers x positions), each chunk starting at
+its first patched block (`patch_logits`).
 Positions: `last`, `argument` (the argument's last token in the query), the task's positions by meaning (trees:
 `goal`, `root`, `bar`, `colon`, `edge_up0` = the edge token into the goal, `edge_up1` into its parent, ...), integers
 (negative count from the end), `all` (every position, each on its own) or `whole` (every position at once).
@@ -237,36 +238,67 @@ def prepare_patching(loaded, task, items: list[Item], options: dict):
 
 def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, object]]) -> torch.Tensor:
     """Last-position logits (2 + len(patches), vocab): the source run, the destination run, then the destination
-    with each patch (site, block, position index or slice) taken from the source run, in one forward."""
-    arch = loaded.arch
+    with each patch (site, block, position index or slice) taken from the source run.
+
+    Patches run ordered by block, in chunks of PATCH_ROWS rows. The first chunk runs with the pair as its first two
+    rows and keeps the pair's activations at the blocks later chunks patch. A row patched at block b equals the
+    destination run before b, so each later chunk starts at its first block from the destination's input to it,
+    the blocks before skipped: a sweep over every block does about half the work of running each row from the
+    embeddings. A model whose layers hand state to later ones (the value residual) runs every block."""
+    order = sorted(range(len(patches)), key=lambda k: patches[k][1])
+    chunks = [order[c:c + PATCH_ROWS] for c in range(0, len(order), PATCH_ROWS)] or [[]]
+    later = [patches[k] for chunk in chunks[1:] for k in chunk]
+    keep = {(b, s.split(".")[0]) for s, b, _ in later} | {(b, "resid") for _, b, _ in later}
+    first, saved = _patched_forward(loaded, [source, dest] + [dest] * len(chunks[0]),
+                                    [patches[k] for k in chunks[0]], keep=keep)
+    rows = dict(zip(chunks[0], first[2:]))
+    for chunk in chunks[1:]:
+        rows.update(zip(chunk, _patched_forward(loaded, [dest] * len(chunk), [patches[k] for k in chunk], saved)[0]))
+    return torch.cat([first[:2], *(rows[k][None] for k in range(len(patches)))])
+
+
+def _patched_forward(loaded, prompts: list[str], chunk: list, saved: dict | None = None, keep: set = frozenset()):
+    """(last-position logits, kept activations) of one forward. Without `saved`, the first two prompts are the
+    source and destination, the patches (rows 2 on) take the source's values live, and the pair's activations at
+    the (block, site)s in `keep` are kept; with `saved` (what that first forward kept), every row is a patched
+    destination, started at the chunk's first block from the saved destination input."""
+    arch, live = loaded.arch, saved is None
+    start = chunk[0][1] if not live and arch.independent_layers else 0
     groups: dict = {}
-    for row, (site, block, pos) in enumerate(patches, start=2):
+    for row, (site, block, pos) in enumerate(chunk, start=2 if live else 0):
         if site.startswith("head."):  # one head: its slice of the output projection's input
-            h = int(site[5:])
-            groups.setdefault((block, "head"), []).append((row, (pos, h)))
+            groups.setdefault((block, "head"), []).append((row, (pos, int(site[5:]))))
         else:
             groups.setdefault((block, site), []).append((row, pos))
-    blocks = sorted({b for b, _ in groups})
-    with loaded.trace([source, dest] + [dest] * len(patches), logits_to_keep=1):
-        for i in blocks:
+    with loaded.trace(prompts, logits_to_keep=1):
+        if start:
+            h = saved[start, "resid"][1:2].expand(len(prompts), -1, -1).clone()
+            for j in range(start):  # what the block returns: its hidden states, or a tuple led by them
+                arch.block(j).skip((h,) + (None,) * (saved["tuple"] - 1) if saved["tuple"] else h)
+        got = {}
+        for i in sorted({b for b, _ in groups} | {b for b, _ in keep}):
             x = arch.block_input(i)
-            for row, pos in groups.get((i, "resid"), []):
-                x[row, pos] = x[0, pos]
-            if (i, "head") in groups:
-                heads = arch.heads_input(i)
-                size = heads.shape[-1] // arch.n_heads
-                for row, (pos, h) in groups[(i, "head")]:
-                    heads[row, pos, h * size:(h + 1) * size] = heads[0, pos, h * size:(h + 1) * size]
-            if (i, "attn") in groups:
-                a = arch.attn_update(i)
-                for row, pos in groups[(i, "attn")]:
-                    a[row, pos] = a[0, pos]
-            if (i, "ffn") in groups:
-                f = arch.ffn_output(i, like=x)
-                for row, pos in groups[(i, "ffn")]:
-                    f[row, pos] = f[0, pos]
+            for site in ("resid", "head", "attn", "ffn"):  # forward order within the block
+                if (i, site) not in groups and (i, site) not in keep:
+                    continue
+                value = (x if site == "resid" else arch.heads_input(i) if site == "head"
+                         else arch.attn_update(i) if site == "attn" else arch.ffn_output(i, like=x))
+                if (i, site) in keep:
+                    got[i, site] = value[:2].clone()
+                src = value if live else saved[i, site]  # row 0: the source run's
+                size = value.shape[-1] // arch.n_heads
+                for row, pos in groups.get((i, site), []):
+                    if site == "head":
+                        p, h = pos
+                        value[row, p, h * size:(h + 1) * size] = src[0, p, h * size:(h + 1) * size]
+                    else:
+                        value[row, pos] = src[0, pos]
+            if keep and i == max(b for b, _ in keep):
+                out = arch.block(i).output
+                got["tuple"] = len(out) if isinstance(out, tuple) else 0
         logits = nnsight.save(loaded.model.output.logits[:, -1])
-    return logits.float()
+        got = nnsight.save(got)
+    return logits.float(), got
 
 
 def patch_list(sites: list[str], blocks: list[int], positions: list, heads: int = 0) -> list[tuple[str, int, object]]:
@@ -288,11 +320,7 @@ def run_patching(loaded, items: list[Item], state: dict | None = None, sites="re
         pos = resolve_positions(positions, n, named_positions(tok, it))
         patches = patch_list(sites, blocks, pos, arch.n_heads)
         good, bad = answer_token(tok, it), answer_token(tok, dataclasses.replace(it, answer=it.extra["corrupted_answer"]))
-        logits = []
-        for start in range(0, len(patches), PATCH_ROWS):
-            out = patch_logits(loaded, source, dest, patches[start:start + PATCH_ROWS])
-            logits.append(out if start == 0 else out[2:])
-        logits = torch.cat(logits)
+        logits = patch_logits(loaded, source, dest, patches)
         ld = (logits[:, good] - logits[:, bad]).tolist()
         rank = rank_of(logits, torch.full((len(logits),), good, device=logits.device)).tolist()
         gap = ld[0] - ld[1]

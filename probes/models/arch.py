@@ -131,6 +131,10 @@ class Arch:
         # parts a trained architecture may lack (models/custom.py); every pretrained family has both
         self.has_ffn = _get(_get(self.hf, self.spec.layers)[0], self.spec.ffn) is not None
         self.residual = bool(getattr(self.config, "residual", True))
+        # whether a block computes from its input alone; the value residual (models/custom.py) hands a layer's raw
+        # projections to later layers, so a forward cannot start part-way (activation patching skips blocks)
+        self.independent_layers = all(getattr(self.config, f"{p}_residual", "none") == "none"
+                                      for p in ("query", "key", "value"))
         self.n_params = sum(p.numel() for p in self.hf.parameters())  # packed, for bitsandbytes weights
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
         self._norm = _get(self.hf, self.spec.final_norm)
