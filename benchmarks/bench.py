@@ -16,16 +16,18 @@ Training throughput (--training; --only-training for it alone): `probe train` (t
 folder, one evaluation, a checkpoint, the final weights, log and plot) against a bare torch loop over the same
 model, data, batch, optimizer and steps, with the same evaluation and a save of the final weights; sequences per
 second of each, per training config.
-Activation patching (--patching): the full residual sweep of one pair batched, against one trace per patch.
+Activation patching (--patching; --only-patching for it alone, --patching-task for the pair): the full residual
+sweep of one pair as the probe runs it, against one trace per patch.
 The lens over every position (--lens-positions; --only-lens-positions for it alone): time and peak memory of the
 logit lens at all positions and at the last, against a bare forward that computes the logits of every position.
 Writes benchmarks/results.json (benchmarks/scale.json with --only-scale, training.json with --only-training,
-lens-positions.json with --only-lens-positions).
+lens-positions.json with --only-lens-positions, patching.json with --only-patching).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -313,41 +315,67 @@ def bench_value_residual(reps: int) -> list[dict]:
     return out
 
 
-def bench_patching(name: str, sample: int) -> dict:
-    """The full residual patching sweep (every block x position) of one clean/corrupted capitals pair, as the
-    activation-patching probe runs it (`patch_logits`), against one nnsight trace per patch (the clean run traced
-    once and saved, then the corrupted run once per patch), timed on `sample` patches and scaled to all; same
-    numbers. Peak memory: resident above what the loaded model held, and the activations' tensor bytes."""
+def bench_patching(name: str, task: str, pairs: int, sample: int) -> dict:
+    """The full residual patching sweep (every block x position) of the task's first `pairs` clean/corrupted pairs,
+    as the activation-patching probe runs it (`patch_logits`; and with every patch run, none taken as unchanged
+    before the pair's first differing token), against one nnsight trace per patch (the clean run traced once and
+    saved, then the corrupted run once per patch; timed on `sample` patches per pair and scaled to all); same
+    numbers (the answers' logits and the clean answer's rank, which is what the probe keeps of each chunk). Peak
+    memory: resident above what the loaded model held, and the activations' tensor bytes."""
     import nnsight
 
-    from probes.methods.patching import PATCH_ROWS, patch_list, patch_logits
+    from probes.methods.patch_engine import PATCH_ROWS, answer_columns, patch_list, patch_logits
+    from probes.methods.patching import prepare_patching
+    from probes.tasks.base import answer_token
 
     lm = load_model(resolve_model(name))
     arch, tok = lm.arch, lm.tokenizer
-    clean = "Q: What is the capital of Malaysia?\nA: Kuala Lumpur\nQ: What is the capital of Poland?\nA:"
-    corrupted = clean.replace("Poland", "France")
-    n = len(tok(clean).input_ids)
-    assert n == len(tok(corrupted).input_ids)
-    patches = patch_list(["resid"], list(range(arch.n_layers)), list(range(n)))
-    before = PROC.memory_info().rss
-    with PeakRSS() as rss, PeakTensorBytes() as tensors:
-        start = time.perf_counter()
-        batched = patch_logits(lm, clean, corrupted, patches)[2:]
-        batched_s = time.perf_counter() - start
-    start = time.perf_counter()
-    with lm.trace(clean):
-        saved = nnsight.save([arch.block_input(i) for i in range(arch.n_layers)])
-    loop = []
-    for _, block, pos in patches[:sample]:
+    t = load_task(task)
+    items = prepare_patching(lm, t, t.items(), {})[0][:pairs]
+    sweeps = []
+    for it in items:
+        n = len(tok(it.prompt).input_ids)
+        answers = answer_token(tok, it), answer_token(tok, dataclasses.replace(it, answer=it.extra["corrupted_answer"]))
+        sweeps.append((it.prompt, it.extra["corrupted"], patch_list(["resid"], list(range(arch.n_layers)), list(range(n))),
+                       lambda logits, a=answers: answer_columns(logits, *a)))  # the probe's: one chunk's logits held
+
+    def one(corrupted: str, block: int, pos: int, saved: list) -> torch.Tensor:
         with lm.trace(corrupted, logits_to_keep=1):
             x = arch.block_input(block)
             x[0, pos] = saved[block][0, pos]
-            loop.append(nnsight.save(lm.model.output.logits[0, -1]))
-    loop_s = (time.perf_counter() - start) / sample * len(patches)
-    diff = max(float((batched[j] - loop[j].float()).abs().max()) for j in range(sample))
-    return {"model": name, "patches": len(patches), "blocks": arch.n_layers, "positions": n, "chunk": PATCH_ROWS,
-            "batched_seconds": batched_s, "loop_seconds": loop_s, "speedup": loop_s / batched_s, "max_diff": diff,
-            "peak_rss": rss.peak - before, "peak_tensors": tensors.peak}
+            logits = nnsight.save(lm.model.output.logits[0, -1])
+        return logits
+
+    def clean_run(clean: str) -> list:
+        with lm.trace(clean):
+            saved = nnsight.save([arch.block_input(i) for i in range(arch.n_layers)])
+        return saved
+
+    clean, corrupted, patches, _ = sweeps[0]
+    patch_logits(lm, clean, corrupted, patches[-1:], skip_unchanged=False)  # warm-up: nnsight reads each trace's
+    one(corrupted, 0, 0, clean_run(clean))                                  # source once
+    out = {"model": name, "task": task, "pairs": len(sweeps), "patches": sum(len(s[2]) for s in sweeps),
+           "blocks": arch.n_layers, "positions": sorted({len(s[2]) // arch.n_layers for s in sweeps}),
+           "chunk": PATCH_ROWS}
+    batched = []
+    for key, skip in (("batched", True), ("batched_every_patch", False)):
+        before = PROC.memory_info().rss
+        with PeakRSS() as rss, PeakTensorBytes() as tensors:
+            start = time.perf_counter()
+            got = [patch_logits(lm, c, d, p, skip_unchanged=skip, reduce=r)[2:] for c, d, p, r in sweeps]
+            out[f"{key}_seconds"] = time.perf_counter() - start
+        out[f"{key}_peak_rss"], out[f"{key}_peak_tensors"] = rss.peak - before, tensors.peak
+        batched.append(got)
+    loop_s, diff = 0.0, 0.0
+    for (clean, corrupted, patches, reduce), *rows in zip(sweeps, *batched):
+        start = time.perf_counter()
+        saved = clean_run(clean)
+        clean_s = time.perf_counter() - start
+        loop = [reduce(one(corrupted, block, pos, saved)[None].float())[0] for _, block, pos in patches[:sample]]
+        loop_s += clean_s + (time.perf_counter() - start - clean_s) / len(loop) * len(patches)
+        diff = max([diff] + [float((r[j] - loop[j]).abs().max()) for r in rows for j in range(len(loop))])
+    return {**out, "loop_seconds": loop_s, "speedup": loop_s / out["batched_seconds"],
+            "speedup_every_patch": loop_s / out["batched_every_patch_seconds"], "max_diff": diff}
 
 
 def bench_lens_positions(name: str, batch: int, reps: int) -> dict:
@@ -456,6 +484,9 @@ def main():
     p.add_argument("--patching", action="store_true", help="also the residual patching sweep against one trace per "
                    "patch (on the first of --models)")
     p.add_argument("--only-patching", action="store_true", help="only the patching sweep")
+    p.add_argument("--patching-task", default="capitals", help="the task whose pairs the patching sweep patches "
+                   "(default capitals; tree-trained-first for a trained tree model)")
+    p.add_argument("--patching-pairs", type=int, default=1, help="how many of its pairs (default 1)")
     p.add_argument("--lens-positions", action="store_true", help="also the lens over every position (on the first "
                    "of --models)")
     p.add_argument("--only-lens-positions", action="store_true", help="only the lens over every position")
@@ -491,11 +522,14 @@ def main():
                   f"({r['bare_seq_per_s']:.0f} seq/s), probe train {r['ours_seconds']:.2f} s ({r['ours_seq_per_s']:.0f} "
                   f"seq/s) = {r['ratio']:.2f}x")
     if args.patching:
-        results["patching"] = r = bench_patching(args.models[0], sample=60)
-        print(f"patching {r['model']}: {r['patches']} patches ({r['blocks']} blocks x {r['positions']} positions): "
-              f"batched {r['batched_seconds']:.1f} s, one trace per patch {r['loop_seconds']:.1f} s = "
-              f"{r['speedup']:.2f}x faster; max difference {r['max_diff']:.1e}; peak above the model: resident "
-              f"{r['peak_rss'] / 2**20:.0f} MB, activations {r['peak_tensors'] / 2**20:.0f} MB")
+        results["patching"] = r = bench_patching(args.models[0], args.patching_task, args.patching_pairs, sample=60)
+        print(f"patching {r['model']} ({r['task']}): {r['pairs']} pair(s), {r['patches']} patches ({r['blocks']} blocks "
+              f"x {r['positions']} positions): batched {r['batched_seconds']:.1f} s, every patch run "
+              f"{r['batched_every_patch_seconds']:.1f} s, one trace per patch {r['loop_seconds']:.1f} s = "
+              f"{r['speedup']:.2f}x and {r['speedup_every_patch']:.2f}x faster; max difference {r['max_diff']:.1e}; "
+              f"peak above the model: resident {r['batched_peak_rss'] / 2**20:.0f} MB (every patch run "
+              f"{r['batched_every_patch_peak_rss'] / 2**20:.0f} MB), activations "
+              f"{r['batched_every_patch_peak_tensors'] / 2**20:.0f} MB")
     if args.lens_positions:
         results["lens_positions"] = r = bench_lens_positions(args.models[0], args.batch, args.reps)
         print(f"lens over positions {r['model']}: {r['prompts']} prompts, {r['tokens']} tokens, "
@@ -511,7 +545,8 @@ def main():
                   f"{r['none_seconds']:.2f} s, with {r['previous_seconds']:.2f} s: cost {100 * r['cost']:+.1f}%")
     name = ("scale.json" if args.only_scale else "training.json" if args.only_training else
             "value-residual.json" if args.only_value_residual else
-            "lens-positions.json" if args.only_lens_positions else "results.json")
+            "lens-positions.json" if args.only_lens_positions else "patching.json" if args.only_patching else
+            "results.json")
     out = Path(__file__).parent / name
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {out}")

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 
-from probes.errors import ProbeError
 from probes.methods import erasure
 from probes.tasks.base import Item
 

@@ -12,7 +12,8 @@ import torch
 from probes.errors import ProbeError
 from probes.methods.attention import run_attention
 from probes.methods.lens import run_lens
-from probes.methods.patching import patch_logits, prepare_patching, run_patching
+from probes.methods.patch_engine import patch_logits
+from probes.methods.patching import prepare_patching, run_patching
 from probes.models.loading import load_model
 from probes.models.registry import resolve_model
 from probes.runs.execution import run_probe
@@ -92,7 +93,8 @@ def test_patching_vectors_into_themselves_changes_nothing_and_the_whole_input_re
     items, _, meta = prepare_patching(model, t, t.items()[:16], {})
     assert meta["pairs"] == 16
     it = items[0]
-    out = patch_logits(model, it.prompt, it.prompt, [("resid", b, p) for b in range(2) for p in range(17)] + [("attn", 1, 16)])
+    out = patch_logits(model, it.prompt, it.prompt, [("resid", b, p) for b in range(2) for p in range(17)] + [("attn", 1, 16)],
+                       skip_unchanged=False)  # run, not taken as unchanged
     assert torch.equal(out[2:], out[1:2].expand(len(out) - 2, -1))
     rows = pd.DataFrame(run_patching(model, items, layers="0", positions="whole"))
     used = rows[(rows.ld_source - rows.ld_dest).abs() > 1e-6]

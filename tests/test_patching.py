@@ -7,10 +7,11 @@ import torch
 
 import probes
 from probes.errors import ProbeError
-from probes.methods import patching
-from probes.methods.patching import (parse_sites, patch_list, patch_logits, prepare_patching,
-                                     resolve_positions, summarize_patching)
-from probes.models.arch import _get
+from probes.methods import patch_engine
+from probes.methods.patch_engine import patch_list, patch_logits
+from probes.methods.patching import parse_sites, prepare_patching, summarize_patching
+from probes.methods.positions import resolve_positions
+from probes.models.arch import _first, _get
 from probes.tasks.files import load_task
 
 from .conftest import TINY, loaded
@@ -81,8 +82,9 @@ def test_patching_the_clean_run_into_itself_changes_nothing(name):
     lm = loaded(name)
     clean, _ = pair(lm)
     n = len(lm.tokenizer(clean).input_ids)
-    logits = patch_logits(lm, clean, clean, patch_list(sites(lm), list(range(lm.arch.n_layers)), [0, n - 1, slice(None)],
-                                                       lm.arch.n_heads))
+    patches = patch_list(sites(lm), list(range(lm.arch.n_layers)), [0, n - 1, slice(None)], lm.arch.n_heads)
+    # run, not taken as unchanged (every position is), so every write of the patching is exercised
+    logits = patch_logits(lm, clean, clean, patches, skip_unchanged=False)
     assert all(torch.equal(logits[1], row) for row in logits[2:])
 
 
@@ -99,7 +101,7 @@ def test_the_whole_residual_at_block_0_recovers_the_clean_run_exactly(name):
 def test_batched_patches_equal_one_hooked_forward_per_patch(name, rows, monkeypatch):
     """In chunks of 5 rows, every chunk after the first starts part-way, its earlier blocks skipped (not on the
     value-residual model, which runs every block)."""
-    monkeypatch.setattr(patching, "PATCH_ROWS", rows)
+    monkeypatch.setattr(patch_engine, "PATCH_ROWS", rows)
     lm = loaded(name)
     clean, corrupted = pair(lm)
     n = len(lm.tokenizer(clean).input_ids)
@@ -112,22 +114,54 @@ def test_batched_patches_equal_one_hooked_forward_per_patch(name, rows, monkeypa
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2-value-residual"])
-def test_chunks_after_the_first_skip_the_blocks_before_their_patches(name, monkeypatch):
-    monkeypatch.setattr(patching, "PATCH_ROWS", 4)
+def test_chunks_after_the_first_start_at_their_first_block_and_position(name, monkeypatch):
+    """12 patches at the last block, positions 0-11, in chunks of 4: the first chunk runs whole with the pair; the
+    second runs positions 4 on after a 4-token KV cache, the third 8 on, both skipping the blocks before the last.
+    Counted as token rows through each block's attention (a skipped block's own hooks still fire, its insides do
+    not run). The value-residual model runs every chunk whole."""
+    monkeypatch.setattr(patch_engine, "PATCH_ROWS", 4)
     lm = loaded(name)
     clean, corrupted = pair(lm)
-    last = lm.arch.n_layers - 1
-    calls = {i: 0 for i in range(lm.arch.n_layers)}
-    hooks = [lm.arch.hf.get_submodule(f"{lm.arch.spec.layers}.{i}.{lm.arch.spec.attn}").register_forward_hook(
-        lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls]
+    n, last = len(lm.tokenizer(clean).input_ids), lm.arch.n_layers - 1
+    work = {i: 0 for i in range(lm.arch.n_layers)}
+
+    def count(i):
+        return lambda module, args, out: work.__setitem__(i, work[i] + _first(out).shape[0] * _first(out).shape[1])
+
+    hooks = [_get(lm.arch.hf, f"{lm.arch.spec.layers}.{i}.{lm.arch.spec.attn}").register_forward_hook(count(i))
+             for i in work]
     try:
-        patch_logits(lm, clean, corrupted, [("resid", last, p) for p in range(12)])  # 3 chunks, all at the last block
-        # (counted at each block's attention: a skipped block's own hooks still fire, its insides do not run)
+        logits = patch_logits(lm, clean, corrupted, [("resid", last, p) for p in range(12)], skip_unchanged=False)
     finally:
         for h in hooks:
             h.remove()
-    assert calls[last] == 3
-    assert calls[0] == (1 if lm.arch.independent_layers else 3)
+    if lm.arch.independent_layers:
+        assert work[0] == 6 * n + 4 + 8  # the whole first chunk, then the two prefixes' caches
+        assert work[last] == 6 * n + (4 + 4 * (n - 4)) + (8 + 4 * (n - 8))
+    else:
+        assert work[0] == work[last] == 6 * n + 4 * n + 4 * n
+    for row, p in enumerate(range(12), start=2):
+        assert torch.allclose(logits[row], hooked(lm, clean, corrupted, "resid", last, p), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-probe-transformer"])
+def test_patches_before_the_first_differing_token_give_the_destination_run(name):
+    """Before the first token where the pair differs, every site holds the same values in both runs: those
+    patches are taken as the destination run (exactly), and running them gives the same up to rounding."""
+    lm = loaded(name)
+    clean, corrupted = pair(lm)
+    a, b = lm.tokenizer(clean).input_ids, lm.tokenizer(corrupted).input_ids
+    differ = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert 0 < differ < len(a) - 1
+    patches = patch_list(sites(lm), list(range(lm.arch.n_layers)), [0, differ - 1, differ, len(a) - 1, slice(None)],
+                         lm.arch.n_heads)
+    taken = patch_logits(lm, clean, corrupted, patches)
+    run = patch_logits(lm, clean, corrupted, patches, skip_unchanged=False)
+    for row, (site, block, pos) in enumerate(patches, start=2):
+        if isinstance(pos, int) and pos < differ:
+            assert torch.equal(taken[row], taken[1]), (site, block, pos)
+        assert torch.allclose(taken[row], run[row], atol=1e-5, rtol=1e-5), (site, block, pos)
+    assert not all(torch.equal(taken[row], taken[1]) for row in range(2, len(patches) + 2))
 
 
 def test_pairs_line_up_and_recovery_runs_from_the_corrupted_to_the_clean_run(tmp_path):
@@ -172,7 +206,7 @@ def test_nback_pairs_flip_the_answer_by_changing_the_current_letter_only():
 @pytest.mark.parametrize("call, message", [
     (lambda lm: parse_sites("heads"), "unknown patching site 'heads'; accepted: resid, attn, ffn"),
     (lambda lm: resolve_positions("99", 10, {"argument": 3}), "patching position 99 is outside the prompt (10 tokens)"),
-    (lambda lm: resolve_positions("middle", 10, {"argument": 3}), "bad patching position 'middle'; accepted:"),
+    (lambda lm: resolve_positions("middle", 10, {"argument": 3}), "unknown patching position 'middle'; accepted:"),
     (lambda lm: prepare_patching(lm, load_task("nback-sequence"), [], {}),
      "task 'nback-sequence' has no clean/corrupted pairs"),
     (lambda lm: prepare_patching(lm, load_task("capitals"), [], {"direction": "up"}), "unknown patching direction 'up'"),

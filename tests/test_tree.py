@@ -190,7 +190,7 @@ def test_goal_corruption_keeps_the_tree_and_swaps_the_goal_for_a_leaf_that_turns
 
 
 def test_positions_by_meaning_are_the_goal_root_and_edges_up_the_path_for_any_tokenizer(tiny_run):
-    from probes.methods.patching import named_positions, resolve_positions
+    from probes.methods.positions import named_positions, resolve_positions
 
     task = load_task("tree-trained", {"first_tree": 256, "trees": 30})
     tree_tok = probes.load(str(tiny_run)).tokenizer
@@ -211,7 +211,7 @@ def test_positions_by_meaning_are_the_goal_root_and_edges_up_the_path_for_any_to
         step = it.extra["step"]  # the last token is the root at the first step (then once only)
         want = [named["goal"], 47] + ([47 + step] if step else [])
         assert resolve_positions("goal,root,last", 48 + step, named) == want
-    with pytest.raises(ProbeError, match="bad patching position 'registers'; accepted: all, whole, last, argument, bar"):
+    with pytest.raises(ProbeError, match="unknown patching position 'registers'; accepted: all, whole, last, argument, bar"):
         resolve_positions("registers", 48, named)
 
 

@@ -107,7 +107,7 @@ def ffn_patch_recovery(loaded, item: Item) -> tuple[list[float], float]:
     that block's FFN update at the last position, clean into corrupted, recovers; the difference itself)."""
     import dataclasses
 
-    from .patching import patch_logits
+    from .patch_engine import patch_logits
 
     tok = loaded.tokenizer
     last = len(tok(item.prompt).input_ids) - 1

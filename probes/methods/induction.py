@@ -22,7 +22,7 @@ THRESHOLD = 0.4  # a head whose score passes this is counted as an induction hea
 
 
 def run_induction(loaded, items: list[Item]) -> list[dict]:
-    tok, arch = loaded.tokenizer, loaded.arch
+    tok = loaded.tokenizer
     rows = []
     for it in items:
         start = repeat_start(tok, it.prompt)

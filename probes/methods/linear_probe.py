@@ -32,7 +32,7 @@ from ..errors import ProbeError
 from ..stats import bootstrap, interval_text, level, proportion
 from ..tasks.base import Item, item_columns
 from . import erasure
-from .patching import named_positions
+from .positions import named_positions, token_index
 
 SITES = ("resid", "attn", "ffn")
 
@@ -114,22 +114,8 @@ def _positions(tok, items: list[Item], names: list[str]) -> list[list[int]]:
     out = []
     for it in items:
         n = len(tok(it.prompt).input_ids)
-        named = {"last": n - 1, **(named_positions(tok, it) if set(names) - {"last"} else {})}
-        picked = []
-        for name in names:
-            if name in named:
-                picked.append(named[name])
-                continue
-            try:
-                index = int(name)
-            except ValueError:
-                raise ProbeError(f"unknown probe position {name!r}; accepted: {', '.join(named)} or a token "
-                                 "index") from None
-            if not -n <= index < n:
-                raise ProbeError(f"probe position {index} is outside the prompt of item {it.index} ({n} tokens); "
-                                 f"accepted: {-n} to {n - 1}")
-            picked.append(index % n)
-        out.append(picked)
+        named = named_positions(tok, it) if set(names) - {"last"} else {}
+        out.append([token_index(name, n, named, "probe", it.index) for name in names])
     return out
 
 
@@ -204,13 +190,24 @@ def summarize_linear_probe(df, seed: int = 0) -> dict:
                 "positions": {p: summarize_linear_probe(df[df.position.astype(str) == p], seed) for p in where}}
     names = [c[len("label_"):] for c in df.columns if c.startswith("label_")]
     erased = {"erasure": erasure.summarize(df)} if "erase_half" in df else {}
+    layers = _layer_vectors(df)
     if not names:
-        return {**_summarize_label(df, "label", seed), **erased}
-    return {"items": int(df.item.nunique()), "labels": {n: _summarize_label(df, f"label_{n}", seed) for n in names},
-            **erased}
+        return {**_summarize_label(df, layers, "label", seed), **erased}
+    return {"items": int(df.item.nunique()),
+            "labels": {n: _summarize_label(df, layers, f"label_{n}", seed) for n in names}, **erased}
 
 
-def _summarize_label(df, col: str, seed: int) -> dict:
+def _layer_vectors(df) -> dict[int, tuple]:
+    """Per layer: {item: row} and the real and random-weights vectors as arrays, parsed from their JSON once for
+    every label, fit and control."""
+    out = {}
+    for layer, g in df.groupby("layer"):
+        out[int(layer)] = ({it: k for k, it in enumerate(g.item)}, np.array([json.loads(v) for v in g.vector]),
+                           np.array([json.loads(v) for v in g.random_vector]))
+    return out
+
+
+def _summarize_label(df, layers: dict, col: str, seed: int) -> dict:
     from sklearn.model_selection import train_test_split
 
     per = df[df.layer == 0].sort_values("item")
@@ -225,16 +222,14 @@ def _summarize_label(df, col: str, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     out.update({"train": int(len(train)), "test": int(len(test)),
                 "classes": {str(k): int(v) for k, v in counts.drop(rare).items()}})
-    for layer, g in df[df.item.isin(items)].groupby("layer"):
-        g = g.set_index("item")
-        y_train, y_test = g.loc[train, col].astype(str).to_numpy(), g.loc[test, col].astype(str).to_numpy()
+    label = per.set_index("item")[col].astype(str)
+    y_train, y_test = label.loc[train].to_numpy(), label.loc[test].to_numpy()
+    for layer, (index, real, random) in layers.items():
         shuffled = rng.permutation(y_train)
+        rows_train, rows_test = [index[i] for i in train], [index[i] for i in test]
         row = {}
-        for name, vectors, y in (("", "vector", y_train), ("shuffled_", "vector", shuffled),
-                                 ("random_", "random_vector", y_train)):
-            x = np.array([json.loads(v) for v in g[vectors]])
-            index = {it: k for k, it in enumerate(g.index)}
-            pred = _fit(x[[index[i] for i in train]], y, x[[index[i] for i in test]])
+        for name, x, y in (("", real, y_train), ("shuffled_", real, shuffled), ("random_", random, y_train)):
+            pred = _fit(x[rows_train], y, x[rows_test])
             right = pred == y_test
             row.update(proportion(int(right.sum()), len(right), f"{name}accuracy"))
             codes = {c: k for k, c in enumerate(sorted(set(y_test) | set(pred)))}

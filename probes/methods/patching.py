@@ -14,8 +14,8 @@ The metric is the logit difference LD = logit(clean answer) - logit(corrupted an
 recovery (LD_patched - LD_dest) / (LD_source - LD_dest): 1 = the patch carries the whole difference, 0 = none.
 
 Many patches run in one forward: the pair's source and destination prompts run once, then the destination once per
-patch, in chunks of PATCH_ROWS rows (memory bounded by the chunk, not by layers x positions), each chunk starting at
-its first patched block (`patch_logits`).
+patch, in chunks (memory bounded by the chunk, not by layers x positions), each skipping what its patches cannot
+change (methods/patch_engine.py).
 Positions: `last`, `argument` (the argument's last token in the query), the task's positions by meaning (trees:
 `goal`, `root`, `bar`, `colon`, `edge_up0` = the edge token into the goal, `edge_up1` into its parent, ...), integers
 (negative count from the end), `all` (every position, each on its own) or `whole` (every position at once).
@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import nnsight
 import numpy as np
-import torch
 
 from ..errors import ProbeError
 from ..models.arch import parse_blocks
 from ..stats import halves, interval_text, level, mean
 from ..tasks.base import Item, answer_token, item_columns
-from .lens import rank_of
+from .patch_engine import answer_columns, patch_list, patch_logits
+from .positions import named_positions, resolve_positions
 
 SITES = ("resid", "attn", "ffn", "head")
 DIRECTIONS = ("denoise", "noise")  # clean into corrupted (does it restore?), corrupted into clean (does it break?)
-PATCH_ROWS = 64
 
 
 def parse_sites(value, has_ffn: bool = True) -> list[str]:
@@ -48,53 +46,6 @@ def parse_sites(value, has_ffn: bool = True) -> list[str]:
     if "ffn" in sites and not has_ffn:
         raise ProbeError("patching site 'ffn': this model has no FFN; accepted: resid, attn")
     return sites
-
-
-def resolve_positions(value, length: int, named: dict[str, int]) -> list:
-    """Token positions of a prompt of `length` tokens: a list whose entries are an index, or a slice for `whole`.
-    Names: all, whole, last, and the item's positions by meaning (`named`: argument, and the task's own)."""
-    names = [p.strip() for p in (value.split(",") if isinstance(value, str) else [str(v) for v in value or ["all"]])]
-    out = []
-    for name in names:
-        if name == "all":
-            out += list(range(length))
-        elif name == "whole":
-            out.append(slice(None))
-        elif name == "last":
-            out.append(length - 1)
-        elif name in named:
-            out.append(named[name])
-        else:
-            try:
-                index = int(name)
-            except ValueError:
-                raise ProbeError(f"bad patching position {name!r}; accepted: all, whole, last, "
-                                 + ", ".join(named) + " or a token index (negative from the end)") from None
-            if not -length <= index < length:
-                raise ProbeError(f"patching position {index} is outside the prompt ({length} tokens); accepted: "
-                                 f"{-length} to {length - 1}")
-            out.append(index % length)
-    return list(dict.fromkeys(out, None)) if not any(isinstance(p, slice) for p in out) else out
-
-
-def char_position(tokenizer, prompt: str, char: int) -> int:
-    """The token holding character `char` of the prompt."""
-    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    return next((i for i, (a, b) in enumerate(offsets) if a <= char < b), len(offsets) - 1)
-
-
-def argument_position(tokenizer, prompt: str, argument: str) -> int:
-    """The token holding the last character of the argument's last occurrence in the prompt (the query's)."""
-    at = prompt.rfind(argument.strip())
-    if at < 0:
-        return len(tokenizer(prompt).input_ids) - 1
-    return char_position(tokenizer, prompt, at + len(argument.strip()) - 1)
-
-
-def named_positions(tokenizer, item: Item) -> dict[str, int]:
-    """The item's positions by meaning as token indices: `argument`, then the task's (Item.positions)."""
-    return {"argument": argument_position(tokenizer, item.prompt, item.argument),
-            **{name: char_position(tokenizer, item.prompt, c) for name, c in item.positions.items()}}
 
 
 def _nback_pairs(task, items: list[Item], length) -> list[Item]:
@@ -236,77 +187,6 @@ def prepare_patching(loaded, task, items: list[Item], options: dict):
     return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
 
 
-def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, object]]) -> torch.Tensor:
-    """Last-position logits (2 + len(patches), vocab): the source run, the destination run, then the destination
-    with each patch (site, block, position index or slice) taken from the source run.
-
-    Patches run ordered by block, in chunks of PATCH_ROWS rows. The first chunk runs with the pair as its first two
-    rows and keeps the pair's activations at the blocks later chunks patch. A row patched at block b equals the
-    destination run before b, so each later chunk starts at its first block from the destination's input to it,
-    the blocks before skipped: a sweep over every block does about half the work of running each row from the
-    embeddings. A model whose layers hand state to later ones (the value residual) runs every block."""
-    order = sorted(range(len(patches)), key=lambda k: patches[k][1])
-    chunks = [order[c:c + PATCH_ROWS] for c in range(0, len(order), PATCH_ROWS)] or [[]]
-    later = [patches[k] for chunk in chunks[1:] for k in chunk]
-    keep = {(b, s.split(".")[0]) for s, b, _ in later} | {(b, "resid") for _, b, _ in later}
-    first, saved = _patched_forward(loaded, [source, dest] + [dest] * len(chunks[0]),
-                                    [patches[k] for k in chunks[0]], keep=keep)
-    rows = dict(zip(chunks[0], first[2:]))
-    for chunk in chunks[1:]:
-        rows.update(zip(chunk, _patched_forward(loaded, [dest] * len(chunk), [patches[k] for k in chunk], saved)[0]))
-    return torch.cat([first[:2], *(rows[k][None] for k in range(len(patches)))])
-
-
-def _patched_forward(loaded, prompts: list[str], chunk: list, saved: dict | None = None, keep: set = frozenset()):
-    """(last-position logits, kept activations) of one forward. Without `saved`, the first two prompts are the
-    source and destination, the patches (rows 2 on) take the source's values live, and the pair's activations at
-    the (block, site)s in `keep` are kept; with `saved` (what that first forward kept), every row is a patched
-    destination, started at the chunk's first block from the saved destination input."""
-    arch, live = loaded.arch, saved is None
-    start = chunk[0][1] if not live and arch.independent_layers else 0
-    groups: dict = {}
-    for row, (site, block, pos) in enumerate(chunk, start=2 if live else 0):
-        if site.startswith("head."):  # one head: its slice of the output projection's input
-            groups.setdefault((block, "head"), []).append((row, (pos, int(site[5:]))))
-        else:
-            groups.setdefault((block, site), []).append((row, pos))
-    with loaded.trace(prompts, logits_to_keep=1):
-        if start:
-            h = saved[start, "resid"][1:2].expand(len(prompts), -1, -1).clone()
-            for j in range(start):  # what the block returns: its hidden states, or a tuple led by them
-                arch.block(j).skip((h,) + (None,) * (saved["tuple"] - 1) if saved["tuple"] else h)
-        got = {}
-        for i in sorted({b for b, _ in groups} | {b for b, _ in keep}):
-            x = arch.block_input(i)
-            for site in ("resid", "head", "attn", "ffn"):  # forward order within the block
-                if (i, site) not in groups and (i, site) not in keep:
-                    continue
-                value = (x if site == "resid" else arch.heads_input(i) if site == "head"
-                         else arch.attn_update(i) if site == "attn" else arch.ffn_output(i, like=x))
-                if (i, site) in keep:
-                    got[i, site] = value[:2].clone()
-                src = value if live else saved[i, site]  # row 0: the source run's
-                size = value.shape[-1] // arch.n_heads
-                for row, pos in groups.get((i, site), []):
-                    if site == "head":
-                        p, h = pos
-                        value[row, p, h * size:(h + 1) * size] = src[0, p, h * size:(h + 1) * size]
-                    else:
-                        value[row, pos] = src[0, pos]
-            if keep and i == max(b for b, _ in keep):
-                out = arch.block(i).output
-                got["tuple"] = len(out) if isinstance(out, tuple) else 0
-        logits = nnsight.save(loaded.model.output.logits[:, -1])
-        got = nnsight.save(got)
-    return logits.float(), got
-
-
-def patch_list(sites: list[str], blocks: list[int], positions: list, heads: int = 0) -> list[tuple[str, int, object]]:
-    """(site, block, position) of every patch; site `head` becomes `head.<h>` for each of `heads` heads."""
-    expanded = [x for s in sites for x in ([f"head.{h}" for h in range(heads)] if s == "head" else [s])]
-    return [(s, b, p) for s in expanded for b in blocks for p in positions]
-
-
 def run_patching(loaded, items: list[Item], state: dict | None = None, sites="resid", layers=None,
                  positions="all", direction: str = "denoise") -> list[dict]:
     arch, tok = loaded.arch, loaded.tokenizer
@@ -320,9 +200,8 @@ def run_patching(loaded, items: list[Item], state: dict | None = None, sites="re
         pos = resolve_positions(positions, n, named_positions(tok, it))
         patches = patch_list(sites, blocks, pos, arch.n_heads)
         good, bad = answer_token(tok, it), answer_token(tok, dataclasses.replace(it, answer=it.extra["corrupted_answer"]))
-        logits = patch_logits(loaded, source, dest, patches)
-        ld = (logits[:, good] - logits[:, bad]).tolist()
-        rank = rank_of(logits, torch.full((len(logits),), good, device=logits.device)).tolist()
+        out = patch_logits(loaded, source, dest, patches, reduce=lambda logits: answer_columns(logits, good, bad))
+        ld, rank = (out[:, 0] - out[:, 1]).tolist(), out[:, 2].long().tolist()
         gap = ld[0] - ld[1]
         cols = {**item_columns(tok, it), "corrupted_input": it.extra["corrupted_input"], "direction": direction,
                 "tokens": n, "ld_source": ld[0], "ld_dest": ld[1]}

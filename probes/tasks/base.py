@@ -43,7 +43,7 @@ class Item:
     group: str = ""  # e.g. regular / irregular, or the N of an N-back trial
     extra: dict = field(default_factory=dict, compare=False)  # task-specific columns (N-back: n, sequence, ...)
     # positions by meaning (tree: goal, root, the edge into the goal...): name -> a character of the prompt; probes
-    # resolve them to the token holding it, for any tokenizer (methods/patching.py: named_positions)
+    # resolve them to the token holding it, for any tokenizer (methods/positions.py: named_positions)
     positions: dict = field(default_factory=dict, compare=False)
 
 
