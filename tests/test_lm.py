@@ -113,6 +113,16 @@ def test_the_logged_icl_score_is_the_hand_computation(tmp_path):
     assert final["eval_icl_score"] == pytest.approx(got["icl_score"], abs=1e-5)
 
 
+def test_a_file_corpus_edited_within_one_process_is_read_again(tmp_path):
+    task = load_training_config(CPU, tiny(write_corpus(tmp_path)))["task"]
+    before = list(text.documents(task, "test")["text"])
+    path = Path(task["corpus"][5:])
+    docs = corpus.read_file(path)
+    path.write_text(f"\n{corpus.SEPARATOR}\n".join("Edited. " + d for d in docs))
+    after = list(text.documents(task, "test")["text"])
+    assert after == ["Edited. " + d for d in before]
+
+
 def test_icl_score_reads_the_first_context_tokens_of_longer_documents(tmp_path):
     run = train(load_training_config(CPU, tiny(write_corpus(tmp_path)), seed=0), tmp_path / "run", progress=False)
     (tmp_path / "t.yaml").write_text("name: t\nversion: 1\nkind: text\ndata: {file: docs.txt}\nchunk: 400\n")

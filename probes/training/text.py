@@ -15,6 +15,7 @@ test blocks, a single token's loss is mostly the luck of which tokens sit there,
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -40,12 +41,16 @@ def check(task: dict, where: str) -> None:
 
 def documents(task: dict, part: str):
     """The corpus's training or held-out documents as a `datasets.Dataset` with a `text` column (read and split
-    once per process: the tokenizer and the blocks both read the training documents)."""
-    return _documents(task["corpus"], task["holdout"], part)
+    once per process: the tokenizer and the blocks both read the training documents; a file corpus again when the
+    file changed)."""
+    name = task["corpus"]
+    path = Path(name.partition(":")[2]) if name.startswith("file:") else None
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path is not None and path.exists() else None
+    return _documents(name, task["holdout"], part, stamp)
 
 
 @functools.lru_cache(maxsize=4)
-def _documents(name: str, holdout: int, part: str):
+def _documents(name: str, holdout: int, part: str, stamp: tuple | None = None):
     from datasets import Dataset, load_dataset
 
     if name.startswith("dataset:"):  # memory-mapped, never a Python list: TinyStories is 2.1M stories
