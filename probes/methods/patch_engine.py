@@ -36,10 +36,10 @@ def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, o
     arch = loaded.arch
     trim = (arch.independent_layers and getattr(arch.hf, "supports_kv_cache", True)
             and not loaded.spec.reads_vectors)
-    same = _first_difference(loaded, source, dest) if skip_unchanged else 0
-    run = [k for k, (_, _, p) in enumerate(patches)
-           if not (p < same if isinstance(p, int) else same == len(_tokens(loaded, dest)))]
-    chunks = [[run[k] for k in chunk] for chunk in _chunks([patches[k] for k in run], arch.independent_layers, trim)]
+    length = len(_tokens(loaded, dest))
+    same = _first_difference(loaded, source, dest) if skip_unchanged else -1  # positions before it are unchanged
+    run = [k for k, (_, _, p) in enumerate(patches) if not (p < same if isinstance(p, int) else same == length)]
+    chunks = [[run[k] for k in chunk] for chunk in _chunks([patches[k] for k in run], trim)]
     chunks = chunks or [[]]
     later = [patches[k] for chunk in chunks[1:] for k in chunk]
     keep = {(b, s.split(".")[0]) for s, b, _ in later} | {(b, "resid") for _, b, _ in later}
@@ -65,24 +65,24 @@ def _first_difference(loaded, source: str, dest: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if not np.array_equal(x, y)), min(len(a), len(b)))
 
 
-def _chunks(patches: list, by_block: bool, by_position: bool) -> list[list[int]]:
-    """Patch indices in chunks of at most PATCH_ROWS: tiles of about equal numbers of blocks and positions (scaled
-    to how many there are), so each chunk's first block and position are as late as can be."""
+def _chunks(patches: list, tiles: bool) -> list[list[int]]:
+    """Patch indices in chunks of at most PATCH_ROWS, in block order, so that each chunk after the first starts at
+    as late a block as it can; with `tiles` (a chunk can start at a position too), cut from tiles of about equal
+    numbers of blocks and positions (scaled to how many there are), so that its first position is late too."""
     if not patches:
         return []
     blocks = sorted({b for _, b, _ in patches})
     starts = sorted({-1 if isinstance(p, slice) else p for _, _, p in patches})  # a slice starts at 0
-    cells = max(1, PATCH_ROWS * len(blocks) * len(starts) // max(len(patches), 1))  # (block, position)s per chunk
-    if not by_position:
-        starts = [0]
-    tall = min(len(blocks), max(1, round((cells * len(blocks) / len(starts)) ** 0.5))) if by_block else len(blocks)
-    wide = max(1, cells // tall)
+    tall, wide = len(blocks), len(starts)  # one tile
+    if tiles:
+        cells = max(1, PATCH_ROWS * len(blocks) * len(starts) // len(patches))  # (block, position)s per chunk
+        tall = min(len(blocks), max(1, round((cells * len(blocks) / len(starts)) ** 0.5)))
+        wide = max(1, cells // tall)
     b_rank, p_rank = {b: k for k, b in enumerate(blocks)}, {p: k for k, p in enumerate(starts)}
 
     def tile(k):
         _, b, p = patches[k]
-        p = p_rank.get(-1 if isinstance(p, slice) else p, 0)
-        return b_rank[b] // tall, p // wide
+        return b_rank[b] // tall, p_rank[-1 if isinstance(p, slice) else p] // wide
 
     order = sorted(range(len(patches)), key=lambda k: (tile(k), patches[k][1]))
     out = []
