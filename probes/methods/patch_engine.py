@@ -36,9 +36,9 @@ def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, o
     arch = loaded.arch
     trim = (arch.independent_layers and getattr(arch.hf, "supports_kv_cache", True)
             and not loaded.spec.reads_vectors)
-    length = len(_tokens(loaded, dest))
-    same = _first_difference(loaded, source, dest) if skip_unchanged else -1  # positions before it are unchanged
-    run = [k for k, (_, _, p) in enumerate(patches) if not (p < same if isinstance(p, int) else same == length)]
+    tokens = _tokens(loaded, dest)
+    same = _first_difference(_tokens(loaded, source), tokens) if skip_unchanged else -1  # unchanged before it
+    run = [k for k, (_, _, p) in enumerate(patches) if not (p < same if isinstance(p, int) else same == len(tokens))]
     chunks = [[run[k] for k in chunk] for chunk in _chunks([patches[k] for k in run], trim)]
     chunks = chunks or [[]]
     later = [patches[k] for chunk in chunks[1:] for k in chunk]
@@ -47,10 +47,11 @@ def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, o
     first, saved = _patched_forward(loaded, [source, dest] + [dest] * len(chunks[0]),
                                     [patches[k] for k in chunks[0]], keep=keep)
     first = reduce(first)
-    rows, prefixes = dict(zip(chunks[0], first[2:])), {}
+    rows = dict(zip(chunks[0], first[2:]))
+    prefix = {"ids": _ids(loaded, tokens), "caches": {}} if trim and len(chunks) > 1 else None
     for chunk in chunks[1:]:
         rows.update(zip(chunk, reduce(_patched_forward(loaded, dest, [patches[k] for k in chunk], saved,
-                                                       prefixes=prefixes if trim else None)[0])))
+                                                       prefix=prefix)[0])))
     return torch.cat([first[:2], *(rows.get(k, first[1])[None] for k in range(len(patches)))])
 
 
@@ -59,10 +60,15 @@ def _tokens(loaded, prompt: str) -> list:
     return list(prompt.embeds) if loaded.spec.reads_vectors else loaded.tokenizer(prompt).input_ids
 
 
-def _first_difference(loaded, source: str, dest: str) -> int:
-    """The first position where the two prompts' tokens (or input vectors) differ; their length if none does."""
-    a, b = _tokens(loaded, source), _tokens(loaded, dest)
+def _first_difference(a: list, b: list) -> int:
+    """The first position where two prompts' tokens (or input vectors) differ; their length if none does."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if not np.array_equal(x, y)), min(len(a), len(b)))
+
+
+def _ids(loaded, tokens: list) -> torch.Tensor:
+    """A text prompt's token ids (1, n), where the model reads them (not for a remote model)."""
+    ids = torch.tensor([tokens])
+    return ids if loaded.remote else ids.to(execution_device(loaded.arch.hf.get_input_embeddings()))
 
 
 def _chunks(patches: list, tiles: bool) -> list[list[int]]:
@@ -92,35 +98,33 @@ def _chunks(patches: list, tiles: bool) -> list[list[int]]:
     return out
 
 
-def _prefix_cache(loaded, ids: torch.Tensor, rows: int, prefixes: dict):
-    """The KV cache of a run of `ids` (1, p), repeated for `rows` rows; one run per length p (kept in `prefixes`)."""
-    if ids.shape[1] not in prefixes:
+def _prefix_cache(loaded, ids: torch.Tensor, rows: int, caches: dict):
+    """The KV cache of a run of `ids` (1, p), repeated for `rows` rows; one run per length p (kept in `caches`)."""
+    if ids.shape[1] not in caches:
         with loaded.trace(ids, use_cache=True):
-            prefixes[ids.shape[1]] = nnsight.save(loaded.model.output.cache)
-    cache = copy.deepcopy(prefixes[ids.shape[1]])  # the forward it is given appends to it
+            caches[ids.shape[1]] = nnsight.save(loaded.model.output.cache)
+    cache = copy.deepcopy(caches[ids.shape[1]])  # the forward it is given appends to it
     cache.batch_repeat_interleave(rows)
     return cache
 
 
 def _patched_forward(loaded, prompts, chunk: list, saved: dict | None = None, keep: set = frozenset(),
-                     prefixes: dict | None = None):
+                     prefix: dict | None = None):
     """(last-position logits, kept activations) of one forward. Without `saved`, `prompts` are the source, the
     destination and the destination once per patch; the patches (rows 2 on) take the source's values live, and
     the pair's activations at the (block, site)s in `keep` are kept. With `saved` (what that forward kept),
     `prompts` is the destination, once per patch, started at the chunk's first block from the saved destination
-    input and (given `prefixes`, the KV caches made so far) at its first position after a KV cache of the
-    destination before it."""
+    input and (given `prefix`: the destination's token ids and the KV caches made so far) at its first position
+    after a KV cache of the destination before it."""
     arch, live = loaded.arch, saved is None
     k = len(chunk)
     start = min(b for _, b, _ in chunk) if not live and arch.independent_layers else 0
-    first = (0 if live or prefixes is None or any(isinstance(p, slice) for _, _, p in chunk)
+    first = (0 if live or prefix is None or any(isinstance(p, slice) for _, _, p in chunk)
              else min(p for _, _, p in chunk))
     inputs, kwargs = (prompts if live else [prompts] * k), {}
     if first:
-        ids = loaded.tokenizer(prompts, return_tensors="pt").input_ids
-        if not loaded.remote:
-            ids = ids.to(execution_device(arch.hf.get_input_embeddings()))
-        kwargs = {"cache": _prefix_cache(loaded, ids[:, :first], k, prefixes), "use_cache": True}
+        ids = prefix["ids"]
+        kwargs = {"cache": _prefix_cache(loaded, ids[:, :first], k, prefix["caches"]), "use_cache": True}
         inputs = {"input_ids": ids[:, first:].repeat(k, 1),
                   "attention_mask": torch.ones(k, ids.shape[1], dtype=torch.long, device=ids.device)}
     groups: dict = {}
