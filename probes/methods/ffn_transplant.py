@@ -239,7 +239,8 @@ def summarize_transplant(df, seed: int = 0) -> dict:
     select, report = halves(items, seed)
     chosen = _top1_by_variant(df[df.item.isin(select)]).xs("o", level="vector").idxmax()
     held = df[df.item.isin(report)].set_index(["blocks", "scale", "vector"]).sort_index()
-    at = lambda vector: held.loc[(chosen[0], chosen[1], vector)] if (chosen[0], chosen[1], vector) in held.index else None  # noqa: E731
+    # a list key: a DataFrame even when one target is held out (a scalar key would give a Series)
+    at = lambda vector: held.loc[[(chosen[0], chosen[1], vector)]] if (chosen[0], chosen[1], vector) in held.index else None  # noqa: E731
     with_o, none = at("o"), df[(df.vector == "none") & df.item.isin(report)].sort_values("item")
     best = {"blocks": chosen[0], "scale": float(chosen[1]), "selected_on": len(select), "reported_on": len(report),
             **proportion(int(with_o.top1.sum()), len(with_o), "top1"),

@@ -31,8 +31,10 @@ def _title(meta: dict) -> str:
 
 
 def _yerr(t, col: str):
-    """Error bar lengths below and above from `col_lo` / `col_hi` columns."""
-    return [(t[col] - t[f"{col}_lo"]).clip(lower=0).to_numpy(), (t[f"{col}_hi"] - t[col]).clip(lower=0).to_numpy()]
+    """Error bar lengths below and above from `col_lo` / `col_hi` columns. An interval that could not be computed
+    (None or NaN: too few items) is drawn as no bar, its point alone."""
+    value, lo, hi = (t[c].astype(float) for c in (col, f"{col}_lo", f"{col}_hi"))
+    return [(value - lo).clip(lower=0).fillna(0).to_numpy(), (hi - value).clip(lower=0).fillna(0).to_numpy()]
 
 
 def _rates(groups, col: str):
@@ -187,7 +189,7 @@ def plot_ablation_compare(tables: dict, kinds: dict, path: Path, model: str) -> 
 def plot_nback(df, meta: dict, path: Path) -> None:
     from ..methods.nback import nback_table
 
-    t = nback_table(df)
+    t = nback_table(df).astype(float)  # rates of an empty class (no match trials) are None: NaN, no point
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     for col, fmt, label in (("accuracy", "o-", "accuracy"), ("hit_rate", "s--", "hit rate"),
                             ("false_alarm_rate", "^--", "false-alarm rate")):
