@@ -16,6 +16,7 @@ from probes.training import icl
 from probes.training.config import load_training_config
 from probes.training.trainer import train
 
+from .conftest import ICL_TINY
 from .test_cli import probe
 from .test_training import ROOT, _kill_after
 
@@ -138,7 +139,7 @@ def test_the_toy_model_equals_the_authors_forward_written_out(mode):
             assert (out - toy("none")(inputs_embeds=x).logits).abs().max() > 1e-3  # the path changes the output
 
 
-SETS = {"task.test": 64, "train.steps": 12, "train.batch_size": 16, "train.eval_steps": 4, "train.save_steps": 4}
+SETS = ICL_TINY
 
 
 def tiny(**changes) -> dict:

@@ -19,24 +19,19 @@ from probes.models.registry import resolve_model
 from probes.runs.execution import run_probe
 from probes.tasks.files import load_task
 from probes.training import icl
-from probes.training.config import load_training_config
-from probes.training.trainer import train
 
 from .conftest import loaded as text_model
 from .test_cli import probe_here
 from .test_icl import SETS
-from .test_training import ROOT
 
-CPU = ROOT / "configs" / "training" / "icl-cpu.yaml"  # width 64: rows of a batch are 256 bytes apart (aligned), so
-# BLAS rounds every row alike and patched rows can equal unpatched ones exactly (at icl-paper's 150 they differ by 1e-7)
+# the run (conftest.icl_run) is icl-cpu's, width 64: rows of a batch are 256 bytes apart (aligned), so BLAS rounds
+# every row alike and patched rows can equal unpatched ones exactly (at icl-paper's 150 they differ by 1e-7)
 N = SETS["task.test"]  # the test sets' size in the tiny run, all of whose sequences are probed
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("icl") / "run"
-    train(load_training_config(CPU, SETS, seed=0), folder, progress=False)
-    return folder
+def run(icl_run):
+    return icl_run
 
 
 @pytest.fixture(scope="module")

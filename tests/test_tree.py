@@ -14,14 +14,13 @@ from probes.tasks.files import load_task
 from probes.tasks.tree import make_tree, vocabulary
 from probes.training.config import load_training_config
 from probes.training.data import IGNORE, tokenizer_for, tree_splits
-from probes.training.trainer import train
 
+from .conftest import TREE_TINY
 from .test_cli import probe
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "configs" / "training" / "tree-paper.yaml"
-TINY = {"model.n_layer": 2, "model.n_embd": 32, "model.n_inner": 64, "task.train": 256, "task.test": 32,
-        "train.steps": 40, "train.batch_size": 16, "train.save_steps": 20, "train.eval_steps": 20}
+TINY = TREE_TINY
 
 
 @pytest.mark.parametrize("order", ["mixed", "forward", "random"])
@@ -78,10 +77,8 @@ def test_bad_tree_configs_are_one_line_errors():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tree") / "run"
-    train(load_training_config(PAPER, TINY), folder, progress=False)
-    return folder
+def tiny_run(tree_run):
+    return tree_run
 
 
 def test_a_trained_tree_model_loads_and_is_probed_on_held_out_trees_by_path_length(tiny_run, tmp_path):

@@ -33,7 +33,8 @@ class Probe:
     kinds: tuple[str, ...] = ALL_KINDS  # the task kinds it runs on
     needs_argument: bool = False  # it tracks each item's argument (a prompts file must give one)
     truncates: bool = False  # it reads each prompt's first context-length tokens (documents may be longer)
-    reads_answers: bool = True  # it scores each item's answer (tasks whose items have none are refused)
+    nback_unit: str | None = "trial"  # on N-back tasks, the items it takes: trials (scored answers), whole
+    # sequences (no answers), or None for either
 
 
 PROBES: dict[str, Probe] = {
@@ -64,7 +65,7 @@ PROBES: dict[str, Probe] = {
                    "N-back hit rate, false alarms, accuracy and signed d' by N", plots.plot_nback, kinds=("nback",)),
     "attention": Probe(attention.run_attention, attention.summarize_attention, attention.report_attention,
                        "attention entropy and mass to the N-back letter, by N x layer x head", plots.plot_attention,
-                       load=attention.EAGER, kinds=("nback", "icl"), reads_answers=False),
+                       load=attention.EAGER, kinds=("nback", "icl"), nback_unit="sequence"),
     "activation-patching": Probe(patching.run_patching, patching.summarize_patching, patching.report_patching,
                                  "clean activations into a corrupted run (or back) per site, block and position: "
                                  "logit-difference recovery", plots.plot_patching,
@@ -79,19 +80,18 @@ PROBES: dict[str, Probe] = {
                           "shuffled labels and random weights", plots.plot_linear_probe, ("label", "site", "position", "erase"),
                           prepare=linear_probe.prepare_linear_probe, run_options=("label", "site", "position"),
                           passes=lambda n_layers, opts: 2, defaults={"label": "group", "site": "resid", "position": "last"},
-                          kinds=(*ALL_KINDS, "icl"), reads_answers=False),
+                          kinds=(*ALL_KINDS, "icl"), nback_unit=None),
     "logit-difference": Probe(contrast.run_contrast, contrast.summarize_contrast, contrast.report_contrast,
                               "the answer against the item's argument as the next token (IOI: indirect object against "
                               "subject): logit difference and probabilities", None, needs_argument=True,
                               kinds=(*RELATIONAL, "ioi", "prompts")),
     "induction": Probe(induction.run_induction, induction.summarize_induction, induction.report_induction,
                        "induction-head score per head and the loss drop on repeated random sequences",
-                       induction.plot_induction, load=induction.EAGER, kinds=("repeat",), reads_answers=False),
+                       induction.plot_induction, load=induction.EAGER, kinds=("repeat",)),
     "icl-score": Probe(icl_score.run_icl_score, icl_score.summarize_icl_score, icl_score.report_icl_score,
                        "in-context learning score: loss at a late token minus at an early one, over documents",
                        icl_score.plot_icl_score, ("early", "late"), run_options=("early", "late"),
-                       defaults={"early": 50, "late": 500}, kinds=("text",), truncates=True,
-                       reads_answers=False),
+                       defaults={"early": 50, "late": 500}, kinds=("text",), truncates=True),
 }
 
 
@@ -111,10 +111,11 @@ def check_task(probe: str, task) -> None:
     if task.kind not in spec.kinds:
         raise ProbeError(f"probe {probe!r} does not run on {task.kind} task {task.name!r}; accepted: "
                          f"{', '.join(spec.kinds)} tasks")
-    if spec.reads_answers and task.kind == "nback" and task.unit == "sequence":
-        raise ProbeError(f"probe {probe!r} scores each item's answer, and task {task.name!r} has one item per whole "
-                         "sequence (unit: sequence), with no answer; accepted: an N-back task of trials (e.g. nback), "
-                         "or --probe attention or linear-probe on this one")
+    if task.kind == "nback" and spec.nback_unit not in (None, task.unit):
+        takes = {"trial": "N-back trials, whose answers it scores (e.g. --task nback)",
+                 "sequence": "whole N-back sequences (e.g. --task nback-sequence)"}[spec.nback_unit]
+        raise ProbeError(f"probe {probe!r} takes {takes}, and task {task.name!r} has one item per {task.unit} "
+                         f"(unit: {task.unit}); accepted: a task with unit: {spec.nback_unit}")
     if spec.needs_argument and task.kind == "prompts" and not all(it.argument for it in task.items()):
         raise ProbeError(f"probe {probe!r} tracks each item's argument, and task {task.name!r} gives none; accepted: "
                          "an argument column in the prompts file (or --argument)")

@@ -202,12 +202,21 @@ def plot_nback(df, meta: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def _nothing_to_draw(meta: dict, path: Path, why: str) -> None:
+    """A figure that says why there is no plot (too few items, or a table that says it all), so every run of a
+    probe that plots has its plot.png."""
+    fig, ax = plt.subplots(figsize=(6, 1.6))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{_title(meta)}\nnothing to draw: {why}", ha="center", va="center", wrap=True)
+    _save(fig, path)
+
+
 def plot_attention(df, meta: dict, path: Path) -> None:
     """Entropy against N per layer, and the trial-averaged letter-to-letter attention of the best N-back head
     (chosen on one half of the sequences, averaged over the other, as the summary does). In-context classification:
     the query's attention on the matching items and labels by layer (the summary's table says it all)."""
     if "item_mass" in df:
-        return
+        return _nothing_to_draw(meta, path, "the query's attention by layer is the summary's table (see meta.json)")
     import json
 
     import numpy as np
@@ -279,7 +288,7 @@ def plot_linear_probe(df, meta: dict, path: Path) -> None:
     if "labels" in summary or "positions" in summary:
         return plot_probe_matrix(summary, meta, path)
     if not summary["layers"]:
-        return
+        return _nothing_to_draw(meta, path, summary.get("note", "no layer was fitted"))
     import pandas as pd
 
     t = pd.DataFrame(summary["layers"]).T.astype(float)
@@ -305,7 +314,8 @@ def plot_probe_matrix(summary: dict, meta: dict, path: Path) -> None:
             if s["layers"]:
                 rows[" · ".join(x for x in (where, label) if x)] = s
     if not rows:
-        return
+        return _nothing_to_draw(meta, path, "fewer than two classes with two items each, for every label: nothing "
+                                "to hold out")
     names = list(rows)
     layers = sorted({layer for n in names for layer in rows[n]["layers"]})
     acc = np.array([[rows[n]["layers"].get(layer, {}).get("accuracy", np.nan) for layer in layers] for n in names])
