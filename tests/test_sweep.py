@@ -345,3 +345,41 @@ def test_shipped_sweeps_expand_and_take_slurm_resources_from_the_plan(tmp_path, 
     assert "#SBATCH --gres=gpu:5" in script and "#SBATCH --partition=gpu" in script and "--array" in " ".join(
         big["command"])
     assert not (tmp_path / "results" / ".sweeps" / "paper-scale" / "submissions.jsonl").exists()  # nothing sent
+
+
+def finish_it_first(monkeypatch, finish):
+    """The first lock anyone takes waits until `finish()` (another writer, here in this process) has run the
+    unit to the end: a writer held between its look (not done) and its lock, deterministically."""
+    from probes.runs import rundir
+
+    acquire, held = rundir.RunLock.acquire, []
+
+    def other_writer_first(self):
+        if not held:
+            held.append(self.path)
+            finish()
+        return acquire(self)
+
+    monkeypatch.setattr(rundir.RunLock, "acquire", other_writer_first)
+
+
+def test_a_unit_finished_between_a_writers_look_and_its_lock_is_not_run_again(tmp_path, monkeypatch):
+    import dataclasses
+
+    from probes.methods import catalog
+    from probes.runs.sweep import run_unit
+
+    from .conftest import loaded
+
+    sweep = load_sweep(write_sweep(tmp_path, limit=4, models=["tiny-gpt2"], tasks=["capitals"], probes=["logit-lens"]))
+    unit, model = sweep.units()[0], loaded("tiny-gpt2")
+    computed = []
+    lens = catalog.PROBES["logit-lens"]
+    monkeypatch.setitem(catalog.PROBES, "logit-lens", dataclasses.replace(
+        lens, run=lambda loaded, items, **kw: computed.extend(it.index for it in items) or lens.run(loaded, items, **kw)))
+    finish_it_first(monkeypatch, lambda: computed.append(run_unit(sweep, unit, model, progress=False)))
+    assert run_unit(sweep, unit, model, progress=False) == "skipped"
+    assert computed.count("done") == 1 and len([i for i in computed if i != "done"]) == 4  # each item once
+    meta = json.loads((sweep.output(unit) / "meta.json").read_text())
+    assert meta["status"] == "complete" and "sweep" in meta
+    assert not (sweep.output(unit) / ".lock").exists()

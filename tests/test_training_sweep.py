@@ -86,3 +86,18 @@ def test_on_slurm_each_probe_waits_for_its_own_training_job(tmp_path):
     assert all(u.startswith("tiny-n1-seed0@") for u in waits["<job>_0"]) and len(waits["<job>_0"]) == 4
     assert all(f"--dependency=afterok:{r['after']}" in r["command"] for r in records[1:])
     assert pd.Series([u for r in records for u in r["units"]]).is_unique
+
+
+def test_a_training_unit_finished_between_a_writers_look_and_its_lock_is_not_trained_again(tmp_path, monkeypatch):
+    from probes.runs.sweep import run_training
+
+    from .test_sweep import finish_it_first
+
+    sweep = load_sweep(write_sweep(tmp_path))
+    tu = sweep.train_units[0]
+    outcomes = []
+    finish_it_first(monkeypatch, lambda: outcomes.append(run_training(sweep, tu, progress=False)))
+    outcomes.append(run_training(sweep, tu, progress=False))
+    assert outcomes == ["done", "skipped"]
+    meta = json.loads((sweep.run_dir(tu) / "meta.json").read_text())
+    assert meta["status"] == "complete" and not (sweep.run_dir(tu) / ".lock").exists()

@@ -136,8 +136,9 @@ def _free_cached_memory() -> None:
 
 def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int | str = 8,
               options: dict | None = None, overwrite: bool = False, progress: bool = True,
-              extra_meta: dict | None = None):
+              extra_meta: dict | None = None, skip_complete: bool = False):
     """Run `probe` on `task`, resuming from finished batches under `output`; returns (table, summary).
+    skip_complete: a finished run of this config found under the folder's lock raises RunComplete (see RunDir).
 
     batch_size='auto' starts at AUTO_START prompts and halves on out-of-memory, retrying the same prompts; batches
     already written are kept, and the size that worked is recorded in meta.json."""
@@ -165,7 +166,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
             kwargs["state"] = state
     if not spec.truncates:
         check_context(loaded, items)
-    with RunDir(output, config, overwrite=overwrite) as run:
+    with RunDir(output, config, overwrite=overwrite, skip_complete=skip_complete) as run:
         size = AUTO_START if auto else batch_size
         run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
                    "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,

@@ -117,6 +117,11 @@ class RunBusy(ProbeError):
     """The run folder is held by another live process."""
 
 
+class RunComplete(Exception):
+    """The run folder, once its lock was held, was found to hold a finished run of the same config (another
+    process finished it between the caller's first look and its lock): there is nothing to compute."""
+
+
 class RunLock:
     """An exclusive claim on a folder: `.lock` names the holder (host, pid, Slurm job).
 
@@ -187,7 +192,9 @@ class RunDir:
     """A run's folder; `config` identifies the computation, so a rerun with the same config resumes.
     Use as a context manager: it holds the folder's lock, and marks the run failed if the body raises."""
 
-    def __init__(self, path: Path, config: dict, overwrite: bool = False):
+    def __init__(self, path: Path, config: dict, overwrite: bool = False, skip_complete: bool = False):
+        """skip_complete: raise RunComplete if, under the lock, the folder holds this config's finished run (what
+        a sweep wants: each unit computed once, whoever gets to it first)."""
         self.path = Path(path)
         self.config = config
         self.lock = RunLock(self.path)
@@ -196,6 +203,8 @@ class RunDir:
             raise RunBusy(f"{self.path} is being written by pid {h.get('pid')} on {h.get('host')} (since "
                           f"{h.get('since')}); accepted: wait for it, or another --output")
         try:
+            if skip_complete and is_complete(self.path, config):
+                raise RunComplete(str(self.path))
             self._check(overwrite)
         except BaseException:
             self.lock.release()
@@ -272,6 +281,18 @@ def _read_meta(path: Path) -> dict | None:
         raise ProbeError(f"{meta} is not a run's metadata (a JSON {type(data).__name__}); accepted: --overwrite "
                          "or another --output")
     return data
+
+
+def finished(meta: dict | None, config: dict) -> bool:
+    """Whether a run folder's metadata is that of a finished run of `config`."""
+    return isinstance(meta, dict) and meta.get("status") == "complete" and meta.get("config") == config
+
+
+def is_complete(path: Path, config: dict) -> bool:
+    try:
+        return finished(_read_meta(path), config)
+    except ProbeError:  # unreadable: not a finished run (the writer's own checks name it)
+        return False
 
 
 def check_folder(path: Path, config: dict, overwrite: bool = False) -> None:

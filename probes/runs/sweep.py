@@ -46,7 +46,7 @@ from pathlib import Path
 from ..errors import ProbeError, choice_error, read_yaml
 from ..paths import runs_root
 from ..training.config import checkpoint_steps, load_training_config
-from .rundir import RunBusy, RunLock, safe_name
+from .rundir import RunBusy, RunComplete, RunLock, finished, safe_name
 from .trained_units import CHECKPOINTS, TrainUnit, expand_models, from_training, train_units
 
 KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
@@ -350,11 +350,11 @@ def run_unit(sweep: Sweep, unit: Unit, loaded, progress: bool = True) -> str:
     if _done(sweep, unit, meta) or RunLock(sweep.output(unit)).alive():
         return "skipped"
     stale = bool(meta) and meta.get("config") != sweep.config(unit)
-    try:
+    try:  # checked again under the lock: another process may take it, or finish it, after the look above
         run_probe(loaded, sweep.task(unit), unit.probe, sweep.output(unit), limit=sweep.limit,
                   batch_size=sweep.batch_size, options=sweep.options, overwrite=stale, progress=progress,
-                  extra_meta={"sweep": sweep.name, "unit": unit.id})
-    except RunBusy:  # another process took it between our check and the lock
+                  extra_meta={"sweep": sweep.name, "unit": unit.id}, skip_complete=True)
+    except (RunBusy, RunComplete):
         return "skipped"
     except ProbeError as e:
         return f"failed: {e}"
@@ -369,9 +369,9 @@ def run_training(sweep: Sweep, tu: TrainUnit, progress: bool = True) -> str:
 
     if sweep.trained(tu) or RunLock(sweep.run_dir(tu)).alive():
         return "skipped"
-    try:
-        train(sweep.train_config(tu), sweep.run_dir(tu), resume=True, progress=progress)
-    except RunBusy:
+    try:  # as run_unit: checked again under the lock
+        train(sweep.train_config(tu), sweep.run_dir(tu), resume=True, progress=progress, skip_complete=True)
+    except (RunBusy, RunComplete):
         return "skipped"
     except Exception as e:  # as run_unit: one failure must not stop the others
         return f"failed: {type(e).__name__}: {e}"
@@ -418,5 +418,4 @@ def _done(sweep: Sweep, unit, meta: dict | None) -> bool:
     """Its shard (a training unit: its run) is complete and was computed with the config the sweep asks for now."""
     if isinstance(unit, TrainUnit):
         return sweep.trained(unit)
-    return (sweep.ready(unit) and bool(meta) and meta.get("status") == "complete"
-            and meta.get("config") == sweep.config(unit))
+    return sweep.ready(unit) and finished(meta, sweep.config(unit))

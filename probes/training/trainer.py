@@ -26,7 +26,7 @@ from ..errors import ProbeError
 from ..models import custom  # noqa: F401  (registers this project's architectures)
 from ..models.arch import arch_spec
 from ..paths import runs_root
-from ..runs.rundir import RunBusy, RunLock, _now, atomic_write, environment, safe_name, write_csv, write_json
+from ..runs.rundir import RunBusy, RunComplete, RunLock, _now, atomic_write, environment, safe_name, write_csv, write_json
 from .data import GENERATORS, IGNORE, tokenizer_for
 
 
@@ -130,9 +130,11 @@ def _same_run(run: Path, cfg: dict, resume: bool) -> bool:
     return meta.get("status") == "complete"
 
 
-def train(cfg: dict, output: str | Path | None = None, resume: bool = False, progress: bool = True) -> Path:
+def train(cfg: dict, output: str | Path | None = None, resume: bool = False, progress: bool = True,
+          skip_complete: bool = False) -> Path:
     """Train `cfg` (see training/config.py) into its run folder; returns the folder. A finished run of the same
-    config is left as it is; an unfinished one continues from its last checkpoint with `resume`.
+    config is left as it is (with `skip_complete`, found under the folder's lock, it raises RunComplete); an
+    unfinished one continues from its last checkpoint with `resume`.
 
     Launched as several processes (`accelerate launch --num_processes K -m probes train ...`, or torchrun), it trains
     data-parallel: `train.batch_size` is the global batch (each process takes batch_size / K of it), so a config
@@ -163,6 +165,8 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
             if lock is not None and not lock.acquire():
                 raise RunBusy(f"{run} is being trained by another process; accepted: wait for it, or another --output")
             if _same_run(run, cfg, resume or not state.is_main_process):
+                if skip_complete:
+                    raise RunComplete(str(run))
                 return run
             tok = tokenizer_for(cfg["task"])
             data = generator(cfg).splits(cfg["task"], tok)
