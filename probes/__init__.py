@@ -14,6 +14,8 @@ The package, by part:
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -30,6 +32,19 @@ if TYPE_CHECKING:
     from .errors import ProbeError
     from .models.loading import Loaded
     from .tasks.base import Item, Task
+
+
+def _started_as_the_command() -> bool:
+    """`probe ...` or `python -m probes ...`: the command imports what each subcommand needs (torch only where it
+    is used, so that `probe --help` does not wait for it), and registers the architectures where it loads."""
+    first = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return first == "probe" or first == "-m"  # -m: runpy is locating `probes` to run it
+
+
+if not _started_as_the_command():
+    # this project's architectures known to transformers' Auto classes, so that a trained run loads with plain
+    # `AutoModelForCausalLM.from_pretrained` after `import probes` (models/custom.py registers them)
+    importlib.import_module(".models.custom", __name__)
 
 
 def __getattr__(name: str):

@@ -4,6 +4,9 @@ attention equal what training logged; the lens's last layer is the logits; patch
 changes nothing and the whole residual at block 0 recovers everything; text and vectors never meet a model of the
 other kind."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,7 +24,7 @@ from probes.tasks.files import load_task
 from probes.training import icl
 
 from .conftest import loaded as text_model
-from .test_cli import probe_here
+from .test_cli import ENV, probe_here
 from .test_icl import SETS
 
 # the run (conftest.icl_run) is icl-cpu's, width 64: rows of a batch are 256 bytes apart (aligned), so BLAS rounds
@@ -110,3 +113,17 @@ def test_text_and_vectors_never_meet_a_model_of_the_other_kind(run, model, capsy
         task(sequences=N + 1)
     with pytest.raises(ProbeError, match="reads text, and was given vectors"):
         text_model("tiny-gpt2").trace(task().items()[0].prompt)  # never read as the words that name its positions
+
+
+def test_a_trained_run_loads_with_plain_transformers_after_import_probes(run):
+    """`import probes` registers the project's architectures with transformers' Auto classes (a fresh process:
+    nothing else imported), while `probe --help` still starts without torch."""
+    code = ("import sys, probes, torch\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "print(type(m).__name__, AutoConfig.for_model('gpt2_value_residual').model_type)")
+    r = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ProbeTransformerForCausalLM", "gpt2_value_residual"]
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "probes", "--help"], capture_output=True, text=True,
+                       env=ENV)
+    assert r.returncode == 0 and " torch" not in r.stderr and " transformers" not in r.stderr

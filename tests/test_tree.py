@@ -231,3 +231,4 @@ def test_the_linear_probe_reads_a_named_position(tiny_run):
     assert "position 36: held-out accuracy by label and layer" in several.report
     with pytest.raises(ProbeError, match="probe position 48 is outside the prompt of item 0 \\(48 tokens\\)"):
         probes.run(model, task, "linear-probe", label="up0", position="48")
+
