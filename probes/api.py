@@ -87,11 +87,13 @@ def prompts(source: str | Path | list[dict], **options) -> Task:
 
 def run(model: Loaded | str, task: Task | str, probe: str = "logit-lens", *, limit: int | None = None,
         batch_size: int | str = 8, output: str | Path | None = None, overwrite: bool = False,
-        progress: bool = False, **options) -> Result:
+        progress: bool = False, self_check: bool = True, **options) -> Result:
     """Run `probe` on (model, task) as `probe run` does, with its options by name (topk, layers, mode, scales,
     positions, controls, sources, source_items, source_layer, context, how). With `output`, the run folder is
     kept there (table.csv, meta.json, plot) and a rerun resumes it; without, it is written to a temporary folder
-    and removed. A model given by name is loaded with what the probe needs (eager attention for `attention`)."""
+    and removed. A model given by name is loaded with what the probe needs (eager attention for `attention`).
+    Before the first batch the run checks on its first prompts that the probes read what the model computes
+    (runs/selfcheck.py): a failure raises ProbeError naming the check; `self_check=False` goes on anyway."""
     spec = get_probe(probe)
     chosen = probe_options(probe, options, strict=True)
     if isinstance(task, str):
@@ -105,7 +107,7 @@ def run(model: Loaded | str, task: Task | str, probe: str = "logit-lens", *, lim
     folder = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="probe-run-"))
     try:
         table, summary = run_probe(model, task, probe, folder, limit=limit, batch_size=batch_size, options=chosen,
-                                   overwrite=overwrite, progress=progress)
+                                   overwrite=overwrite, progress=progress, self_check=self_check)
     finally:
         if output is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -142,7 +142,7 @@ def cmd_run(args) -> None:
     for task in tasks:
         out = outputs[task.name]
         result = api.run(loaded, task, args.probe, limit=args.limit, batch_size=batch_size, output=out,
-                         overwrite=args.overwrite, progress=True, **options)
+                         overwrite=args.overwrite, progress=True, self_check=not args.no_self_check, **options)
         tables[task.name] = result.table
         print(f"\n== {spec.name} · {task.name} ({task.kind}) · {args.probe}")
         print(result.report)

@@ -117,6 +117,10 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     r.add_argument("--gpus", type=_count(0), help="spread the model over the first N GPUs (device map auto)")
     r.add_argument("--output", help="run folder (default: results/<model>/<task>/<probe>)")
     r.add_argument("--overwrite", action="store_true", help="discard an existing run in the output folder")
+    r.add_argument("--no-self-check", action="store_true",
+                   help="go on when the self-check fails (before the first batch, on the run's first prompts: the "
+                   "lens of the last layer equals the logits, block output = input + attention + FFN update, a "
+                   "left-padded prompt gets the logits it gets alone); the failure is recorded in meta.json")
     r.set_defaults(func=commands["run"])
     tr = sub.add_parser("train", help="train a model on a synthetic task (a training config); the run loads as --model")
     tr.add_argument("config", help="training config .yaml (see configs/training/)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -10,7 +11,10 @@ from ..errors import ProbeError, is_out_of_memory
 from ..methods.catalog import check_task, get_probe, probe_options
 from ..models.loading import model_digest
 from ..stats import level
+from . import selfcheck
 from .rundir import RunDir, environment, safe_name
+
+log = logging.getLogger("probes")
 
 
 def context_length(loaded) -> int | None:
@@ -136,9 +140,11 @@ def _free_cached_memory() -> None:
 
 def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int | str = 8,
               options: dict | None = None, overwrite: bool = False, progress: bool = True,
-              extra_meta: dict | None = None, skip_complete: bool = False):
+              extra_meta: dict | None = None, skip_complete: bool = False, self_check: bool = True):
     """Run `probe` on `task`, resuming from finished batches under `output`; returns (table, summary).
     skip_complete: a finished run of this config found under the folder's lock raises RunComplete (see RunDir).
+    self_check: stop (before anything is written) when the check on the first prompts that the probes read what
+    the model computes fails (runs/selfcheck.py); False goes on, with the failure in meta.json.
 
     batch_size='auto' starts at AUTO_START prompts and halves on out-of-memory, retrying the same prompts; batches
     already written are kept, and the size that worked is recorded in meta.json."""
@@ -166,12 +172,15 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
             kwargs["state"] = state
     if not spec.truncates:
         check_context(loaded, items)
+    checked = ({"skipped": "a remote model"} if loaded.remote
+               else selfcheck.self_check(loaded, items, spec.truncates, strict=self_check))
+    log.info(selfcheck.describe(checked))
     with RunDir(output, config, overwrite=overwrite, skip_complete=skip_complete) as run:
         size = AUTO_START if auto else batch_size
         run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
                    "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,
                    "ambiguous": {str(k): v for k, v in ambiguous.items()},
-                   "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map, "remote": loaded.remote,
+                   "self_check": checked, "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map, "remote": loaded.remote,
                    "model_params": loaded.spec.params or loaded.arch.n_params, "family": loaded.spec.family,
                    "task_kind": task.kind, "training": loaded.spec.training, **(extra_meta or {}),
                    "task_source": task.source, "task_license": task.license, **task.provenance(),
