@@ -10,7 +10,8 @@ Per bundled model (medians over --reps after a warm-up):
 - where the lens's time goes: the traced forward with every residual saved, and the decoding of those residuals;
 - peak memory (resident set, sampled every 2 ms) above what the process held before loading, against the weights
   plus the activations the probe keeps;
-- load time: cold (GGUF dequantized into an empty cache) and cached.
+- load time: cold (GGUF dequantized into an empty cache) and cached;
+- the self-check every run makes before its first batch, and its share of a whole lens run over capitals.
 Scale curves on tiny random Llamas: time and peak memory against batch size, prompt length and layer count.
 Training throughput (--training; --only-training for it alone): `probe train` (transformers' Trainer: the run
 folder, one evaluation, a checkpoint, the final weights, log and plot) against a bare torch loop over the same
@@ -50,6 +51,7 @@ from probes.methods.ffn_transplant import Variant, add_sweep, control_vectors
 from probes.methods.lens import last_residuals, lens_tensors, run_lens, stats_rows, target_ids
 from probes.models.loading import load_model
 from probes.models.registry import parse_entry, resolve_model
+from probes.runs.selfcheck import self_check
 from probes.tasks.files import load_task
 
 PROC = psutil.Process()
@@ -163,7 +165,10 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
         "ffn-ablation (7 variants)": lambda: run_ablation(lm, items),
         "transplant sweep, all blocks (1 prompt)": lambda: add_sweep(lm, prompts[0], sweep, vectors),
         "attention (N-back sequence)": lambda: run_attention(eager, seqs),
+        "self-check (before a run's first batch)": lambda: self_check(lm, items),
     }
+    check = "self-check (before a run's first batch)"
+    lens_batches = -(-len(load_task("capitals").scored_items(tok)[0]) // batch)
     seconds, extra, act = {}, {}, {}
     for key, fn in runs.items():
         seconds[key], extra[key] = measure(fn, reps)
@@ -185,7 +190,9 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "extra_rss_bytes": extra, "activation_peak_bytes": act,
             "sweep_in_bare_forwards": seconds["transplant sweep, all blocks (1 prompt)"] / base1,
-            "sweep_target": L / 4}
+            "sweep_target": L / 4, "lens_run_batches": lens_batches,
+            # what the self-check adds to a `probe run --probe logit-lens --task capitals` (every scored item)
+            "self_check_share": seconds[check] / (seconds[check] + lens_batches * seconds["logit-lens"])}
 
 
 def bench_training(config: str, steps: int, reps: int) -> dict:
@@ -458,6 +465,8 @@ def print_model(r: dict) -> None:
     print(f"  weights {w / 2**20:.0f} MB; process peak RSS {r['max_rss_bytes'] / 2**20:.0f} MB (eager copy included); "
           f"a lens run must keep {r['lens_kept_bytes'] / 2**20:.0f} MB of residuals and logits; transplant sweep over all {r['layers']} blocks = "
           f"{r['sweep_in_bare_forwards']:.2f} bare forwards of that prompt (target <= L/4 = {r['sweep_target']:.1f})")
+    print(f"  the self-check adds {100 * r['self_check_share']:.1f}% to a lens run over capitals ({r['lens_run_batches']} "
+          "batches; target <= 10%)")
 
 
 def print_curves(c: dict) -> None:

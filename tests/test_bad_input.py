@@ -11,7 +11,7 @@ from probes.cli import main
 
 TASKS = Path(__file__).resolve().parent.parent / "tasks"
 PAPER = TASKS.parent / "configs" / "training" / "nback-paper.yaml"
-PROGRESS = ("loading ", "loaded in ")  # what may precede an error found after loading
+PROGRESS = ("loading ", "loaded in ", "self-check: ")  # what may precede an error found after loading
 
 
 def run_case(capsys, argv, env=None, monkeypatch=None):
