@@ -121,11 +121,7 @@ def aggregate(results: str | Path = "results", by: tuple[str, ...] | list[str] =
     folders that are not complete runs go to `skipped` ({folder: reason}) and are logged."""
     from .reports.aggregate import aggregate as _aggregate
 
-    skipped = {} if skipped is None else skipped
-    tables = _aggregate(Path(results), list(by), skipped)
-    for folder, reason in skipped.items():
-        log.info("skipped %s: %s", folder, reason)
-    return tables
+    return _aggregate(Path(results), list(by), skipped)
 
 
 def list_models() -> pd.DataFrame:

@@ -38,7 +38,7 @@ def _level(text: str) -> float:
 
 def build_parser(commands: dict) -> argparse.ArgumentParser:
     """The `probe` command's arguments; `commands` maps each subcommand to the function that runs it."""
-    from .methods.names import NAMES
+    from .methods.names import COUNTS, NAMES
 
     p = Parser(prog="probe", description="Probe the internals of pretrained language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -74,7 +74,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     r.add_argument("--batch-size", default="8", help="prompts per forward pass, or 'auto': the largest that fits "
                                                      "(halved on out-of-memory)")
     r.add_argument("--ci", type=_level, default=0.95, help="confidence level of every interval (default 0.95)")
-    r.add_argument("--topk", type=_count(1), help="logit-lens, ffn-readout: top-k tokens kept per layer (default 5)")
+    r.add_argument("--topk", type=_count(COUNTS["topk"]), help="logit-lens, ffn-readout: top-k tokens kept per layer (default 5)")
     r.add_argument("--vocab", choices=("all", "text"), help="logit-lens, accuracy, ffn-*: all (the whole vocabulary, "
                    "as the paper; default) or text (special and control tokens left out of top-k and ranks)")
     f = r.add_argument_group("FFN probes")
@@ -88,9 +88,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                                        "whole, last, argument, a position the task names (trees: goal, root, edge_up0, "
                                        "...) or token indices")
     f.add_argument("--no-controls", action="store_true", help="ffn-transplant: skip shuffled and random vectors")
-    f.add_argument("--sources", type=_count(1), help="ffn-transplant: average o over this many source prompts")
+    f.add_argument("--sources", type=_count(COUNTS["sources"]), help="ffn-transplant: average o over this many source prompts")
     f.add_argument("--source-items", help="ffn-transplant: source inputs, e.g. 'Poland,France'")
-    f.add_argument("--source-layer", type=_count(0), help="ffn-transplant: block of o (default: the FFN switch block)")
+    f.add_argument("--source-layer", type=_count(COUNTS["source_layer"]), help="ffn-transplant: block of o (default: the FFN switch block)")
     f.add_argument("--context", help="ffn-transplant targets: copy (the paper's neutral prompt; default) or "
                                      "zero-shot (the task's template without shots)")
     f.add_argument("--ablation", help="ffn-ablation: zero (default) or identity")
@@ -104,8 +104,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                                       "several comma-separated: one probe each")
     f.add_argument("--erase", help="linear-probe: a layer at which to erase the (first) label with LEACE and score "
                                    "the model's answers, against erasing as many random directions")
-    f.add_argument("--early", type=_count(1), help="icl-score: the early token index (default 50)")
-    f.add_argument("--late", type=_count(1), help="icl-score: the late token index (default 500)")
+    f.add_argument("--early", type=_count(COUNTS["early"]), help="icl-score: the early token index (default 50)")
+    f.add_argument("--late", type=_count(COUNTS["late"]), help="icl-score: the late token index (default 500)")
     r.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
     r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
     r.add_argument("--compute-dtype", help="quantized models: the dtype activations are computed and read in "

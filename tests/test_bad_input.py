@@ -204,3 +204,91 @@ def test_the_registry_file_is_validated_field_by_field(tmp_path, capsys, monkeyp
         f.write_text(text)
         code, out, err = run_case(capsys, ["models"], {"PROBE_REGISTRY": str(f)}, monkeypatch)
         assert code == 2 and err.count("\n") == 1 and shown[name] in err and "Traceback" not in err, (name, err)
+
+
+def kinds(tmp: Path) -> list[tuple[list, str]]:
+    """The kinds of bad input that once ended in a traceback or a misleading success, several values each:
+    option values out of range (from the command, a sweep file), mistyped values in files (a random model's config,
+    a sweep's slurm section), pickled checkpoint weights, damaged results."""
+    run = ["run", "--model", "tiny-gpt2", "--task", "capitals", "--task-option", "ambiguous=flag", "--limit", "2",
+           "--output", tmp / "never"]
+    out = [([*run, "--probe", p, "--topk", v], v) for p in ("logit-lens", "ffn-readout") for v in ("1025", "99999")]
+    out += [([*run, "--probe", "ffn-transplant", "--source-items", "Abkhazia", "--source-layer", v], v)
+            for v in ("2", "40")]
+    good = {"name": "s", "models": ["tiny-gpt2"], "tasks": ["capitals"], "probes": ["logit-lens"], "limit": 2}
+    for i, (option, value) in enumerate((("topk", 0), ("topk", -1), ("topk", "x"), ("topk", 1.5), ("topk", True),
+                                         ("sources", 0), ("early", 0), ("late", "late"), ("source_layer", -1))):
+        probes = ["logit-lens"] if option == "topk" else ["ffn-transplant"] if "source" in option else ["icl-score"]
+        tasks = ["text-stdlib"] if probes == ["icl-score"] else ["capitals"]
+        (tmp / f"opt{i}.yaml").write_text(yaml.safe_dump({**good, "probes": probes, "tasks": tasks,
+                                                          "options": {option: value}}))
+        out.append((["sweep", tmp / f"opt{i}.yaml"], option))
+    for i, (key, value) in enumerate((("gpus", "many"), ("gpus", -1), ("gpus", 1.5), ("cpus_per_task", 0),
+                                      ("cpus_per_task", "four"))):
+        (tmp / f"slurm{i}.yaml").write_text(yaml.safe_dump({**good, "slurm": {key: value}}))
+        out.append((["sweep", tmp / f"slurm{i}.yaml", "--executor", "slurm", "--dry-run"], key))
+    for i, (field, value) in enumerate((("n_layer", "two"), ("n_embd", 1.5), ("layer_norm_epsilon", "small"),
+                                        ("n_head", 0), ("vocab_size", -5), ("n_positions", "many"))):
+        (tmp / f"config{i}.yaml").write_text(yaml.safe_dump({"model_type": "gpt2", "n_layer": 2, "n_embd": 32,
+                                                             "n_head": 2, field: value}))
+        out.append((["run", "--model", tmp / f"config{i}.yaml", "--task", "capitals"], field))
+    for name in ("pytorch_model.bin", "model.pt", "weights.ckpt"):
+        folder = tmp / f"pickled-{name}"
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "gpt2"}')
+        (folder / name).write_bytes(b"\x80\x04not really")
+        out.append((["run", "--model", folder, "--task", "capitals"], name))
+    good_meta = {"config": {"model": "m", "task": "t", "probe": "accuracy"}, "status": "complete", "summary": {}}
+    for name, text in (("list", "[1, 2]"), ("truncated", json.dumps(good_meta)[:40]), ("empty", ""),
+                       ("nokeys", json.dumps({"status": "complete", "config": {}})),
+                       ("summary", json.dumps({**good_meta, "summary": "fine"})),
+                       ("configlist", json.dumps({**good_meta, "config": [1]})),
+                       ("probeint", json.dumps({**good_meta, "config": {**good_meta["config"], "probe": 3}})),
+                       ("probename", json.dumps({**good_meta, "config": {**good_meta["config"], "probe": "x-ray"}}))):
+        folder = tmp / f"damaged-{name}" / "m" / "t" / "accuracy"
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(text)
+        out += [([cmd, tmp / f"damaged-{name}"], "skipped") for cmd in ("aggregate", "report")]
+    return out
+
+
+def test_each_kind_of_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PROBE_RESULTS", str(tmp_path / "results"))
+    failures = []
+    all_cases = kinds(tmp_path)
+    for argv, shown in all_cases:
+        code, out, err = run_case(capsys, argv)
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(PROGRESS) and "prompt/s" not in ln
+                 and not ln.startswith("skipped ")]
+        ok = (code == 2 and len(lines) == 1 and lines[0].startswith("probe: error: ") and "Traceback" not in err
+              and shown.lower() in lines[0].lower())
+        if not ok:
+            failures.append(f"{' '.join(map(str, argv))!r}: exit {code}: {err.strip()[-300:]!r}")
+    assert not failures, f"{len(failures)} of {len(all_cases)}:\n" + "\n".join(failures)
+    assert not (tmp_path / "never").exists()
+
+
+def test_valid_controls_of_those_kinds_still_succeed(tmp_path, capsys, monkeypatch):
+    """The same paths with good values: a damaged run beside a good one is skipped and named, not fatal."""
+    monkeypatch.setenv("PROBE_RESULTS", str(tmp_path / "results"))
+    base = ["--task", "capitals", "--task-option", "ambiguous=flag", "--limit", "2"]
+    code, out, err = run_case(capsys, ["run", "--model", "tiny-gpt2", *base, "--topk", "1024", "--output",
+                                       tmp_path / "results" / "a"])
+    assert code == 0, err
+    (tmp_path / "config.yaml").write_text("model_type: gpt2\nn_layer: 2\nn_embd: 32\nn_head: 2\n"
+                                          "layer_norm_epsilon: 1e-05\n")
+    code, out, err = run_case(capsys, ["run", "--model", tmp_path / "config.yaml", *base, "--output",
+                                       tmp_path / "results" / "b"])
+    assert code == 0, err
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"name": "s", "models": ["tiny-gpt2"], "tasks": ["capitals"],
+                                                         "probes": ["logit-lens"], "limit": 2, "options": {"topk": "3"},
+                                                         "slurm": {"gpus": 0, "cpus_per_task": "2"}}))
+    code, out, err = run_case(capsys, ["sweep", tmp_path / "sweep.yaml", "--executor", "slurm", "--dry-run"])
+    assert code == 0, err
+    damaged = tmp_path / "results" / "c"
+    damaged.mkdir()
+    (damaged / "meta.json").write_text("[1, 2]")
+    for cmd in ("aggregate", "report"):
+        code, out, err = run_case(capsys, [cmd, tmp_path / "results"])
+        assert code == 0, err
+        assert f"skipped {damaged}: meta.json is not a run's metadata (a JSON list)" in err

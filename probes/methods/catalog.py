@@ -11,7 +11,7 @@ from ..reports import plots
 from . import attention, contrast, ffn_ablation, icl_score, induction, ffn_readout, ffn_transplant, linear_probe, nback, patching
 from .accuracy import report_accuracy, run_accuracy, summarize_accuracy
 from .lens import VOCABS, parse_positions, prepare_lens, report_lens, run_lens, summarize_lens
-from .names import NAMES
+from .names import COUNTS, NAMES, count_value
 
 ALL_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi", "prompts")  # of the probes that read answers
 RELATIONAL = ("abstractive", "extractive")
@@ -132,8 +132,20 @@ def probe_options(probe: str, options: dict | None, strict: bool = False) -> dic
         raise ProbeError(f"probe {probe!r} takes no option {bad!r}; accepted: "
                          + (", ".join(spec.options) if spec.options else "none"))
     chosen = {**spec.defaults, **{k: v for k, v in given.items() if k in spec.options}}
+    chosen.update({k: count_value(k, v) for k, v in chosen.items() if k in COUNTS})
     if chosen.get("vocab", "all") not in VOCABS:  # values that need no model, checked before one loads
         raise ProbeError(f"unknown --vocab {chosen['vocab']!r}; accepted: {', '.join(VOCABS)}")
     if probe == "logit-lens":
         parse_positions(chosen.get("positions"))
     return chosen
+
+
+def check_bounds(probe: str, options: dict, loaded) -> None:
+    """Option values whose upper bound is the loaded model's: more top-k tokens than its vocabulary has, a source
+    block past its last."""
+    vocab, blocks = loaded.arch.vocab_size, loaded.arch.n_layers
+    if options.get("topk") is not None and options["topk"] > vocab:
+        raise ProbeError(f"bad topk {options['topk']} for {loaded.spec.name}; accepted: 1 to {vocab} (its vocabulary)")
+    if options.get("source_layer") is not None and options["source_layer"] >= blocks:
+        raise ProbeError(f"bad source_layer {options['source_layer']} for {loaded.spec.name}; accepted: blocks 0 to "
+                         f"{blocks - 1}")

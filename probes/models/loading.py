@@ -31,7 +31,7 @@ from ..tasks.base import VectorPrompt
 from . import custom  # noqa: F401  (registers this project's architectures)
 from .arch import Arch, arch_spec
 from .options import load_options, quantization_config
-from .planning import check_quantizable
+from .planning import build_config, check_quantizable
 from .registry import ModelSpec
 
 CACHE_FORMAT = 1  # bump when what is written to the cache changes
@@ -176,14 +176,14 @@ def _random_checkpoint(spec: ModelSpec) -> tuple[Path, bool]:
         return target, True
 
     def write(tmp: Path):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         arch_spec(cfg["model_type"])  # fail with the list of known architectures before building anything
         tok = tiny_tokenizer()
         special = {k: tok.eos_token_id for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         torch.manual_seed(seed)
+        config = build_config({"vocab_size": len(tok), **special, **cfg}, spec.name)
         try:
-            config = AutoConfig.for_model(**{"vocab_size": len(tok), **special, **cfg})
             model = AutoModelForCausalLM.from_config(config)
         except (ValueError, TypeError, AttributeError, RuntimeError) as e:
             raise ProbeError(f"model config of {spec.name!r} cannot build a {cfg['model_type']} model: "

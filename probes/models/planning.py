@@ -54,7 +54,34 @@ def model_config(spec: ModelSpec):
             raise ProbeError(f"no config for {spec.name!r}: {shipped} is not shipped and the hub is unreachable "
                              f"({type(e).__name__}); accepted: a registry model with a file in configs/")
     values = {k: v for k, v in values.items() if not k.startswith("_")}
-    return AutoConfig.for_model(values.pop("model_type"), **values)
+    return build_config(values, spec.name)
+
+
+def build_config(values: dict, name: str):
+    """The transformers config of `values` (model_type included); a value of the wrong type or out of range (a word
+    where a number goes) is a one-line error naming the field, from transformers' own checks of its config class."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    values = dict(values)
+    model_type = values.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise ProbeError(f"model config of {name!r} cannot build a {model_type} config: {text[:300]}; accepted: "
+                         f"the fields of transformers' {model_type} config, with their types") from None
+    sizes = {k: v for k, v in values.items() if k in SIZES and isinstance(v, int) and v < 1}
+    if sizes:
+        key = sorted(sizes)[0]
+        raise ProbeError(f"model config of {name!r}: {key} {sizes[key]}; accepted: a positive integer")
+    return config
+
+
+# the size fields of a config (layers, width, heads, vocabulary), which must be positive
+SIZES = {"n_layer", "num_hidden_layers", "n_embd", "hidden_size", "n_head", "num_attention_heads", "vocab_size",
+         "n_inner", "intermediate_size", "ffn_dim", "num_key_value_heads", "head_dim", "n_positions",
+         "max_position_embeddings"}
 
 
 def empty_model(config, dtype: torch.dtype, quantize: str | None, compute_dtype: str):

@@ -21,6 +21,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZE = ("8bit", "4bit")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
 SOURCES = ("hub", "gguf", "local", "random")
+PICKLES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}  # torch.save'd weights: unpickling them can run code
 _ENTRY_KEYS = {"repo", "revision", "family", "params", "dtype", "gguf", "path", "random", "load", "notes"}
 _LOAD_KEYS = {"device_map", "max_memory", "quantize", "bnb_4bit_compute_dtype", "trust_remote_code",
               "use_safetensors"}
@@ -223,6 +224,11 @@ def resolve_model(value: str, registry: dict[str, ModelSpec] | None = None) -> M
         except (ValueError, AttributeError) as e:
             raise ProbeError(f"model folder {value!r}: config.json is not a transformers config ({type(e).__name__}); "
                              "accepted: a checkpoint folder saved with save_pretrained") from None
+        pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLES)
+        if pickled and not any(p.glob("*.safetensors")):
+            raise ProbeError(f"model folder {value!r} holds its weights as a pickle ({pickled[0]}), which can run code "
+                             "when loaded, so it is not loaded; accepted: a folder with safetensors weights (convert it "
+                             "where you trust it: model.save_pretrained(folder, safe_serialization=True))")
         trained = trained_checkpoint(p)
         name = (trained["run"] + ("" if trained["final"] else f"@{trained['step']}")) if trained else p.resolve().name
         return ModelSpec(name=name, source="local", family=family, path=str(p.resolve()), training=trained)

@@ -11,6 +11,7 @@ not, over seeds) also give '<probe>-paired' tables: each variant against the ref
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ from ..errors import ProbeError, choice_error
 from ..runs.rundir import atomic_write, write_csv
 from ..stats import student_half, wilson
 
+log = logging.getLogger("probes")
 UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed", "training_config", "training_run",
                 "step"]
 TRAINING_COLUMNS = ("training_config", "training_run", "step")  # a trained checkpoint's; none for pretrained models
@@ -48,14 +50,17 @@ def complete_runs(results: Path, skipped: dict | None = None) -> list[dict]:
         except (OSError, ValueError) as e:  # cannot happen with atomic writes: a hand-edited or damaged file
             reason = f"meta.json cannot be read ({type(e).__name__})"
         else:
-            if not isinstance(meta, dict) or "config" not in meta:
-                reason = "meta.json is not a run's metadata"
+            if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+                reason = "meta.json is not a run's metadata" + (f" (a JSON {type(meta).__name__})"
+                                                               if not isinstance(meta, dict) else " (no config)")
             elif meta.get("kind") == "training":
                 if meta.get("status") == "complete":
                     continue  # the training tables take it (reports/training.py)
                 reason = f"an unfinished training run (status {meta.get('status')})"
             elif meta.get("status") != "complete":
                 reason = f"status {meta.get('status')}"
+            elif problem := _not_a_run(meta):
+                reason = problem
             else:
                 meta["path"] = str(meta_path.parent)
                 runs.append(meta)
@@ -63,6 +68,21 @@ def complete_runs(results: Path, skipped: dict | None = None) -> list[dict]:
         if skipped is not None:
             skipped[str(meta_path.parent)] = reason
     return runs
+
+
+def _not_a_run(meta: dict) -> str | None:
+    """What a complete run's meta.json lacks of what run folders write (runs/rundir.py), if anything."""
+    from ..methods.names import NAMES
+
+    config = meta["config"]
+    missing = [k for k in ("model", "task", "probe") if not isinstance(config.get(k), str)]
+    if missing:
+        return f"meta.json's config has no {', '.join(missing)}"
+    if config["probe"] not in NAMES:
+        return f"meta.json names an unknown probe {config['probe']!r}"
+    if not isinstance(meta.get("summary"), dict):
+        return f"meta.json's summary is a {type(meta.get('summary')).__name__}, not a mapping"
+    return None
 
 
 def _unit(meta: dict) -> dict:
@@ -185,9 +205,13 @@ def aggregate(results: Path, by: list[str], skipped: dict | None = None) -> dict
 
     skipped = {} if skipped is None else skipped
     runs = complete_runs(results, skipped)
+    for folder, reason in skipped.items():  # said wherever tables are made (aggregate, report, the API)
+        log.info("skipped %s: %s", folder, reason)
     tables = training_tables(results)  # training runs: their curves over seeds and steps to given accuracies
     if not runs and not tables:
-        raise ProbeError(f"no complete runs under {str(results)!r}; accepted: a results folder written by "
+        first = next(iter(skipped.items()), None)
+        why = (f" ({len(skipped)} folder(s) skipped, e.g. {first[0]}: {first[1]})" if first else "")
+        raise ProbeError(f"no complete runs under {str(results)!r}{why}; accepted: a results folder written by "
                          "`probe run` or `probe sweep`, or a folder of training runs")
     for probe in sorted({m["config"]["probe"] for m in runs}):
         tables[probe] = group(summary_table(runs, probe), by)

@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import ProbeError, is_out_of_memory
-from ..methods.catalog import check_task, get_probe, probe_options
+from ..methods.catalog import check_bounds, check_task, get_probe, probe_options
 from ..models.loading import model_digest
 from ..stats import level
 from . import selfcheck
@@ -155,6 +155,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     auto = batch_size == "auto"
     spec = get_probe(probe)
     options = probe_options(probe, options)
+    check_bounds(probe, options, loaded)
     check_task(probe, task)
     if probe.startswith("ffn-") and not loaded.arch.has_ffn:
         raise ProbeError(f"{loaded.spec.name} has no FFN blocks, so probe {probe!r} has nothing to read; accepted: "

@@ -230,9 +230,19 @@ def _check_fields(data: dict, where: str) -> None:
         raise ProbeError(f"{where}: limit {data['limit']!r}; accepted: a positive integer (leave it out for every item)")
 
 
+def _check_slurm(slurm: dict, where: str) -> None:
+    """The values of a `slurm` section: counts are whole numbers (the rest is text sbatch reads: see slurm._directive)."""
+    for key in ("gpus", "cpus_per_task"):
+        value = slurm.get(key)
+        if value is not None and (isinstance(value, bool) or not str(value).isdigit()
+                                  or (key == "cpus_per_task" and int(value) < 1)):
+            least = 1 if key == "cpus_per_task" else 0
+            raise ProbeError(f"{where}: bad slurm {key} {value!r}; accepted: an integer of at least {least}")
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file: every model, task, probe and option is checked before anything runs."""
-    from ..methods.catalog import PROBES, get_probe
+    from ..methods.catalog import PROBES, get_probe, probe_options
     from .execution import parse_batch_size
     from ..models.registry import load_registry, resolve_model
 
@@ -288,6 +298,12 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ProbeError(f"{where}: {e}")
     for p in sweep.probes:
         get_probe(p)
+        try:  # option values against their ranges, before any unit runs
+            probe_options(p, options)
+        except ProbeError as e:
+            raise ProbeError(f"{where}: options: {e}") from None
+    _check_slurm(sweep.slurm, where)
+    _check_slurm(sweep.train_slurm, f"{where}: train")
     for unit in sweep.units():  # every task with every seed, and every model's load options
         sweep.config(unit) if sweep.ready(unit) else sweep.task(unit)
     return sweep
