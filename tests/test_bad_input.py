@@ -232,6 +232,9 @@ def kinds(tmp: Path) -> list[tuple[list, str]]:
         (tmp / f"config{i}.yaml").write_text(yaml.safe_dump({"model_type": "gpt2", "n_layer": 2, "n_embd": 32,
                                                              "n_head": 2, field: value}))
         out.append((["run", "--model", tmp / f"config{i}.yaml", "--task", "capitals"], field))
+    standard = TASKS.parent / "configs" / "training" / "nback-standard.yaml"
+    out += [(["train", standard, "--set", f"model.{field}={value}", "--output", tmp / "never"], field)
+            for field, value in (("n_layer", "two"), ("n_embd", "1.5"), ("layer_norm_epsilon", "tiny"))]
     for name in ("pytorch_model.bin", "model.pt", "weights.ckpt"):
         folder = tmp / f"pickled-{name}"
         folder.mkdir()

@@ -25,6 +25,7 @@ import yaml
 from ..errors import ProbeError
 from ..models import custom  # noqa: F401  (registers this project's architectures)
 from ..models.arch import arch_spec
+from ..models.planning import build_config
 from ..paths import runs_root
 from ..runs.rundir import RunBusy, RunComplete, RunLock, _now, atomic_write, environment, safe_name, write_csv, write_json
 from .data import GENERATORS, IGNORE, tokenizer_for
@@ -40,7 +41,7 @@ def default_run_dir(cfg: dict) -> Path:
 
 def build_model(cfg: dict, tokenizer):
     """The config's model, initialised from the training seed."""
-    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
 
     values = dict(cfg["model"])
     family = values.pop("architecture")
@@ -48,9 +49,9 @@ def build_model(cfg: dict, tokenizer):
     length = generator(cfg).positions(cfg["task"])
     ids = {k: tokenizer.pad_token_id for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     set_seed(cfg["train"]["seed"])
+    config = build_config({"model_type": family, "vocab_size": len(tokenizer), "n_positions": max(length, 64),
+                           "max_position_embeddings": max(length, 64), **ids, **values}, cfg["name"])
     try:
-        config = AutoConfig.for_model(family, vocab_size=len(tokenizer), n_positions=max(length, 64),
-                                      max_position_embeddings=max(length, 64), **ids, **values)
         return AutoModelForCausalLM.from_config(config)
     except (ValueError, TypeError) as e:
         raise ProbeError(f"model of {cfg['name']!r} cannot be built as {family}: {str(e).splitlines()[0]}") from None
@@ -210,6 +211,8 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
     finally:
         if lock is not None:
             lock.release()
+            if run.is_dir() and not any(run.iterdir()):  # refused before anything was written: nothing left behind
+                run.rmdir()
 
 
 def _evaluation_at(history: list[dict], step: int) -> dict:
