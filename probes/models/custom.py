@@ -17,7 +17,13 @@ projection or 1/sqrt(d) scaling (`attn_bias`, `attn_out`, `attn_scale`), the val
 (`value_residual`, as below), and `head_layers` ReLU layers between the last block and the readout (they sit in
 `model.norm`, after the LayerNorm if any, so the lens reads through them and its last layer is the logits).
 `init_attn_std` (e.g. 1/sqrt(85)) draws the weights as the authors' code does: attention N(0, init_attn_std^2), ReLU layers
-He-normal, readout N(0, 1/width); else transformers' default (N(0, 0.02^2)).
+He-normal, readout N(0, 1/width); else transformers' default (N(0, 0.02^2)). `init: torch` draws every parameter as
+the PyTorch modules Gong & Zhang build their model from would: token and position embeddings N(0, 1)
+(`nn.Embedding`), the attention input projection xavier-uniform with zero biases and a zero output-projection
+bias (`nn.MultiheadAttention`), every other Linear PyTorch's default (Kaiming-uniform); the default, `init: hf`, is
+transformers' N(0, 0.02^2) for every Linear and Embedding (existing configs and checkpoints unchanged). With
+embeddings at 0.02 the initial attention logits are ~1e-4 apart, and a 1-layer attention-only model without
+residual sits at uniform attention (see docs/nback-trained.md).
 
 `gpt2_value_residual`: GPT-2 with a residual path between the attention heads of adjacent layers (Burns, Fukai &
 Earls), per projection: `value_residual` (and `key_residual`, `query_residual`) `none` (stock GPT-2, exactly),
@@ -47,7 +53,8 @@ class ProbeTransformerConfig(PretrainedConfig):
                  n_embd: int = 64, ffn: bool = False, n_inner: int | None = None, norm: bool = False,
                  residual: bool = False, positions: bool = True, attn_bias: bool = True, attn_out: bool = True,
                  attn_scale: bool = True, value_residual: str = "none", key_residual: str = "none",
-                 query_residual: str = "none", head_layers: int = 0, init_attn_std: float | None = None, **kwargs):
+                 query_residual: str = "none", head_layers: int = 0, init_attn_std: float | None = None,
+                 init: str = "hf", **kwargs):
         self.vocab_size, self.n_positions, self.n_layer, self.n_head, self.n_embd = (
             vocab_size, n_positions, n_layer, n_head, n_embd)
         self.ffn, self.n_inner, self.norm, self.residual = ffn, n_inner or 4 * n_embd, norm, residual
@@ -55,6 +62,9 @@ class ProbeTransformerConfig(PretrainedConfig):
         self.value_residual, self.key_residual, self.query_residual = check_modes(
             value_residual=value_residual, key_residual=key_residual, query_residual=query_residual)
         self.head_layers, self.init_attn_std = head_layers, init_attn_std
+        if init not in INITS:
+            raise ProbeError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
+        self.init = init
         # the names transformers and this project read
         self.hidden_size, self.num_hidden_layers, self.num_attention_heads = n_embd, n_layer, n_head
         self.max_position_embeddings = n_positions
@@ -63,6 +73,7 @@ class ProbeTransformerConfig(PretrainedConfig):
 
 
 RESIDUAL_MODES = ("none", "previous", "first")
+INITS = ("hf", "torch")  # transformers' N(0, 0.02^2) everywhere, or the PyTorch modules' own draws
 
 
 def check_modes(**modes: str) -> tuple:
@@ -188,8 +199,23 @@ class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = ProbeTransformerModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
+        if getattr(config, "init", "hf") == "torch":
+            self._draw_as_torch()
         if config.init_attn_std is not None:
             self._draw_as_authors(config)
+
+    @torch.no_grad()
+    def _draw_as_torch(self) -> None:
+        """Every module's own PyTorch draw (`reset_parameters`: embeddings N(0, 1), Linear Kaiming-uniform), then
+        what nn.MultiheadAttention does to its projections: input projection xavier-uniform, biases zero."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+                m.reset_parameters()
+        for layer in self.model.layers:
+            nn.init.xavier_uniform_(layer.attn.qkv.weight)
+            for m in (layer.attn.qkv, layer.attn.out):
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
 
     @torch.no_grad()
     def _draw_as_authors(self, config: ProbeTransformerConfig) -> None:
