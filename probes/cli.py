@@ -95,6 +95,7 @@ def cmd_prompt(args) -> None:
 def cmd_run(args) -> None:
     from . import api
     from .methods.catalog import check_task, get_probe, probe_options
+    from .models.devices import describe
     from .models.registry import resolve_model
     from .models.options import load_options
     from .runs.execution import check_limit, check_inputs, counts_text, default_output, parse_batch_size, run_config
@@ -137,7 +138,8 @@ def cmd_run(args) -> None:
     loaded = api.load(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
                       max_memory=args.max_memory, gpus=args.gpus, compute_dtype=args.compute_dtype,
                       remote=args.remote, check_fit=False, **probe.load)
-    print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}", file=sys.stderr)
+    where = f" {describe(loaded.placement, loaded.dtype)}" if loaded.placement else ""
+    print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}{where}", file=sys.stderr)
     tables = {}
     for task in tasks:
         out = outputs[task.name]

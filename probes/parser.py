@@ -110,7 +110,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
     r.add_argument("--compute-dtype", help="quantized models: the dtype activations are computed and read in "
                                            "(default: the entry's bnb_4bit_compute_dtype, else bfloat16)")
-    r.add_argument("--device-map", help="auto, balanced, sequential or cpu (accelerate)")
+    r.add_argument("--device-map", help="where the model goes: cpu, cuda, cuda:N, or spread by accelerate: auto, "
+                   "balanced, balanced_low_0, sequential (default: the first GPU if it fits, else every GPU and the "
+                   "CPU beyond; the CPU without a GPU)")
     r.add_argument("--max-memory", help="per-device limits, e.g. '0=75GiB,cpu=200GiB'")
     r.add_argument("--remote", action="store_true", help="run on NDIF through nnsight (hub models it hosts; "
                                                           "API key from NDIF_API_KEY)")

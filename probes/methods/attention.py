@@ -85,15 +85,17 @@ def run_attention(loaded, items: list[Item]) -> list[dict]:
             q = w[:, pos]  # (heads, letters, seq): rows of the letter queries
             ent = entropy(q)
             ent_ns = torch.stack([entropy(without_sink(q[:, t, :p + 1])) for t, p in enumerate(pos)], dim=1)
-            sub = q[:, :, pos]  # letter -> letter, renormalised over the earlier letters
-            sub = torch.tril(sub)
+            raw = q[:, :, pos]  # letter -> letter
+            sub = torch.tril(raw)  # renormalised over the earlier letters
             sub = sub / sub.sum(-1, keepdim=True).clamp_min(1e-12)
+            # what the rows read leaves the model's device once per layer (the rest is on the host)
+            ent, ent_ns, raw, sub = (x.cpu() for x in (ent, ent_ns, raw, sub))
             for h in range(w.shape[0]):
                 back = {True: [], False: []}
                 other = []
                 for t in range(n, len(pos)):
-                    back[match[t]].append(float(w[h, pos[t], pos[t - n]]))
-                    other += [float(w[h, pos[t], pos[t - k]]) for k in range(1, t + 1) if k != n]
+                    back[match[t]].append(float(raw[h, t, t - n]))
+                    other += [float(raw[h, t, t - k]) for k in range(1, t + 1) if k != n]
                 rows.append({**cols, "layer": layer, "head": h,
                              "entropy": float(ent[h, 1:].mean()), "entropy_nosink": float(ent_ns[h, 1:].mean()),
                              "nback_mass_match": float(np.mean(back[True])) if back[True] else math.nan,
@@ -114,11 +116,11 @@ def run_query_attention(loaded, items: list[Item]) -> list[dict]:
         cols = item_columns(tok, it)
         for layer, w in enumerate(attention_weights(loaded, it.prompt)):
             query = w[:, -1, :]  # (heads, positions)
-            for h in range(w.shape[0]):
-                rows.append({**cols, "layer": layer, "head": h, "query_entropy": float(entropy(query[h])),
-                             "item_mass": float(query[h, [2 * j for j in match]].sum()),
-                             "label_mass": float(query[h, [2 * j + 1 for j in match]].sum()),
-                             "uniform_mass": len(match) / query.shape[-1]})
+            per_head = torch.stack([entropy(query), query[:, [2 * j for j in match]].sum(-1),
+                                    query[:, [2 * j + 1 for j in match]].sum(-1)], dim=1).cpu().tolist()  # one transfer
+            for h, (ent, item_mass, label_mass) in enumerate(per_head):
+                rows.append({**cols, "layer": layer, "head": h, "query_entropy": ent, "item_mass": item_mass,
+                             "label_mass": label_mass, "uniform_mass": len(match) / query.shape[-1]})
     return rows
 
 

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,8 @@ from ..tasks.base import VectorPrompt
 from . import custom  # noqa: F401  (registers this project's architectures)
 from .arch import Arch, arch_spec
 from .options import load_options, quantization_config
-from .planning import build_config, check_quantizable
+from .devices import check_here, default_device_map, placement
+from .planning import build_config, check_quantizable, plan
 from .registry import ModelSpec
 
 CACHE_FORMAT = 1  # bump when what is written to the cache changes
@@ -51,6 +52,7 @@ class Loaded:
     load_seconds: float
     cache_hit: bool
     remote: bool = False  # traces run on NDIF; the local model has no weights
+    placement: dict = field(default_factory=dict)  # where the weights went, and whether by default (devices.py)
 
     def trace(self, *inputs, **kwargs):
         """The model's trace, sent to NDIF for a remote model (see `load_remote`). A model that reads vectors is
@@ -262,6 +264,11 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
     dtype, quantize, device_map, compute_dtype = (opts[k] for k in ("dtype", "quantize", "device_map",
                                                                     "compute_dtype"))
     load = spec.load
+    check_here(device_map)
+    default = device_map is None
+    if default:  # the first GPU if the weights fit there, every GPU (CPU beyond) if not; no GPU: the CPU
+        device_map = default_device_map(lambda: plan(spec, dtype=dtype, quantize=quantize,
+                                                     compute_dtype=compute_dtype).weight_bytes)
     start = time.perf_counter()
     src, revision, cache_hit = checkpoint(spec)
     kwargs = dict(dtype=getattr(torch, dtype if not quantize else compute_dtype), **revision)
@@ -289,7 +296,7 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overri
     model = TransformersModel(hf, task="text-generation", tokenizer=tok)
     return Loaded(model=model, tokenizer=model.tokenizer, arch=Arch(model), spec=spec, dtype=dtype,
                   quantize=quantize, device_map=device_map, load_seconds=time.perf_counter() - start,
-                  cache_hit=cache_hit)
+                  cache_hit=cache_hit, placement=placement(hf, device_map, default))
 
 
 def load_remote(spec: ModelSpec, attn_implementation: str | None = None) -> Loaded:

@@ -11,7 +11,8 @@ import torch
 
 from ..errors import ProbeError
 from .arch import arch_spec
-from .registry import DEVICE_MAPS, DTYPES, QUANTIZE, ModelSpec
+from .devices import parse_device_map
+from .registry import DTYPES, QUANTIZE, ModelSpec
 
 
 def _check_choice(what: str, value, accepted):
@@ -88,8 +89,7 @@ def load_options(spec: ModelSpec, dtype: str | None = None, device_map=None, qua
     _check_choice("dtype", dtype, DTYPES)
     _check_choice("quantization", quantize, QUANTIZE)
     _check_choice("compute dtype", compute_dtype, DTYPES)
-    if isinstance(device_map, str):
-        _check_choice("device map", device_map, DEVICE_MAPS)
+    device_map = parse_device_map(device_map)
     arch_spec(spec.family)  # an unknown architecture fails here, before anything is downloaded
     return dict(dtype=dtype, quantize=quantize, device_map=device_map,
                 max_memory=parse_max_memory(max_memory or load.get("max_memory")), compute_dtype=compute_dtype)

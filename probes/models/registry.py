@@ -19,7 +19,6 @@ from ..paths import ROOT, runs_root
 
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZE = ("8bit", "4bit")
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu")
 SOURCES = ("hub", "gguf", "local", "random")
 PICKLES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}  # torch.save'd weights: unpickling them can run code
 _ENTRY_KEYS = {"repo", "revision", "family", "params", "dtype", "gguf", "path", "random", "load", "notes"}

@@ -1,0 +1,75 @@
+"""Where a model goes: the device values users type, checked, and the default placement.
+
+`--device-map` (and a registry entry's `device_map`) takes `cpu`, `cuda` or `cuda:N` (one device: what
+transformers, accelerate and lm-evaluation-harness users type) or one of accelerate's strategies (`auto`,
+`balanced`, `balanced_low_0`, `sequential`: spread over the GPUs, CPU beyond). Without one, a model goes to the
+first GPU when its weights fit there, is spread over the GPUs (and the CPU beyond) when they do not, and stays on
+the CPU on a machine without a CUDA GPU. What was chosen, and whether by default, is recorded with the run.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import ProbeError
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+ACCEPTED = "cpu, cuda, cuda:N, " + ", ".join(STRATEGIES)
+FIT_SHARE = 0.8  # of the first GPU's memory the weights may take to go there whole (activations, CUDA context)
+
+
+def parse_device_map(value):
+    """A device value, normalised (`cuda` -> `cuda:0`); a mapping (module -> device) is passed through. Grammar only:
+    whether this machine has the device is `check_here`'s, at load time (a sweep may name GPUs from a login node)."""
+    if value is None or isinstance(value, dict):
+        return value
+    text = str(value).strip()
+    if text in STRATEGIES or text == "cpu":
+        return text
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if not m:
+        raise ProbeError(f"unknown device map {value!r}; accepted: {ACCEPTED}")
+    return f"cuda:{int(m.group(1) or 0)}"
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_here(device_map) -> None:
+    """Refuse, before loading, a device this machine does not have."""
+    if not (isinstance(device_map, str) and device_map.startswith("cuda")):
+        return  # the CPU, or a strategy (without GPUs accelerate places everything on the CPU)
+    n = gpu_count()
+    if n == 0:
+        raise ProbeError(f"device map {device_map!r}: this machine has no CUDA GPU; accepted: cpu (or leave "
+                         "--device-map out)")
+    if int(device_map.split(":")[1]) >= n:
+        raise ProbeError(f"device map {device_map!r}: this machine has {n} CUDA GPU(s); accepted: cuda:0 to "
+                         f"cuda:{n - 1}, or {', '.join(STRATEGIES)}")
+
+
+def default_device_map(weight_bytes) -> str | None:
+    """No GPU: None (the CPU). The weights fit on the first GPU: `cuda:0`. Else `auto` (every GPU, CPU beyond).
+    `weight_bytes` is called only when there is a GPU (it builds the model on the meta device)."""
+    if not gpu_count():
+        return None
+    if weight_bytes() <= FIT_SHARE * torch.cuda.get_device_properties(0).total_memory:
+        return "cuda:0"
+    return "auto"
+
+
+def placement(hf, device_map, default: bool) -> dict:
+    """Where the loaded model's weights are, for the run header and meta.json."""
+    devices = sorted({str(p.device) for p in hf.parameters()})
+    gpus = sorted({torch.cuda.get_device_name(torch.device(d)) for d in devices if d.startswith("cuda")})
+    return {"device_map": device_map if device_map is not None else "cpu", "devices": devices, "gpus": gpus,
+            "default": default}
+
+
+def describe(place: dict, dtype: str) -> str:
+    """'on cuda:0 (NVIDIA H200), bfloat16, by default' / 'on cpu, float32'."""
+    where = ", ".join(place["devices"]) + (f" ({', '.join(place['gpus'])})" if place["gpus"] else "")
+    return f"on {where}, {dtype}" + (", by default" if place["default"] else "")
