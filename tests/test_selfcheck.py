@@ -72,10 +72,13 @@ def test_a_model_whose_output_depends_on_padding_fails(ignores_padding):
     assert got["went_on"] and got["padding"] > 1e-3 and "going on (--no-self-check)" in describe(got)
 
 
-def test_one_length_prompts_get_a_longer_one_beside_them_so_the_batch_is_padded():
+def test_one_length_prompts_get_a_longer_one_so_the_batch_is_padded_within_the_runs_batch_size():
     lm = loaded("tiny-llama")
     got = self_check(lm, items(lm)[:1])
     assert got["prompts"] == 2 and got["padding"] != "n/a"
+    assert self_check(lm, items(lm), batch_size=3)["prompts"] == 3
+    alone = self_check(lm, items(lm), batch_size=1)  # a run of one prompt per batch is never padded
+    assert alone["prompts"] == 1 and alone["padding"] == "n/a"
 
 
 def test_the_command_prints_the_line_keeps_the_figures_and_stops_on_a_failure(capsys, tmp_path, monkeypatch):

@@ -174,7 +174,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     if not spec.truncates:
         check_context(loaded, items)
     checked = ({"skipped": "a remote model"} if loaded.remote
-               else selfcheck.self_check(loaded, items, spec.truncates, strict=self_check))
+               else selfcheck.self_check(loaded, items, spec.truncates, strict=self_check, batch_size=batch_size))
     log.info(selfcheck.describe(checked))
     with RunDir(output, config, overwrite=overwrite, skip_complete=skip_complete) as run:
         size = AUTO_START if auto else batch_size

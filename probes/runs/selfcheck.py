@@ -19,7 +19,7 @@ import logging
 import nnsight
 import torch
 
-from ..errors import ProbeError
+from ..errors import ProbeError, is_out_of_memory
 
 log = logging.getLogger("probes")
 
@@ -75,25 +75,36 @@ def tolerance(loaded) -> float:
     return TOLERANCE.get(loaded.arch.hf.dtype, 5e-2)
 
 
-def check_batch(loaded, items, truncates: bool) -> tuple[list, list[int] | None]:
-    """The run's first prompts and their token lengths; text prompts all of one length get the first prompt twice
-    over beside them, so that the batch is padded."""
-    prompts = [it.prompt[:TRUNCATED] if truncates else it.prompt for it in items[:PROMPTS]]
+def check_batch(loaded, items, truncates: bool, size: int) -> tuple[list, list[int] | None]:
+    """The run's first `size` prompts (its batch size at most) and their token lengths; when they are all of one
+    length, the last becomes the first twice over, so that the batch is padded (one prompt: no padding to check)."""
+    prompts = [it.prompt[:TRUNCATED] if truncates else it.prompt for it in items[:size]]
     if loaded.spec.reads_vectors:
         return prompts, None
+    if len(prompts) == 1 and size > 1:
+        prompts.append(prompts[0])
     lengths = [len(loaded.tokenizer(p).input_ids) for p in prompts]
-    if len(set(lengths)) < 2:
-        prompts.append(prompts[0] + " " + prompts[0])
-        lengths.append(len(loaded.tokenizer(prompts[-1]).input_ids))
+    if len(set(lengths)) < 2 and len(prompts) > 1:
+        prompts[-1] = prompts[0] + " " + prompts[0]
+        lengths[-1] = len(loaded.tokenizer(prompts[-1]).input_ids)
     return prompts, lengths
 
 
-def self_check(loaded, items, truncates: bool = False, strict: bool = True) -> dict:
-    """Run the checks on the run's first prompts: their figures for meta.json. A failed check is a one-line
-    ProbeError naming it; not `strict` (--no-self-check), the figures carry the failure and the run goes on."""
+def self_check(loaded, items, truncates: bool = False, strict: bool = True, batch_size: int | str = PROMPTS) -> dict:
+    """Run the checks on the run's first prompts, a batch no larger than the run's (`auto`: halved on out of
+    memory, as the run's batches are): their figures for meta.json. A failed check is a one-line ProbeError naming
+    it; not `strict` (--no-self-check), the figures carry the failure and the run goes on."""
     tol = tolerance(loaded)
-    got = {**measure(loaded, *check_batch(loaded, items, truncates)), "tolerance": tol,
-           "dtype": str(loaded.arch.hf.dtype).removeprefix("torch.")}
+    size = PROMPTS if batch_size == "auto" else min(PROMPTS, batch_size)
+    while True:
+        try:
+            got = measure(loaded, *check_batch(loaded, items, truncates, size))
+            break
+        except Exception as e:
+            if not (batch_size == "auto" and is_out_of_memory(e) and size > 1):
+                raise
+            size //= 2
+    got = {**got, "tolerance": tol, "dtype": str(loaded.arch.hf.dtype).removeprefix("torch.")}
     failed = _failure(got, tol, loaded.spec.name, loaded.arch.model_type)
     if failed and strict:
         raise ProbeError(f"{failed}; accepted: --no-self-check to run anyway (recorded in meta.json)")
