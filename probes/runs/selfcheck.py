@@ -77,7 +77,8 @@ def tolerance(loaded) -> float:
 
 def check_batch(loaded, items, truncates: bool, size: int) -> tuple[list, list[int] | None]:
     """The run's first `size` prompts (its batch size at most) and their token lengths; when they are all of one
-    length, the last becomes the first twice over, so that the batch is padded (one prompt: no padding to check)."""
+    length, the last becomes the first half of the first (shorter: within the context), so that the batch is
+    padded (one prompt: no padding to check)."""
     prompts = [it.prompt[:TRUNCATED] if truncates else it.prompt for it in items[:size]]
     if loaded.spec.reads_vectors:
         return prompts, None
@@ -85,7 +86,7 @@ def check_batch(loaded, items, truncates: bool, size: int) -> tuple[list, list[i
         prompts.append(prompts[0])
     lengths = [len(loaded.tokenizer(p).input_ids) for p in prompts]
     if len(set(lengths)) < 2 and len(prompts) > 1:
-        prompts[-1] = prompts[0] + " " + prompts[0]
+        prompts[-1] = prompts[0][:max(1, len(prompts[0]) // 2)]
         lengths[-1] = len(loaded.tokenizer(prompts[-1]).input_ids)
     return prompts, lengths
 
