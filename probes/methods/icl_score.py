@@ -28,9 +28,7 @@ def run_icl_score(loaded, items: list[Item], early=50, late=500) -> list[dict]:
     if early >= late:
         raise ProbeError(f"--early {early} is not before --late {late}; accepted: early < late")
     tok = loaded.tokenizer
-    from ..runs.execution import context_length
-
-    limit = context_length(loaded)
+    limit = loaded.arch.context_length
     if limit and late > limit - 1:
         late = limit - 1  # token `late` is predicted from the late tokens before it: the context holds late + 1
         if early >= late:

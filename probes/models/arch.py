@@ -144,6 +144,14 @@ class Arch:
         self.n_heads = int(next(getattr(self.config, k) for k in ("num_attention_heads", "n_head", "num_heads")
                                 if getattr(self.config, k, None)))
 
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model reads (None: no limit its config states)."""
+        for key in ("max_position_embeddings", "n_positions", "seq_length"):
+            if getattr(self.config, key, None):
+                return int(getattr(self.config, key))
+        return None
+
     # --- inside a trace -------------------------------------------------------------------------------------
     def block(self, i: int):
         return _get(self.model, self.spec.layers)[i]

@@ -17,16 +17,8 @@ from .rundir import RunDir, environment, safe_name
 log = logging.getLogger("probes")
 
 
-def context_length(loaded) -> int | None:
-    cfg = loaded.arch.config
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        if getattr(cfg, key, None):
-            return int(getattr(cfg, key))
-    return None
-
-
 def check_context(loaded, items) -> None:
-    limit = context_length(loaded)
+    limit = loaded.arch.context_length
     if limit is None:
         return
     for it in items:

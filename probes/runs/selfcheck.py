@@ -26,7 +26,6 @@ log = logging.getLogger("probes")
 # largest difference accepted, relative to the largest magnitude of what is compared (a block's output, the logits)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 PROMPTS = 8  # of the run's first batch
-TRUNCATED = 256  # characters of each document read by the check, for probes that read documents longer than a context
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -79,7 +78,7 @@ def check_batch(loaded, items, truncates: bool, size: int) -> tuple[list, list[i
     """The run's first `size` prompts (its batch size at most) and their token lengths; when they are all of one
     length, the last becomes the first half of the first (shorter: within the context), so that the batch is
     padded (one prompt: no padding to check)."""
-    prompts = [it.prompt[:TRUNCATED] if truncates else it.prompt for it in items[:size]]
+    prompts = [_within_context(loaded, it.prompt) if truncates else it.prompt for it in items[:size]]
     if loaded.spec.reads_vectors:
         return prompts, None
     if len(prompts) == 1 and size > 1:
@@ -89,6 +88,14 @@ def check_batch(loaded, items, truncates: bool, size: int) -> tuple[list, list[i
         prompts[-1] = prompts[0][:max(1, len(prompts[0]) // 2)]
         lengths[-1] = len(loaded.tokenizer(prompts[-1]).input_ids)
     return prompts, lengths
+
+
+def _within_context(loaded, prompt: str) -> str:
+    """A document's start that fits the context (probes that read each document's first context-length tokens):
+    its first half-context of tokens, decoded (re-encoding a decoded text can take a few more tokens)."""
+    limit = loaded.arch.context_length
+    ids = loaded.tokenizer(prompt).input_ids
+    return prompt if limit is None or len(ids) <= limit else loaded.tokenizer.decode(ids[:limit // 2])
 
 
 def self_check(loaded, items, truncates: bool = False, strict: bool = True, batch_size: int | str = PROMPTS) -> dict:
