@@ -32,7 +32,8 @@ def test_device_values_users_type_are_accepted(value, parsed):
 
 @pytest.mark.parametrize("value", ["gpu", "cuda:x", "cuda:-1", "CUDA", "cuda0", "tpu", "everywhere"])
 def test_other_device_values_are_one_line_naming_what_is_accepted(value):
-    with pytest.raises(ProbeError, match=rf"unknown device map '{value}'; accepted: cpu, cuda, cuda:N, auto"):
+    with pytest.raises(ProbeError, match=rf"unknown device map '{value}'; accepted: auto, balanced, balanced_low_0, "
+                                         "sequential, cpu, cuda, cuda:N"):
         parse_device_map(value)
 
 

@@ -16,7 +16,7 @@ import torch
 from ..errors import ProbeError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-ACCEPTED = "cpu, cuda, cuda:N, " + ", ".join(STRATEGIES)
+ACCEPTED = ", ".join(STRATEGIES) + ", cpu, cuda, cuda:N"
 FIT_SHARE = 0.8  # of the first GPU's memory the weights may take to go there whole (activations, CUDA context)
 
 
