@@ -140,7 +140,7 @@ def probe_options(probe: str, options: dict | None, strict: bool = False) -> dic
     return chosen
 
 
-def check_bounds(probe: str, options: dict, loaded) -> None:
+def check_bounds(options: dict, loaded) -> None:
     """Option values whose upper bound is the loaded model's: more top-k tokens than its vocabulary has, a source
     block past its last."""
     vocab, blocks = loaded.arch.vocab_size, loaded.arch.n_layers

@@ -147,7 +147,7 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     auto = batch_size == "auto"
     spec = get_probe(probe)
     options = probe_options(probe, options)
-    check_bounds(probe, options, loaded)
+    check_bounds(options, loaded)
     check_task(probe, task)
     if probe.startswith("ffn-") and not loaded.arch.has_ffn:
         raise ProbeError(f"{loaded.spec.name} has no FFN blocks, so probe {probe!r} has nothing to read; accepted: "
