@@ -14,14 +14,10 @@ it, unless the user asks to go on (`--no-self-check`, recorded in meta.json).
 
 from __future__ import annotations
 
-import logging
-
 import nnsight
 import torch
 
 from ..errors import ProbeError, is_out_of_memory
-
-log = logging.getLogger("probes")
 
 # largest difference accepted, relative to the largest magnitude of what is compared (a block's output, the logits)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
