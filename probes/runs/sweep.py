@@ -232,11 +232,9 @@ def _check_fields(data: dict, where: str) -> None:
 
 def _check_slurm(slurm: dict, where: str) -> None:
     """The values of a `slurm` section: counts are whole numbers (the rest is text sbatch reads: see slurm._directive)."""
-    for key in ("gpus", "cpus_per_task"):
+    for key, least in (("gpus", 0), ("cpus_per_task", 1)):
         value = slurm.get(key)
-        if value is not None and (isinstance(value, bool) or not str(value).isdigit()
-                                  or (key == "cpus_per_task" and int(value) < 1)):
-            least = 1 if key == "cpus_per_task" else 0
+        if value is not None and (isinstance(value, bool) or not str(value).isdigit() or int(value) < least):
             raise ProbeError(f"{where}: bad slurm {key} {value!r}; accepted: an integer of at least {least}")
 
 
