@@ -48,7 +48,8 @@ from probes.methods.attention import run_attention
 from probes.methods.ffn_ablation import run_ablation
 from probes.methods.ffn_readout import last_position_updates, run_readout
 from probes.methods.ffn_transplant import Variant, add_sweep, control_vectors
-from probes.methods.lens import last_residuals, lens_tensors, run_lens, stats_rows, target_ids
+from probes.methods.lens import run_lens
+from probes.methods.readout import last_residuals, lens_tensors, stats_rows, target_ids
 from probes.models.loading import load_model
 from probes.models.registry import parse_entry, resolve_model
 from probes.runs.selfcheck import self_check
@@ -389,7 +390,7 @@ def bench_lens_positions(name: str, batch: int, reps: int) -> dict:
     """The lens over all positions of `batch` capitals prompts against the lens at the last position and a bare
     forward with full-vocabulary logits at every position; peak memory above the loaded model, against the logits
     an unchunked decode of every layer and position would hold at once."""
-    from probes.methods.lens import LOGITS_CHUNK
+    from probes.methods.readout import LOGITS_CHUNK
 
     lm = load_model(resolve_model(name))
     task = load_task("capitals")

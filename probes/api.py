@@ -14,34 +14,22 @@ Bad input raises `ProbeError` with the one-line message the command prints.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from .errors import ProbeError
-from .methods.catalog import PROBES, get_probe, probe_options
+from .methods.catalog import PROBES
+from .methods.option_types import OPTIONS, options_text
 from .models.loading import Loaded, load_model, load_remote
 from .models.options import load_options
 from .models.planning import check_fits
 from .models.registry import ModelSpec, load_registry, resolve_model
-from .runs.execution import run_probe
+from .runs.execution import Result, execute
+from .runs.plan import plan_run
 from .tasks.base import Task
 from .tasks.files import available_tasks, load_task
 
 log = logging.getLogger("probes")
-
-
-@dataclass
-class Result:
-    """A finished probe run: its table (one row per prompt x layer, block or variant), summary and report."""
-
-    table: pd.DataFrame
-    summary: dict
-    report: str  # the text `probe run` prints
-    output: Path | None  # the run folder, or None when none was kept
 
 
 def load(model: str | ModelSpec, *, dtype: str | None = None, quantize: str | None = None,
@@ -88,31 +76,24 @@ def prompts(source: str | Path | list[dict], **options) -> Task:
 def run(model: Loaded | str, task: Task | str, probe: str = "logit-lens", *, limit: int | None = None,
         batch_size: int | str = 8, output: str | Path | None = None, overwrite: bool = False,
         progress: bool = False, self_check: bool = True, **options) -> Result:
-    """Run `probe` on (model, task) as `probe run` does, with its options by name (topk, layers, mode, scales,
-    positions, controls, sources, source_items, source_layer, context, how). With `output`, the run folder is
-    kept there (table.csv, meta.json, plot) and a rerun resumes it; without, it is written to a temporary folder
-    and removed. A model given by name is loaded with what the probe needs (eager attention for `attention`).
-    Before the first batch the run checks on its first prompts that the probes read what the model computes
-    (runs/selfcheck.py): a failure raises ProbeError naming the check; `self_check=False` goes on anyway."""
-    spec = get_probe(probe)
-    chosen = probe_options(probe, options, strict=True)
+    """Run `probe` on (model, task) as `probe run` does, with the probe's options by name (below; `probes.options()`
+    lists them). With `output`, the run folder is kept there (table.csv, meta.json, plot) and a rerun resumes it;
+    without, it is written to a temporary folder and removed. A model given by name is loaded with what the probe
+    needs (eager attention for `attention`). Before the first batch the run checks on its first prompts that the
+    probes read what the model computes (runs/selfcheck.py): a failure raises ProbeError naming the check;
+    `self_check=False` goes on anyway.
+
+    Options:
+"""
     if isinstance(task, str):
         task = load_task(task)
-    if isinstance(model, str):
-        model = load(model, **spec.load)
-    elif spec.load.get("attn_implementation") not in (None, model.arch.config._attn_implementation):
-        raise ProbeError(f"probe {probe!r} needs the model loaded with attn_implementation="
-                         f"{spec.load['attn_implementation']!r}; accepted: probes.load(..., attn_implementation="
-                         f"{spec.load['attn_implementation']!r})")
-    folder = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="probe-run-"))
-    try:
-        table, summary = run_probe(model, task, probe, folder, limit=limit, batch_size=batch_size, options=chosen,
-                                   overwrite=overwrite, progress=progress, self_check=self_check)
-    finally:
-        if output is None:
-            shutil.rmtree(folder, ignore_errors=True)
-    return Result(table=table, summary=summary, report=spec.report(table, summary),
-                  output=Path(output) if output is not None else None)
+    given = {"loaded": model} if isinstance(model, Loaded) else {"model": model}
+    plan = plan_run(tasks=[task], probe=probe, options=options, limit=limit, batch_size=batch_size, output=output,
+                    overwrite=overwrite, self_check=self_check, **given)
+    return execute(plan, model if isinstance(model, Loaded) else None, progress=progress)[task.name]
+
+
+run.__doc__ += options_text()
 
 
 def aggregate(results: str | Path = "results", by: tuple[str, ...] | list[str] = ("model", "task", "probe"),
@@ -138,3 +119,11 @@ def list_tasks() -> dict[str, Path]:
 def list_probes() -> dict[str, str]:
     """Probe name -> what it measures."""
     return {name: p.about for name, p in PROBES.items()}
+
+
+def options() -> pd.DataFrame:
+    """Every probe option: its keyword, command-line flag, the probes that take it (with their defaults) and help."""
+    return pd.DataFrame([{"option": o.name, "flag": o.cli,
+                          "probes": ", ".join(f"{p.name}" + (f" ({p.options[o.name]})" if p.options[o.name] is not None
+                                                             else "") for p in PROBES.values() if o.name in p.options),
+                          "help": o.help} for o in OPTIONS.values()])

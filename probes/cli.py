@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -93,63 +94,38 @@ def cmd_prompt(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from . import api
-    from .methods.catalog import check_task, get_probe, probe_options
+    from .methods.catalog import get_probe
+    from .methods.option_types import OPTIONS
     from .models.devices import describe
+    from .runs.execution import counts_text, execute, load_for
+    from .runs.plan import default_output, plan_run
     from .models.registry import resolve_model
-    from .models.options import load_options
-    from .runs.execution import check_limit, check_inputs, counts_text, default_output, parse_batch_size, run_config
-    from .runs.rundir import check_folder
     from .tasks.files import parse_overrides
 
-    # every check that needs no weights comes before loading: names, options, tasks, the output folder
-    probe = get_probe(args.probe)
-    options = {"topk": args.topk, "mode": args.mode, "layers": args.layers, "scales": args.scales,
-               "positions": args.positions, "controls": False if args.no_controls else None,
-               "sources": args.sources, "source_items": args.source_items, "source_layer": args.source_layer,
-               "context": args.context, "how": args.ablation, "sites": args.sites, "direction": args.direction,
-               "label": args.label, "site": args.site, "position": args.position, "vocab": args.vocab,
-               "early": args.early, "late": args.late, "erase": args.erase}
-    chosen = probe_options(args.probe, options, strict=True)
-    overrides = parse_overrides(args.task_option)
-    tasks = _run_tasks(args, overrides)
-    for t in tasks:
-        check_task(args.probe, t)
+    # every check that needs no weights is the plan's, before loading: names, options, tasks, the output folders
+    get_probe(args.probe)
+    options = {name: getattr(args, name) for name in OPTIONS}
+    tasks = _run_tasks(args, parse_overrides(args.task_option))
     spec = resolve_model(args.model)
-    for t in tasks:
-        check_inputs(spec, t)
-    if args.output and len(tasks) > 1:
-        raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
-    batch_size = parse_batch_size(args.batch_size)
-    check_limit(args.limit)
     outputs = {t.name: Path(args.output) if args.output else default_output(RESULTS, spec.name, t.name, args.probe)
                for t in tasks}
-    opts = {"dtype": spec.dtype, "quantize": None} if args.remote else load_options(
-        spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize, max_memory=args.max_memory,
-        gpus=args.gpus, compute_dtype=args.compute_dtype)
-    if spec.source == "hub" and not args.remote:  # a model this machine cannot hold: refused before anything else
-        from .models.planning import check_fits
-
-        check_fits(spec, opts, args.gpus)
-    for t in tasks:
-        t.items()  # a data file that cannot be read, or has empty cells, is refused now
-        config = run_config(spec, opts["dtype"], opts["quantize"], t, args.probe, args.limit, chosen)
-        check_folder(outputs[t.name], config, args.overwrite)
-    loaded = api.load(spec, dtype=args.dtype, device_map=args.device_map, quantize=args.quantize,
-                      max_memory=args.max_memory, gpus=args.gpus, compute_dtype=args.compute_dtype,
-                      remote=args.remote, check_fit=False, **probe.load)
+    load = {"dtype": args.dtype, "device_map": args.device_map, "quantize": args.quantize,
+            "max_memory": args.max_memory, "gpus": args.gpus, "compute_dtype": args.compute_dtype}
+    plan = plan_run(spec, tasks, args.probe, options, limit=args.limit, batch_size=args.batch_size,
+                    outputs=outputs if not (args.output and len(tasks) > 1) else None, output=args.output,
+                    overwrite=args.overwrite, self_check=not args.no_self_check, load=load, remote=args.remote)
+    loaded = load_for(plan)
     where = f" {describe(loaded.placement, loaded.dtype)}" if loaded.placement else ""
     print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}{where}", file=sys.stderr)
     tables = {}
-    for task in tasks:
-        out = outputs[task.name]
-        result = api.run(loaded, task, args.probe, limit=args.limit, batch_size=batch_size, output=out,
-                         overwrite=args.overwrite, progress=True, self_check=not args.no_self_check, **options)
+    for task in tasks:  # one at a time, each printed when it ends
+        result = execute(dataclasses.replace(plan, tasks=(task,)), loaded, progress=True)[task.name]
+        out = plan.outputs[task.name]
         tables[task.name] = result.table
         print(f"\n== {spec.name} · {task.name} ({task.kind}) · {args.probe}")
         print(result.report)
         print(counts_text(result.summary))
-        print(f"results: {out}/table.csv  metadata: {out}/meta.json" + ("  plot: plot.png" if probe.plot else ""))
+        print(f"results: {out}/table.csv  metadata: {out}/meta.json" + ("  plot: plot.png" if plan.spec.plot else ""))
     if len(tasks) > 1 and args.probe == "ffn-ablation":
         print_ablation_comparison(tables, {t.name: t.kind for t in tasks}, spec.name)
 

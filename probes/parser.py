@@ -38,7 +38,8 @@ def _level(text: str) -> float:
 
 def build_parser(commands: dict) -> argparse.ArgumentParser:
     """The `probe` command's arguments; `commands` maps each subcommand to the function that runs it."""
-    from .methods.names import COUNTS, NAMES
+    from .methods.catalog import PROBES
+    from .methods.option_types import OPTIONS
 
     p = Parser(prog="probe", description="Probe the internals of pretrained language models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -66,7 +67,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                                                     "goes before it unless one side has whitespace")
     r.add_argument("--argument", metavar="TEXT", help="with --prompt: the argument the lens tracks (e.g. Poland)")
     r.add_argument("--probe", default="logit-lens", help="what to run (default logit-lens): "
-                   + ", ".join(NAMES) + " (the README describes each)")
+                   + ", ".join(PROBES) + " (the README describes each)")
     r.add_argument("--task-option", action="append", metavar="FIELD=VALUE",
                    help="override a task field, e.g. n=2 or shots=3 (repeatable)")
     r.add_argument("--limit", type=_count(1), help="N scored items, drawn stratified by group with the task's seed "
@@ -74,38 +75,12 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     r.add_argument("--batch-size", default="8", help="prompts per forward pass, or 'auto': the largest that fits "
                                                      "(halved on out-of-memory)")
     r.add_argument("--ci", type=_level, default=0.95, help="confidence level of every interval (default 0.95)")
-    r.add_argument("--topk", type=_count(COUNTS["topk"]), help="logit-lens, ffn-readout: top-k tokens kept per layer (default 5)")
-    r.add_argument("--vocab", choices=("all", "text"), help="logit-lens, accuracy, ffn-*: all (the whole vocabulary, "
-                   "as the paper; default) or text (special and control tokens left out of top-k and ranks)")
-    f = r.add_argument_group("FFN probes")
-    f.add_argument("--layers", help="blocks: 'all', '5', '3,7' or '10-17' (ablation: 'sixths', the default)")
-    f.add_argument("--mode", help="ffn-transplant: add (to the residual after each block; default) or replace "
-                                  "(the FFN updates of a range of blocks)")
-    f.add_argument("--scales", help="ffn-transplant: multiples of o, e.g. '1,2' (default 1)")
-    f.add_argument("--positions", help="logit-lens: last (default), all, token indices '0,5,-1' or a slice '-3:' "
-                                       "(a layer x position heat map); ffn-transplant replace: all (broadcast, "
-                                       "default) or last; activation-patching: all (each on its own; default), "
-                                       "whole, last, argument, a position the task names (trees: goal, root, edge_up0, "
-                                       "...) or token indices")
-    f.add_argument("--no-controls", action="store_true", help="ffn-transplant: skip shuffled and random vectors")
-    f.add_argument("--sources", type=_count(COUNTS["sources"]), help="ffn-transplant: average o over this many source prompts")
-    f.add_argument("--source-items", help="ffn-transplant: source inputs, e.g. 'Poland,France'")
-    f.add_argument("--source-layer", type=_count(COUNTS["source_layer"]), help="ffn-transplant: block of o (default: the FFN switch block)")
-    f.add_argument("--context", help="ffn-transplant targets: copy (the paper's neutral prompt; default) or "
-                                     "zero-shot (the task's template without shots)")
-    f.add_argument("--ablation", help="ffn-ablation: zero (default) or identity")
-    f.add_argument("--sites", help="activation-patching: resid (default), attn, ffn, e.g. 'resid,ffn'")
-    f.add_argument("--direction", help="activation-patching: denoise (clean into corrupted; default) or noise")
-    f.add_argument("--label", help="linear-probe: what to decode: group (default), answer, argument, or a column the "
-                                   "task adds (e.g. match)")
-    f.add_argument("--site", help="linear-probe: resid (default), attn or ffn")
-    f.add_argument("--position", help="linear-probe: last (default), argument, a position the task names "
-                                      "(trees: goal, root, bar, colon, edge_up0, edge_up1, ...) or a token index; "
-                                      "several comma-separated: one probe each")
-    f.add_argument("--erase", help="linear-probe: a layer at which to erase the (first) label with LEACE and score "
-                                   "the model's answers, against erasing as many random directions")
-    f.add_argument("--early", type=_count(COUNTS["early"]), help="icl-score: the early token index (default 50)")
-    f.add_argument("--late", type=_count(COUNTS["late"]), help="icl-score: the late token index (default 500)")
+    f = r.add_argument_group("probe options (each probe takes its own; `probes.options()` in Python)")
+    for o in OPTIONS.values():
+        if o.switch is not None:
+            f.add_argument(o.cli, dest=o.name, action="store_const", const=o.switch, help=o.help)
+        else:
+            f.add_argument(o.cli, dest=o.name, help=o.help, **({} if o.least is None else {"type": _count(o.least)}))
     r.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")
     r.add_argument("--quantize", help="8bit or 4bit (bitsandbytes)")
     r.add_argument("--compute-dtype", help="quantized models: the dtype activations are computed and read in "

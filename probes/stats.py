@@ -208,3 +208,11 @@ def permutation(a: Sequence[float], b: Sequence[float], seed: int = 0, n_perm: i
     chosen[np.arange(len(picks))[:, None], picks] = True
     diffs = np.abs(np.where(chosen, pooled, 0).sum(1) / k - np.where(~chosen, pooled, 0).sum(1) / (len(pooled) - k))
     return float(np.mean(diffs >= observed - 1e-9))
+
+
+def reached_text(summary: dict, name: str, where: str = "layer") -> str:
+    """'at layer 13.5 (median of 141 of 196 items; 55 never)', or 'never (none of 196 items)'."""
+    k, n = summary[f"{name}_reached"], summary[f"{name}_of"]
+    if not k:
+        return f"never (none of {n} items)"
+    return f"at {where} {summary[name]:g} (median of {k} of {n} items" + (f"; {n - k} never)" if n > k else ")")

@@ -5,7 +5,7 @@ import torch
 
 from probes.models.arch import ARCHITECTURES, Arch, arch_spec
 from probes.errors import ProbeError
-from probes.methods.lens import last_residuals
+from probes.methods.readout import last_residuals
 
 from .conftest import REGISTRY, TINY, loaded
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import probes
-from probes.methods.lens import positions_of, run_lens, special_ids
+from probes.methods.lens import positions_of, run_lens
+from probes.methods.readout import special_ids
 from probes.reports import plots
 from probes.runs.execution import counts_text, special_top1
 from probes.tasks.base import Item, answer_token

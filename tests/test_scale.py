@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from probes.errors import ProbeError
 from probes.methods.catalog import PROBES
 from probes.runs.execution import run_probe
-from probes.methods.lens import last_residuals
+from probes.methods.readout import last_residuals
 from probes.models.loading import load_model
 from probes.models.options import load_options
 from probes.models.planning import GiB, check_fits, check_quantizable, config_path, plan, time_limit

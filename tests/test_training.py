@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import probes
 from probes.errors import ProbeError
-from probes.methods.lens import last_residuals
+from probes.methods.readout import last_residuals
 from probes.training.config import load_training_config
 from probes.training.data import nback_generator, nback_splits, tokenizer_for
 from probes.training.trainer import train

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .lens import excluded_ids, next_token_logits, rank_of, restrict, special_flags
+from .readout import excluded_ids, next_token_logits, rank_of, restrict, special_flags
 from ..stats import interval_text, level, proportion
 from ..tasks.base import Item, answer_token, item_columns
 

@@ -22,9 +22,6 @@ from ..models.arch import _get
 from ..stats import finite_or_none, halves, interval_text, level, mean
 from ..tasks.base import Item, item_columns
 
-EAGER = {"attn_implementation": "eager"}
-
-
 def entropy(rows: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of each row of probabilities (zeros contribute nothing)."""
     p = rows.clamp_min(0)

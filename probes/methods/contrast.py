@@ -16,7 +16,7 @@ import torch
 
 from ..stats import interval_text, level, mean, proportion
 from ..tasks.base import Item, answer_token, item_columns
-from .lens import next_token_logits
+from .readout import next_token_logits
 
 
 def run_contrast(loaded, items: list[Item]) -> list[dict]:

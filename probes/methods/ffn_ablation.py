@@ -14,7 +14,7 @@ from ..errors import ProbeError
 from ..models.arch import parse_blocks
 from ..stats import bootstrap, difference, finite_or_none, level, mcnemar, proportion
 from ..tasks.base import Item, answer_token, item_columns
-from .lens import excluded_ids, rank_of, restrict, special_flags
+from .readout import excluded_ids, rank_of, restrict, special_flags
 
 
 def ablate(loaded, prompts: list[str], variants: list[tuple[int, ...]], how: str = "zero") -> torch.Tensor:
@@ -48,6 +48,11 @@ def ablation_variants(n_layers: int, layers=None) -> dict[str, tuple[int, ...]]:
         return out
     blocks = tuple(parse_blocks(layers, n_layers, "--layers"))
     return {"none": (), f"blocks {','.join(map(str, blocks))}": blocks}
+
+
+def ablation_passes(n_layers: int, options: dict) -> int:
+    """Forward passes per prompt: one per variant."""
+    return len(ablation_variants(n_layers, options.get("layers")))
 
 
 def run_ablation(loaded, items: list[Item], layers=None, how: str = "zero", vocab: str | None = None) -> list[dict]:

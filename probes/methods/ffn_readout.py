@@ -19,8 +19,8 @@ import nnsight
 import torch
 
 from ..tasks.base import Item, answer_token, item_columns
-from ..stats import halves, interval_text, level, mean, median_reached, proportion
-from .lens import excluded_ids, lens_tensors, reached_text, stats_rows, target_ids
+from ..stats import halves, interval_text, level, mean, median_reached, proportion, reached_text
+from .readout import excluded_ids, lens_tensors, stats_rows, target_ids
 
 
 def updates_in_trace(arch) -> dict[str, torch.Tensor]:

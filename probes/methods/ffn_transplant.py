@@ -19,7 +19,8 @@ from ..models.arch import execution_device, parse_blocks
 from ..stats import best_of, halves, interval_text, level, mcnemar, mean, proportion
 from ..tasks.base import Item, answer_token, first_token, item_columns
 from .ffn_readout import last_position_updates, run_readout
-from .lens import excluded_ids, rank_of, restrict, special_flags
+from .readout import excluded_ids, rank_of, restrict, special_flags
+from .option_types import parse_scales
 
 COPY_CONTEXT = "table mug free{arg} table mug free{arg} table mug free"  # the paper's neutral copying prompt
 
@@ -205,18 +206,6 @@ def run_transplant(loaded, items: list[Item], state: dict, mode: str = "add", la
                          "answer_rank": r, "answer_rr": 1.0 / (r + 1), "top1": r == 0, "argument_rank": ar,
                          "predicted": tok.decode(t), "special_top1": sp})
     return rows
-
-
-def parse_scales(value) -> list[float]:
-    """'1,2' or [1, 2] -> [1.0, 2.0]: multiples of o, finite numbers."""
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        scales = [float(x) for x in parts]
-    except (TypeError, ValueError):
-        scales = []
-    if not scales or not all(np.isfinite(scales)):
-        raise ProbeError(f"bad --scales {value!r}; accepted: numbers separated by commas, e.g. '1,2'")
-    return scales
 
 
 def _top1_by_variant(df):

@@ -16,7 +16,7 @@ from ..errors import ProbeError
 from ..stats import halves, interval_text, level, mean
 from ..tasks.base import Item, item_columns
 from ..tasks.repeat import repeat_start
-from .attention import EAGER, attention_weights
+from .attention import attention_weights
 
 THRESHOLD = 0.4  # a head whose score passes this is counted as an induction head
 

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import ProbeError
 from ..stats import bootstrap, finite_or_none, interval_text, level, proportion
 from ..tasks.base import Item, first_token, item_columns
-from .lens import next_token_logits
+from .readout import next_token_logits
 
 
 def run_nback(loaded, items: list[Item]) -> list[dict]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..models.arch import execution_device
-from .lens import rank_of
+from .readout import rank_of
 
 PATCH_ROWS = 64
 

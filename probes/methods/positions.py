@@ -1,10 +1,68 @@
-"""Token positions by meaning, for the probes that read or patch one position of a prompt: names the task gives
-(Item.positions: a tree's `goal`, `root`, ...), the argument's last token, `last`, or a token index."""
+"""Token positions, one grammar for every probe that reads or patches positions (`--positions`, linear-probe's
+`--position`): comma-separated entries, each `last`, `all` (every token, each on its own), `whole` (every token at
+once), a token index (negative from the end), a slice `a:b` (`-3:` the last three) or a name: the argument's last
+token (`argument`) or a position the task names (Item.positions: a tree's `goal`, `root`, `edge_up0`, ...).
+Each probe declares the forms it takes (catalog.Probe.position_forms). The value is checked here in two steps:
+its grammar and names before any model loads (`check_positions`), each prompt's tokens once it is tokenized
+(`token_positions`)."""
 
 from __future__ import annotations
 
+import re
+
 from ..errors import ProbeError
 from ..tasks.base import Item
+
+FORMS = ("last", "all", "whole", "index", "slice", "name")
+_INDEX = re.compile(r"-?\d+")
+_SLICE = re.compile(r"(-?\d+)?:(-?\d+)?")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def form_of(entry: str) -> str | None:
+    """Which form an entry is (None: none of them)."""
+    if entry in ("last", "all", "whole"):
+        return entry
+    for form, pattern in (("index", _INDEX), ("slice", _SLICE), ("name", _NAME)):
+        if pattern.fullmatch(entry):
+            return form
+    return None
+
+
+def entries(value) -> list[str]:
+    """The entries of a positions value: text '0,goal,-3:' or a list."""
+    parts = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return [p.strip() for p in parts]
+
+
+def accepted_text(forms) -> str:
+    shown = {"index": "token indices such as 0,5,-1 (negative from the end)", "slice": "a slice such as -3: or 2:8",
+             "name": "argument or a position the task names (trees: goal, root, edge_up0, ...)"}
+    return ", ".join(shown.get(f, f) for f in forms)
+
+
+def check_grammar(value, forms, what: str) -> list[str]:
+    """The entries of `value`, each of one of `forms`, or a one-line error naming it (no model needed)."""
+    got = entries(value)
+    for entry in got:
+        if not entry or form_of(entry) not in forms:
+            within = f" in {value!r}" if len(got) > 1 else ""
+            raise ProbeError(f"bad {what} {entry!r}{within}; accepted: {accepted_text(forms)}")
+    return got
+
+
+def task_names(items: list[Item]) -> list[str]:
+    """The names the items give positions: `argument`, then the task's (in the first item's order)."""
+    return list(dict.fromkeys(["argument", *(name for it in items for name in it.positions)]))
+
+
+def check_positions(value, forms, what: str, items: list[Item], also: tuple = ()) -> None:
+    """Before loading: the grammar, and every name one the task's items give."""
+    names = task_names(items)
+    for entry in check_grammar(value, forms, what):
+        if form_of(entry) == "name" and entry not in names:
+            raise ProbeError(f"unknown {what} position {entry!r}; accepted: " + ", ".join([*also, "last", *names])
+                             + " or a token index (negative from the end)")
 
 
 def token_index(name: str, length: int, named: dict[str, int], probe: str, item: int | None = None,
@@ -16,11 +74,10 @@ def token_index(name: str, length: int, named: dict[str, int], probe: str, item:
         return length - 1
     if name in named:
         return named[name]
-    try:
-        index = int(name)
-    except ValueError:
+    if not _INDEX.fullmatch(name):
         raise ProbeError(f"unknown {probe} position {name!r}; accepted: " + ", ".join([*also, "last", *named])
-                         + " or a token index (negative from the end)") from None
+                         + " or a token index (negative from the end)")
+    index = int(name)
     if not -length <= index < length:
         of = "" if item is None else f" of item {item}"
         raise ProbeError(f"{probe} position {index} is outside the prompt{of} ({length} tokens); accepted: "
@@ -28,19 +85,32 @@ def token_index(name: str, length: int, named: dict[str, int], probe: str, item:
     return index % length
 
 
-def resolve_positions(value, length: int, named: dict[str, int]) -> list:
-    """Token positions of a prompt of `length` tokens for patching: a list whose entries are an index, or a slice
-    for `whole`. Names: all, whole, and those of `token_index`."""
-    names = [p.strip() for p in (value.split(",") if isinstance(value, str) else [str(v) for v in value or ["all"]])]
+def token_positions(value, length: int, named: dict[str, int], what: str, item: int | None = None) -> list:
+    """The tokens `value` names in a prompt of `length` tokens, in its order without repeats: indices, and
+    slice(None) for `whole`. `all` and slices give each of their tokens."""
     out = []
-    for name in names:
-        if name == "all":
+    for entry in entries(value):
+        if entry == "all":
             out += list(range(length))
-        elif name == "whole":
+        elif entry == "whole":
             out.append(slice(None))
+        elif form_of(entry) == "slice":
+            a, b = (int(x) if x.strip() else None for x in entry.split(":"))
+            picked = list(range(length))[slice(a, b)]
+            if not picked:
+                of = "" if item is None else f" of item {item}"
+                raise ProbeError(f"{what} --positions {entry!r} names no token{of} ({length} tokens); accepted: a "
+                                 f"slice within 0:{length}")
+            out += picked
         else:
-            out.append(token_index(name, length, named, "patching", also=("all", "whole")))
-    return list(dict.fromkeys(out, None)) if not any(isinstance(p, slice) for p in out) else out
+            out.append(token_index(entry, length, named, what, item, also=("all", "whole")))
+    whole = [p for p in out if isinstance(p, slice)]
+    return [*dict.fromkeys(p for p in out if not isinstance(p, slice))] + whole[:1]
+
+
+def resolve_positions(value, length: int, named: dict[str, int]) -> list:
+    """Token positions of a prompt of `length` tokens for patching (default: all)."""
+    return token_positions(value or "all", length, named, "patching")
 
 
 def char_position(tokenizer, prompt: str, char: int) -> int:

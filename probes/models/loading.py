@@ -256,11 +256,13 @@ def _unreadable(spec: ModelSpec, e: OSError) -> ProbeError:
     return ProbeError(f"{spec.name}: cannot read its weights ({str(e).splitlines()[0][:200]})")
 
 
-def load_model(spec: ModelSpec, attn_implementation: str | None = None, **overrides) -> Loaded:
-    """Load `spec` with its registry options, each overridable (see `load_options`)."""
+def load_model(spec: ModelSpec, attn_implementation: str | None = None, resolved: dict | None = None,
+               **overrides) -> Loaded:
+    """Load `spec` with its registry options, each overridable (see `load_options`); `resolved`: options
+    `load_options` has resolved already (a run plan's)."""
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoModelForCausalLM
-    opts = load_options(spec, **overrides)
+    opts = resolved or load_options(spec, **overrides)
     dtype, quantize, device_map, compute_dtype = (opts[k] for k in ("dtype", "quantize", "device_map",
                                                                     "compute_dtype"))
     load = spec.load

@@ -72,13 +72,13 @@ def complete_runs(results: Path, skipped: dict | None = None) -> list[dict]:
 
 def _not_a_run(meta: dict) -> str | None:
     """What a complete run's meta.json lacks of what run folders write (runs/rundir.py), if anything."""
-    from ..methods.names import NAMES
+    from ..methods.catalog import PROBES
 
     config = meta["config"]
     missing = [k for k in ("model", "task", "probe") if not isinstance(config.get(k), str)]
     if missing:
         return f"meta.json's config has no {', '.join(missing)}"
-    if config["probe"] not in NAMES:
+    if config["probe"] not in PROBES:
         return f"meta.json names an unknown probe {config['probe']!r}"
     if not isinstance(meta.get("summary"), dict):
         return f"meta.json's summary is a {type(meta.get('summary')).__name__}, not a mapping"

@@ -1,18 +1,24 @@
-"""Local execution: run a probe over a task's items in batches, writing each finished batch at once (resumable)."""
+"""Execution of a run plan (runs/plan.py): load the model unless given one, then run the probe over each task's
+items in batches, writing each finished batch at once (resumable)."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
 
 from tqdm.auto import tqdm
 
 from ..errors import ProbeError, is_out_of_memory
-from ..methods.catalog import check_bounds, check_task, get_probe, probe_options
-from ..models.loading import model_digest
+from ..methods.catalog import check_bounds
 from ..stats import level
 from . import selfcheck
-from .rundir import RunDir, environment, safe_name
+from .plan import RunPlan, plan_run
+from .rundir import RunDir, environment
 
 log = logging.getLogger("probes")
 
@@ -28,29 +34,7 @@ def check_context(loaded, items) -> None:
                              f"{loaded.spec.name} ({limit} tokens); accepted: prompts of at most {limit} tokens")
 
 
-def run_config(spec, dtype: str, quantize: str | None, task, probe: str, limit: int | None, options: dict) -> dict:
-    """What identifies a run's results: a rerun with the same config resumes, a different one is refused.
-    Computable before loading (a sweep checks it to skip finished units)."""
-    return {"model": spec.name, "source": spec.where(), "revision": spec.revision, "model_digest": model_digest(spec),
-            "dtype": dtype, "quantize": quantize, "task": task.name, "task_version": task.version,
-            "task_digest": task.digest(), "seed": task.seed, "task_options": task.overrides, "probe": probe,
-            "limit": limit, "options": probe_options(probe, options)}
-
-
-def default_output(results: Path, model: str, task: str, probe: str) -> Path:
-    """results/<model>/<task>/<probe>, each a safe folder name (see `safe_name`)."""
-    return Path(results) / safe_name(model) / safe_name(task) / probe
-
-
 AUTO_START = 64  # --batch-size auto: the first batch tried
-
-
-def parse_batch_size(value) -> int | str:
-    if value == "auto" or (isinstance(value, int) and value >= 1):
-        return value
-    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise ProbeError(f"bad --batch-size {value}; accepted: a positive integer or 'auto'")
 
 
 def counts(task, items, ambiguous: dict, limit: int | None) -> dict:
@@ -96,28 +80,11 @@ def special_top1(table) -> dict:
     return out
 
 
-def check_inputs(spec, task) -> None:
-    """A model that reads vectors (an in-context classifier trained on Reddy's task) takes only the vector items of
-    a `kind: icl` task, and only it does; checked before loading."""
-    vectors = spec.reads_vectors
-    if vectors and task.kind != "icl":
-        raise ProbeError(f"{spec.name} reads vectors (inputs_embeds), not text, so task {task.name!r} cannot prompt "
-                         "it; accepted: a kind: icl task of its training task (e.g. icl-trained)")
-    if task.kind == "icl" and not vectors:
-        raise ProbeError(f"task {task.name!r} is vectors (in-context classification), which {spec.name} does not "
-                         "read; accepted: a model trained by probe train on an icl config")
-
-
 def check_width(loaded, task) -> None:
     if task.kind == "icl" and loaded.arch.config.n_embd != task.width():
         raise ProbeError(f"task {task.name!r} draws vectors of width {task.width()}, and {loaded.spec.name} reads "
                          f"{loaded.arch.config.n_embd}; accepted: the model's training task (e.g. in a sweep, "
                          "task_options max_pairs: '{task.max_pairs}', item_dim: '{task.item_dim}')")
-
-
-def check_limit(limit) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ProbeError(f"bad --limit {limit!r}; accepted: a positive integer (leave it out for every item)")
 
 
 def _free_cached_memory() -> None:
@@ -130,33 +97,81 @@ def _free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@dataclass
+class Result:
+    """A finished probe run: its table (one row per prompt x layer, block or variant), summary and report."""
+
+    table: pd.DataFrame
+    summary: dict
+    report: str  # the text `probe run` prints
+    output: Path | None  # the run folder, or None when none was kept
+
+
+def load_for(plan: RunPlan):
+    """The plan's model, loaded with its resolved options and what the probe needs (eager attention)."""
+    from ..models.loading import load_model, load_remote
+
+    if plan.remote:
+        return load_remote(plan.model, **plan.spec.load)
+    log.info("loading %s (%s) ...", plan.model.name, plan.model.where())
+    return load_model(plan.model, resolved=plan.load, **plan.spec.load)
+
+
+def execute(plan: RunPlan, loaded=None, progress: bool = False, extra_meta: dict | None = None,
+            skip_complete: bool = False) -> dict[str, Result]:
+    """Run the plan on each of its tasks (loading the model unless `loaded` is given): {task name: Result}. A task
+    without a run folder runs in a temporary one, removed after."""
+    needed = plan.spec.load.get("attn_implementation")
+    if loaded is None:
+        loaded = load_for(plan)
+    elif needed not in (None, loaded.arch.config._attn_implementation):
+        raise ProbeError(f"probe {plan.probe!r} needs the model loaded with attn_implementation={needed!r}; "
+                         f"accepted: probes.load(..., attn_implementation={needed!r})")
+    results = {}
+    for task in plan.tasks:
+        kept = plan.outputs.get(task.name)
+        folder = Path(kept) if kept is not None else Path(tempfile.mkdtemp(prefix="probe-run-"))
+        try:
+            table, summary = run_task(plan, loaded, task, folder, progress, extra_meta, skip_complete)
+        finally:
+            if kept is None:
+                shutil.rmtree(folder, ignore_errors=True)
+        results[task.name] = Result(table, summary, plan.spec.report(table, summary), kept)
+    return results
+
+
 def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int | str = 8,
               options: dict | None = None, overwrite: bool = False, progress: bool = True,
               extra_meta: dict | None = None, skip_complete: bool = False, self_check: bool = True):
-    """Run `probe` on `task`, resuming from finished batches under `output`; returns (table, summary).
+    """Plan and run `probe` on `task` with a loaded model, into `output` (options the probe does not take are left
+    out, as a sweep's shared options are); returns (table, summary). See `run_task`."""
+    plan = plan_run(loaded=loaded, tasks=[task], probe=probe, options=options, limit=limit, batch_size=batch_size,
+                    output=output, overwrite=overwrite, self_check=self_check, strict=False)
+    return run_task(plan, loaded, task, Path(output), progress, extra_meta, skip_complete)
+
+
+def run_task(plan: RunPlan, loaded, task, output: Path, progress: bool = True, extra_meta: dict | None = None,
+             skip_complete: bool = False):
+    """Run the plan's probe on one of its tasks, resuming from finished batches under `output`; returns (table,
+    summary). What needs the weights is checked here: option bounds, the model's width and FFN, the tokenized items.
     skip_complete: a finished run of this config found under the folder's lock raises RunComplete (see RunDir).
-    self_check: stop (before anything is written) when the check on the first prompts that the probes read what
-    the model computes fails (runs/selfcheck.py); False goes on, with the failure in meta.json.
+    The plan's self_check: stop (before anything is written) when the check on the first prompts that the probes
+    read what the model computes fails (runs/selfcheck.py); False goes on, with the failure in meta.json.
 
     batch_size='auto' starts at AUTO_START prompts and halves on out-of-memory, retrying the same prompts; batches
     already written are kept, and the size that worked is recorded in meta.json."""
-    batch_size = parse_batch_size(batch_size)
-    check_limit(limit)
-    check_inputs(loaded.spec, task)
+    spec, options, limit, batch_size = plan.spec, plan.options, plan.limit, plan.batch_size
     check_width(loaded, task)
     auto = batch_size == "auto"
-    spec = get_probe(probe)
-    options = probe_options(probe, options)
     check_bounds(options, loaded)
-    check_task(probe, task)
-    if probe.startswith("ffn-") and not loaded.arch.has_ffn:
-        raise ProbeError(f"{loaded.spec.name} has no FFN blocks, so probe {probe!r} has nothing to read; accepted: "
-                         "logit-lens, accuracy, nback, attention")
+    if spec.needs_ffn and not loaded.arch.has_ffn:
+        raise ProbeError(f"{loaded.spec.name} has no FFN blocks, so probe {plan.probe!r} has nothing to read; "
+                         "accepted: logit-lens, accuracy, nback, attention")
     items, ambiguous = task.scored_items(loaded.tokenizer, limit)
     if not items:
         raise ProbeError(f"all {len(ambiguous)} items of task {task.name!r} are ambiguous for {loaded.spec.name}'s "
                          "tokenizer and dropped; use --task-option ambiguous=flag or a larger --limit")
-    config = run_config(loaded.spec, loaded.dtype, loaded.quantize, task, probe, limit, options)
+    config = plan.config(task)
     kwargs = {k: v for k, v in options.items() if k in spec.run_options}
     prepared = {}
     if spec.prepare is not None:  # before the run folder: input it refuses leaves nothing behind
@@ -166,21 +181,22 @@ def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, 
     if not spec.truncates:
         check_context(loaded, items)
     checked = ({"skipped": "a remote model"} if loaded.remote
-               else selfcheck.self_check(loaded, items, spec.truncates, strict=self_check, batch_size=batch_size))
+               else selfcheck.self_check(loaded, items, spec.truncates, strict=plan.self_check, batch_size=batch_size))
     log.info(selfcheck.describe(checked))
-    with RunDir(output, config, overwrite=overwrite, skip_complete=skip_complete) as run:
+    with RunDir(output, config, overwrite=plan.overwrite, skip_complete=skip_complete) as run:
         size = AUTO_START if auto else batch_size
         run.start({"batch_size": batch_size, "prepared": prepared, "load_seconds": round(loaded.load_seconds, 2),
                    "ambiguous_items": len(ambiguous), "ambiguous_rule": task.ambiguous,
                    "ambiguous": {str(k): v for k, v in ambiguous.items()},
-                   "self_check": checked, "placement": loaded.placement, "model_cache_hit": loaded.cache_hit, "device_map": loaded.device_map, "remote": loaded.remote,
+                   "self_check": checked, "placement": loaded.placement, "model_cache_hit": loaded.cache_hit,
+                   "device_map": loaded.device_map, "remote": loaded.remote,
                    "model_params": loaded.spec.params or loaded.arch.n_params, "family": loaded.spec.family,
                    "task_kind": task.kind, "training": loaded.spec.training, **(extra_meta or {}),
                    "task_source": task.source, "task_license": task.license, **task.provenance(),
                    **environment()})
         done = run.done_items()
         todo = [it for it in items if it.index not in done]
-        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{loaded.spec.name} {task.name} {probe}",
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{loaded.spec.name} {task.name} {plan.probe}",
                   unit="prompt", disable=not progress) as bar:
             start = 0
             while start < len(todo):

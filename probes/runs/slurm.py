@@ -14,45 +14,15 @@ import time
 from pathlib import Path
 
 from ..errors import ProbeError
+from .queue import queued_units
 from .rundir import write_json
 from .sweep import GPU_HOST_MEMORY, SLURM_DEFAULTS, Sweep, Unit, unit_states
 from .trained_units import TRAIN_SLURM, TrainUnit
 
 
-def _queued(sweep: Sweep) -> dict[str, str]:
-    """Unit id -> Slurm state ('PENDING', 'RUNNING', ...) for units of this sweep's jobs still in the queue."""
-    log = sweep.bookkeeping / "submissions.jsonl"
-    if not log.exists() or shutil.which("squeue") is None:
-        return {}
-    subs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, check=False).stdout
-    states = dict(line.split("|", 1) for line in out.split() if "|" in line)
-    found = {}
-    for s in subs:
-        for i, uid in enumerate(s["units"]):
-            state = states.get(f"{s['job']}_{i}")
-            if state:
-                found[uid] = f"{state.lower()} (job {s['job']}_{i})"
-    return found
-
-
-def _last_job(sweep: Sweep, unit: Unit) -> tuple[str, Path] | None:
-    """(array task id, its log file) of the last submission of `unit`, if any."""
-    log = sweep.bookkeeping / "submissions.jsonl"
-    if not log.exists():
-        return None
-    found = None
-    for line in log.read_text().splitlines():
-        if line.strip() and unit.id in (s := json.loads(line))["units"]:
-            task = f"{s['job']}_{s['units'].index(unit.id)}"
-            found = (task, sweep.bookkeeping / s["folder"] / f"{task}.out")
-    return found
-
-
 def resources(sweep: Sweep, unit: Unit) -> dict:
     """Slurm resources of a unit: GPUs, host memory and time limit from `probe plan`, the rest from defaults; the
     sweep's `slurm` mapping overrides any of them."""
-    from ..methods.catalog import get_probe, probe_options
     from .execution import AUTO_START
     from ..models.planning import GiB, plan, time_limit
 
@@ -78,7 +48,7 @@ def resources(sweep: Sweep, unit: Unit) -> dict:
             prompts = sweep._once(("prompts", unit.task, unit.seed),
                                   lambda: [it.prompt for it in sweep.task(unit).items(limit=sweep.limit)])
             tokens = math.ceil(max(map(len, prompts)) / 3)  # characters per token: 3 or more in these tasks
-            passes = get_probe(unit.probe).passes(p.n_layers, probe_options(unit.probe, sweep.options))
+            passes = sweep.plan(unit).spec.forward_passes(p.n_layers, sweep.plan(unit).options)
             batch = AUTO_START if sweep.batch_size == "auto" else sweep.batch_size
             res["time"] = time_limit(p, passes, len(prompts), batch, tokens, gpu=bool(int(res["gpus"])))
     res.pop("gpu_mem")
@@ -123,7 +93,7 @@ def submit_slurm(sweep: Sweep, dry_run: bool = False) -> list[dict]:
         raise ProbeError("--executor slurm needs Slurm's sbatch on PATH; accepted: --executor local")
     states = unit_states(sweep)
     todo = [u for u, state, _ in states if state in ("pending", "failed")]
-    queued = _queued(sweep)
+    queued = queued_units(sweep)
     # the array task of each training unit already in the queue ("pending (job 123_4)" -> "123_4")
     training_job = {tu: queued[tu.id].split("job ")[-1].rstrip(")") for tu in sweep.train_units if tu.id in queued}
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -47,7 +47,7 @@ from ..errors import ProbeError, choice_error, read_yaml
 from ..paths import runs_root
 from ..training.config import checkpoint_steps, load_training_config
 from .rundir import RunBusy, RunComplete, RunLock, finished, safe_name
-from .trained_units import CHECKPOINTS, TrainUnit, expand_models, from_training, train_units
+from .trained_units import CHECKPOINTS, TrainUnit, expand_models, field_list, from_training, train_units
 
 KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
         "results", "slurm", "train", "checkpoints"}
@@ -161,21 +161,20 @@ class Sweep:
 
         return self._once(("spec", unit.model), lambda: resolve_model(unit.model))
 
-    def load_options(self, unit: Unit) -> dict:
-        from ..models.options import load_options
+    def plan(self, unit: Unit):
+        """The unit's run plan (runs/plan.py), made once: its probe's options parsed, its task checked."""
+        from .plan import plan_run
 
-        return load_options(self.spec(unit), **self.load)
+        return self._once(("plan", unit), lambda: plan_run(
+            self.spec(unit), [self.task(unit)], unit.probe, self.options, limit=self.limit, batch_size=self.batch_size,
+            load=self.load, check_fit=False, strict=False))
+
+    def load_options(self, unit: Unit) -> dict:
+        return self.plan(unit).load
 
     def config(self, unit: Unit) -> dict:
-        """The run config its shard must carry to count as done (see execution.run_config)."""
-        from .execution import run_config
-
-        def make():
-            opts = self.load_options(unit)
-            return run_config(self.spec(unit), opts["dtype"], opts["quantize"], self.task(unit), unit.probe,
-                              self.limit, self.options)
-
-        return self._once(("config", unit), make)
+        """The run config its shard must carry to count as done (see plan.run_config)."""
+        return self.plan(unit).config(self.task(unit))
 
     @property
     def bookkeeping(self) -> Path:
@@ -186,21 +185,12 @@ def _probes(data: dict, where: str) -> list | dict:
     """`probes` as a list (run on every task), or a mapping {probe: [tasks]} (then there is no `tasks`)."""
     value = data.get("probes")
     if not isinstance(value, dict):
-        return _list(data, "probes", where)
+        return field_list(data, "probes", where)
     if data.get("tasks"):
         raise ProbeError(f"{where}: probes maps each probe to its tasks, so 'tasks' must not be given too")
     if not value:
         raise ProbeError(f"{where}: 'probes' must be a non-empty list or mapping")
-    return {str(p): _list(value, p, f"{where}: probes") for p in value}
-
-
-def _list(data: dict, key: str, where: str) -> list:
-    value = data.get(key)
-    if isinstance(value, (str, int)):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise ProbeError(f"{where}: '{key}' must be a non-empty list")
-    return value
+    return {str(p): field_list(value, p, f"{where}: probes") for p in value}
 
 
 # the sweep file's schema: field -> (types accepted, what to say)
@@ -240,9 +230,10 @@ def _check_slurm(slurm: dict, where: str) -> None:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file: every model, task, probe and option is checked before anything runs."""
-    from ..methods.catalog import PROBES, get_probe, probe_options
-    from .execution import parse_batch_size
+    from ..methods.catalog import check_task, get_probe, probe_options
+    from ..methods.option_types import OPTIONS
     from ..models.registry import load_registry, resolve_model
+    from .plan import parse_batch_size
 
     path = Path(path)
     where = str(path)
@@ -259,10 +250,9 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ProbeError(f"{where}: unknown {key} option(s) {', '.join(sorted(bad))}; "
                              f"accepted: {', '.join(sorted(accepted))}")
     options = data.get("options") or {}
-    known_options = {o for p in PROBES.values() for o in p.options}
-    if set(options) - known_options:
-        raise ProbeError(f"{where}: unknown probe option(s) {', '.join(sorted(set(options) - known_options))}; "
-                         f"accepted: {', '.join(sorted(known_options))}")
+    if set(options) - set(OPTIONS):
+        raise ProbeError(f"{where}: unknown probe option(s) {', '.join(sorted(set(options) - set(OPTIONS)))}; "
+                         f"accepted: {', '.join(sorted(OPTIONS))}")
     base = path.resolve().parent
     results = (base / data["results"]) if data.get("results") else Path(os.environ.get("PROBE_RESULTS", "results"))
     if results.exists() and not results.is_dir():
@@ -277,7 +267,7 @@ def load_sweep(path: str | Path) -> Sweep:
     models = expand_models(data.get("models") or [], base, checkpoints, where)
     sweep = Sweep(path=path.resolve(), name=str(data.get("name") or path.stem), models=models,
                   tasks=[] if isinstance(data.get("probes"), dict) or (trained and not data.get("probes"))
-                  else _list(data, "tasks", where),
+                  else field_list(data, "tasks", where),
                   probes=_probes(data, where) if data.get("probes") or not trained else [],  # train only
                   seeds=([data["seeds"]] if isinstance(data.get("seeds"), int) else data.get("seeds")) or [None],
                   limit=data.get("limit"),
@@ -296,14 +286,14 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ProbeError(f"{where}: {e}")
     for p in sweep.probes:
         get_probe(p)
-        try:  # option values against their ranges, before any unit runs
-            probe_options(p, options)
-        except ProbeError as e:
-            raise ProbeError(f"{where}: options: {e}") from None
     _check_slurm(sweep.slurm, where)
     _check_slurm(sweep.train_slurm, f"{where}: train")
-    for unit in sweep.units():  # every task with every seed, and every model's load options
-        sweep.config(unit) if sweep.ready(unit) else sweep.task(unit)
+    for unit in sweep.units():  # every unit's plan: its options, task (every seed) and load options, checked
+        try:  # a checkpoint the sweep has still to train: its task and options (its plan is made once it exists)
+            sweep.plan(unit) if sweep.ready(unit) else check_task(unit.probe, sweep.task(unit),
+                                                                  probe_options(unit.probe, sweep.options))
+        except ProbeError as e:
+            raise ProbeError(f"{where}: {unit.id}: {e}") from None
     return sweep
 
 
@@ -318,9 +308,9 @@ def _meta(sweep: Sweep, unit: Unit) -> dict | None:
 
 def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
     """(unit, state, detail) with state one of done, running, queued, failed, pending."""
-    from .slurm import _last_job, _queued
+    from .queue import last_job, queued_units
 
-    queued = _queued(sweep)
+    queued = queued_units(sweep)
     rows = []
     for unit in sweep.all_units():
         meta = _meta(sweep, unit)
@@ -346,7 +336,7 @@ def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
             rows.append((unit, "failed", f"killed ({kept} kept; a rerun resumes)"))
         elif meta and meta.get("status") == "complete":
             rows.append((unit, "pending", "stale: ran with another config; a rerun replaces it"))
-        elif last := _last_job(sweep, unit):
+        elif last := last_job(sweep, unit):
             job, log = last
             rows.append((unit, "pending", f"no shard; last submitted as job {job}, which has ended (log: {log})"))
         else:
@@ -358,16 +348,17 @@ def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
 
 def run_unit(sweep: Sweep, unit: Unit, loaded, progress: bool = True) -> str:
     """Run one unit into its shard; 'done', 'skipped' (finished, or another process holds it) or 'failed: ...'."""
-    from .execution import run_probe
+    import dataclasses
+
+    from .execution import run_task
 
     meta = _meta(sweep, unit)
     if _done(sweep, unit, meta) or RunLock(sweep.output(unit)).alive():
         return "skipped"
     stale = bool(meta) and meta.get("config") != sweep.config(unit)
     try:  # checked again under the lock: another process may take it, or finish it, after the look above
-        run_probe(loaded, sweep.task(unit), unit.probe, sweep.output(unit), limit=sweep.limit,
-                  batch_size=sweep.batch_size, options=sweep.options, overwrite=stale, progress=progress,
-                  extra_meta={"sweep": sweep.name, "unit": unit.id}, skip_complete=True)
+        run_task(dataclasses.replace(sweep.plan(unit), overwrite=stale), loaded, sweep.task(unit), sweep.output(unit),
+                 progress, extra_meta={"sweep": sweep.name, "unit": unit.id}, skip_complete=True)
     except (RunBusy, RunComplete):
         return "skipped"
     except ProbeError as e:
@@ -418,7 +409,7 @@ def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True
             continue
         needs = {k: v for u in todo for k, v in get_probe(u.probe).load.items()}
         try:
-            loaded = load_model(sweep.spec(todo[0]), **sweep.load_options(todo[0]), **needs)
+            loaded = load_model(sweep.spec(todo[0]), resolved=sweep.load_options(todo[0]), **needs)
         except Exception as e:
             outcome.update({u.id: f"failed: loading {model}: {type(e).__name__}: {e}" for u in todo})
             continue

@@ -92,9 +92,7 @@ def train_units(spec, base: Path, where: str) -> list[TrainUnit]:
     bad = set(spec) - TRAIN_KEYS
     if bad:
         raise ProbeError(f"{where}: unknown train field(s) {', '.join(sorted(bad))}; accepted: {', '.join(sorted(TRAIN_KEYS))}")
-    from .sweep import _list
-
-    configs = _list(spec, "configs", f"{where}: train")
+    configs = field_list(spec, "configs", f"{where}: train")
     grid = spec.get("set") or {}
     if not isinstance(grid, dict):
         raise ProbeError(f"{where}: train.set {grid!r} is not a mapping; accepted: field: [values], e.g. task.n: [1, 2]")
@@ -112,3 +110,13 @@ def train_units(spec, base: Path, where: str) -> list[TrainUnit]:
             for seed in seeds:
                 units.append(TrainUnit(name, str(path), tuple(zip(keys, combo)), seed))
     return units
+
+
+def field_list(data: dict, key: str, where: str) -> list:
+    """A sweep file's list field (one value given alone is a list of one)."""
+    value = data.get(key)
+    if isinstance(value, (str, int)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ProbeError(f"{where}: '{key}' must be a non-empty list")
+    return value

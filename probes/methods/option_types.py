@@ -1,0 +1,167 @@
+"""Every probe option, declared once: its name (the API's keyword and the sweep file's key), its command-line flag,
+its help and how a value is read and checked. The parser, the API, sweep files, docs/schema.md and validation all
+come from OPTIONS; which probe takes which option, with what default, is the catalog's (catalog.py). Torch-free:
+the command line imports it before anything heavy.
+
+A parse takes what a user gives (the command line's text, a YAML value or a Python value) and returns the value the
+run uses and records in its config (the run's identity), or raises a one-line ProbeError naming the value and
+what is accepted. Bounds that depend on the model (a block past its last, top-k past its vocabulary) and on the
+task (named positions) are checked when those are known (catalog.check_bounds, catalog.check_task)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import ProbeError
+from .positions import FORMS, check_grammar
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    help: str
+    parse: Callable[[Any], Any]
+    flag: str | None = None  # the command-line flag, when not --<name with dashes>
+    switch: Any = None  # a flag that takes no value and sets this one (--no-controls: False)
+    least: int | None = None  # an integer option's least value (the command line checks it as argparse's type)
+
+    @property
+    def cli(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+def count(name: str, least: int) -> Callable[[Any], int]:
+    def parse(value) -> int:
+        text = str(value).strip()
+        if isinstance(value, (bool, float)) or not text.lstrip("-").isdigit() or int(text) < least:
+            raise ProbeError(f"bad {name} {value!r}; accepted: an integer of at least {least}")
+        return int(text)
+    return parse
+
+
+def checked(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`parse` as a check only: the value is kept as given (it is the run's identity)."""
+    def check(value):
+        parse(value)
+        return value
+    return check
+
+
+def choice(what: str, accepted: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value) -> str:
+        if value not in accepted:
+            raise ProbeError(f"unknown {what} {value!r}; accepted: {', '.join(accepted)}")
+        return value
+    return parse
+
+
+def names(what: str, accepted: tuple[str, ...] | None = None) -> Callable[[Any], Any]:
+    """A comma-separated list (or a list) of names; `accepted`: the names allowed (else any)."""
+    def parse(value):
+        got = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
+        bad = [v for v in got if not v or (accepted is not None and v not in accepted)]
+        if bad or not got:
+            raise ProbeError(f"unknown {what} {bad[0] if bad else value!r}; accepted: "
+                             + (", ".join(accepted) if accepted else "a name, or several comma-separated"))
+        return value
+    return parse
+
+
+_BLOCKS = re.compile(r"\d+(-\d+)?")
+
+
+def blocks(value, extra: tuple[str, ...] = ()):
+    """The blocks grammar (`--layers`): 'all', a block, a list or ranges of blocks like '3,5' or '10-17' (or a
+    list of ints); the range is checked against the model once it is loaded (arch.parse_blocks)."""
+    if value in ("all", *extra) or isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    parts = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    ok = all(_BLOCKS.fullmatch(p) for p in parts) and parts
+    if ok:
+        ok = all(int(a) <= int(b or a) for a, _, b in (p.partition("-") for p in parts))
+    if not ok:
+        raise ProbeError(f"bad --layers {value!r}; accepted: 'all', " + "".join(f"'{e}', " for e in extra)
+                         + "a block, a list or ranges of blocks like '3,5' or '10-17'")
+    return value
+
+
+def parse_scales(value) -> list[float]:
+    """'1,2' or [1, 2] -> [1.0, 2.0]: multiples of o, finite numbers."""
+    parts = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        out = [float(x) for x in parts]
+    except (TypeError, ValueError):
+        out = []
+    if not out or not all(math.isfinite(x) for x in out):
+        raise ProbeError(f"bad --scales {value!r}; accepted: numbers separated by commas, e.g. '1,2'")
+    return out
+
+
+def positions(flag: str) -> Callable[[Any], Any]:
+    """The positions grammar (positions.py); which forms a probe takes, and the names a task gives, are checked
+    with the task (catalog.check_task)."""
+    def parse(value):
+        check_grammar(value, FORMS, flag)
+        return value
+    return parse
+
+
+def switch(value) -> bool:
+    if not isinstance(value, bool):
+        raise ProbeError(f"bad controls {value!r}; accepted: true or false")
+    return value
+
+
+def text(value) -> str:
+    if not isinstance(value, (str, list, tuple)) or not value:
+        raise ProbeError(f"bad source_items {value!r}; accepted: inputs of the task, e.g. 'Poland,France'")
+    return value
+
+
+SITES = ("resid", "attn", "ffn", "head")  # activation-patching's sites; linear-probe reads the first three
+_OPTIONS = [
+    Option("topk", "logit-lens, ffn-readout: top-k tokens kept per layer (default 5)", count("topk", 1), least=1),
+    Option("vocab", "logit-lens, accuracy, ffn-*: all (the whole vocabulary, as the paper; default) or text (special "
+           "and control tokens left out of top-k and ranks)", choice("--vocab", ("all", "text"))),
+    Option("layers", "blocks: 'all', '5', '3,7' or '10-17' (ffn-ablation: also 'sixths', the default)",
+           lambda v: blocks(v, ("sixths",))),
+    Option("mode", "ffn-transplant: add (to the residual after each block; default) or replace (the FFN updates of "
+           "a range of blocks)", choice("transplant mode", ("add", "replace"))),
+    Option("scales", "ffn-transplant: multiples of o, e.g. '1,2' (default 1)", checked(parse_scales)),
+    Option("positions", "token positions, comma-separated: last, all (each on its own), whole (all at once), token "
+           "indices '0,5,-1', a slice '-3:', argument, or a position the task names (trees: goal, root, edge_up0, "
+           "...). logit-lens: last (default; others give a layer x position heat map); activation-patching: all "
+           "(default); ffn-transplant replace: all (broadcast, default) or last", positions("--positions")),
+    Option("controls", "ffn-transplant: skip shuffled and random vectors", switch, flag="--no-controls", switch=False),
+    Option("sources", "ffn-transplant: average o over this many source prompts", count("sources", 1), least=1),
+    Option("source_items", "ffn-transplant: source inputs, e.g. 'Poland,France'", text),
+    Option("source_layer", "ffn-transplant: block of o (default: the FFN switch block)", count("source_layer", 0),
+           least=0),
+    Option("context", "ffn-transplant targets: copy (the paper's neutral prompt; default) or zero-shot (the task's "
+           "template without shots)", choice("transplant context", ("copy", "zero-shot"))),
+    Option("how", "ffn-ablation: zero (default) or identity", choice("ablation", ("zero", "identity")),
+           flag="--ablation"),
+    Option("sites", "activation-patching: resid (default), attn, ffn, head, e.g. 'resid,ffn'",
+           names("patching site", SITES)),
+    Option("direction", "activation-patching: denoise (clean into corrupted; default) or noise",
+           choice("patching direction", ("denoise", "noise"))),
+    Option("label", "linear-probe: what to decode: group (default), answer, argument, or a column the task adds "
+           "(e.g. match); several comma-separated", names("probe label")),
+    Option("site", "linear-probe: resid (default), attn or ffn", choice("probe site", SITES[:3])),
+    Option("position", "linear-probe: last (default), argument, a position the task names (trees: goal, root, bar, "
+           "colon, edge_up0, edge_up1, ...) or a token index; several comma-separated: one probe each",
+           positions("--position")),
+    Option("erase", "linear-probe: a layer at which to erase the (first) label with LEACE and score the model's "
+           "answers, against erasing as many random directions", checked(count("--erase", 0))),
+    Option("early", "icl-score: the early token index (default 50)", count("early", 1), least=1),
+    Option("late", "icl-score: the late token index (default 500)", count("late", 1), least=1),
+]
+OPTIONS: dict[str, Option] = {o.name: o for o in _OPTIONS}
+
+
+def options_text() -> str:
+    """Every option with its help, for the API's docstring and docs."""
+    return "\n".join(f"    {o.name} ({o.cli}): {o.help}" for o in OPTIONS.values())
