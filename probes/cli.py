@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ProbeError, is_out_of_memory
+from .errors import ProbeError
 from .stats import confidence
 
 RESULTS = Path(os.environ.get("PROBE_RESULTS", "results"))
@@ -368,6 +368,8 @@ def main(argv=None) -> int:
               "write, on a disk with room", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
+        from .models.devices import is_out_of_memory  # torch is imported: it raised this
+
         if not is_out_of_memory(e):
             raise
         print(f"probe: error: out of memory ({type(e).__name__}); finished batches are kept: rerun with a "

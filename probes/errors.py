@@ -12,17 +12,6 @@ def choice_error(what: str, value, accepted) -> ProbeError:
     return ProbeError(f"unknown {what} {value!r}; accepted: {', '.join(sorted(map(str, accepted)))}")
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or a CPU allocator failure (a RuntimeError)."""
-    import torch
-
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                            or "not enough memory" in text)
-
-
 @functools.cache
 def _yaml12_loader():
     """PyYAML's safe loader with YAML 1.2's number rules: under YAML 1.1 (PyYAML's), `1e-05` has no decimal point

@@ -225,6 +225,16 @@ def _table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def option_rows() -> list[tuple]:
+    from .methods.catalog import PROBES
+    from .methods.option_types import OPTIONS
+
+    def taking(name):
+        return ", ".join(p.name + (f" ({p.options[name]})" if p.options[name] is not None else "")
+                         for p in PROBES.values() if name in p.options)
+    return [(o.name, f"`{o.cli}`", taking(o.name), o.help) for o in OPTIONS.values()]
+
+
 def markdown() -> str:
     """The whole reference, as docs/schema.md holds it."""
     from .runs.sweep import KEYS
@@ -241,6 +251,9 @@ def markdown() -> str:
         + "\n\nTask options (`--task-option FIELD=VALUE`):\n\n"
         + _table(("option", "meaning", "example"), [(k, *v) for k, v in PROMPT_OPTIONS.items()]),
         "## Sweep files (`probe sweep FILE`; see `sweeps/`)\n\n" + _table(("field", "meaning", "example"), sweep),
+        "## Probe options (`probe run --FLAG`, `probes.run(..., option=...)`, a sweep file's `options`)\n\n"
+        "Declared once in `probes/methods/option_types.py`; each probe takes its own (default in parentheses).\n\n"
+        + _table(("option", "flag", "probes", "meaning"), option_rows()),
         "## Training configs (`probe train CONFIG`; see `configs/training/`)\n\n"
         + _table(("field", "type", "default", "meaning", "example"), training_rows()),
     ]) + "\n"

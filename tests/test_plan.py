@@ -192,3 +192,13 @@ def test_no_import_circle_and_no_module_too_long():
     long = {str(f.relative_to(ROOT)): n for f in (ROOT / "probes").rglob("*.py")
             if (n := len(f.read_text().splitlines())) > 500}
     assert not long, long
+
+
+def test_every_option_is_in_the_help_the_api_docstring_and_the_file_reference():
+    from probes.cli import build_parser
+
+    run_help = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]
+    flags = {s for action in run_help._actions for s in action.option_strings}
+    docs = (ROOT / "docs" / "schema.md").read_text()
+    for o in option_types.OPTIONS.values():
+        assert o.cli in flags and f"    {o.name} ({o.cli}): " in probes.run.__doc__ and f"| {o.name} | `{o.cli}` |" in docs

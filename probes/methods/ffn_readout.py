@@ -18,7 +18,7 @@ from __future__ import annotations
 import nnsight
 import torch
 
-from ..tasks.base import Item, answer_token, item_columns
+from ..tasks.base import Item, answer_token, item_columns, token_ids
 from ..stats import halves, interval_text, level, mean, median_reached, proportion, reached_text
 from .readout import excluded_ids, lens_tensors, stats_rows, target_ids
 
@@ -110,7 +110,7 @@ def ffn_patch_recovery(loaded, item: Item) -> tuple[list[float], float]:
     from .patch_engine import patch_logits
 
     tok = loaded.tokenizer
-    last = len(tok(item.prompt).input_ids) - 1
+    last = len(token_ids(tok, item.prompt)) - 1
     logits = patch_logits(loaded, item.prompt, item.extra["corrupted"],
                           [("ffn", b, last) for b in range(loaded.arch.n_layers)])
     good = answer_token(tok, item)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import ProbeError
-from ..models.arch import execution_device, parse_blocks
+from ..models.arch import parse_blocks
+from ..models.devices import execution_device
 from ..stats import best_of, halves, interval_text, level, mcnemar, mean, proportion
 from ..tasks.base import Item, answer_token, first_token, item_columns
 from .ffn_readout import last_position_updates, run_readout

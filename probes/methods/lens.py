@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from ..stats import interval_text, level, median_reached, proportion, reached_text
-from ..tasks.base import Item, item_columns
+from ..tasks.base import Item, item_columns, token_ids
 from .positions import entries, form_of, named_positions, token_positions
 from .readout import excluded_ids, lens_tensors, special_flags, stats_rows, target_ids
 
@@ -32,7 +32,7 @@ def positions_of(value: str | None, length: int, item: Item, tokenizer=None) -> 
 def prepare_lens(loaded, task, items: list[Item], options: dict):
     """Every item's positions checked against its prompt once, before the first batch."""
     for it in items:
-        positions_of(options.get("positions"), len(loaded.tokenizer(it.prompt).input_ids), it, loaded.tokenizer)
+        positions_of(options.get("positions"), len(token_ids(loaded.tokenizer, it.prompt)), it, loaded.tokenizer)
     return items, None, {}
 
 
@@ -44,7 +44,7 @@ def run_lens(loaded, items: list[Item], topk: int = 5, positions: str | None = N
     arch, tok = loaded.arch, loaded.tokenizer
     targets = target_ids(loaded, items)
     excluded = excluded_ids(tok, vocab)
-    ids = [tok(it.prompt).input_ids for it in items]
+    ids = [token_ids(tok, it.prompt) for it in items]
     picked = [positions_of(positions, len(x), it, tok) for x, it in zip(ids, items)]
     width = max(len(p) for p in picked)
     # offsets from the end (-1 = last token), each prompt's list padded with its last entry

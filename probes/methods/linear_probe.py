@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ProbeError
 from ..stats import bootstrap, interval_text, level, proportion
-from ..tasks.base import Item, item_columns
+from ..tasks.base import Item, item_columns, token_ids
 from . import erasure
 from .positions import named_positions, token_index
 
@@ -113,7 +113,7 @@ def _positions(tok, items: list[Item], names: list[str]) -> list[list[int]]:
     token index (negative from the end: the authors' register positions on trees are 36, 38, 39, 41, 42, 44)."""
     out = []
     for it in items:
-        n = len(tok(it.prompt).input_ids)
+        n = len(token_ids(tok, it.prompt))
         named = named_positions(tok, it) if set(names) - {"last"} else {}
         out.append([token_index(name, n, named, "probe", it.index) for name in names])
     return out

@@ -11,7 +11,7 @@ import nnsight
 import numpy as np
 import torch
 
-from ..models.arch import execution_device
+from ..models.devices import execution_device
 from .readout import rank_of
 
 PATCH_ROWS = 64

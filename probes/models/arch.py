@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ProbeError
+from .devices import execution_device, first_weight
 
 
 @dataclass(frozen=True)
@@ -92,22 +93,6 @@ def _get(root, path: str | None):
         if obj is None:
             return None
     return obj
-
-
-def execution_device(module) -> torch.device:
-    """Where `module` computes: accelerate's hook device for offloaded modules (their weights sit on 'meta' between
-    calls), else where its weight is."""
-    hook = getattr(module, "_hf_hook", None)
-    dev = getattr(hook, "execution_device", None)
-    if dev is not None:
-        return torch.device("cpu") if dev == "cpu" else torch.device(dev)
-    return first_weight(module).device
-
-
-def first_weight(module) -> torch.Tensor:
-    """The module's weight, or its first parameter (a final stage that is several layers: probe_transformer's ReLU
-    layers before the readout)."""
-    return module.weight if hasattr(module, "weight") else next(module.parameters())
 
 
 def _first(x):

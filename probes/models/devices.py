@@ -1,4 +1,5 @@
-"""Where a model goes: the device values users type, checked, and the default placement.
+"""Devices, in one place: the device values users type, checked; the default placement; where a module computes;
+this machine's memory; and what to do when a batch runs out of it.
 
 `--device-map` (and a registry entry's `device_map`) takes `cpu`, `cuda` or `cuda:N` (one device: what
 transformers, accelerate and lm-evaluation-harness users type) or one of accelerate's strategies (`auto`,
@@ -73,3 +74,52 @@ def describe(place: dict, dtype: str) -> str:
     """'on cuda:0 (NVIDIA H200), bfloat16, by default' / 'on cpu, float32'."""
     where = ", ".join(place["devices"]) + (f" ({', '.join(place['gpus'])})" if place["gpus"] else "")
     return f"on {where}, {dtype}" + (", by default" if place["default"] else "")
+
+
+def execution_device(module) -> torch.device:
+    """Where `module` computes: accelerate's hook device for offloaded modules (their weights sit on 'meta' between
+    calls), else where its weight is."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device("cpu") if dev == "cpu" else torch.device(dev)
+    return first_weight(module).device
+
+
+def first_weight(module) -> torch.Tensor:
+    """The module's weight, or its first parameter (a final stage that is several layers: probe_transformer's ReLU
+    layers before the readout)."""
+    return module.weight if hasattr(module, "weight") else next(module.parameters())
+
+
+def machine_memory(gpus: int | None = None) -> tuple[list[int], int]:
+    """Total memory of each CUDA GPU used (the first `gpus`, or all) and the CPU memory available now."""
+    import psutil
+
+    n = gpu_count()
+    if gpus is not None and gpus > n:
+        raise ProbeError(f"--gpus {gpus}: this machine has {n} CUDA GPU(s); accepted: 0 to {n}")
+    return ([torch.cuda.get_device_properties(i).total_memory for i in range(n if gpus is None else gpus)],
+            psutil.virtual_memory().available)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or a CPU allocator failure (a RuntimeError)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                            or "not enough memory" in text)
+
+
+def smaller_batch(error: BaseException, size: int, auto: bool) -> int:
+    """After `error` in a batch of `size`: with `--batch-size auto` and out of memory, the half size to retry with
+    (cached memory freed first); anything else is raised again."""
+    if not (auto and is_out_of_memory(error) and size > 1):
+        raise error
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return size // 2

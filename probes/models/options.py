@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ProbeError
 from .arch import arch_spec
-from .devices import parse_device_map
+from .devices import machine_memory, parse_device_map
 from .registry import DTYPES, QUANTIZE, ModelSpec
 
 
@@ -93,14 +93,3 @@ def load_options(spec: ModelSpec, dtype: str | None = None, device_map=None, qua
     arch_spec(spec.family)  # an unknown architecture fails here, before anything is downloaded
     return dict(dtype=dtype, quantize=quantize, device_map=device_map,
                 max_memory=parse_max_memory(max_memory or load.get("max_memory")), compute_dtype=compute_dtype)
-
-
-def machine_memory(gpus: int | None = None) -> tuple[list[int], int]:
-    """Total memory of each CUDA GPU used (the first `gpus`, or all) and the CPU memory available now."""
-    import psutil
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus is not None and gpus > n:
-        raise ProbeError(f"--gpus {gpus}: this machine has {n} CUDA GPU(s); accepted: 0 to {n}")
-    return ([torch.cuda.get_device_properties(i).total_memory for i in range(n if gpus is None else gpus)],
-            psutil.virtual_memory().available)

@@ -20,7 +20,8 @@ import torch
 from ..errors import ProbeError
 from ..paths import ROOT
 from . import custom  # noqa: F401  (registers this project's architectures)
-from .options import load_options, machine_memory, quantization_config
+from .devices import machine_memory
+from .options import load_options, quantization_config
 from .registry import ModelSpec
 
 GiB = 2**30

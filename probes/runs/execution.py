@@ -13,9 +13,11 @@ import pandas as pd
 
 from tqdm.auto import tqdm
 
-from ..errors import ProbeError, is_out_of_memory
+from ..errors import ProbeError
+from ..models.devices import smaller_batch
 from ..methods.catalog import check_bounds
 from ..stats import level
+from ..tasks.base import token_ids
 from . import selfcheck
 from .plan import RunPlan, plan_run
 from .rundir import RunDir, environment
@@ -28,7 +30,7 @@ def check_context(loaded, items) -> None:
     if limit is None:
         return
     for it in items:
-        n = len(loaded.tokenizer(it.prompt).input_ids)
+        n = len(token_ids(loaded.tokenizer, it.prompt))
         if n > limit:
             raise ProbeError(f"prompt of item {it.index} ({it.input!r}) is {n} tokens, longer than the context of "
                              f"{loaded.spec.name} ({limit} tokens); accepted: prompts of at most {limit} tokens")
@@ -85,16 +87,6 @@ def check_width(loaded, task) -> None:
         raise ProbeError(f"task {task.name!r} draws vectors of width {task.width()}, and {loaded.spec.name} reads "
                          f"{loaded.arch.config.n_embd}; accepted: the model's training task (e.g. in a sweep, "
                          "task_options max_pairs: '{task.max_pairs}', item_dim: '{task.item_dim}')")
-
-
-def _free_cached_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -204,10 +196,7 @@ def run_task(plan: RunPlan, loaded, task, output: Path, progress: bool = True, e
                 try:
                     rows = spec.run(loaded, batch, **kwargs)
                 except Exception as e:
-                    if not (auto and is_out_of_memory(e) and size > 1):
-                        raise
-                    _free_cached_memory()
-                    size //= 2
+                    size = smaller_batch(e, size, auto)
                     bar.set_postfix(batch_size=size)
                     continue
                 start += len(batch)

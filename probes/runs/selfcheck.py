@@ -17,7 +17,8 @@ from __future__ import annotations
 import nnsight
 import torch
 
-from ..errors import ProbeError, is_out_of_memory
+from ..errors import ProbeError
+from ..models.devices import smaller_batch
 
 # largest difference accepted, relative to the largest magnitude of what is compared (a block's output, the logits)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -105,9 +106,7 @@ def self_check(loaded, items, truncates: bool = False, strict: bool = True, batc
             got = measure(loaded, *check_batch(loaded, items, truncates, size))
             break
         except Exception as e:
-            if not (batch_size == "auto" and is_out_of_memory(e) and size > 1):
-                raise
-            size //= 2
+            size = smaller_batch(e, size, batch_size == "auto")
     got = {**got, "tolerance": tol, "dtype": str(loaded.arch.hf.dtype).removeprefix("torch.")}
     failed = _failure(got, tol, loaded.spec.name, loaded.arch.model_type)
     if failed and strict:

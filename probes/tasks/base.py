@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,9 +119,26 @@ class Task:
         return (stratified(kept, limit, self.seed) if limit else kept), reasons
 
 
+_ENCODED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {(text, special): ids}
+
+
+def token_ids(tokenizer, text: str, special: bool = True) -> list[int]:
+    """`tokenizer(text).input_ids` (`special`: with the special tokens a prompt gets), encoded once per tokenizer and
+    text: a run reads each prompt's tokens in several places (positions, targets, row columns, the context check),
+    and on a GPU those encodings, not the forward pass, were most of a lens batch's time."""
+    try:
+        cache = _ENCODED.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: encoded each time
+        cache = {}
+    key = (text, special)
+    if key not in cache:
+        cache[key] = tokenizer(text, add_special_tokens=special).input_ids
+    return list(cache[key])
+
+
 def first_token(tokenizer, text: str) -> int:
     """The first token id of `text` encoded alone (no special tokens)."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = token_ids(tokenizer, text, special=False)
     if not ids:
         raise ProbeError(f"{text!r} tokenizes to nothing")
     return ids[0]
@@ -129,8 +147,8 @@ def first_token(tokenizer, text: str) -> int:
 def answer_token(tokenizer, item: Item) -> int:
     """The first token the model would emit for the answer: where prompt + answer tokenizes as the prompt's
     tokens followed by more, the first of those; otherwise the answer encoded alone."""
-    prompt = tokenizer(item.prompt).input_ids
-    full = tokenizer(item.prompt + item.answer).input_ids
+    prompt = token_ids(tokenizer, item.prompt)
+    full = token_ids(tokenizer, item.prompt + item.answer)
     if len(full) > len(prompt) and full[:len(prompt)] == prompt:
         return full[len(prompt)]
     return first_token(tokenizer, item.answer)
