@@ -127,6 +127,12 @@ for _probe in (
           {"sites": "resid", "layers": None, "positions": "all", "direction": "denoise"},
           prepare="patching:prepare_patching", run_options=("sites", "layers", "positions", "direction"),
           passes="patching:patching_passes", kinds=(*RELATIONAL, "nback", "tree", "ioi", "icl"), word="patching"),
+    Probe("attribution-patching", "activation-patching's effects estimated from one forward and one backward per pair "
+          "(attribution patching), the largest re-run exactly", "attribution:run_attribution",
+          "attribution:summarize_attribution", "attribution:report_attribution", "probes.reports.plots:plot_patching",
+          {"sites": "resid", "layers": None, "positions": "all", "direction": "denoise", "verify": 32},
+          prepare="patching:prepare_patching", run_options=("sites", "layers", "positions", "direction", "verify"),
+          passes="attribution:attribution_passes", kinds=(*RELATIONAL, "nback", "tree", "ioi", "icl"), word="patching"),
     Probe("linear-probe", "logistic-regression probes per layer for a label of the items, held out, against "
           "shuffled labels and random weights", "linear_probe:run_linear_probe",
           "linear_probe:summarize_linear_probe", "linear_probe:report_linear_probe",

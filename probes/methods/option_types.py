@@ -148,6 +148,8 @@ _OPTIONS = [
            names("patching site", SITES)),
     Option("direction", "activation-patching: denoise (clean into corrupted; default) or noise",
            choice("patching direction", ("denoise", "noise"))),
+    Option("verify", "attribution-patching: how many of each pair's patches of largest |estimate| are re-run exactly "
+           "(default 32), or all (every patch: the full comparison)", lambda v: v if v == "all" else count("verify", 0)(v)),
     Option("label", "linear-probe: what to decode: group (default), answer, argument, or a column the task adds "
            "(e.g. match); several comma-separated", names("probe label")),
     Option("site", "linear-probe: resid (default), attn or ffn", choice("probe site", SITES[:3])),

@@ -145,8 +145,7 @@ def _patched_forward(loaded, prompts, chunk: list, saved: dict | None = None, ke
             for site in ("resid", "head", "attn", "ffn"):  # forward order within the block
                 if (i, site) not in groups and (i, site) not in keep:
                     continue
-                value = (x if site == "resid" else arch.heads_input(i) if site == "head"
-                         else arch.attn_update(i) if site == "attn" else arch.ffn_output(i, like=x))
+                value = site_value(arch, i, site, x)
                 if (i, site) in keep:
                     got[i, site] = value[:2].clone()
                 src = value if live else saved[i, site]  # row 0: the source run's, at the prompt's positions
@@ -163,6 +162,13 @@ def _patched_forward(loaded, prompts, chunk: list, saved: dict | None = None, ke
         logits = nnsight.save(loaded.model.output.logits[:, -1])
         got = nnsight.save(got)
     return logits.float(), got
+
+
+def site_value(arch, i: int, site: str, x):
+    """Inside a trace: the live tensor of block i's `site` (resid: its input `x`; head: every head's output side by
+    side; attn, ffn: the updates), (batch, seq, width); writing into it changes the run."""
+    return (x if site == "resid" else arch.heads_input(i) if site == "head"
+            else arch.attn_update(i) if site == "attn" else arch.ffn_output(i, like=x))
 
 
 def answer_columns(logits: torch.Tensor, good: int, bad: int) -> torch.Tensor:

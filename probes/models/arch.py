@@ -159,6 +159,10 @@ class Arch:
         reads it: head h is the h-th slice. The live tensor: write into a slice to change one head."""
         return _get(self.block(i), self.spec.attn_out).input
 
+    def set_heads_input(self, i: int, value) -> None:
+        """Replace what the output projection of block i reads (out of place: autograd may hold the tensor)."""
+        _get(self.block(i), self.spec.attn_out).input = value
+
     def ffn_module(self, i: int):
         return _get(self.block(i), self.spec.ffn)
 
