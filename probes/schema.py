@@ -9,76 +9,6 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-# field -> (meaning, example); one entry for every field the validators accept (a test checks both ways)
-TASK_FIELDS = {
-    "name": ("the task's name (runs are filed under it)", "capitals"),
-    "version": ("bump when the items change meaning; part of a run's identity", "1"),
-    "kind": ("abstractive, extractive, nback, tree, ioi, repeat, text, icl (a prompts file has no task file)",
-             "abstractive"),
-    "seed": ("draws worked examples, context facts, N-back letters, --limit samples, bootstrap resamples (icl: "
-             "the training task's seed)", "0"),
-    "description": ("one line for `probe tasks` and reports", "world capitals, Q/A format"),
-    "source": ("where the data comes from", "Wikipedia list of national capitals"),
-    "license": ("the data's licence", "CC BY-SA 4.0"),
-    "ambiguous": ("drop or flag items whose answer's first token is ambiguous for a tokenizer", "drop"),
-    "data": ("relational: the data file (CSV/JSON/JSONL, relative to the task file) and its input, output and "
-             "optional group columns; text: {file: docs.jsonl or .txt}, {dataset: NAME, split, column} or "
-             "{corpus: stdlib-english, split: test, holdout: 50} (a training corpus's held-out documents)",
-             "{file: data/world_capitals.csv, input: country, output: capital}"),
-    "template": ("relational: the query, with {input} and {output}", "'Q: What is the capital of {input}?\\nA:'"),
-    "answer": ("relational: the answer as emitted after the prompt; scored on its first token", "' {output}'"),
-    "argument": ("relational: the argument's text as it would be emitted; the lens tracks its first token",
-                 "' {input}'"),
-    "shots": ("relational: worked examples before the query (other items, never ambiguous ones)", "1"),
-    "separator": ("text between facts, examples and the query (N-back: between trials)", "'\\n'"),
-    "context": ("extractive: a fact stated before the query", "'The capital of {input} is {output}.'"),
-    "context_items": ("extractive: facts stated, the queried item's among them", "3"),
-    "n": ("nback: N, one value or a list (1 to 6)", "[1, 2, 3]"),
-    "sequences": ("nback: letter sequences per N; repeat: repeated sequences; icl: the test set's first ones",
-                  "4"),
-    "length": ("nback: letters per sequence; repeat: words per segment (said twice)", "24"),
-    "matches": ("nback: targets per sequence (a letter equal to the one N back)", "8"),
-    "letters": ("nback: the alphabet", "BCDFGHJKLMNPQRSTVWXZ"),
-    "unit": ("nback: trial (one item per letter) or sequence (one per sequence, for attention)", "trial"),
-    "instruction": ("nback: the text before the letters, with {n}", "'Respond m when ... {n} letters back'"),
-    "trial": ("nback: one trial, with {letter}", "'Letter: {letter}\\nResponse:'"),
-    "match_answer": ("nback: the answer to a target", "' m'"),
-    "nonmatch_answer": ("nback: the answer to any other letter", "' -'"),
-    "first_sequence": ("nback: index of the first sequence (a trained model's held-out ones)", "800"),
-    "feedback": ("nback: earlier letters followed by their correct response (prompted models)", "true"),
-    "nodes": ("tree: nodes per tree", "16"),
-    "trees": ("tree: trees, one item per step of each one's path", "200"),
-    "first_tree": ("tree: index of the first tree (a trained model's held-out ones)", "135000"),
-    "corrupt": ("tree: activation-patching's corrupted prompt: another tree (tree) or the same tree with another "
-                "goal leaf whose path turns elsewhere at the step (goal)", "goal"),
-    "documents": ("text: how many documents (the first ones long enough)", "100"),
-    "min_chars": ("text: documents shorter than this are skipped", "2000"),
-    "max_chars": ("text: each document cut to this many characters", "6000"),
-    "chunk": ("text: cut each document into pieces of about this many characters first, one item each (0: whole "
-              "documents)", "1500"),
-    "draws": ("ioi: draws of template, names, place and object; two prompts each (the roles swapped)", "100"),
-    "templates": ("ioi: sentences with {A} and {B} (the names, in order), {S} (the repeated one), {place}, {object}",
-                  "['When {A} and {B} went to the {place}, {S} gave {object} to']"),
-    "names": ("ioi: the names drawn (two distinct per draw)", "[Mary, John, Tom]"),
-    "places": ("ioi: the places drawn", "[store, park]"),
-    "objects": ("ioi: the objects drawn", "[a drink, the ball]"),
-    "steps": ("tree: all (every step of each path) or first (step 0: the prompt ends at the root)", "first"),
-    "order": ("tree: edge order: mixed (reversed for even trees, shuffled for odd, as the authors), forward, "
-              "backward or random", "mixed"),
-    "classes": ("icl: as the model's training task.classes (the generator's fields must all be its)", "512"),
-    "labels": ("icl: as task.labels", "32"),
-    "pairs": ("icl: as task.pairs", "8"),
-    "max_pairs": ("icl: as task.max_pairs", "12"),
-    "item_dim": ("icl: as task.item_dim", "39"),
-    "burstiness": ("icl: as task.burstiness", "2"),
-    "p_bursty": ("icl: as task.p_bursty", "0.5"),
-    "p_novel": ("icl: as task.p_novel", "0.5"),
-    "noise": ("icl: as task.noise", "0.1"),
-    "zipf": ("icl: as task.zipf", "0.0"),
-    "set": ("icl: the test set: in (the training mixture), ic (novel classes), ic2 (labels shifted), iw (query class "
-            "absent)", "ic"),
-    "test": ("icl: as task.test (the test set's size as training drew it)", "10000"),
-}
 PROMPT_COLUMNS = {
     "prompt": ("required: the text the model reads", "The capital of France is"),
     "answer": ("required: the answer; a space goes before it unless the prompt ends in whitespace or it starts "
@@ -169,16 +99,41 @@ def _type_name(hint) -> str:
         origin, str(hint))
 
 
+def _task_classes() -> dict:
+    """Each task class with the kinds it makes, in the registry's order (Task first: the fields of all)."""
+    from .tasks.base import Task
+    from .tasks.kinds import kinds
+
+    out: dict = {Task: ["all"]}
+    for kind, k in kinds().items():
+        out.setdefault(k.cls, []).append(kind)
+    return out
+
+
+def task_fields() -> dict:
+    """field -> (meaning, example) of every task-file field, from the kinds' SCHEMA: a field several kinds describe
+    has their meanings joined and the first one's example; `kind` lists the registered kinds."""
+    classes = _task_classes()
+    out = {"kind": (", ".join(k for ks in list(classes.values())[1:] for k in ks)
+                    + " (a prompts file has no task file)", "abstractive")}
+    for cls in classes:
+        for name, (meaning, example) in vars(cls).get("SCHEMA", {}).items():
+            out[name] = (f"{out[name][0]}; {meaning}", out[name][1]) if name in out else (meaning, example)
+    return out
+
+
+def __getattr__(name: str):
+    if name == "TASK_FIELDS":  # read when asked: a kind registered later has its rows too
+        return task_fields()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def task_rows() -> list[tuple]:
     """(field, kinds, type, default, meaning, example) for every field of a task file."""
-    from .tasks.base import Task
-    from .tasks.files import _CLASSES
-
-    kinds_of: dict = {}  # each task class with the kinds it makes, in the order of the file reader's table
-    for kind, cls in _CLASSES.items():
-        kinds_of.setdefault(cls, []).append(kind)
+    meanings = task_fields()
     rows: dict[str, list] = {}
-    for cls, kinds in ((Task, "all"), *((c, ", ".join(k)) for c, k in kinds_of.items())):
+    for cls, kinds in _task_classes().items():
+        kinds = ", ".join(kinds)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name in ("path", "overrides"):
@@ -189,7 +144,10 @@ def task_rows() -> list[tuple]:
                 continue
             default = ("(required)" if f.name in ("name", "version", "kind") else
                        repr(f.default) if f.default is not dataclasses.MISSING else repr(f.default_factory()))
-            rows[f.name] = [f.name, kinds, _type_name(hints[f.name]), default, *TASK_FIELDS[f.name]]
+            if f.name not in meanings:
+                raise ValueError(f"task field {f.name!r} of {cls.__name__} has no meaning; accepted: an entry in "
+                                 "its class's SCHEMA")
+            rows[f.name] = [f.name, kinds, _type_name(hints[f.name]), default, *meanings[f.name]]
     return [tuple(r) for r in rows.values()]
 
 

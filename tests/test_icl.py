@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from probes.errors import ProbeError
 from probes.models.custom import ProbeTransformerConfig, ProbeTransformerForCausalLM
-from probes.tasks import icl as generator
-from probes.training import icl
+from probes.tasks import icl_sequences as generator
+from probes.training import icl_data as icl
 from probes.training.config import load_training_config
 from probes.training.trainer import train
 

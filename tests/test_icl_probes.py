@@ -21,7 +21,7 @@ from probes.models.loading import load_model
 from probes.models.registry import resolve_model
 from probes.runs.execution import run_probe
 from probes.tasks.files import load_task
-from probes.training import icl
+from probes.training import icl_data as icl
 
 from .conftest import loaded as text_model
 from .test_cli import ENV, probe_here

@@ -1,4 +1,4 @@
-"""Text tasks (tasks/text.py) and the icl-score probe: the score is the late token's loss minus the early one's,
+"""Text tasks (tasks/documents.py) and the icl-score probe: the score is the late token's loss minus the early one's,
 computed by hand; documents too short are counted and left out; bad input is one line."""
 
 import json

@@ -16,7 +16,7 @@ from probes.errors import ProbeError
 from probes.reports.paired import paired_tables
 from probes.tasks import corpus
 from probes.tasks.files import load_task, load_task_file
-from probes.training import text
+from probes.training import lm_data as text
 from probes.training.config import load_training_config
 from probes.training.trainer import train
 

@@ -6,14 +6,15 @@ from probes import schema
 from probes.paths import ROOT
 from probes.runs.sweep import KEYS
 from probes.tasks.base import Task
-from probes.tasks.files import _CLASSES
+from probes.tasks.kinds import kinds
 from probes.tasks.prompts import COLUMNS, OPTIONS
 
 from .test_cli import probe
 
 
 def test_every_accepted_field_is_described_and_nothing_else():
-    task_fields = {f.name for cls in {Task, *_CLASSES.values()} for f in dataclasses.fields(cls)  # every kind's
+    task_fields = {f.name for cls in {Task, *(k.cls for k in kinds().values())}  # every kind's
+                   for f in dataclasses.fields(cls)
                    if f.init and f.name not in ("path", "overrides")}
     assert set(schema.TASK_FIELDS) == task_fields
     assert set(schema.SWEEP_FIELDS) == KEYS

@@ -8,7 +8,7 @@ import pytest
 
 from probes.errors import ProbeError
 from probes.tasks.files import available_tasks, build_task, load_task, parse_overrides
-from probes.tasks.nback import NBACK_LETTERS
+from probes.tasks.nback_trials import NBACK_LETTERS
 
 from .test_cli import probe_here
 

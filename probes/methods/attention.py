@@ -21,6 +21,7 @@ from ..errors import ProbeError
 from ..models.arch import _get
 from ..stats import finite_or_none, halves, interval_text, level, mean
 from ..tasks.base import Item, item_columns
+from ..tasks.icl_sequences import query_mass
 
 def entropy(rows: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of each row of probabilities (zeros contribute nothing)."""
@@ -113,8 +114,9 @@ def run_query_attention(loaded, items: list[Item]) -> list[dict]:
         cols = item_columns(tok, it)
         for layer, w in enumerate(attention_weights(loaded, it.prompt)):
             query = w[:, -1, :]  # (heads, positions)
-            per_head = torch.stack([entropy(query), query[:, [2 * j for j in match]].sum(-1),
-                                    query[:, [2 * j + 1 for j in match]].sum(-1)], dim=1).cpu().tolist()  # one transfer
+            matching = torch.zeros(query.shape[-1] // 2, dtype=query.dtype, device=query.device)
+            matching[match] = 1
+            per_head = torch.stack([entropy(query), *query_mass(query, matching)], dim=1).cpu().tolist()  # one transfer
             for h, (ent, item_mass, label_mass) in enumerate(per_head):
                 rows.append({**cols, "layer": layer, "head": h, "query_entropy": ent, "item_mass": item_mass,
                              "label_mass": label_mass, "uniform_mass": len(match) / query.shape[-1]})

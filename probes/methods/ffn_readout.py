@@ -94,11 +94,11 @@ def run_readout(loaded, items: list[Item], topk: int = 5, vocab: str | None = No
 
 def prepare_readout(loaded, task, items: list[Item], options: dict):
     """Relational tasks: each item paired for the causal check (items without a partner keep no check)."""
-    from .patching import relational_pairs
+    from ..tasks.relational import Relational
 
-    if not (hasattr(task, "template") and hasattr(task, "rows")):
+    if not isinstance(task, Relational):
         return items, None, {"causal_check": False}
-    paired = {it.index: it for it in relational_pairs(task, items, loaded.tokenizer)}
+    paired = {it.index: it for it in task.corrupted_pairs(items, loaded.tokenizer)}
     return [paired.get(it.index, it) for it in items], None, {"causal_check": True, "pairs": len(paired)}
 
 

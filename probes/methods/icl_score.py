@@ -16,6 +16,15 @@ from ..errors import ProbeError
 from ..stats import interval_text, level, mean
 from ..tasks.base import Item, item_columns
 
+EARLY, LATE = 50, 500  # Olsson et al.'s tokens
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(batch, positions) next-token losses (nats): position p's logits (batch, positions, vocab) scored on the token
+    it predicts, targets[:, p]. The one computation of the score's losses, for this probe and the training log
+    (training/lm_data.py)."""
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
 
 def _index(value, name: str) -> int:
     if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
@@ -23,7 +32,7 @@ def _index(value, name: str) -> int:
     return int(value)
 
 
-def run_icl_score(loaded, items: list[Item], early=50, late=500) -> list[dict]:
+def run_icl_score(loaded, items: list[Item], early=EARLY, late=LATE) -> list[dict]:
     early, late = _index(early, "early"), _index(late, "late")
     if early >= late:
         raise ProbeError(f"--early {early} is not before --late {late}; accepted: early < late")
@@ -44,7 +53,7 @@ def run_icl_score(loaded, items: list[Item], early=50, late=500) -> list[dict]:
         ids = torch.tensor([ids[: late + 1]])
         with loaded.trace(ids):
             logits = loaded.model.output.logits.save()
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
+        loss = token_losses(logits[:, :-1], ids[:, 1:])[0]
         # loss[t - 1] is the loss of predicting token t (0-based) from the t tokens before it
         rows.append({**cols, "tokens": int(ids.shape[1]), "reaches_late": True, "loss_early": float(loss[early - 1]),
                      "loss_late": float(loss[late - 1]), "score": float(loss[late - 1] - loss[early - 1]),

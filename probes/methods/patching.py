@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from ..errors import ProbeError
 from ..models.arch import parse_blocks
 from ..stats import halves, interval_text, level, mean
@@ -48,142 +46,21 @@ def parse_sites(value, has_ffn: bool = True) -> list[str]:
     return sites
 
 
-def _nback_pairs(task, items: list[Item], length) -> list[Item]:
-    """N-back trials: the corrupted prompt changes the current letter so that the answer flips (a match becomes
-    another letter, a non-match becomes the letter N back); everything before it is the same."""
-    rng = np.random.default_rng([task.seed, 7])
-    out = []
-    for it in items:
-        n, t, letters = it.extra["n"], it.extra["position"], it.extra["letters"]
-        back = letters[t - n]
-        options = (rng.permutation([c for c in task.letters if c not in (back, letters[t])]).tolist()
-                   if it.extra["match"] else [back])
-        prefix = it.prompt[: len(it.prompt) - len(task.trial.format(letter=letters[t]))]
-        for new in options:  # the first that keeps the prompt's token count (tokenizers merge some letters)
-            corrupted = prefix + task.trial.format(letter=new)
-            if length(corrupted) == length(it.prompt):
-                out.append(dataclasses.replace(it, extra={**it.extra, "corrupted": corrupted, "corrupted_input": new,
-                                                          "corrupted_answer": task._response(not it.extra["match"])}))
-                break
-    return out
-
-
-def relational_pairs(task, items: list[Item], tok) -> list[Item]:
-    """The items of a relational task that have a partner: the same prompt (shots and all) with the query asked of
-    another item whose answer starts with another token, of the same token length; drawn with the task's seed."""
-    rows = task.rows()
-    length = lambda text: len(tok(text).input_ids)  # noqa: E731
-    pool = task.items()  # partners: any item of the task, limited or not
-    query = {it.index: task.template.format(**rows[it.index]) for it in pool}
-    rng = np.random.default_rng([task.seed, 7])
-    paired = []
-    for it in items:
-        prefix = it.prompt[: len(it.prompt) - len(query[it.index])]
-        n, first = length(it.prompt), answer_token(tok, it)
-        for j in rng.permutation(len(pool)):
-            other = pool[int(j)]
-            corrupted = prefix + query[other.index]
-            if other.index != it.index and answer_token(tok, other) != first and length(corrupted) == n:
-                paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": corrupted,
-                                                             "corrupted_input": other.input,
-                                                             "corrupted_answer": other.answer}))
-                break
-    return paired
-
-
-def _tree_pairs(task, items: list[Item], tok, direction: str):
-    """Each tree's step paired with the same step of another held-out tree (a resampled tree: same token count,
-    since every tree has as many edges) whose next path node differs, drawn with the task's seed; with the task's
-    `corrupt: goal`, with the same tree asking for another leaf whose path turns elsewhere at this step."""
-    if task.corrupt == "goal":
-        paired = []
-        for it in items:
-            other = task.other_goal(it)
-            if other is not None:
-                paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": other[0],
-                                                             "corrupted_input": it.extra["tree"],
-                                                             "corrupted_answer": other[1]}))
-        if not paired:
-            raise ProbeError(f"no item of task {task.name!r} has another leaf whose path turns elsewhere at its step")
-        return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
-    pool: dict[int, list[Item]] = {}
-    for other in task.items():
-        pool.setdefault(other.extra["step"], []).append(other)
-    rng = np.random.default_rng([task.seed, 7])
-    paired = []
-    for it in items:
-        same = pool[it.extra["step"]]
-        for j in rng.permutation(len(same)):
-            other = same[int(j)]
-            if other.extra["tree"] != it.extra["tree"] and answer_token(tok, other) != answer_token(tok, it):
-                paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": other.prompt,
-                                                             "corrupted_input": other.extra["tree"],
-                                                             "corrupted_answer": other.answer}))
-                break
-    if not paired:
-        raise ProbeError(f"no item of task {task.name!r} has another tree at the same step with another answer; "
-                         "accepted: more trees (--task-option trees=N)")
-    return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
-
-
-def _icl_pairs(task, items: list[Item], direction: str):
-    """Each classifier sequence paired with itself relabelled (`IclTask.corrupted`): the context items of the
-    query's class carry a label the context does not use, which becomes the answer; sequences with no such item
-    (iw) are left out."""
-    paired = []
-    for it in items:
-        other = task.corrupted(it)
-        if other is not None:
-            paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": other[0],
-                                                         "corrupted_input": f"{it.input} relabelled",
-                                                         "corrupted_answer": other[1]}))
-    if not paired:
-        raise ProbeError(f"no sequence of task {task.name!r} has a context item of its query's class to relabel; "
-                         "accepted: set in, ic or ic2")
-    return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
-
-
-def _ioi_pairs(task, items: list[Item], tok) -> list[Item]:
-    """Each IOI prompt paired with the same sentence whose other name is repeated (its answer is this one's
-    subject), where both have the same token count."""
-    paired = []
-    for it in items:
-        other = task.swapped(it)
-        if len(tok(other.prompt).input_ids) == len(tok(it.prompt).input_ids):
-            paired.append(dataclasses.replace(it, extra={**it.extra, "corrupted": other.prompt,
-                                                         "corrupted_input": other.input,
-                                                         "corrupted_answer": other.answer}))
-    return paired
+NO_PAIRS = ("a relational task (e.g. capitals), N-back trials (nback, nback-trained), trees (tree-trained) or IOI "
+            "prompts (ioi)")
 
 
 def prepare_patching(loaded, task, items: list[Item], options: dict):
-    """Pair every item with a corrupted prompt (see the module's docstring); items with no partner are left out."""
-    nback = task.kind == "nback" and getattr(task, "unit", "") == "trial"
+    """Pair every item with a corrupted prompt (the task kind's `corrupted_pairs`; see the module's docstring);
+    items with no partner are left out."""
     direction = options.get("direction", "denoise")
     if direction not in DIRECTIONS:
         raise ProbeError(f"unknown patching direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
-    if task.kind == "icl":
-        return _icl_pairs(task, items, direction)
-    if task.kind == "tree":
-        return _tree_pairs(task, items, loaded.tokenizer, direction)
-    if not nback and task.kind != "ioi" and (not hasattr(task, "template") or not hasattr(task, "rows")):
-        raise ProbeError(f"task {task.name!r} has no clean/corrupted pairs; accepted: a relational task "
-                         "(e.g. capitals), N-back trials (nback, nback-trained), trees (tree-trained) or IOI prompts (ioi)")
-    tok = loaded.tokenizer
-    if task.kind == "ioi":
-        paired = _ioi_pairs(task, items, tok)
-        if not paired:
-            raise ProbeError(f"no IOI prompt of task {task.name!r} has a swapped partner of the same token length")
-        return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
-    if nback:
-        paired = _nback_pairs(task, items, lambda text: len(tok(text).input_ids))
-        if not paired:
-            raise ProbeError(f"no trial of task {task.name!r} has a corrupted partner of the same token length")
-        return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
-    paired = relational_pairs(task, items, tok)
+    paired = task.corrupted_pairs(items, loaded.tokenizer)
+    if paired is None:
+        raise ProbeError(f"task {task.name!r} has no clean/corrupted pairs; accepted: {NO_PAIRS}")
     if not paired:
-        raise ProbeError(f"no item of task {task.name!r} has a corrupted partner of the same token length on "
-                         f"{loaded.spec.name}; accepted: a task with more items")
+        raise ProbeError(task.no_pairs(loaded.spec.name))
     return paired, {}, {"pairs": len(paired), "unpaired": len(items) - len(paired), "direction": direction}
 
 

@@ -1,1 +1,1 @@
-"""Tasks: the task-file reader (files.py) and each kind of task (relational, N-back), on a common base."""
+"""Tasks: the task-file reader (files.py), the kinds it reads (kinds.py: one module each, on a common base)."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import string
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -50,7 +52,24 @@ class Item:
 
 @dataclass
 class Task:
-    """Common to every kind: identity, provenance and the scoring rule."""
+    """Common to every kind: identity, provenance and the scoring rule. A kind (a subclass registered in kinds.py)
+    also says what its own fields mean (`SCHEMA`, the file reference's rows), which of its counts may not be
+    negative (`NONNEGATIVE`), what else a task file must satisfy (`check_file`), and how an item pairs with its
+    corrupted twin (`corrupted_pairs`)."""
+
+    # field -> (meaning, example) for the fields a class declares; a field several kinds declare has their
+    # meanings joined (in kind order) and the first one's example; a kind may leave such a field to another's
+    SCHEMA: ClassVar[dict] = {
+        "name": ("the task's name (runs are filed under it)", "capitals"),
+        "version": ("bump when the items change meaning; part of a run's identity", "1"),
+        "seed": ("draws worked examples, context facts, N-back letters, --limit samples, bootstrap resamples (icl: "
+                 "the training task's seed)", "0"),
+        "description": ("one line for `probe tasks` and reports", "world capitals, Q/A format"),
+        "source": ("where the data comes from", "Wikipedia list of national capitals"),
+        "license": ("the data's licence", "CC BY-SA 4.0"),
+        "ambiguous": ("drop or flag items whose answer's first token is ambiguous for a tokenizer", "drop"),
+    }  # `kind`'s row lists the registered kinds (schema.py)
+    NONNEGATIVE: ClassVar[tuple] = ("version", "seed")  # integer fields a task file may not set below 0
 
     name: str
     version: int
@@ -63,11 +82,26 @@ class Task:
     path: Path | None = None
     overrides: dict = field(default_factory=dict)  # fields set on the command line (--task-option)
 
+    @classmethod
+    def check_file(cls, spec: dict, name: str) -> None:
+        """What a task file of this kind must satisfy beyond its fields' types (raises ProbeError)."""
+
     def items(self, limit: int | None = None, inputs: list[str] | None = None,
               shot_exclude: set[int] = frozenset()) -> list[Item]:
         """The first `limit` items, or those whose input is in `inputs`; worked examples are never drawn from
         `shot_exclude` (indices)."""
         raise NotImplementedError
+
+    def corrupted_pairs(self, items: list[Item], tokenizer) -> list[Item] | None:
+        """Activation patching's pairs: each item that has a corrupted twin, its `extra` given `corrupted` (the
+        twin's prompt, tokenized to as many tokens), `corrupted_input` and `corrupted_answer`; items without one
+        are left out. None: this kind has no clean/corrupted pairs."""
+        return None
+
+    def no_pairs(self, model: str) -> str:
+        """What to say when none of the items has a twin on `model` (`corrupted_pairs` gave none)."""
+        return (f"no item of task {self.name!r} has a corrupted partner of the same token length on {model}; "
+                "accepted: a task with more items")
 
     def digest(self) -> str:
         """A hash of everything that makes this task's items but the seed (which a run's identity names on its
@@ -110,7 +144,7 @@ class Task:
         `ambiguous: drop` leaves the ambiguous items out, as queries and as worked examples; `flag` keeps them as
         both (probes mark them in an `ambiguous` column). `limit` then draws that many of the kept items,
         stratified over the task's groups with the task's seed (`stratified`)."""
-        reasons = {} if self.kind == "nback" else self.ambiguity(tokenizer)
+        reasons = self.ambiguity(tokenizer)
         drop = self.ambiguous == "drop"
         if drop and reasons and len(reasons) == len(self.items()):
             return [], reasons  # nothing to score (the caller says so), and nothing to draw examples from
@@ -134,6 +168,24 @@ def token_ids(tokenizer, text: str, special: bool = True) -> list[int]:
     if key not in cache:
         cache[key] = tokenizer(text, add_special_tokens=special).input_ids
     return list(cache[key])
+
+
+def check_template(name: str, key: str, text: str, accepted: tuple[str, ...]) -> None:
+    """A task file's template `key` is a format string over the `accepted` variables only."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as e:
+        raise ProbeError(f"task {name!r}: {key} is not a valid template ({e})")
+    for var in names:
+        if var not in accepted:
+            raise ProbeError(f"task {name!r}: {key} uses unknown variable {{{var}}}; accepted: "
+                             + ", ".join("{" + f + "}" for f in accepted))
+
+
+def paired(item: Item, corrupted: str, corrupted_input, corrupted_answer: str) -> Item:
+    """`item` with its corrupted twin in `extra` (what `Task.corrupted_pairs` gives)."""
+    return dataclasses.replace(item, extra={**item.extra, "corrupted": corrupted, "corrupted_input": corrupted_input,
+                                            "corrupted_answer": corrupted_answer})
 
 
 def first_token(tokenizer, text: str) -> int:

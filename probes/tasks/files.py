@@ -18,17 +18,13 @@ Relational tasks (abstractive: the answer comes from pretraining; extractive: th
     ambiguous: drop              # drop or flag items whose first answer token is ambiguous for a tokenizer
     seed: 0
 
-N-back tasks (`kind: nback`) generate letter sequences from the seed instead of reading data; see tasks/nback.py.
-Tree path-finding tasks (`kind: tree`) generate trees the same way; see tasks/tree.py. IOI tasks (`kind: ioi`)
-generate indirect-object prompts from templates and names; see tasks/ioi.py. Repeated-sequence tasks (`kind:
-repeat`) generate random word segments said twice, for induction heads; see tasks/repeat.py. Text tasks (`kind:
-text`) read documents from a file or a data set by name; see tasks/text.py. In-context classification tasks (`kind:
-icl`) are a trained classifier's test sets, vectors, not text; see tasks/icl.py.
+Every other kind (kinds.py: N-back letters, trees, IOI prompts, repeated sequences, text documents, in-context
+classification test sets) generates or reads its items as its own module says (tasks/nback_trials.py, tree.py, ioi.py,
+repeat.py, documents.py, icl_sequences.py); docs/schema.md lists every field of every kind.
 """
 
 from __future__ import annotations
 
-import string
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -38,45 +34,18 @@ import yaml
 from ..errors import ProbeError, choice_error, read_yaml
 from ..paths import tasks_dir
 from .base import Task
-from .nback import NBack
+from .kinds import kinds
 from .prompts import FORMATS, prompts_task
-from .icl import IclTask
-from .ioi import IOITask
-from .repeat import RepeatTask
-from .text import TextTask
-from .tree import TreeTask
-from .relational import VARS, Relational
 
-_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi", "repeat", "text", "icl")
 _AMBIGUOUS = ("drop", "flag")
-
-
-_CLASSES = {"abstractive": Relational, "extractive": Relational, "nback": NBack, "tree": TreeTask, "ioi": IOITask,
-            "repeat": RepeatTask, "text": TextTask, "icl": IclTask}
-_REQUIRED = {"abstractive": ("template", "data"), "extractive": ("template", "data", "context", "context_items"),
-             "nback": ("instruction",), "tree": (), "ioi": (), "repeat": (), "text": ("data",), "icl": ()}
-
-
-def _check_template(name: str, key: str, text: str, accepted=VARS):
-    try:
-        names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
-    except ValueError as e:
-        raise ProbeError(f"task {name!r}: {key} is not a valid template ({e})")
-    for var in names:
-        if var not in accepted:
-            raise ProbeError(f"task {name!r}: {key} uses unknown variable {{{var}}}; accepted: "
-                             + ", ".join("{" + f + "}" for f in accepted))
-
-
 _TYPE_NAMES = {int: "an integer", str: "a text", dict: "a mapping", list: "a list"}
-_NONNEGATIVE = {"version", "seed", "shots", "context_items", "sequences", "length", "matches", "first_sequence",
-                "nodes", "trees", "first_tree", "draws", "documents", "min_chars", "max_chars", "test"}
 
 
 def _check_types(cls, spec: dict, name: str) -> None:
     """Every field of a task file against the type its class declares (one schema: the dataclass), and counts
-    against their range; N-back's `n` may be one integer or a list."""
+    against their range (the classes' NONNEGATIVE); N-back's `n` may be one integer or a list."""
     hints = typing.get_type_hints(cls)
+    nonnegative = {k for c in cls.__mro__ for k in vars(c).get("NONNEGATIVE", ())}
     for key, value in spec.items():
         want = hints.get(key)
         want = typing.get_origin(want) or want
@@ -85,8 +54,8 @@ def _check_types(cls, spec: dict, name: str) -> None:
         if want in _TYPE_NAMES and (not isinstance(value, want) or isinstance(value, bool)):
             accepted = "a list of integers 1 to 6, or one" if key == "n" else _TYPE_NAMES[want]
             raise ProbeError(f"task {name!r}: {key} {value!r} is not {_TYPE_NAMES[want]}; accepted: {accepted}"
-                             + (", 0 or more" if key in _NONNEGATIVE else ""))
-        if key in _NONNEGATIVE and value < 0:
+                             + (", 0 or more" if key in nonnegative else ""))
+        if key in nonnegative and value < 0:
             raise ProbeError(f"task {name!r}: {key} {value!r} is negative; accepted: an integer, 0 or more")
 
 
@@ -101,13 +70,14 @@ def build_task(spec: dict, path: Path | None = None, overrides: dict | None = No
     if missing:
         raise ProbeError(f"task {name!r} ({where}) is missing field(s) {', '.join(missing)}; "
                          "required: name, version, kind")
-    if spec["kind"] not in _KINDS:
-        raise ProbeError(f"task {name!r} has kind {spec['kind']!r}; accepted: {', '.join(_KINDS)}")
-    cls = _CLASSES[spec["kind"]]
-    missing = [k for k in _REQUIRED[spec["kind"]] if k not in spec]
+    known = kinds()
+    if spec["kind"] not in known:
+        raise ProbeError(f"task {name!r} has kind {spec['kind']!r}; accepted: {', '.join(known)}")
+    cls, required = known[spec["kind"]].cls, known[spec["kind"]].required
+    missing = [k for k in required if k not in spec]
     if missing:
         raise ProbeError(f"task {name!r} ({where}) is missing field(s) {', '.join(missing)}; "
-                         f"a {spec['kind']} task requires: {', '.join(_REQUIRED[spec['kind']])}")
+                         f"a {spec['kind']} task requires: {', '.join(required)}")
     accepted = [f.name for f in fields(cls) if f.init and f.name not in ("path", "overrides")]
     unknown = set(spec) - set(accepted)
     if unknown:
@@ -116,20 +86,7 @@ def build_task(spec: dict, path: Path | None = None, overrides: dict | None = No
     _check_types(cls, spec, name)
     if spec.get("ambiguous", "drop") not in _AMBIGUOUS:
         raise ProbeError(f"task {name!r}: ambiguous {spec['ambiguous']!r}; accepted: {', '.join(_AMBIGUOUS)}")
-    if cls is Relational:
-        if not isinstance(spec["data"], dict) or "file" not in spec["data"]:
-            raise ProbeError(f"task {name!r}: data must be a mapping with 'file' (and optional input, output, "
-                             "group columns)")
-        for key in ("template", "answer", "argument", "context"):
-            if key in spec:
-                _check_template(name, key, spec[key])
-        for key in ("template", "answer"):
-            if not str(spec.get(key, " {output}")).strip():
-                raise ProbeError(f"task {name!r}: {key} is empty; accepted: a template such as "
-                                 + ("'Q: What is the capital of {input}?\\nA:'" if key == "template" else "' {output}'"))
-    elif cls is NBack:
-        _check_template(name, "instruction", spec["instruction"], accepted=("n",))
-        _check_template(name, "trial", spec.get("trial", "{letter}"), accepted=("letter",))
+    cls.check_file(spec, name)
     return cls(**spec, path=path, overrides=dict(overrides or {}))
 
 

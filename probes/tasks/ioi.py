@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from ..errors import ProbeError
-from .base import Item, Task
+from .base import Item, Task, paired
+from .kinds import register_kind
 
 # names that are one token with a leading space in GPT-2-, Llama- and Gemma-style vocabularies (checked per
 # tokenizer: an item whose names are not single tokens is flagged ambiguous like any other)
@@ -35,9 +37,20 @@ TEMPLATES = ["When {A} and {B} went to the {place}, {S} gave {object} to",
 FIELDS = ("A", "B", "S", "place", "object")
 
 
+@register_kind("ioi")
 @dataclass
 class IOITask(Task):
     """Template-generated IOI prompts, two per draw (the names' roles swapped)."""
+
+    SCHEMA: ClassVar[dict] = {
+        "draws": ("ioi: draws of template, names, place and object; two prompts each (the roles swapped)", "100"),
+        "templates": ("ioi: sentences with {A} and {B} (the names, in order), {S} (the repeated one), {place}, "
+                      "{object}", "['When {A} and {B} went to the {place}, {S} gave {object} to']"),
+        "names": ("ioi: the names drawn (two distinct per draw)", "[Mary, John, Tom]"),
+        "places": ("ioi: the places drawn", "[store, park]"),
+        "objects": ("ioi: the objects drawn", "[a drink, the ball]"),
+    }
+    NONNEGATIVE: ClassVar[tuple] = ("draws",)
 
     draws: int = 100
     templates: list = field(default_factory=lambda: list(TEMPLATES))
@@ -78,3 +91,14 @@ class IOITask(Task):
     def swapped(self, item: Item) -> Item:
         """The pair's other item: the same sentence, the other name repeated (activation patching's corruption)."""
         return self.items()[item.index ^ 1]
+
+    def corrupted_pairs(self, items: list[Item], tokenizer) -> list[Item]:
+        """Each prompt paired with its twin (`swapped`: its answer is this one's subject), where both have the same
+        token count."""
+        length = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+        twins = ((it, self.swapped(it)) for it in items)
+        return [paired(it, other.prompt, other.input, other.answer) for it, other in twins
+                if length(other.prompt) == length(it.prompt)]
+
+    def no_pairs(self, model: str) -> str:
+        return f"no IOI prompt of task {self.name!r} has a swapped partner of the same token length"

@@ -6,18 +6,34 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from ..errors import ProbeError
 from ..paths import tasks_dir
-from .base import Item, Task
+from .base import Item, Task, answer_token, check_template, paired
+from .kinds import register_kind
 
 VARS = ("input", "output")  # the template variables: a data row's input and output columns
 
 
 @dataclass
 class Relational(Task):
+    SCHEMA: ClassVar[dict] = {
+        "data": ("relational: the data file (CSV/JSON/JSONL, relative to the task file) and its input, output and "
+                 "optional group columns", "{file: data/world_capitals.csv, input: country, output: capital}"),
+        "template": ("relational: the query, with {input} and {output}", "'Q: What is the capital of {input}?\\nA:'"),
+        "answer": ("relational: the answer as emitted after the prompt; scored on its first token", "' {output}'"),
+        "argument": ("relational: the argument's text as it would be emitted; the lens tracks its first token",
+                     "' {input}'"),
+        "shots": ("relational: worked examples before the query (other items, never ambiguous ones)", "1"),
+        "separator": ("text between facts, examples and the query (N-back: between trials)", "'\\n'"),
+        "context": ("extractive: a fact stated before the query", "'The capital of {input} is {output}.'"),
+        "context_items": ("extractive: facts stated, the queried item's among them", "3"),
+    }
+    NONNEGATIVE: ClassVar[tuple] = ("shots", "context_items")
+
     data: dict = field(default_factory=dict)
     template: str = ""
     answer: str = " {output}"
@@ -27,6 +43,19 @@ class Relational(Task):
     context: str = ""
     context_items: int = 0
     _rows: list | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def check_file(cls, spec: dict, name: str) -> None:
+        if not isinstance(spec["data"], dict) or "file" not in spec["data"]:
+            raise ProbeError(f"task {name!r}: data must be a mapping with 'file' (and optional input, output, "
+                             "group columns)")
+        for key in ("template", "answer", "argument", "context"):
+            if key in spec:
+                check_template(name, key, spec[key], VARS)
+        for key in ("template", "answer"):
+            if not str(spec.get(key, " {output}")).strip():
+                raise ProbeError(f"task {name!r}: {key} is empty; accepted: a template such as "
+                                 + ("'Q: What is the capital of {input}?\\nA:'" if key == "template" else "' {output}'"))
 
     def rows(self) -> list[dict]:
         """The data rows, read once per task object (items and scored_items ask for them several times)."""
@@ -113,3 +142,27 @@ class Relational(Task):
             parts += [self.context.format(**rows[j]) for j in facts]
         parts += [self.template.format(**rows[j]) + self.answer.format(**rows[j]) for j in shots]
         return self.separator.join(parts + [self.template.format(**rows[index])])
+
+    def corrupted_pairs(self, items: list[Item], tokenizer) -> list[Item]:
+        """The items that have a partner: the same prompt (shots and all) with the query asked of another item
+        whose answer starts with another token, of the same token length; drawn with the task's seed."""
+        rows = self.rows()
+        length = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+        pool = self.items()  # partners: any item of the task, limited or not
+        query = {it.index: self.template.format(**rows[it.index]) for it in pool}
+        rng = np.random.default_rng([self.seed, 7])
+        out = []
+        for it in items:
+            prefix = it.prompt[: len(it.prompt) - len(query[it.index])]
+            n, first = length(it.prompt), answer_token(tokenizer, it)
+            for j in rng.permutation(len(pool)):
+                other = pool[int(j)]
+                corrupted = prefix + query[other.index]
+                if other.index != it.index and answer_token(tokenizer, other) != first and length(corrupted) == n:
+                    out.append(paired(it, corrupted, other.input, other.answer))
+                    break
+        return out
+
+
+register_kind("abstractive", required=("template", "data"))(Relational)
+register_kind("extractive", required=("template", "data", "context", "context_items"))(Relational)

@@ -9,11 +9,13 @@ the repeat tokenizes as the first pass did (an item that does not is flagged, no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from ..errors import ProbeError
 from .base import Item, Task
+from .kinds import register_kind
 
 # common English nouns: single tokens (with a leading space) in most vocabularies
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
@@ -32,10 +34,15 @@ WORDS = ("time year people way day man thing woman life child world school state
          "population site bed").split()
 
 
+@register_kind("repeat")
 @dataclass
 class RepeatTask(Task):
     """`sequences` items, each `length` random words (from the seed, without repetition within a segment) said
     twice; the segment starts with a space, so both passes tokenize alike."""
+
+    SCHEMA: ClassVar[dict] = {"sequences": ("repeat: repeated sequences", "50"),
+                              "length": ("repeat: words per segment (said twice)", "20")}
+    NONNEGATIVE: ClassVar[tuple] = ("sequences", "length")
 
     sequences: int = 50
     length: int = 20

@@ -17,11 +17,13 @@ for odd ones. Training (training/data.py) scores the path tokens and the two ","
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from ..errors import ProbeError
-from .base import Item, Task
+from .base import Item, Task, answer_token, paired
+from .kinds import register_kind
 
 ORDERS = ("mixed", "forward", "backward", "random")
 PAD = ","
@@ -106,12 +108,25 @@ def make_tree(seed: int, index: int, nodes: int = 16, order: str = "mixed") -> T
     return Tree(tuple(edges), path[0], path[-1], tuple(path))
 
 
+@register_kind("tree")
 @dataclass
 class TreeTask(Task):
     """Held-out trees of the training generator, one item per path step: the tokens up to the last path node so
     far (the root for step 0), answered by the next ">k". Grouped by path length. Items carry `up0`..: the node k
     steps up the path from the goal ("-" above the root), the labels of the backward-chaining probes
     (`--probe linear-probe --label up2 --task-option steps=first`)."""
+
+    SCHEMA: ClassVar[dict] = {
+        "nodes": ("tree: nodes per tree", "16"),
+        "trees": ("tree: trees, one item per step of each one's path", "200"),
+        "first_tree": ("tree: index of the first tree (a trained model's held-out ones)", "135000"),
+        "order": ("tree: edge order: mixed (reversed for even trees, shuffled for odd, as the authors), forward, "
+                  "backward or random", "mixed"),
+        "steps": ("tree: all (every step of each path) or first (step 0: the prompt ends at the root)", "first"),
+        "corrupt": ("tree: activation-patching's corrupted prompt: another tree (tree) or the same tree with "
+                    "another goal leaf whose path turns elsewhere at the step (goal)", "goal"),
+    }
+    NONNEGATIVE: ClassVar[tuple] = ("nodes", "trees", "first_tree")
 
     nodes: int = 16
     trees: int = 200
@@ -179,3 +194,30 @@ class TreeTask(Task):
         if inputs is not None:
             out = [it for it in out if it.input in inputs]
         return out
+
+    def corrupted_pairs(self, items: list[Item], tokenizer) -> list[Item]:
+        """Each step paired with the same step of another held-out tree (a resampled tree: same token count, since
+        every tree has as many edges) whose next path node differs, drawn with the task's seed; with `corrupt:
+        goal`, with the same tree asking for another leaf whose path turns elsewhere at this step (`other_goal`)."""
+        if self.corrupt == "goal":
+            goals = ((it, self.other_goal(it)) for it in items)
+            return [paired(it, other[0], it.extra["tree"], other[1]) for it, other in goals if other is not None]
+        pool: dict[int, list[Item]] = {}
+        for other in self.items():
+            pool.setdefault(other.extra["step"], []).append(other)
+        rng = np.random.default_rng([self.seed, 7])
+        out = []
+        for it in items:
+            same = pool[it.extra["step"]]
+            for j in rng.permutation(len(same)):
+                other = same[int(j)]
+                if other.extra["tree"] != it.extra["tree"] and answer_token(tokenizer, other) != answer_token(tokenizer, it):
+                    out.append(paired(it, other.prompt, other.extra["tree"], other.answer))
+                    break
+        return out
+
+    def no_pairs(self, model: str) -> str:
+        if self.corrupt == "goal":
+            return f"no item of task {self.name!r} has another leaf whose path turns elsewhere at its step"
+        return (f"no item of task {self.name!r} has another tree at the same step with another answer; "
+                "accepted: more trees (--task-option trees=N)")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..errors import ProbeError, read_yaml
 
-from ..tasks import icl
-from .data import GENERATORS, check_task
+from ..tasks import icl_sequences
+from .data import GENERATORS
 
 SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr")
 TRAIN = {"epochs": int, "steps": int, "batch_size": int, "lr": float, "min_lr": float, "schedule": str,
@@ -74,7 +74,7 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
                 raise ProbeError(f"{where}: {section}.{key} {value!r} is not {'a number' if want is float else want.__name__}")
             if key in POSITIVE and value < 1:
                 raise ProbeError(f"{where}: {section}.{key} {value!r}; accepted: a positive integer")
-    check_task(cfg["task"], where)
+    GENERATORS[generator].check(cfg["task"], where)
     if "train" not in fields and "steps" not in cfg["train"]:
         raise ProbeError(f"{where}: task generator {generator!r} has no fixed number of training sequences; "
                          "accepted: train.steps instead of train.epochs")
@@ -92,10 +92,10 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
     if "architecture" not in model:
         raise ProbeError(f"{where}: model needs an architecture; accepted: probe_transformer or a supported family")
     width, heads = model.get("n_embd", model.get("hidden_size")), model.get("n_head", model.get("num_attention_heads"))
-    if generator == "icl" and width != icl.width(cfg["task"]):
-        raise ProbeError(f"{where}: model width {width} differs from the task's vectors ({icl.width(cfg['task'])}: "
-                         "2 * max_pairs + 1 position dimensions + item_dim); accepted: n_embd "
-                         f"{icl.width(cfg['task'])}")
+    if generator == "icl" and width != icl_sequences.width(cfg["task"]):
+        need = icl_sequences.width(cfg["task"])
+        raise ProbeError(f"{where}: model width {width} differs from the task's vectors ({need}: 2 * max_pairs + 1 "
+                         f"position dimensions + item_dim); accepted: n_embd {need}")
     if isinstance(width, int) and isinstance(heads, int) and (heads < 1 or width % heads):
         raise ProbeError(f"{where}: width {width} is not divisible by {heads} heads; accepted: a width that is a "
                          "multiple of the number of heads")

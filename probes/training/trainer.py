@@ -28,7 +28,8 @@ from ..models.arch import arch_spec
 from ..models.planning import build_config
 from ..paths import runs_root
 from ..runs.rundir import RunBusy, RunComplete, RunLock, _now, atomic_write, environment, safe_name, write_csv, write_json
-from .data import GENERATORS, IGNORE, tokenizer_for
+from .data import GENERATORS, tokenizer_for
+from .generator import IGNORE
 
 
 def generator(cfg: dict):

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from ..errors import ProbeError
+from ..methods.icl_score import EARLY, LATE, token_losses
 from ..tasks import corpus as corpora
+from .generator import Generator
 
 FIELDS = {"generator": (str, "text"), "corpus": (str, "stdlib-english"), "vocab": (int, 8192), "context": (int, 256),
           "holdout": (int, 50), "test": (int, 64), "seed": (int, 0)}
-EARLY, LATE = 50, 500  # Olsson et al.'s tokens (the late one capped to the context)
 WINDOW = 21  # tokens averaged up to each
 BATCH = 1000  # documents tokenized together
 
@@ -102,7 +103,13 @@ def icl_score(model, test, batch: int = 16) -> dict:
         with torch.no_grad():
             logits = model(input_ids=x.to(model.device)).logits.float().cpu()
         for i, w in enumerate(windows):
-            sums[i] += torch.nn.functional.cross_entropy(logits[:, w].transpose(1, 2), y[:, w], reduction="none") \
-                .mean(1).sum()
+            sums[i] += token_losses(logits[:, w], y[:, w]).mean(1).sum()
     e, l = (sums / len(test)).tolist()
     return {"loss_early": e, "loss_late": l, "icl_score": l - e}
+
+
+GENERATOR = Generator(
+    FIELDS, check=check, tokenizer=tokenizer, splits=splits, readout=lambda t: None, positions=lambda t: t["context"],
+    run_name=lambda t, seed: f"seed{seed}", chance=lambda t: None,
+    summary=lambda t: f"{t['corpus']}, {t['context']}-token blocks",
+    extra_metrics=lambda model, test: icl_score(model, test), eval_batch=16, whole_sequences=False, milestone=None)

@@ -11,17 +11,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import ProbeError
 from ..paths import tasks_dir
 from . import corpus
 from .base import Item, Task
+from .kinds import register_kind
 
 SOURCES = ("file", "dataset", "corpus")
 
 
+@register_kind("text", required=("data",))
 @dataclass
 class TextTask(Task):
+    SCHEMA: ClassVar[dict] = {
+        "data": ("text: {file: docs.jsonl or .txt}, {dataset: NAME, split, column} or {corpus: stdlib-english, "
+                 "split: test, holdout: 50} (a training corpus's held-out documents)", "{file: docs.jsonl}"),
+        "documents": ("text: how many documents (the first ones long enough)", "100"),
+        "min_chars": ("text: documents shorter than this are skipped", "2000"),
+        "max_chars": ("text: each document cut to this many characters", "6000"),
+        "chunk": ("text: cut each document into pieces of about this many characters first, one item each (0: "
+                  "whole documents)", "1500"),
+    }
+    NONNEGATIVE: ClassVar[tuple] = ("documents", "min_chars", "max_chars")
+
     data: dict = field(default_factory=dict)  # {file: path (relative to tasks/)}, {dataset: NAME, split, column}
     # or {corpus: NAME, split: test|train, holdout: N}
     documents: int = 100

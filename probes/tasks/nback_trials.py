@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from ..errors import ProbeError
-from .base import Item, Task
+from .base import Item, Task, check_template, paired
+from .kinds import register_kind
 
 
 NBACK_LETTERS = "BCDFGHJKLMNPQRSTVWXZ"  # 20 consonants
 NBACK_RANGE = range(1, 7)
 
 
+@register_kind("nback", required=("instruction",))
 @dataclass
 class NBack(Task):
     """N-back trials in the prompted format of the working-memory studies.
@@ -25,6 +28,22 @@ class NBack(Task):
     answered " m" (match) or " -". `unit: sequence` gives one item per sequence with every response filled in,
     for attention analysis over all positions (probes find the letters through the tokenizer's offsets).
     """
+
+    SCHEMA: ClassVar[dict] = {  # separator: described with the relational kinds'
+        "n": ("nback: N, one value or a list (1 to 6)", "[1, 2, 3]"),
+        "sequences": ("nback: letter sequences per N", "4"),
+        "length": ("nback: letters per sequence", "24"),
+        "matches": ("nback: targets per sequence (a letter equal to the one N back)", "8"),
+        "letters": ("nback: the alphabet", "BCDFGHJKLMNPQRSTVWXZ"),
+        "unit": ("nback: trial (one item per letter) or sequence (one per sequence, for attention)", "trial"),
+        "instruction": ("nback: the text before the letters, with {n}", "'Respond m when ... {n} letters back'"),
+        "trial": ("nback: one trial, with {letter}", "'Letter: {letter}\\nResponse:'"),
+        "match_answer": ("nback: the answer to a target", "' m'"),
+        "nonmatch_answer": ("nback: the answer to any other letter", "' -'"),
+        "first_sequence": ("nback: index of the first sequence (a trained model's held-out ones)", "800"),
+        "feedback": ("nback: earlier letters followed by their correct response (prompted models)", "true"),
+    }
+    NONNEGATIVE: ClassVar[tuple] = ("sequences", "length", "matches", "first_sequence")
 
     n: list = field(default_factory=lambda: list(NBACK_RANGE))
     sequences: int = 4
@@ -50,6 +69,14 @@ class NBack(Task):
         if not 0 <= self.matches <= self.length - max(self.n) or len(set(self.letters)) < 2:
             raise ProbeError(f"task {self.name!r}: {self.matches} matches do not fit {self.length} letters for "
                              f"N up to {max(self.n)}; accepted: 0 to {self.length - max(self.n)}")
+
+    @classmethod
+    def check_file(cls, spec: dict, name: str) -> None:
+        check_template(name, "instruction", spec["instruction"], ("n",))
+        check_template(name, "trial", spec.get("trial", "{letter}"), ("letter",))
+
+    def ambiguity(self, tokenizer) -> dict[int, str]:
+        return {}  # every trial is answered by one of the same two responses
 
     def sequence(self, n: int, s: int) -> tuple[list[str], list[bool]]:
         """Letters and match labels of sequence `s` for `n`, generated from (seed, n, s)."""
@@ -94,3 +121,28 @@ class NBack(Task):
                                     self._response(labels[t]), " " + letters[t - n], group=f"N={n}",
                                     extra={**extra, "position": t, "match": bool(labels[t])}))
         return out[:limit] if limit else out
+
+    def corrupted_pairs(self, items: list[Item], tokenizer) -> list[Item] | None:
+        """Trials: the corrupted prompt changes the current letter so that the answer flips (a match becomes
+        another letter, a non-match becomes the letter N back); everything before it is the same. Whole sequences
+        have no pairs."""
+        if self.unit != "trial":
+            return None
+        length = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+        rng = np.random.default_rng([self.seed, 7])
+        out = []
+        for it in items:
+            n, t, letters = it.extra["n"], it.extra["position"], it.extra["letters"]
+            back = letters[t - n]
+            options = (rng.permutation([c for c in self.letters if c not in (back, letters[t])]).tolist()
+                       if it.extra["match"] else [back])
+            prefix = it.prompt[: len(it.prompt) - len(self.trial.format(letter=letters[t]))]
+            for new in options:  # the first that keeps the prompt's token count (tokenizers merge some letters)
+                corrupted = prefix + self.trial.format(letter=new)
+                if length(corrupted) == length(it.prompt):
+                    out.append(paired(it, corrupted, new, self._response(not it.extra["match"])))
+                    break
+        return out
+
+    def no_pairs(self, model: str) -> str:
+        return f"no trial of task {self.name!r} has a corrupted partner of the same token length"

@@ -1,19 +1,19 @@
-"""Training on Reddy's in-context classification task (the generator and its test sets: tasks/icl.py): fresh
-sequences at every step, the four fixed test sets, and the query's attention on the matching items logged at every
-evaluation."""
+"""Training on Reddy's in-context classification task (generator `icl`; the sequences and test sets:
+tasks/icl_sequences.py): fresh sequences at every step, the four fixed test sets, and the query's attention on the
+matching items logged at every evaluation."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ..tasks.icl import Classes, length, test_set
+from ..tasks import icl_sequences
+from ..tasks.icl_sequences import Classes, length, query_mass, test_set
+from .generator import IGNORE, Generator, word_tokenizer
 
 
 def targets(label: np.ndarray, T: int) -> np.ndarray:
     """(n, T) training targets: the label at the query (the last position), IGNORE elsewhere."""
-    from .data import IGNORE
-
     out = np.full((len(label), T), IGNORE, dtype=np.int64)
     out[:, -1] = label
     return out
@@ -81,8 +81,26 @@ def query_attention(model, data: Fixed, batch: int = 1000) -> dict:
             for h in hooks:
                 h.remove()
         for i, probs in enumerate(seen):
-            query = probs[:, :, -1, :].mean(1).cpu()  # (b, T)
-            mass[f"query_item_L{i}"] += float((query[:, 0:-1:2] * match).sum())
-            mass[f"query_label_L{i}"] += float((query[:, 1:-1:2] * match).sum())
+            item, label = query_mass(probs[:, :, -1, :].mean(1).cpu(), match)  # the query's row, mean over heads
+            mass[f"query_item_L{i}"] += float(item.sum())
+            mass[f"query_label_L{i}"] += float(label.sum())
         uniform += float(match.sum()) / x.shape[1]
     return {**{k: v / len(data) for k, v in mass.items()}, "query_uniform": uniform / len(data)}
+
+
+def labels(task: dict) -> tuple:
+    return tuple(str(i) for i in range(task["labels"]))
+
+
+def splits(task: dict, tokenizer) -> dict:
+    """{'train': fresh sequences (task.train of them per epoch), 'test': {in, ic, ic2, iw}: task.test each}."""
+    return {"train": Fresh(task, task["train"]), "test": {k: Fixed(task, k, task["test"]) for k in icl_sequences.TESTS}}
+
+
+GENERATOR = Generator(
+    {**icl_sequences.FIELDS, "train": (int, 9_600_000)}, check=icl_sequences.check,
+    tokenizer=lambda t: word_tokenizer([*labels(t), "<pad>", "<unk>"], pad="<pad>"), splits=splits, readout=labels,
+    positions=icl_sequences.length, run_name=lambda t, seed: f"seed{seed}", chance=lambda t: 1 / t["labels"],
+    summary=lambda t: f"in-context classification, {t['pairs']} pairs", collate=lambda splits: collate(splits["train"]),
+    eval_on_start=True, eval_batch=1000, milestone="eval_ic_accuracy",
+    extra_metrics=lambda model, test: {f"ic_{k}": v for k, v in query_attention(model, test["ic"]).items()})

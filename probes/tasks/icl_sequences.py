@@ -27,11 +27,13 @@ draws it independently, so it is present in about 1.6% of their sequences).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from ..errors import ProbeError
-from .base import Item, Task, VectorPrompt
+from .base import Item, Task, VectorPrompt, paired
+from .kinds import register_kind
 
 TESTS = ("in", "ic", "ic2", "iw")
 FIELDS = {"generator": (str, "icl"), "classes": (int, 512), "labels": (int, 32), "pairs": (int, 8),
@@ -141,11 +143,20 @@ class Classes:
                 "match": match}
 
 
+def query_mass(query, match):
+    """The query's attention on the context items of its class and on their labels, (item mass, label mass) each
+    of shape (...): `query` (..., positions) is the query's attention over a sequence (items at even positions, each
+    label after its item, the query last), `match` (..., pairs) 1 where a context item is of the query's class. The
+    one computation of this measure, for the training log (icl_data.py) and the attention probe alike."""
+    return (query[..., 0:-1:2] * match).sum(-1), (query[..., 1:-1:2] * match).sum(-1)
+
+
 def test_set(task: dict, kind: str, n: int) -> dict:
     """Test set `kind` of `n` sequences, drawn once from the task's seed (training logs its accuracy on it)."""
     return Classes(task).sample(n, np.random.default_rng([task["seed"], 2, TESTS.index(kind)]), kind)
 
 
+@register_kind("icl")
 @dataclass
 class IclTask(Task):
     """A trained classifier's test set as probe items (`kind: icl`): sequence i of test set `set` as training drew
@@ -155,6 +166,24 @@ class IclTask(Task):
     label; positions by meaning: `query`, `match_item` and `match_label` (the first context item of the query's
     class and its label; none in `iw`). Activation patching's corrupted sequence relabels the context items of the
     query's class with a label the context does not use: the in-context answer moves to it."""
+
+    SCHEMA: ClassVar[dict] = {
+        "classes": ("icl: as the model's training task.classes (the generator's fields must all be its)", "512"),
+        "labels": ("icl: as task.labels", "32"),
+        "pairs": ("icl: as task.pairs", "8"),
+        "max_pairs": ("icl: as task.max_pairs", "12"),
+        "item_dim": ("icl: as task.item_dim", "39"),
+        "burstiness": ("icl: as task.burstiness", "2"),
+        "p_bursty": ("icl: as task.p_bursty", "0.5"),
+        "p_novel": ("icl: as task.p_novel", "0.5"),
+        "noise": ("icl: as task.noise", "0.1"),
+        "zipf": ("icl: as task.zipf", "0.0"),
+        "set": ("icl: the test set: in (the training mixture), ic (novel classes), ic2 (labels shifted), iw (query "
+                "class absent)", "ic"),
+        "sequences": ("icl: the test set's first ones", "1000"),
+        "test": ("icl: as task.test (the test set's size as training drew it)", "10000"),
+    }
+    NONNEGATIVE: ClassVar[tuple] = ("sequences", "test")
 
     classes: int = 512
     labels: int = 32
@@ -226,3 +255,14 @@ class IclTask(Task):
         for j in match:
             words[2 * j + 1] = str(new)
         return VectorPrompt(" ".join(words), x), " " + str(new)
+
+    def corrupted_pairs(self, items: list[Item], tokenizer) -> list[Item]:
+        """Each sequence paired with itself relabelled (`corrupted`); sequences with no context item of the
+        query's class (iw) are left out."""
+        relabelled = ((it, self.corrupted(it)) for it in items)
+        return [paired(it, other[0], f"{it.input} relabelled", other[1]) for it, other in relabelled
+                if other is not None]
+
+    def no_pairs(self, model: str) -> str:
+        return (f"no sequence of task {self.name!r} has a context item of its query's class to relabel; "
+                "accepted: set in, ic or ic2")
