@@ -16,13 +16,16 @@ Scale curves on tiny random Llamas: time and peak memory against batch size, pro
 Training throughput (--training; --only-training for it alone): `probe train` (transformers' Trainer: the run
 folder, one evaluation, a checkpoint, the final weights, log and plot) against a bare torch loop over the same
 model, data, batch, optimizer and steps, with the same evaluation and a save of the final weights; sequences per
-second of each, per training config.
+second of each, per training config, and the data path's share of a `probe train` step.
 Activation patching (--patching; --only-patching for it alone, --patching-task for the pair): the full residual
 sweep of one pair as the probe runs it, against one trace per patch.
+Attribution patching (--attribution; --only-attribution, --attribution-task, --attribution-pairs): the full residual
+sweep of a task's pairs estimated, against the exact batched sweep, with the estimate's rank correlation.
 The lens over every position (--lens-positions; --only-lens-positions for it alone): time and peak memory of the
 logit lens at all positions and at the last, against a bare forward that computes the logits of every position.
 Writes benchmarks/results.json (benchmarks/scale.json with --only-scale, training.json with --only-training,
-lens-positions.json with --only-lens-positions, patching.json with --only-patching).
+lens-positions.json with --only-lens-positions, patching.json with --only-patching, attribution.json with
+--only-attribution).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import weakref
 from pathlib import Path
 
 import psutil
+import pandas as pd
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -196,8 +200,17 @@ def bench_model(name: str, batch: int, reps: int, cold: bool) -> dict:
             "self_check_share": seconds[check] / (seconds[check] + lens_batches * seconds["logit-lens"])}
 
 
+def fetch(dataset, indices: list[int]):
+    """A batch as torch's DataLoader (and so the trainer) takes it: the dataset's `__getitems__` if it has one."""
+    if hasattr(dataset, "__getitems__"):
+        return dataset.__getitems__(indices)
+    return [dataset[i] for i in indices]
+
+
 def bench_training(config: str, steps: int, reps: int) -> dict:
-    """Seconds and sequences per second of `probe train` and of a bare loop doing the same work."""
+    """Seconds and sequences per second of `probe train` and of a bare loop doing the same work; and the data
+    path's share of a `probe train` step: the seconds its batches take to make (index, collate), in the loader
+    the trainer builds, over the seconds of a step."""
     import torch.nn.functional as F
 
     from probes.training.config import load_training_config
@@ -237,7 +250,7 @@ def bench_training(config: str, steps: int, reps: int) -> dict:
             with torch.no_grad():
                 for test in tests.values():
                     for start in range(0, len(test), gen.eval_batch):
-                        loss_of(collate([test[i] for i in range(start, min(start + gen.eval_batch, len(test)))]))
+                        loss_of(collate(fetch(test, list(range(start, min(start + gen.eval_batch, len(test)))))))
                 if gen.extra_metrics is not None:
                     gen.extra_metrics(model, data["test"])  # as the trainer passes its eval_dataset
             model.train()
@@ -249,7 +262,7 @@ def bench_training(config: str, steps: int, reps: int) -> dict:
         done, train_set = 0, data["train"]
         while done < steps:
             for idx in torch.randperm(len(train_set), generator=order).split(t["batch_size"]):
-                loss = loss_of(collate([train_set[i] for i in idx.tolist()]))
+                loss = loss_of(collate(fetch(train_set, idx.tolist())))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -260,12 +273,36 @@ def bench_training(config: str, steps: int, reps: int) -> dict:
         with tempfile.TemporaryDirectory() as d:
             model.save_pretrained(d)
 
+    def data_path():
+        """`steps` batches from the trainer's own train loader (sampler, fetch, collate), nothing else."""
+        from probes.training.trainer import _trainer_class
+
+        tok = tokenizer_for(cfg["task"])
+        data = gen.splits(cfg["task"], tok)
+        with tempfile.TemporaryDirectory() as d:
+            from transformers import TrainingArguments
+
+            args = TrainingArguments(d, per_device_train_batch_size=t["batch_size"], report_to=[],
+                                     remove_unused_columns=False, use_cpu=not torch.cuda.is_available())
+            trainer = _trainer_class()(model=torch.nn.Linear(1, 1), args=args, train_dataset=data["train"],
+                                       data_collator=gen.collate(data))
+            loader, done = trainer.get_train_dataloader(), 0
+            timer = time.perf_counter()
+            while done < steps:
+                for _ in loader:
+                    done += 1
+                    if done == steps:
+                        break
+            return time.perf_counter() - timer
+
     with torch.enable_grad():
         (ours_s, _), (bare_s, _) = measure(ours, reps), measure(bare, reps)
+    data_s = sorted(data_path() for _ in range(reps))[reps // 2]
     seqs = steps * t["batch_size"]
     return {"config": cfg["name"], "steps": steps, "batch": t["batch_size"], "sequences": seqs,
             "bare_seconds": bare_s, "ours_seconds": ours_s, "bare_seq_per_s": seqs / bare_s,
-            "ours_seq_per_s": seqs / ours_s, "ratio": ours_s / bare_s}
+            "ours_seq_per_s": seqs / ours_s, "ratio": ours_s / bare_s, "data_seconds": data_s,
+            "data_share": data_s / ours_s}
 
 
 def bench_value_residual(reps: int) -> list[dict]:
@@ -386,6 +423,35 @@ def bench_patching(name: str, task: str, pairs: int, sample: int) -> dict:
             "speedup_every_patch": loop_s / out["batched_every_patch_seconds"], "max_diff": diff}
 
 
+def bench_attribution(name: str, task: str, pairs: int, reps: int) -> dict:
+    """The full residual sweep (every block x position) of the task's first `pairs` clean/corrupted pairs by
+    attribution (one forward and one backward per batch of pairs, nothing re-run) against the exact batched sweep
+    (activation-patching's engine) on the same pairs, in one run; with how well the estimate ranks the patches:
+    Spearman per pair (mean, bootstrap interval) and the share of each pair's exact top 10 in the estimate's top 20."""
+    from probes.methods.attribution import run_attribution, summarize_attribution
+    from probes.methods.patching import prepare_patching, run_patching
+
+    lm = load_model(resolve_model(name))
+    t = load_task(task)
+    items = prepare_patching(lm, t, t.items(), {})[0][:pairs]
+    options = {"sites": "resid", "positions": "all"}
+    estimate = lambda: run_attribution(lm, items, verify=0, **options)  # noqa: E731
+    exact = lambda: run_patching(lm, items, **options)  # noqa: E731
+    estimate(), exact()  # warm-up
+    (est_s, _), (exact_s, _) = measure(estimate, reps), measure(exact, reps)
+    key = ["item", "site", "block", "position"]
+    est, ex = pd.DataFrame(estimate()), pd.DataFrame(exact())
+    both = est.drop(columns=["verified", "effect_exact", "recovery_exact"]).merge(
+        ex[key + ["ld_patched", "ld_dest", "recovery"]].rename(columns={"ld_dest": "ld_dest_exact",
+                                                                        "recovery": "recovery_exact"}), on=key)
+    both["verified"], both["effect_exact"] = True, both.ld_patched - both.ld_dest_exact
+    check = summarize_attribution(both)["verification"]
+    return {"model": name, "task": task, "pairs": len(items), "patches": len(both), "estimate_seconds": est_s,
+            "exact_seconds": exact_s, "speedup": exact_s / est_s,
+            **{k: check.get(k) for k in ("spearman", "spearman_lo", "spearman_hi", "spearman_n", "top_found",
+                                         "top_found_lo", "top_found_hi")}}
+
+
 def bench_lens_positions(name: str, batch: int, reps: int) -> dict:
     """The lens over all positions of `batch` capitals prompts against the lens at the last position and a bare
     forward with full-vocabulary logits at every position; peak memory above the loaded model, against the logits
@@ -497,6 +563,12 @@ def main():
     p.add_argument("--patching-task", default="capitals", help="the task whose pairs the patching sweep patches "
                    "(default capitals; tree-trained-first for a trained tree model)")
     p.add_argument("--patching-pairs", type=int, default=1, help="how many of its pairs (default 1)")
+    p.add_argument("--attribution", action="store_true", help="also the full residual sweep by attribution against "
+                   "the exact batched sweep, with the estimate's rank correlation (--attribution-task, --attribution-pairs)")
+    p.add_argument("--attribution-task", default="capitals", help="the task whose pairs it patches (default capitals; "
+                   "ioi, or tree-trained on a trained tree model)")
+    p.add_argument("--attribution-pairs", type=int, default=8, help="how many of its pairs (default 8)")
+    p.add_argument("--only-attribution", action="store_true", help="only the attribution sweep")
     p.add_argument("--lens-positions", action="store_true", help="also the lens over every position (on the first "
                    "of --models)")
     p.add_argument("--only-lens-positions", action="store_true", help="only the lens over every position")
@@ -507,6 +579,8 @@ def main():
         args.value_residual, args.no_scale, args.models_run = True, True, False
     elif args.only_patching:
         args.patching, args.no_scale, args.models_run = True, True, False
+    elif args.only_attribution:
+        args.attribution, args.no_scale, args.models_run = True, True, False
     elif args.only_lens_positions:
         args.lens_positions, args.no_scale, args.models_run = True, True, False
     else:
@@ -530,7 +604,15 @@ def main():
         for r in results["training"]:
             print(f"training {r['config']}: {r['steps']} steps x batch {r['batch']}: bare loop {r['bare_seconds']:.2f} s "
                   f"({r['bare_seq_per_s']:.0f} seq/s), probe train {r['ours_seconds']:.2f} s ({r['ours_seq_per_s']:.0f} "
-                  f"seq/s) = {r['ratio']:.2f}x")
+                  f"seq/s) = {r['ratio']:.2f}x; its data path {r['data_seconds']:.2f} s = {r['data_share']:.1%} of it")
+    if args.attribution:
+        results["attribution"] = r = bench_attribution(args.models[0], args.attribution_task, args.attribution_pairs,
+                                                       args.reps)
+        print(f"attribution {r['model']} ({r['task']}): {r['pairs']} pairs, {r['patches']} patches: estimate "
+              f"{r['estimate_seconds']:.2f} s, exact {r['exact_seconds']:.2f} s = {r['speedup']:.1f}x faster; "
+              f"Spearman per pair {r['spearman']:.3f} [{r['spearman_lo']:.3f}, {r['spearman_hi']:.3f}] "
+              f"(n={r['spearman_n']}); exact top 10 in the estimate's top 20: {r['top_found']:.2f} "
+              f"[{r['top_found_lo']:.2f}, {r['top_found_hi']:.2f}]")
     if args.patching:
         results["patching"] = r = bench_patching(args.models[0], args.patching_task, args.patching_pairs, sample=60)
         print(f"patching {r['model']} ({r['task']}): {r['pairs']} pair(s), {r['patches']} patches ({r['blocks']} blocks "
@@ -556,6 +638,7 @@ def main():
     name = ("scale.json" if args.only_scale else "training.json" if args.only_training else
             "value-residual.json" if args.only_value_residual else
             "lens-positions.json" if args.only_lens_positions else "patching.json" if args.only_patching else
+            "attribution.json" if args.only_attribution else
             "results.json")
     out = Path(__file__).parent / name
     out.write_text(json.dumps(results, indent=2))

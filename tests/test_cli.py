@@ -65,7 +65,7 @@ def test_run_writes_table_and_metadata_and_resumes(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["run", "--model", "gpt5", "--task", "capitals"], "unknown model 'gpt5'; accepted:"),
     (["run", "--model", "tiny-gpt2", "--task", "capitols"], "unknown task 'capitols'; accepted: "),
-    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--probe", "x-ray"], "unknown probe 'x-ray'; accepted: accuracy, activation-patching, attention, ffn-ablation, ffn-readout, ffn-transplant, icl-score, induction, linear-probe, logit-difference, logit-lens, nback"),
+    (["run", "--model", "tiny-gpt2", "--task", "capitals", "--probe", "x-ray"], "unknown probe 'x-ray'; accepted: accuracy, activation-patching, attention, attribution-patching, ffn-ablation, ffn-readout, ffn-transplant, icl-score, induction, linear-probe, logit-difference, logit-lens, nback"),
     (["run", "--model", "tiny-gpt2", "--task", "capitals", "--dtype", "float8"],
      "unknown dtype 'float8'; accepted: float32, float16, bfloat16"),
     (["run", "--model", "tiny-gpt2", "--task", "capitals", "--quantize", "3bit"],

@@ -79,7 +79,7 @@ def test_checks_that_need_no_weights_come_before_loading(tmp_path, monkeypatch):
              "unknown patching position 'registers'; accepted: all, whole, last, argument, bar"),
             (tree, "linear-probe", {"position": "middle"}, "unknown probe position 'middle'; accepted: last, argument, bar"),
             (capitals, "activation-patching", {"sites": "heads"}, "unknown patching site 'heads'"),
-            (capitals, "activation-patching", {"positions": "1:2:3"}, "bad --positions '1:2:3'; accepted: last, all, whole"),
+            (capitals, "activation-patching", {"positions": "1:2:3"}, "bad patching --positions '1:2:3'; accepted: last, all, whole"),
             (capitals, "ffn-transplant", {"positions": "first"}, "bad transplant --positions 'first'"),
             (capitals, "logit-lens", {"positions": "whole"}, "bad lens --positions 'whole'"),
             (capitals, "ffn-ablation", {"layers": "3-1"}, "bad --layers '3-1'"),

@@ -31,6 +31,7 @@ import nnsight
 import numpy as np
 import torch
 
+from ..errors import ProbeError
 from ..models.arch import parse_blocks
 from ..stats import interval_text, level, mean
 from ..tasks.base import Item, answer_token, item_columns, token_ids
@@ -48,7 +49,7 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
     source row: (pairs, columns) per site, (pairs, columns, heads) for `head`."""
     arch = loaded.arch
     acts, leaves = {}, {}
-    with loaded.trace(prompts, logits_to_keep=1):
+    with torch.enable_grad(), loaded.trace(prompts, logits_to_keep=1):  # gradients, whatever the caller's mode
         for i in sorted(blocks):
             x = arch.block_input(i)
             for site in ("resid", "head", "attn", "ffn"):  # forward order within the block
@@ -66,7 +67,8 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
         ld = nnsight.save(logits[rows, good.to(logits.device).repeat_interleave(2)]
                           - logits[rows, bad.to(logits.device).repeat_interleave(2)])
         acts = nnsight.save(acts)
-    ld[1::2].sum().backward()
+    with torch.enable_grad():
+        ld[1::2].sum().backward()
     effects = {}
     for key, value in acts.items():
         term = (value[0::2] - value[1::2]).float() * leaves[key].grad[1::2].float()
@@ -74,6 +76,19 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
             term = term.view(*term.shape[:-1], arch.n_heads, -1)
         effects[key] = term.sum(-1)
     return ld.detach().float(), effects
+
+
+def prepare_attribution(loaded, task, items: list[Item], options: dict):
+    """activation-patching's pairs, once the model is known to give gradients at every site."""
+    from .patching import prepare_patching
+
+    cpu_4bit = [name for name, m in loaded.arch.hf.named_modules()
+                if type(m).__name__ == "Linear4bit" and m.weight.device.type == "cpu"]
+    if cpu_4bit:
+        raise ProbeError(f"attribution-patching needs gradients through {loaded.spec.name}'s 4-bit layers, which "
+                         f"bitsandbytes computes on the CPU with an inference-only kernel ({cpu_4bit[0]}); accepted: "
+                         "8-bit or unquantized on the CPU, 4-bit on a GPU, or activation-patching")
+    return prepare_patching(loaded, task, items, options)
 
 
 def run_attribution(loaded, items: list[Item], state: dict | None = None, sites="resid", layers=None,

@@ -54,7 +54,7 @@ class Probe:
     prepare: Callable | None = None  # (loaded, task, items, options) -> (items, state, meta), once per run
     run_options: tuple[str, ...] = ()  # the options `run` takes (the rest go to `prepare` only)
     load: dict = field(default_factory=dict)  # what it needs from loading (eager attention)
-    passes: Callable | None = None  # (n_layers, options) -> forward passes per prompt, for Slurm time limits; None: 1
+    passes: Callable = lambda n_layers, options: 1  # (n_layers, options) -> forward passes per prompt (Slurm limits)
     kinds: tuple[str, ...] = ALL_KINDS  # the task kinds it runs on
     needs_argument: bool = False  # it tracks each item's argument (a prompts file must give one)
     truncates: bool = False  # it reads each prompt's first context-length tokens (documents may be longer)
@@ -73,9 +73,6 @@ class Probe:
     @property
     def defaults(self) -> dict:
         return {k: v for k, v in self.options.items() if v is not None}
-
-    def forward_passes(self, n_layers: int, options: dict) -> float:
-        return 1 if self.passes is None else self.passes(n_layers, options)
 
 
 PROBES: dict[str, Probe] = {}
@@ -131,7 +128,8 @@ for _probe in (
           "(attribution patching), the largest re-run exactly", "attribution:run_attribution",
           "attribution:summarize_attribution", "attribution:report_attribution", "probes.reports.plots:plot_patching",
           {"sites": "resid", "layers": None, "positions": "all", "direction": "denoise", "verify": 32},
-          prepare="patching:prepare_patching", run_options=("sites", "layers", "positions", "direction", "verify"),
+          prepare="attribution:prepare_attribution",
+          run_options=("sites", "layers", "positions", "direction", "verify"),
           passes="attribution:attribution_passes", kinds=(*RELATIONAL, "nback", "tree", "ioi", "icl"), word="patching"),
     Probe("linear-probe", "logistic-regression probes per layer for a label of the items, held out, against "
           "shuffled labels and random weights", "linear_probe:run_linear_probe",

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ProbeError
-from .positions import FORMS, check_grammar
 
 
 @dataclass(frozen=True)
@@ -101,10 +100,11 @@ def parse_scales(value) -> list[float]:
 
 
 def positions(flag: str) -> Callable[[Any], Any]:
-    """The positions grammar (positions.py); which forms a probe takes, and the names a task gives, are checked
-    with the task (catalog.check_task)."""
+    """Positions, whose grammar (positions.py) each probe checks with the forms it takes (catalog.probe_options),
+    and the names a task gives with the task (catalog.check_task)."""
     def parse(value):
-        check_grammar(value, FORMS, flag)
+        if isinstance(value, (bool, float)) or not isinstance(value, (str, int, list, tuple)):
+            raise ProbeError(f"bad {flag} {value!r}; accepted: positions as text, e.g. 'last' or '0,-1'")
         return value
     return parse
 

@@ -30,8 +30,8 @@ def form_of(entry: str) -> str | None:
 
 
 def entries(value) -> list[str]:
-    """The entries of a positions value: text '0,goal,-3:' or a list."""
-    parts = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    """The entries of a positions value: text '0,goal,-3:', a list, or one index."""
+    parts = [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
     return [p.strip() for p in parts]
 
 

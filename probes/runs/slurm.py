@@ -48,7 +48,7 @@ def resources(sweep: Sweep, unit: Unit) -> dict:
             prompts = sweep._once(("prompts", unit.task, unit.seed),
                                   lambda: [it.prompt for it in sweep.task(unit).items(limit=sweep.limit)])
             tokens = math.ceil(max(map(len, prompts)) / 3)  # characters per token: 3 or more in these tasks
-            passes = sweep.plan(unit).spec.forward_passes(p.n_layers, sweep.plan(unit).options)
+            passes = sweep.plan(unit).spec.passes(p.n_layers, sweep.plan(unit).options)
             batch = AUTO_START if sweep.batch_size == "auto" else sweep.batch_size
             res["time"] = time_limit(p, passes, len(prompts), batch, tokens, gpu=bool(int(res["gpus"])))
     res.pop("gpu_mem")

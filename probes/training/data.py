@@ -19,7 +19,7 @@ from ..errors import ProbeError
 from ..tasks.nback_trials import NBack
 from ..tasks.tree import ORDERS, make_tree, vocabulary
 from . import icl_data, lm_data
-from .generator import IGNORE, Generator, word_tokenizer
+from .generator import IGNORE, Generator, TensorRows, word_tokenizer
 
 LABELS = ("-", "m")  # target 0: no match, 1: match
 
@@ -41,9 +41,7 @@ def tokenizer_for(task: dict):
 
 
 def nback_splits(task: dict, tokenizer) -> dict:
-    """{'train': Dataset, 'test': Dataset} of (input_ids, target) per sequence."""
-    from datasets import Dataset
-
+    """{'train': TensorRows, 'test': TensorRows} of (input_ids, target) per sequence."""
     gen = nback_generator(task)
     n = task["n"]
     ids = tokenizer.convert_tokens_to_ids
@@ -52,15 +50,13 @@ def nback_splits(task: dict, tokenizer) -> dict:
         letters, labels = gen.sequence(n, s)
         rows.append({"input_ids": ids(letters),
                      "target": [IGNORE if t < n else int(m) for t, m in enumerate(labels)]})
-    return {"train": Dataset.from_list(rows[: task["train"]]), "test": Dataset.from_list(rows[task["train"]:])}
+    return {"train": TensorRows(rows[: task["train"]]), "test": TensorRows(rows[task["train"]:])}
 
 
 def tree_splits(task: dict, tokenizer) -> dict:
-    """{'train': Dataset, 'test': Dataset}: trees 0..train-1 and the next `test` ones; the input is the sequence
-    but its last token, the target the next token at the path's positions (each path node, then the two ","
-    that end it, as the authors score them)."""
-    from datasets import Dataset
-
+    """{'train': TensorRows, 'test': TensorRows}: trees 0..train-1 and the next `test` ones; the input is the
+    sequence but its last token, the target the next token at the path's positions (each path node, then the two
+    "," that end it, as the authors score them)."""
     ids = tokenizer.convert_tokens_to_ids
     rows = []
     for index in range(task["train"] + task["test"]):
@@ -69,7 +65,7 @@ def tree_splits(task: dict, tokenizer) -> dict:
         first, last = tree.start() + 1, tree.start() + len(tree.path) + 1  # target positions (token index)
         rows.append({"input_ids": tokens[:-1],
                      "target": [tokens[p + 1] if first <= p + 1 <= last else IGNORE for p in range(len(tokens) - 1)]})
-    return {"train": Dataset.from_list(rows[: task["train"]]), "test": Dataset.from_list(rows[task["train"]:])}
+    return {"train": TensorRows(rows[: task["train"]]), "test": TensorRows(rows[task["train"]:])}
 
 
 def check_tree(task: dict, where: str) -> None:

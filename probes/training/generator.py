@@ -26,8 +26,37 @@ def word_tokenizer(words: list[str], pad: str):
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, unk_token="<unk>")
 
 
-def collate_ids(rows: list[dict]) -> dict:
-    """Rows of equal-length token sequences (never padded: every generator's sequences have one length)."""
+class TensorRows(torch.utils.data.Dataset):
+    """A split's equal-length rows as tensors, built once ({column: (rows, length)}). The data loader takes a batch
+    as one index into each column (`__getitems__`), so a training step costs no Python per row; a row read alone
+    (`data[i]`, iteration) is plain lists, as a `datasets.Dataset` row is."""
+
+    def __init__(self, rows: list[dict] | None = None, columns: dict | None = None):
+        self.columns = columns if columns is not None else {
+            k: torch.tensor([r[k] for r in rows], dtype=torch.long) for k in (rows[0] if rows else ())}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i].tolist() for k, v in self.columns.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v[index] for k, v in self.columns.items()}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def select(self, indices) -> "TensorRows":
+        return TensorRows(columns=self.__getitems__(list(indices)))
+
+
+def collate_ids(rows) -> dict:
+    """A batch: what `TensorRows.__getitems__` gives, as it is; or rows of equal-length token sequences (never
+    padded: every generator's sequences have one length)."""
+    if isinstance(rows, dict):
+        return rows
     return {"input_ids": torch.tensor([r["input_ids"] for r in rows]), "target": torch.tensor([r["target"] for r in rows])}
 
 

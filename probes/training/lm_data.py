@@ -22,7 +22,7 @@ import torch
 from ..errors import ProbeError
 from ..methods.icl_score import EARLY, LATE, token_losses
 from ..tasks import corpus as corpora
-from .generator import Generator
+from .generator import Generator, TensorRows
 
 FIELDS = {"generator": (str, "text"), "corpus": (str, "stdlib-english"), "vocab": (int, 8192), "context": (int, 256),
           "holdout": (int, 50), "test": (int, 64), "seed": (int, 0)}
@@ -86,7 +86,8 @@ def splits(task: dict, tok) -> dict:
     if not len(train) or not len(test):
         raise ProbeError(f"corpus {task['corpus']!r} gives {len(train)} training and {len(test)} test blocks of "
                          f"{task['context'] + 1} tokens; accepted: more text, or a smaller context or holdout")
-    return {"train": train, "test": test.select(range(min(task["test"], len(test))))}
+    rows = TensorRows(columns={k: torch.tensor(train[k], dtype=torch.long) for k in ("input_ids", "target")})
+    return {"train": rows, "test": test.select(range(min(task["test"], len(test))))}
 
 
 def icl_score(model, test, batch: int = 16) -> dict:
