@@ -99,6 +99,7 @@ def cmd_run(args) -> None:
     from .models.devices import describe
     from .runs.execution import counts_text, execute, load_for
     from .runs.plan import default_output, plan_run
+    from .runs.rundir import safe_name
     from .models.registry import resolve_model
     from .tasks.files import parse_overrides
 
@@ -126,8 +127,8 @@ def cmd_run(args) -> None:
         print(result.report)
         print(counts_text(result.summary))
         print(f"results: {out}/table.csv  metadata: {out}/meta.json" + ("  plot: plot.png" if plan.spec.plot else ""))
-    if len(tasks) > 1 and args.probe == "ffn-ablation":
-        print_ablation_comparison(tables, {t.name: t.kind for t in tasks}, spec.name)
+    if len(tasks) > 1 and plan.spec.compare is not None:  # several tasks side by side, as the probe compares them
+        print(plan.spec.compare(tables, {t.name: t.kind for t in tasks}, RESULTS / safe_name(spec.name)))
 
 
 def _run_tasks(args, overrides: dict) -> list:
@@ -291,31 +292,6 @@ def cmd_report(args) -> None:
     results = Path(args.results or RESULTS)
     out = write_report(results, [b.strip() for b in args.by.split(",") if b.strip()], args.out)
     print(f"report: {out}")
-
-
-def print_ablation_comparison(tables: dict, kinds: dict, model: str) -> None:
-    """Abstractive and extractive tasks side by side (table and plot), and per variant the difference of their
-    relative drops with its bootstrap interval (first abstractive task minus first extractive task)."""
-    import pandas as pd
-
-    from .methods.ffn_ablation import drop_difference
-    from .reports.plots import plot_ablation_compare
-    from .stats import interval_text, level
-
-    acc = pd.DataFrame({f"{t} ({kinds[t]}, {df.item.nunique()} items)": df.groupby("variant", sort=False).correct.mean()
-                        for t, df in tables.items()})
-    print("\n== accuracy by FFN blocks removed\n" + acc.round(3).to_string())
-    first = {k: next((t for t in tables if kinds[t] == k), None) for k in ("abstractive", "extractive")}
-    if all(first.values()):
-        a, e = first["abstractive"], first["extractive"]
-        print(f"\nrelative drop of {a} minus that of {e} ({level():.0%} bootstrap over each task's items):")
-        for v in tables[a].variant.unique():
-            if v != "none" and v in set(tables[e].variant):
-                print(f"  {v}: {interval_text(drop_difference(tables[a], tables[e], v), 'drop_difference')}")
-    path = RESULTS / model / ("ablation-" + "+".join(tables) + ".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plot_ablation_compare(tables, kinds, path, model)
-    print(f"plot: {path}")
 
 
 def _print_table(header, rows) -> None:

@@ -202,3 +202,18 @@ def test_every_option_is_in_the_help_the_api_docstring_and_the_file_reference():
     docs = (ROOT / "docs" / "schema.md").read_text()
     for o in option_types.OPTIONS.values():
         assert o.cli in flags and f"    {o.name} ({o.cli}): " in probes.run.__doc__ and f"| {o.name} | `{o.cli}` |" in docs
+
+
+def test_several_tasks_are_compared_as_their_probe_says(tmp_path, capsys, monkeypatch):
+    """ffn-ablation over an abstractive and an extractive task: the table side by side, the difference of their
+    relative drops per variant, and the plot beside the model's runs (the probe's `compare`, not a name test)."""
+    import probes.cli
+
+    monkeypatch.setattr(probes.cli, "RESULTS", tmp_path)
+    r = probe_here(capsys, "run", "--model", "tiny-gpt2", "--task", "capitals,capitals-extractive", "--probe",
+                   "ffn-ablation", "--task-option", "ambiguous=flag", "--limit", "3", "--layers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "accuracy by FFN blocks removed" in r.stdout
+    assert "relative drop of capitals minus that of capitals-extractive" in r.stdout
+    assert (tmp_path / "tiny-gpt2" / "ablation-capitals+capitals-extractive.png").exists()
+    assert catalog.PROBES["ffn-ablation"].compare is not None and catalog.PROBES["logit-lens"].compare is None

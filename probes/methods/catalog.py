@@ -63,9 +63,10 @@ class Probe:
     position_forms: tuple[str, ...] = FORMS  # the forms of the positions grammar its positions option takes
     word: str = ""  # how its errors name it ("unknown lens position ...")
     needs_ffn: bool = False  # it reads FFN updates (a model without FFN blocks is refused)
+    compare: Callable | None = None  # (tables, kinds, folder) -> text: several tasks' runs side by side
 
     def __post_init__(self):
-        for role in ("run", "summarize", "report", "plot", "prepare", "passes"):
+        for role in ("run", "summarize", "report", "plot", "prepare", "passes", "compare"):
             object.__setattr__(self, role, _fn(getattr(self, role)))
         unknown = set(self.options) - set(OPTIONS)
         assert not unknown, f"probe {self.name!r} declares options no one parses: {unknown}"
@@ -112,7 +113,8 @@ for _probe in (
     Probe("ffn-ablation", "zero (or identity-replace) FFN updates of chosen blocks, or the top sixths",
           "ffn_ablation:run_ablation", "ffn_ablation:summarize_ablation", "ffn_ablation:report_ablation",
           "probes.reports.plots:plot_ablation", {"layers": None, "how": None, "vocab": None},
-          run_options=("layers", "how", "vocab"), passes="ffn_ablation:ablation_passes", needs_ffn=True),
+          run_options=("layers", "how", "vocab"), passes="ffn_ablation:ablation_passes", needs_ffn=True,
+          compare="ffn_ablation:compare_tasks"),
     Probe("nback", "N-back hit rate, false alarms, accuracy and signed d' by N", "nback:run_nback",
           "nback:summarize_nback", "nback:report_nback", "probes.reports.plots:plot_nback", kinds=("nback",)),
     Probe("attention", "attention entropy and mass to the N-back letter, by N x layer x head",

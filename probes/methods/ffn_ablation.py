@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -116,3 +118,27 @@ def report_ablation(df, summary) -> str:
         table[key] = [summary[key][v] for v in table.variant]
     return (table.round(3).to_string(index=False) + f"\n\nitems {summary['items']} ({df.ablation.iloc[0]} ablation; "
             f"{level():.0%} Wilson intervals; p_vs_none: exact McNemar against no ablation, same items)")
+
+
+def compare_tasks(tables: dict, kinds: dict, folder) -> str:
+    """Several tasks' runs side by side (`probe run --task a,b`): accuracy by variant, and per variant the
+    difference of the relative drops of the first abstractive and the first extractive task with its bootstrap
+    interval; the plot is written into `folder` (the model's results folder)."""
+    import pandas as pd
+
+    from ..reports.plots import plot_ablation_compare
+    from ..stats import interval_text
+
+    acc = pd.DataFrame({f"{t} ({kinds[t]}, {df.item.nunique()} items)": df.groupby("variant", sort=False).correct.mean()
+                        for t, df in tables.items()})
+    lines = ["\n== accuracy by FFN blocks removed\n" + acc.round(3).to_string()]
+    first = {k: next((t for t in tables if kinds[t] == k), None) for k in ("abstractive", "extractive")}
+    if all(first.values()):
+        a, e = first["abstractive"], first["extractive"]
+        lines.append(f"\nrelative drop of {a} minus that of {e} ({level():.0%} bootstrap over each task's items):")
+        lines += [f"  {v}: {interval_text(drop_difference(tables[a], tables[e], v), 'drop_difference')}"
+                  for v in tables[a].variant.unique() if v != "none" and v in set(tables[e].variant)]
+    path = Path(folder) / ("ablation-" + "+".join(tables) + ".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_ablation_compare(tables, kinds, path, Path(folder).name)
+    return "\n".join(lines + [f"plot: {path}"])
