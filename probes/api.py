@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .methods.catalog import PROBES
+from .methods.catalog import PROBES, taking
 from .methods.option_types import OPTIONS, options_text
 from .models.loading import Loaded, load_model, load_remote
 from .models.options import load_options
@@ -123,7 +123,5 @@ def list_probes() -> dict[str, str]:
 
 def options() -> pd.DataFrame:
     """Every probe option: its keyword, command-line flag, the probes that take it (with their defaults) and help."""
-    return pd.DataFrame([{"option": o.name, "flag": o.cli,
-                          "probes": ", ".join(f"{p.name}" + (f" ({p.options[o.name]})" if p.options[o.name] is not None
-                                                             else "") for p in PROBES.values() if o.name in p.options),
-                          "help": o.help} for o in OPTIONS.values()])
+    return pd.DataFrame([{"option": o.name, "flag": o.cli, "probes": taking(o.name), "help": o.help}
+                         for o in OPTIONS.values()])

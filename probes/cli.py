@@ -113,7 +113,7 @@ def cmd_run(args) -> None:
     load = {"dtype": args.dtype, "device_map": args.device_map, "quantize": args.quantize,
             "max_memory": args.max_memory, "gpus": args.gpus, "compute_dtype": args.compute_dtype}
     plan = plan_run(spec, tasks, args.probe, options, limit=args.limit, batch_size=args.batch_size,
-                    outputs=outputs if not (args.output and len(tasks) > 1) else None, output=args.output,
+                    outputs=outputs, output=args.output,
                     overwrite=args.overwrite, self_check=not args.no_self_check, load=load, remote=args.remote)
     loaded = load_for(plan)
     where = f" {describe(loaded.placement, loaded.dtype)}" if loaded.placement else ""

@@ -184,12 +184,9 @@ def _table(header, rows) -> str:
 
 
 def option_rows() -> list[tuple]:
-    from .methods.catalog import PROBES
+    from .methods.catalog import taking
     from .methods.option_types import OPTIONS
 
-    def taking(name):
-        return ", ".join(p.name + (f" ({p.options[name]})" if p.options[name] is not None else "")
-                         for p in PROBES.values() if name in p.options)
     return [(o.name, f"`{o.cli}`", taking(o.name), o.help) for o in OPTIONS.values()]
 
 

@@ -156,6 +156,12 @@ for _probe in (
     register(_probe)
 
 
+def taking(option: str) -> str:
+    """The probes that take `option`, each with its default: 'logit-lens (5), ffn-readout (5)'."""
+    return ", ".join(p.name + (f" ({p.options[option]})" if p.options[option] is not None else "")
+                     for p in PROBES.values() if option in p.options)
+
+
 def get_probe(name: str) -> Probe:
     if name not in PROBES:
         raise choice_error("probe", name, PROBES)
