@@ -19,12 +19,14 @@ maps, the held-out best cell) and, over the verified patches, the Spearman corre
 per pair (mean over pairs, bootstrap interval), and with `all`, how many of each pair's exact top 10 patches are in
 the estimate's top 20.
 
-Not here: AtP*'s corrections (Kramar et al.): the QK fix (attention patterns recomputed for patched queries and keys,
-where the linear term misses a saturated softmax) and GradDrop (gradients with each layer's path dropped, against
-effects that cancel). Where they matter, the verification shows it: an estimate far from its exact re-run."""
+AtP*'s corrections (Kramar et al. 2024; atp_star.py): `--qk-fix` computes exactly how a resid patch changes its
+block's attention probabilities (the linear term misses a saturated softmax), and `--graddrop` scores each patch by
+its mean |estimate| over backward passes that each drop one block's gradient (effects that cancel); with both,
+AtP*. Where they are not enough, the verification shows it: an estimate far from its exact re-run."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import nnsight
@@ -33,49 +35,86 @@ import torch
 
 from ..errors import ProbeError
 from ..models.arch import parse_blocks
+from ..models.attention_record import recording
 from ..stats import interval_text, level, mean
 from ..tasks.base import Item, answer_token, item_columns, token_ids
+from .atp_star import check_qk_fix, linear_qk, qk_correction
 from .patch_engine import answer_columns, patch_list, patch_logits, site_value
 from .patching import parse_sites, pairs_used, report_patching, summarize_patching
 from .positions import named_positions, resolve_positions
 
+ESTIMATORS = {(False, False): "AtP", (True, False): "AtP + QK fix", (False, True): "AtP + GradDrop",
+              (True, True): "AtP* (QK fix + GradDrop)"}
 TOP_EXACT, TOP_ESTIMATE = 10, 20  # with --verify all: the exact top 10 patches looked for in the estimate's top 20
 
 
 def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Tensor, sites: list[str],
-                        blocks: list[int]):
-    """For left-padded `prompts` (source, destination, source, destination, ...): each row's LD (rows,) and, per
-    (block, site), the first-order effect of patching each destination row's value at each column from its
-    source row: (pairs, columns) per site, (pairs, columns, heads) for `head`."""
+                        blocks: list[int], shifts: list[int], qk_fix: bool = False, graddrop: bool = False):
+    """For left-padded `prompts` (source, destination, source, destination, ...; pair b's padding `shifts[b]`):
+    each row's LD (rows,) and the gradient passes' estimates as [(weight, effects)]: one pass (AtP, with
+    `qk_fix` AtP*'s QK fix), or with `graddrop` one per dropped block (atp_star.py). `effects` holds, per (block,
+    site), the first-order effect of patching each destination row's value at each column from its source row:
+    (pairs, columns) per site, (pairs, columns, heads) for `head`; and per (block, 'resid', 'qk') what the QK fix
+    adds to each (pairs, columns), per (block, 'resid', 'whole') to the patch of every position at once (pairs,)."""
     arch = loaded.arch
-    acts, leaves = {}, {}
-    with torch.enable_grad(), loaded.trace(prompts, logits_to_keep=1):  # gradients, whatever the caller's mode
-        for i in sorted(blocks):
+    acts, leaves, drop = {}, {}, {"block": None}
+    first = min(blocks)
+    walk = range(first, arch.n_layers) if graddrop else sorted(blocks)
+    with (recording(arch) if qk_fix else contextlib.nullcontext({})) as rec, torch.enable_grad(), \
+            loaded.trace(prompts, logits_to_keep=1):  # gradients, whatever the caller's mode
+        for i in walk:
             x = arch.block_input(i)
             for site in ("resid", "head", "attn", "ffn"):  # forward order within the block
-                if site not in sites:
+                patched = i in blocks and site in sites
+                dropped = graddrop and (site == "attn" or site == "ffn" and arch.has_ffn)
+                if not (patched or dropped):
                     continue
                 value = site_value(arch, i, site, x)
-                acts[i, site] = value.detach().clone()
-                leaves[i, site] = torch.zeros_like(value).requires_grad_(True)
-                if site == "head":  # the attention kernel's output, which its backward needs unchanged
-                    arch.set_heads_input(i, value + leaves[i, site])
-                else:  # the same run, with a leaf whose gradient is dLD/d(value)
-                    value += leaves[i, site]
+                if patched:
+                    acts[i, site] = value.detach().clone()
+                    leaves[i, site] = torch.zeros_like(value).requires_grad_(True)
+                    if site == "resid":  # the same run, with a leaf whose gradient is dLD/d(value)
+                        value += leaves[i, site]
+                    else:  # out of place: the attention kernel's backward needs its output unchanged, and a
+                        value = value + leaves[i, site]  # quantized layer's output may be a view autograd guards
+                        arch.set_heads_input(i, value) if site == "head" else arch.set_update(i, site, value, like=x)
+                if dropped and value.requires_grad:  # block i's contribution to the residual, dropped in pass i
+                    value.register_hook(lambda g, i=i: torch.zeros_like(g) if drop["block"] == i else g)
         logits = loaded.model.output.logits[:, -1]
         rows = torch.arange(len(prompts), device=logits.device)
         ld = nnsight.save(logits[rows, good.to(logits.device).repeat_interleave(2)]
                           - logits[rows, bad.to(logits.device).repeat_interleave(2)])
         acts = nnsight.save(acts)
+    delta = {key: value[0::2] - value[1::2] for key, value in acts.items()}
+    fixed = [i for i in blocks if qk_fix and (i, "resid") in leaves]
     with torch.enable_grad():
-        ld[1::2].sum().backward()
-    effects = {}
-    for key, value in acts.items():
-        term = (value[0::2] - value[1::2]).float() * leaves[key].grad[1::2].float()
-        if key[1] == "head":
-            term = term.view(*term.shape[:-1], arch.n_heads, -1)
-        effects[key] = term.sum(-1)
-    return ld.detach().float(), effects
+        moved = {}
+        for i in fixed:  # the queries' and keys' first-order move, with the block input moved in destination rows
+            tangent = torch.zeros_like(acts[i, "resid"])
+            tangent[1::2] = delta[i, "resid"]
+            moved[i] = linear_qk(rec[i], leaves[i, "resid"], tangent)
+        target, keys = ld[1::2].sum(), list(leaves)
+        plan = [(first, None)] if not graddrop or first else []
+        plan += [(1, block) for block in range(first, arch.n_layers)] if graddrop else []
+        passes = []
+        for k, (weight, block) in enumerate(plan):
+            drop["block"] = block
+            grads = torch.autograd.grad(target, [leaves[key] for key in keys] + [rec[i].probs for i in fixed],
+                                        retain_graph=k < len(plan) - 1, allow_unused=True, materialize_grads=True)
+            effects = {}
+            for key, grad in zip(keys, grads):
+                term = delta[key].float() * grad[1::2].float()
+                if key[1] == "head":
+                    term = term.view(*term.shape[:-1], arch.n_heads, -1)
+                effects[key] = term.sum(-1)
+            for i, grad in zip(fixed, grads[len(keys):]):
+                one = effects[i, "resid", "qk"] = torch.zeros_like(effects[i, "resid"])
+                whole = effects[i, "resid", "whole"] = torch.zeros(len(shifts), device=one.device)
+                for b, shift in enumerate(shifts):
+                    per, whole[b] = qk_correction(rec[i], grad, *moved[i], (2 * b, 2 * b + 1), shift)
+                    one[b, shift:] = per.to(one.device)
+            passes.append((weight if graddrop else 1, {k: v.detach().cpu() for k, v in effects.items()}))
+    return ld.detach().float(), passes
 
 
 def prepare_attribution(loaded, task, items: list[Item], options: dict):
@@ -88,11 +127,14 @@ def prepare_attribution(loaded, task, items: list[Item], options: dict):
         raise ProbeError(f"attribution-patching needs gradients through {loaded.spec.name}'s 4-bit layers, which "
                          f"bitsandbytes computes on the CPU with an inference-only kernel ({cpu_4bit[0]}); accepted: "
                          "8-bit or unquantized on the CPU, 4-bit on a GPU, or activation-patching")
+    if options.get("qk_fix"):
+        check_qk_fix(loaded)
     return prepare_patching(loaded, task, items, options)
 
 
 def run_attribution(loaded, items: list[Item], state: dict | None = None, sites="resid", layers=None,
-                    positions="all", direction: str = "denoise", verify=32) -> list[dict]:
+                    positions="all", direction: str = "denoise", verify=32, qk_fix: bool = False,
+                    graddrop: bool = False) -> list[dict]:
     arch, tok = loaded.arch, loaded.tokenizer
     sites = parse_sites(sites, arch.has_ffn)
     blocks = parse_blocks(layers if layers is not None else "all", arch.n_layers, "--layers")
@@ -102,17 +144,21 @@ def run_attribution(loaded, items: list[Item], state: dict | None = None, sites=
         prompts += [clean, corrupted] if direction == "denoise" else [corrupted, clean]
         good.append(answer_token(tok, it))
         bad.append(answer_token(tok, dataclasses.replace(it, answer=it.extra["corrupted_answer"])))
-    ld, effects = attribution_forward(loaded, prompts, torch.tensor(good), torch.tensor(bad), sites, blocks)
-    ld = ld.cpu().tolist()
-    effects = {k: v.cpu() for k, v in effects.items()}  # one transfer per batch
     width = max(len(token_ids(tok, p)) for p in prompts)
+    shifts = [width - len(token_ids(tok, it.prompt)) for it in items]  # left padding: token p is column shift + p
+    ld, passes = attribution_forward(loaded, prompts, torch.tensor(good), torch.tensor(bad), sites, blocks, shifts,
+                                     qk_fix, graddrop)
+    ld = ld.cpu().tolist()
+    dropped = max(arch.n_layers - 1, 1)  # GradDrop's mean: a patch inside a block scores zero in that block's pass
+    estimator = ESTIMATORS[qk_fix, graddrop]
     rows = []
     for b, it in enumerate(items):
         n = len(token_ids(tok, it.prompt))
         pos = resolve_positions(positions, n, named_positions(tok, it))
         patches = patch_list(sites, blocks, pos, arch.n_heads)
-        shift = width - n  # left padding: the pair's token p is column shift + p
-        estimate = [_estimate(effects, patch, b, shift) for patch in patches]
+        shift = shifts[b]
+        estimate = [_estimate(passes[0][1], patch, b, shift) if not graddrop
+                    else sum(w * abs(_estimate(e, patch, b, shift)) for w, e in passes) / dropped for patch in patches]
         chosen = _verified(estimate, verify)
         exact = {}
         if chosen:
@@ -123,14 +169,15 @@ def run_attribution(loaded, items: list[Item], state: dict | None = None, sites=
             exact = {k: (got[j + 2], got[0], got[1]) for j, k in enumerate(chosen)}
         gap = ld[2 * b] - ld[2 * b + 1]
         cols = {**item_columns(tok, it), "corrupted_input": it.extra["corrupted_input"], "direction": direction,
-                "tokens": n, "ld_source": ld[2 * b], "ld_dest": ld[2 * b + 1]}
+                "tokens": n, "ld_source": ld[2 * b], "ld_dest": ld[2 * b + 1], "estimator": estimator}
+        scale = abs(gap) if graddrop else gap  # a GradDrop score has no sign
         for k, (site, block, p) in enumerate(patches):
             head = int(site[5:]) if site.startswith("head.") else None
             ld_exact, source_exact, dest_exact = exact.get(k, (None, None, None))
             rows.append({**cols, "site": "head" if head is not None else site, "head": head, "block": block,
                          "position": "whole" if isinstance(p, slice) else str(p),
                          "from_end": None if isinstance(p, slice) else p - n, "estimate": estimate[k],
-                         "recovery": estimate[k] / gap if gap else float("nan"), "verified": k in exact,
+                         "recovery": estimate[k] / scale if gap else float("nan"), "verified": k in exact,
                          "effect_exact": None if ld_exact is None else ld_exact - dest_exact,
                          "recovery_exact": (None if ld_exact is None else (ld_exact - dest_exact) / (source_exact - dest_exact)
                                             if source_exact != dest_exact else float("nan"))})
@@ -141,7 +188,11 @@ def _estimate(effects: dict, patch: tuple, b: int, shift: int) -> float:
     """Pair b's estimated effect of one patch: its column's term, or the sum over the prompt's columns (whole)."""
     site, block, p = patch
     per = effects[block, "head"][:, :, int(site[5:])] if site.startswith("head.") else effects[block, site]
-    return float(per[b, shift:].sum() if isinstance(p, slice) else per[b, shift + p])
+    if isinstance(p, slice):  # the terms add up, but the QK fix of every position at once is its own
+        whole = effects.get((block, site, "whole"))
+        return float(per[b, shift:].sum() + (whole[b] if whole is not None else 0))
+    fix = effects.get((block, site, "qk"))
+    return float(per[b, shift + p] + (fix[b, shift + p] if fix is not None else 0))
 
 
 def _verified(estimate: list[float], verify) -> list[int]:
@@ -165,9 +216,13 @@ def summarize_attribution(df, seed: int = 0) -> dict:
     source and destination logit differences differ by at least patching's MIN_GAP)."""
     out = summarize_patching(df, seed)
     v = df[df.verified.astype(bool) & df.item.isin(pairs_used(df))]
-    rho = [_spearman(g.estimate.to_numpy(float), g.effect_exact.to_numpy(float)) for _, g in v.groupby("item")]
+    unsigned = "GradDrop" in str(df.estimator.iloc[0]) if "estimator" in df and len(df) else False
+    exact = lambda g: g.effect_exact.abs() if unsigned else g.effect_exact  # noqa: E731  a GradDrop score has no sign
+    rho = [_spearman(g.estimate.to_numpy(float), exact(g).to_numpy(float)) for _, g in v.groupby("item")]
     rho = [r for r in rho if np.isfinite(r)]
-    check = {"patches": int(len(v)), "pairs": int(v.item.nunique()), "every_patch": bool(df.verified.all()),
+    check = {"estimator": str(df.estimator.iloc[0]) if "estimator" in df and len(df) else "AtP",
+             "unsigned": unsigned, "patches": int(len(v)), "pairs": int(v.item.nunique()),
+             "every_patch": bool(df.verified.all()),
              **mean(rho, "spearman", seed=seed)}
     if check["every_patch"]:
         found = []
@@ -185,11 +240,13 @@ def summarize_attribution(df, seed: int = 0) -> dict:
 
 def report_attribution(df, summary) -> str:
     v = summary["verification"]
-    lines = ["estimated effects (first order); every recovery below is the estimate's unless it says exact:",
+    lines = [f"estimated effects ({v['estimator']}"
+             + ("; unsigned scores, against |exact|" if v["unsigned"] else "; first order")
+             + "); every recovery below is the estimate's unless it says exact:",
              report_patching(df, summary),
              f"\nverification: {v['patches']} patches of {v['pairs']} pairs re-run exactly"
              + (" (every patch)" if v["every_patch"] else " (each pair's largest |estimate|; --verify all for every patch)"),
-             f"  Spearman correlation of estimate and exact effect, per pair: {interval_text(v, 'spearman', 3)}"]
+             f"  Spearman correlation of estimate and {'|exact| ' if v['unsigned'] else 'exact '}effect, per pair: {interval_text(v, 'spearman', 3)}"]
     if v["every_patch"]:
         lines.append(f"  exact top {TOP_EXACT} patches found in the estimate's top {TOP_ESTIMATE}: "
                      f"{interval_text(v, 'top_found', 2)} (share, mean over pairs)")
@@ -201,9 +258,10 @@ def report_attribution(df, summary) -> str:
 
 
 def attribution_passes(n_layers: int, options: dict) -> float:
-    """Forward passes per item, for time limits: the pair's forward and backward (as 3), and the exact re-runs."""
+    """Forward passes per item, for time limits: the pair's forward and backward(s), and the exact re-runs."""
     from .patching import patching_passes
 
     verify = options.get("verify", 32)
     every = patching_passes(n_layers, options) - 2
-    return 3 + (every if verify == "all" else min(int(verify), every))
+    backward = 2 * n_layers if options.get("graddrop") else 2  # a backward costs about two forwards
+    return 1 + backward + (every if verify == "all" else min(int(verify), every))

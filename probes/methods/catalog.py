@@ -129,9 +129,10 @@ for _probe in (
     Probe("attribution-patching", "activation-patching's effects estimated from one forward and one backward per pair "
           "(attribution patching), the largest re-run exactly", "attribution:run_attribution",
           "attribution:summarize_attribution", "attribution:report_attribution", "probes.reports.plots:plot_patching",
-          {"sites": "resid", "layers": None, "positions": "all", "direction": "denoise", "verify": 32},
+          {"sites": "resid", "layers": None, "positions": "all", "direction": "denoise", "verify": 32,
+           "qk_fix": False, "graddrop": False},
           prepare="attribution:prepare_attribution",
-          run_options=("sites", "layers", "positions", "direction", "verify"),
+          run_options=("sites", "layers", "positions", "direction", "verify", "qk_fix", "graddrop"),
           passes="attribution:attribution_passes", kinds=(*RELATIONAL, "nback", "tree", "ioi", "icl"), word="patching"),
     Probe("linear-probe", "logistic-regression probes per layer for a label of the items, held out, against "
           "shuffled labels and random weights", "linear_probe:run_linear_probe",

@@ -109,10 +109,12 @@ def positions(flag: str) -> Callable[[Any], Any]:
     return parse
 
 
-def switch(value) -> bool:
-    if not isinstance(value, bool):
-        raise ProbeError(f"bad controls {value!r}; accepted: true or false")
-    return value
+def boolean(name: str) -> Callable[[Any], bool]:
+    def parse(value) -> bool:
+        if not isinstance(value, bool):
+            raise ProbeError(f"bad {name} {value!r}; accepted: true or false")
+        return value
+    return parse
 
 
 def text(value) -> str:
@@ -135,7 +137,7 @@ _OPTIONS = [
            "indices '0,5,-1', a slice '-3:', argument, or a position the task names (trees: goal, root, edge_up0, "
            "...). logit-lens: last (default; others give a layer x position heat map); activation-patching: all "
            "(default); ffn-transplant replace: all (broadcast, default) or last", positions("--positions")),
-    Option("controls", "ffn-transplant: skip shuffled and random vectors", switch, flag="--no-controls", switch=False),
+    Option("controls", "ffn-transplant: skip shuffled and random vectors", boolean("controls"), flag="--no-controls", switch=False),
     Option("sources", "ffn-transplant: average o over this many source prompts", count("sources", 1), least=1),
     Option("source_items", "ffn-transplant: source inputs, e.g. 'Poland,France'", text),
     Option("source_layer", "ffn-transplant: block of o (default: the FFN switch block)", count("source_layer", 0),
@@ -150,6 +152,12 @@ _OPTIONS = [
            choice("patching direction", ("denoise", "noise"))),
     Option("verify", "attribution-patching: how many of each pair's patches of largest |estimate| are re-run exactly "
            "(default 32), or all (every patch: the full comparison)", lambda v: v if v == "all" else count("verify", 0)(v)),
+    Option("qk_fix", "attribution-patching: AtP*'s QK fix, against attention saturation: a resid patch's change of "
+           "its block's attention probabilities computed exactly (its query and key against the others), only their "
+           "effect on LD to first order", boolean("qk_fix"), switch=True),
+    Option("graddrop", "attribution-patching: AtP*'s GradDrop, against paths that cancel: one backward per block with "
+           "that block's gradient dropped; a patch scores the mean |estimate| over them (unsigned)",
+           boolean("graddrop"), switch=True),
     Option("label", "linear-probe: what to decode: group (default), answer, argument, or a column the task adds "
            "(e.g. match); several comma-separated", names("probe label")),
     Option("site", "linear-probe: resid (default), attn or ffn", choice("probe site", SITES[:3])),

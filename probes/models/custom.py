@@ -44,6 +44,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ProbeError
+from . import attention_record
 
 
 class ProbeTransformerConfig(PretrainedConfig):
@@ -124,6 +125,10 @@ class Attention(nn.Module):
         q, k, v = (z.view(b, t, self.heads, self.head_dim).transpose(1, 2) for z in qkv.split(d, dim=-1))
         scores = (q @ k.transpose(-1, -2)) * self.scale
         probs = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+        if attention_record.active():  # for AtP*'s QK fix
+            additive = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(
+                ~mask, torch.finfo(scores.dtype).min)
+            attention_record.record(self.layer, attention_record.Recorded(q, k, additive, self.scale, None, probs))
         return self.out((probs @ v).transpose(1, 2).reshape(b, t, d)), probs
 
 
