@@ -20,7 +20,8 @@ second of each, per training config, and the data path's share of a `probe train
 Activation patching (--patching; --only-patching for it alone, --patching-task for the pair): the full residual
 sweep of one pair as the probe runs it, against one trace per patch.
 Attribution patching (--attribution; --only-attribution, --attribution-task, --attribution-pairs): the full residual
-sweep of a task's pairs estimated, against the exact batched sweep, with the estimate's rank correlation.
+sweep of a task's pairs estimated by AtP, AtP + QK fix, AtP + GradDrop and AtP*, against the exact batched sweep, with
+each estimate's rank correlation.
 The lens over every position (--lens-positions; --only-lens-positions for it alone): time and peak memory of the
 logit lens at all positions and at the last, against a bare forward that computes the logits of every position.
 Writes benchmarks/results.json (benchmarks/scale.json with --only-scale, training.json with --only-training,
@@ -423,11 +424,16 @@ def bench_patching(name: str, task: str, pairs: int, sample: int) -> dict:
             "speedup_every_patch": loop_s / out["batched_every_patch_seconds"], "max_diff": diff}
 
 
+ESTIMATORS = {"AtP": {}, "AtP + QK fix": {"qk_fix": True}, "AtP + GradDrop": {"graddrop": True},
+              "AtP*": {"qk_fix": True, "graddrop": True}}
+
+
 def bench_attribution(name: str, task: str, pairs: int, reps: int) -> dict:
     """The full residual sweep (every block x position) of the task's first `pairs` clean/corrupted pairs by
-    attribution (one forward and one backward per batch of pairs, nothing re-run) against the exact batched sweep
-    (activation-patching's engine) on the same pairs, in one run; with how well the estimate ranks the patches:
-    Spearman per pair (mean, bootstrap interval) and the share of each pair's exact top 10 in the estimate's top 20."""
+    attribution (plain AtP, with AtP*'s QK fix, with GradDrop, and with both; nothing re-run) against the exact
+    batched sweep (activation-patching's engine) on the same pairs, in one run; with how well each estimate ranks
+    the patches: Spearman per pair (mean, bootstrap interval; GradDrop's unsigned scores against |exact|) and the
+    share of each pair's exact top 10 in the estimate's top 20."""
     from probes.methods.attribution import run_attribution, summarize_attribution
     from probes.methods.patching import prepare_patching, run_patching
 
@@ -435,21 +441,24 @@ def bench_attribution(name: str, task: str, pairs: int, reps: int) -> dict:
     t = load_task(task)
     items = prepare_patching(lm, t, t.items(), {})[0][:pairs]
     options = {"sites": "resid", "positions": "all"}
-    estimate = lambda: run_attribution(lm, items, verify=0, **options)  # noqa: E731
-    exact = lambda: run_patching(lm, items, **options)  # noqa: E731
-    estimate(), exact()  # warm-up
-    (est_s, _), (exact_s, _) = measure(estimate, reps), measure(exact, reps)
+    exact_s, _ = measure(lambda: run_patching(lm, items, **options), reps)
     key = ["item", "site", "block", "position"]
-    est, ex = pd.DataFrame(estimate()), pd.DataFrame(exact())
-    both = est.drop(columns=["verified", "effect_exact", "recovery_exact"]).merge(
-        ex[key + ["ld_patched", "ld_dest", "recovery"]].rename(columns={"ld_dest": "ld_dest_exact",
-                                                                        "recovery": "recovery_exact"}), on=key)
-    both["verified"], both["effect_exact"] = True, both.ld_patched - both.ld_dest_exact
-    check = summarize_attribution(both)["verification"]
-    return {"model": name, "task": task, "pairs": len(items), "patches": len(both), "estimate_seconds": est_s,
-            "exact_seconds": exact_s, "speedup": exact_s / est_s,
-            **{k: check.get(k) for k in ("spearman", "spearman_lo", "spearman_hi", "spearman_n", "top_found",
-                                         "top_found_lo", "top_found_hi")}}
+    ex = pd.DataFrame(run_patching(lm, items, **options))
+    out = {"model": name, "task": task, "pairs": len(items), "exact_seconds": exact_s, "estimators": []}
+    for label, fixes in ESTIMATORS.items():
+        est_s, _ = measure(lambda: run_attribution(lm, items, verify=0, **options, **fixes), reps)  # noqa: B023
+        est = pd.DataFrame(run_attribution(lm, items, verify=0, **options, **fixes))
+        both = est.drop(columns=["verified", "effect_exact", "recovery_exact"]).merge(
+            ex[key + ["ld_patched", "ld_dest", "recovery"]].rename(columns={"ld_dest": "ld_dest_exact",
+                                                                            "recovery": "recovery_exact"}), on=key)
+        both["verified"], both["effect_exact"] = True, both.ld_patched - both.ld_dest_exact
+        check = summarize_attribution(both)["verification"]
+        out["patches"] = len(both)
+        out["estimators"].append({"estimator": label, "estimate_seconds": est_s, "speedup": exact_s / est_s,
+                                  **{k: check.get(k) for k in ("spearman", "spearman_lo", "spearman_hi", "spearman_n",
+                                                               "spearman_abs", "spearman_abs_lo", "spearman_abs_hi",
+                                                               "top_found", "top_found_lo", "top_found_hi")}})
+    return out
 
 
 def bench_lens_positions(name: str, batch: int, reps: int) -> dict:
@@ -608,11 +617,14 @@ def main():
     if args.attribution:
         results["attribution"] = r = bench_attribution(args.models[0], args.attribution_task, args.attribution_pairs,
                                                        args.reps)
-        print(f"attribution {r['model']} ({r['task']}): {r['pairs']} pairs, {r['patches']} patches: estimate "
-              f"{r['estimate_seconds']:.2f} s, exact {r['exact_seconds']:.2f} s = {r['speedup']:.1f}x faster; "
-              f"Spearman per pair {r['spearman']:.3f} [{r['spearman_lo']:.3f}, {r['spearman_hi']:.3f}] "
-              f"(n={r['spearman_n']}); exact top 10 in the estimate's top 20: {r['top_found']:.2f} "
-              f"[{r['top_found_lo']:.2f}, {r['top_found_hi']:.2f}]")
+        print(f"attribution {r['model']} ({r['task']}): {r['pairs']} pairs, {r['patches']} patches, exact "
+              f"{r['exact_seconds']:.2f} s")
+        for e in r["estimators"]:
+            print(f"  {e['estimator']}: {e['estimate_seconds']:.2f} s = {e['speedup']:.1f}x faster; Spearman per pair "
+                  f"{e['spearman']:.3f} [{e['spearman_lo']:.3f}, {e['spearman_hi']:.3f}] (n={e['spearman_n']}), of "
+                  f"magnitudes {e['spearman_abs']:.3f} [{e['spearman_abs_lo']:.3f}, {e['spearman_abs_hi']:.3f}]; exact "
+                  f"top 10 in the estimate's top 20: {e['top_found']:.2f} [{e['top_found_lo']:.2f}, "
+                  f"{e['top_found_hi']:.2f}]")
     if args.patching:
         results["patching"] = r = bench_patching(args.models[0], args.patching_task, args.patching_pairs, sample=60)
         print(f"patching {r['model']} ({r['task']}): {r['pairs']} pair(s), {r['patches']} patches ({r['blocks']} blocks "

@@ -210,3 +210,12 @@ def test_gradients_through_8bit_layers_are_the_quantized_models_own():
         assert row.estimate == pytest.approx(want, abs=2e-2 * scale), (row.site, row.block)
     fixed = probes.run(model, task, "attribution-patching", qk_fix=True, **options).table
     assert fixed.estimate.notna().all() and len(fixed) == len(table)
+
+
+def test_a_remote_model_is_refused_in_one_line():
+    from probes.methods.attribution import prepare_attribution
+
+    model = dataclasses.replace(loaded("tiny-llama"), remote=True)
+    task, _ = _pair(model)
+    with pytest.raises(probes.ProbeError, match="remote"):
+        prepare_attribution(model, task, [], {})

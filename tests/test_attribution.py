@@ -133,6 +133,8 @@ def test_verified_patches_are_activation_patchings_numbers():
     both = atp.merge(exact, on=key, suffixes=("", "_ap"))
     assert len(both) == len(atp) == len(exact) and atp.verified.all()
     assert (both.recovery_exact - both.recovery_ap).abs().max() < 1e-5
+    unchanged = atp[~atp.changes.astype(bool)]  # before the first token where the pair differs: nothing moves
+    assert len(unchanged) and unchanged.effect_exact.abs().max() < 1e-6 and unchanged.estimate.abs().max() < 1e-6
     some = probes.run(model, task, "attribution-patching", limit=3, verify=5, **options).table
     assert (some.groupby("item").verified.sum() == 5).all()
     assert _verified([0.1, -3.0, 2.0, 0.0], 2) == [1, 2] and _verified([1.0], "all") == [0]

@@ -39,7 +39,7 @@ from ..models.attention_record import recording
 from ..stats import interval_text, level, mean
 from ..tasks.base import Item, answer_token, item_columns, token_ids
 from .atp_star import check_qk_fix, linear_qk, qk_correction
-from .patch_engine import answer_columns, patch_list, patch_logits, site_value
+from .patch_engine import answer_columns, first_difference, patch_list, patch_logits, site_value
 from .patching import parse_sites, pairs_used, report_patching, summarize_patching
 from .positions import named_positions, resolve_positions
 
@@ -94,8 +94,10 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
             tangent[1::2] = delta[i, "resid"]
             moved[i] = linear_qk(rec[i], leaves[i, "resid"], tangent)
         target, keys = ld[1::2].sum(), list(leaves)
-        plan = [(first, None)] if not graddrop or first else []
-        plan += [(1, block) for block in range(first, arch.n_layers)] if graddrop else []
+        # (weight, block dropped): GradDrop's passes, and the plain pass once for each block before the first
+        # patched one (dropping those changes nothing); or the one plain pass
+        plan = (([(first, None)] if first else []) + [(1, b) for b in range(first, arch.n_layers)] if graddrop
+                else [(1, None)])
         passes = []
         for k, (weight, block) in enumerate(plan):
             drop["block"] = block
@@ -113,7 +115,7 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
                 for b, shift in enumerate(shifts):
                     per, whole[b] = qk_correction(rec[i], grad, *moved[i], (2 * b, 2 * b + 1), shift)
                     one[b, shift:] = per.to(one.device)
-            passes.append((weight if graddrop else 1, {k: v.detach().cpu() for k, v in effects.items()}))
+            passes.append((weight, {k: v.detach().cpu() for k, v in effects.items()}))  # one transfer per pass
     return ld.detach().float(), passes
 
 
@@ -121,6 +123,9 @@ def prepare_attribution(loaded, task, items: list[Item], options: dict):
     """activation-patching's pairs, once the model is known to give gradients at every site."""
     from .patching import prepare_patching
 
+    if loaded.remote:
+        raise ProbeError("attribution-patching takes gradients after the trace, which a remote (NDIF) trace does not "
+                         "return; accepted: a local model, or activation-patching with --remote")
     cpu_4bit = [name for name, m in loaded.arch.hf.named_modules()
                 if type(m).__name__ == "Linear4bit" and m.weight.device.type == "cpu"]
     if cpu_4bit:
@@ -168,6 +173,7 @@ def run_attribution(loaded, items: list[Item], state: dict | None = None, sites=
             got = (out[:, 0] - out[:, 1]).tolist()
             exact = {k: (got[j + 2], got[0], got[1]) for j, k in enumerate(chosen)}
         gap = ld[2 * b] - ld[2 * b + 1]
+        start = first_difference(loaded, prompts[2 * b], prompts[2 * b + 1])
         cols = {**item_columns(tok, it), "corrupted_input": it.extra["corrupted_input"], "direction": direction,
                 "tokens": n, "ld_source": ld[2 * b], "ld_dest": ld[2 * b + 1], "estimator": estimator}
         scale = abs(gap) if graddrop else gap  # a GradDrop score has no sign
@@ -177,6 +183,7 @@ def run_attribution(loaded, items: list[Item], state: dict | None = None, sites=
             rows.append({**cols, "site": "head" if head is not None else site, "head": head, "block": block,
                          "position": "whole" if isinstance(p, slice) else str(p),
                          "from_end": None if isinstance(p, slice) else p - n, "estimate": estimate[k],
+                         "changes": isinstance(p, slice) or p >= start,
                          "recovery": estimate[k] / scale if gap else float("nan"), "verified": k in exact,
                          "effect_exact": None if ld_exact is None else ld_exact - dest_exact,
                          "recovery_exact": (None if ld_exact is None else (ld_exact - dest_exact) / (source_exact - dest_exact)
@@ -216,14 +223,19 @@ def summarize_attribution(df, seed: int = 0) -> dict:
     source and destination logit differences differ by at least patching's MIN_GAP)."""
     out = summarize_patching(df, seed)
     v = df[df.verified.astype(bool) & df.item.isin(pairs_used(df))]
+    if "changes" in v:  # patches before the first token where the pair differs change nothing, exactly or estimated
+        v = v[v.changes.astype(bool)]
     unsigned = "GradDrop" in str(df.estimator.iloc[0]) if "estimator" in df and len(df) else False
     exact = lambda g: g.effect_exact.abs() if unsigned else g.effect_exact  # noqa: E731  a GradDrop score has no sign
     rho = [_spearman(g.estimate.to_numpy(float), exact(g).to_numpy(float)) for _, g in v.groupby("item")]
     rho = [r for r in rho if np.isfinite(r)]
+    rho_abs = [_spearman(g.estimate.abs().to_numpy(float), g.effect_exact.abs().to_numpy(float))
+               for _, g in v.groupby("item")]  # the magnitudes' ranking, comparable across estimators
+    rho_abs = [r for r in rho_abs if np.isfinite(r)]
     check = {"estimator": str(df.estimator.iloc[0]) if "estimator" in df and len(df) else "AtP",
              "unsigned": unsigned, "patches": int(len(v)), "pairs": int(v.item.nunique()),
              "every_patch": bool(df.verified.all()),
-             **mean(rho, "spearman", seed=seed)}
+             **mean(rho, "spearman", seed=seed), **mean(rho_abs, "spearman_abs", seed=seed)}
     if check["every_patch"]:
         found = []
         for _, g in v.groupby("item"):
@@ -245,8 +257,11 @@ def report_attribution(df, summary) -> str:
              + "); every recovery below is the estimate's unless it says exact:",
              report_patching(df, summary),
              f"\nverification: {v['patches']} patches of {v['pairs']} pairs re-run exactly"
-             + (" (every patch)" if v["every_patch"] else " (each pair's largest |estimate|; --verify all for every patch)"),
+             + (" (every patch)" if v["every_patch"] else " (each pair's largest |estimate|; --verify all for every patch)")
+             + "; compared where a patch can change anything (from the first token where the pair differs)",
              f"  Spearman correlation of estimate and {'|exact| ' if v['unsigned'] else 'exact '}effect, per pair: {interval_text(v, 'spearman', 3)}"]
+    if not v["unsigned"]:
+        lines.append(f"  of |estimate| and |exact effect|: {interval_text(v, 'spearman_abs', 3)}")
     if v["every_patch"]:
         lines.append(f"  exact top {TOP_EXACT} patches found in the estimate's top {TOP_ESTIMATE}: "
                      f"{interval_text(v, 'top_found', 2)} (share, mean over pairs)")

@@ -37,7 +37,7 @@ def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, o
     trim = (arch.independent_layers and getattr(arch.hf, "supports_kv_cache", True)
             and not loaded.spec.reads_vectors)
     tokens = _tokens(loaded, dest)
-    same = _first_difference(_tokens(loaded, source), tokens) if skip_unchanged else -1  # unchanged before it
+    same = first_difference(loaded, source, dest) if skip_unchanged else -1  # unchanged before it
     run = [k for k, (_, _, p) in enumerate(patches) if not (p < same if isinstance(p, int) else same == len(tokens))]
     chunks = [[run[k] for k in chunk] for chunk in _chunks([patches[k] for k in run], trim)]
     chunks = chunks or [[]]
@@ -60,8 +60,10 @@ def _tokens(loaded, prompt: str) -> list:
     return list(prompt.embeds) if loaded.spec.reads_vectors else loaded.tokenizer(prompt).input_ids
 
 
-def _first_difference(a: list, b: list) -> int:
-    """The first position where two prompts' tokens (or input vectors) differ; their length if none does."""
+def first_difference(loaded, source: str, dest: str) -> int:
+    """The first position where two prompts' tokens (or input vectors) differ, their length if none does: a patch
+    before it writes what is already there."""
+    a, b = _tokens(loaded, source), _tokens(loaded, dest)
     return next((i for i, (x, y) in enumerate(zip(a, b)) if not np.array_equal(x, y)), min(len(a), len(b)))
 
 
