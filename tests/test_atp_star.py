@@ -219,3 +219,17 @@ def test_a_remote_model_is_refused_in_one_line():
     task, _ = _pair(model)
     with pytest.raises(probes.ProbeError, match="remote"):
         prepare_attribution(model, task, [], {})
+
+
+def test_graddrop_passes_started_part_way_equal_full_backward_passes(monkeypatch):
+    """Pass l starts at block l + 1's input where a block reads only the previous block's output: the same
+    numbers as a full backward per pass, QK fix included."""
+    model = loaded("tiny-llama", attn_implementation="eager")
+    task, _ = _pair(model)
+    options = {"limit": 3, "verify": 0, "sites": "resid,attn,ffn,head", "positions": "all,whole", "qk_fix": True,
+               "graddrop": True, "batch_size": 3}
+    short = probes.run(model, task, "attribution-patching", **options).table
+    monkeypatch.setattr(model.arch, "independent_layers", False)
+    full = probes.run(model, task, "attribution-patching", **options).table
+    assert len(short) == len(full) and (short.estimate - full.estimate).abs().max() < 1e-6
+    assert short.estimate.abs().max() > 1e-4

@@ -89,3 +89,32 @@ def qk_correction(rec: Recorded, grad: torch.Tensor, dq: torch.Tensor, dk: torch
         scores = torch.where(row & col, ss.T[p][:, :, None, None], scores)
         out.append(change(scores, torch.where(row, lin_q, 0.0) + torch.where(col, lin_k, 0.0)))
     return torch.cat(out), whole
+
+
+def gradient_passes(target: torch.Tensor, named: dict, starts: dict, drop: dict, first: int, n_layers: int,
+                    graddrop: bool, shortcut: bool):
+    """Yield (weight, gradients of `target` by the names of `named`): the one plain pass; or GradDrop's, with the
+    block dropped set in `drop` (the hooks read it), and the plain pass weighted by the blocks before `first`.
+    Names are ('leaf', (block, site)) or ('probs', block). With `shortcut` (a block reads nothing from below but
+    the previous block's output), pass l starts at block l + 1's input `starts[l + 1]` from the plain pass's
+    gradient there, which dropping block l leaves as it is, and asks only for what lies at or below block l: the
+    passes together run about half the blocks' backward that one full backward each would."""
+    grad = lambda out, inputs, given=None: dict(zip(inputs, torch.autograd.grad(  # noqa: E731
+        out, list(inputs.values()), given, retain_graph=True, allow_unused=True, materialize_grads=True)))
+    drop["block"] = None
+    if not graddrop:
+        yield 1, grad(target, named)
+        return
+    block_of = lambda name: name[1][0] if name[0] == "leaf" else name[1]  # noqa: E731
+    at = {("start", b): starts[b + 1] for b in range(first, n_layers - 1)} if shortcut else {}
+    plain = grad(target, {**named, **at})
+    if first:
+        yield first, plain
+    for b in range(first, n_layers):
+        drop["block"] = b
+        if ("start", b) in at:
+            yield 1, {**plain, **grad(at["start", b], {n: t for n, t in named.items() if block_of(n) <= b},
+                                     plain["start", b])}
+        else:
+            yield 1, grad(target, named)
+    drop["block"] = None

@@ -38,7 +38,7 @@ from ..models.arch import parse_blocks
 from ..models.attention_record import recording
 from ..stats import interval_text, level, mean
 from ..tasks.base import Item, answer_token, item_columns, token_ids
-from .atp_star import check_qk_fix, linear_qk, qk_correction
+from .atp_star import check_qk_fix, gradient_passes, linear_qk, qk_correction
 from .patch_engine import answer_columns, first_difference, patch_list, patch_logits, site_value
 from .patching import parse_sites, pairs_used, report_patching, summarize_patching
 from .positions import named_positions, resolve_positions
@@ -57,13 +57,13 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
     (pairs, columns) per site, (pairs, columns, heads) for `head`; and per (block, 'resid', 'qk') what the QK fix
     adds to each (pairs, columns), per (block, 'resid', 'whole') to the patch of every position at once (pairs,)."""
     arch = loaded.arch
-    acts, leaves, drop = {}, {}, {"block": None}
+    acts, leaves, drop, starts = {}, {}, {"block": None}, {}
     first = min(blocks)
     walk = range(first, arch.n_layers) if graddrop else sorted(blocks)
     with (recording(arch) if qk_fix else contextlib.nullcontext({})) as rec, torch.enable_grad(), \
             loaded.trace(prompts, logits_to_keep=1):  # gradients, whatever the caller's mode
         for i in walk:
-            x = arch.block_input(i)
+            x = starts[i] = arch.block_input(i)  # its resid leaf is added in place: where GradDrop's pass i-1 starts
             for site in ("resid", "head", "attn", "ffn"):  # forward order within the block
                 patched = i in blocks and site in sites
                 dropped = graddrop and (site == "attn" or site == "ffn" and arch.has_ffn)
@@ -93,27 +93,22 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
             tangent = torch.zeros_like(acts[i, "resid"])
             tangent[1::2] = delta[i, "resid"]
             moved[i] = linear_qk(rec[i], leaves[i, "resid"], tangent)
-        target, keys = ld[1::2].sum(), list(leaves)
-        # (weight, block dropped): GradDrop's passes, and the plain pass once for each block before the first
-        # patched one (dropping those changes nothing); or the one plain pass
-        plan = (([(first, None)] if first else []) + [(1, b) for b in range(first, arch.n_layers)] if graddrop
-                else [(1, None)])
+        named = {**{("leaf", key): value for key, value in leaves.items()},
+                 **{("probs", i): rec[i].probs for i in fixed}}
         passes = []
-        for k, (weight, block) in enumerate(plan):
-            drop["block"] = block
-            grads = torch.autograd.grad(target, [leaves[key] for key in keys] + [rec[i].probs for i in fixed],
-                                        retain_graph=k < len(plan) - 1, allow_unused=True, materialize_grads=True)
+        for weight, grads in gradient_passes(ld[1::2].sum(), named, starts, drop, first, arch.n_layers, graddrop,
+                                             arch.independent_layers):
             effects = {}
-            for key, grad in zip(keys, grads):
-                term = delta[key].float() * grad[1::2].float()
+            for key in leaves:
+                term = delta[key].float() * grads["leaf", key][1::2].float()
                 if key[1] == "head":
                     term = term.view(*term.shape[:-1], arch.n_heads, -1)
                 effects[key] = term.sum(-1)
-            for i, grad in zip(fixed, grads[len(keys):]):
+            for i in fixed:
                 one = effects[i, "resid", "qk"] = torch.zeros_like(effects[i, "resid"])
                 whole = effects[i, "resid", "whole"] = torch.zeros(len(shifts), device=one.device)
                 for b, shift in enumerate(shifts):
-                    per, whole[b] = qk_correction(rec[i], grad, *moved[i], (2 * b, 2 * b + 1), shift)
+                    per, whole[b] = qk_correction(rec[i], grads["probs", i], *moved[i], (2 * b, 2 * b + 1), shift)
                     one[b, shift:] = per.to(one.device)
             passes.append((weight, {k: v.detach().cpu() for k, v in effects.items()}))  # one transfer per pass
     return ld.detach().float(), passes
@@ -257,9 +252,11 @@ def report_attribution(df, summary) -> str:
              + "); every recovery below is the estimate's unless it says exact:",
              report_patching(df, summary),
              f"\nverification: {v['patches']} patches of {v['pairs']} pairs re-run exactly"
-             + (" (every patch)" if v["every_patch"] else " (each pair's largest |estimate|; --verify all for every patch)")
+             + (" (every patch)" if v["every_patch"]
+                else " (each pair's largest |estimate|; --verify all for every patch)")
              + "; compared where a patch can change anything (from the first token where the pair differs)",
-             f"  Spearman correlation of estimate and {'|exact| ' if v['unsigned'] else 'exact '}effect, per pair: {interval_text(v, 'spearman', 3)}"]
+             f"  Spearman correlation of estimate and {'|exact| ' if v['unsigned'] else 'exact '}effect, per pair: "
+             f"{interval_text(v, 'spearman', 3)}"]
     if not v["unsigned"]:
         lines.append(f"  of |estimate| and |exact effect|: {interval_text(v, 'spearman_abs', 3)}")
     if v["every_patch"]:
