@@ -11,6 +11,7 @@ import torch
 
 import probes
 from probes.methods.patching import prepare_patching
+from probes.models.arch import _get
 from probes.models.attention_record import recordable, recording
 from probes.tasks.base import answer_token
 from probes.tasks.files import load_task
@@ -166,7 +167,7 @@ def _drop_gradient(module, args, out):
         value.register_hook(torch.zeros_like)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-falcon", "tiny-gemma2"])
 def test_graddrop_is_the_mean_atp_over_passes_each_dropping_a_block(name):
     model = loaded(name)
     arch = model.arch
@@ -174,8 +175,7 @@ def test_graddrop_is_the_mean_atp_over_passes_each_dropping_a_block(name):
     table = probes.run(model, task, "attribution-patching", limit=3, verify=0, sites="resid,attn", layers="all",
                        positions="last", graddrop=True, batch_size=3).table
     table = table[table.item == item.index]
-    blocks = torch.nn.ModuleList(arch.hf.model.layers if hasattr(arch.hf, "model") else arch.hf.transformer.h)
-    parts = [(b.self_attn if hasattr(b, "self_attn") else b.attn, b.mlp) for b in blocks]
+    parts = [(_get(b, arch.spec.attn), _get(b, arch.spec.ffn)) for b in _get(arch.hf, arch.spec.layers)]
     n = len(model.tokenizer(item.prompt).input_ids)
     for row in table.itertuples():
         scores = []
@@ -233,3 +233,13 @@ def test_graddrop_passes_started_part_way_equal_full_backward_passes(monkeypatch
     full = probes.run(model, task, "attribution-patching", **options).table
     assert len(short) == len(full) and (short.estimate - full.estimate).abs().max() < 1e-6
     assert short.estimate.abs().max() > 1e-4
+
+
+def test_corrections_a_model_or_sites_cannot_have_are_refused_in_one_line(monkeypatch):
+    model = loaded("tiny-llama")
+    task = load_task("capitals", {"ambiguous": "flag"})
+    with pytest.raises(probes.ProbeError, match="--qk-fix changes resid patches only"):
+        probes.run(model, task, "attribution-patching", limit=2, sites="attn,head", qk_fix=True)
+    monkeypatch.setattr(model.arch, "n_layers", 1)
+    with pytest.raises(probes.ProbeError, match="--graddrop drops one block's gradient at a time"):
+        probes.run(model, task, "attribution-patching", limit=2, layers="0", graddrop=True)

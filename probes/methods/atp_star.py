@@ -20,7 +20,9 @@ so that the gradient says little about the patch. GradDrop recomputes the estima
 gradient through block l's contribution to the residual (its attention and FFN updates) set to zero, and scores a
 patch by sum_l |estimate_l| / (L - 1): a patch whose paths cancel scores high when one of them is dropped. The score
 has no sign; it ranks patches (compare it with |exact effect|). A patch inside block l (attn, ffn, head) scores zero
-in pass l, hence L - 1. Blocks before every patched one leave every estimate as AtP's, so they are not re-run."""
+in pass l, hence L - 1 (so a resid patch, which no pass zeroes, has up to L/(L-1) the weight of an attn, ffn or
+head patch of the same size: compare within a site when that matters). Blocks before every patched one leave every estimate as AtP's, so they are not re-run, and
+pass l starts part-way (`gradient_passes`)."""
 
 from __future__ import annotations
 
@@ -28,15 +30,28 @@ import torch
 
 from ..errors import ProbeError
 from ..models.attention_record import Recorded, recordable
+from .patching import parse_sites
 
 CHUNK = 2 ** 24  # most (patch, head, query, key) scores held at once
 
 
-def check_qk_fix(loaded) -> None:
-    why = recordable(loaded.arch)
-    if why:
-        raise ProbeError(f"--qk-fix needs each attention layer's queries and keys, and {loaded.spec.name} cannot give "
-                         f"them: {why}; accepted: a model of another family, or attribution-patching without --qk-fix")
+def check_fixes(loaded, options: dict) -> None:
+    """Refuse, in one line, the corrections this model or these sites cannot have."""
+    arch = loaded.arch
+    if options.get("qk_fix"):
+        why = recordable(arch)
+        if why:
+            raise ProbeError(f"--qk-fix needs each attention layer's queries and keys, and {loaded.spec.name} cannot "
+                             f"give them: {why}; accepted: a model of another family, or attribution-patching "
+                             "without --qk-fix")
+        if "resid" not in parse_sites(options.get("sites", "resid"), arch.has_ffn):
+            raise ProbeError(f"--qk-fix changes resid patches only (they set their block's queries and keys), and "
+                             f"--sites is {options.get('sites')!r}; accepted: --sites with resid")
+    if options.get("graddrop") and (arch.n_layers < 2 or not arch.residual):
+        raise ProbeError(f"--graddrop drops one block's gradient at a time while the residual stream carries the "
+                         f"rest, and {loaded.spec.name} has {arch.n_layers} block(s)"
+                         + ("" if arch.residual else " and no residual stream")
+                         + "; accepted: a residual model of 2 blocks or more, or attribution-patching without it")
 
 
 def linear_qk(rec: Recorded, leaf: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +60,13 @@ def linear_qk(rec: Recorded, leaf: torch.Tensor, delta: torch.Tensor) -> tuple[t
     the block's query and key computation only."""
     uq = torch.zeros_like(rec.query, requires_grad=True)
     uk = torch.zeros_like(rec.key, requires_grad=True)
-    (back,) = torch.autograd.grad((rec.query, rec.key), leaf, (uq, uk), create_graph=True)
-    dq, dk = torch.autograd.grad(back, (uq, uk), delta.to(back.dtype), retain_graph=True, allow_unused=True,
-                                 materialize_grads=True)
+    try:
+        (back,) = torch.autograd.grad((rec.query, rec.key), leaf, (uq, uk), create_graph=True)
+        dq, dk = torch.autograd.grad(back, (uq, uk), delta.to(back.dtype), retain_graph=True, allow_unused=True,
+                                     materialize_grads=True)
+    except RuntimeError as e:  # an operation on the query/key path without a second derivative
+        raise ProbeError(f"--qk-fix needs second derivatives through the model's query and key computation: "
+                         f"{str(e).splitlines()[0]}; accepted: attribution-patching without --qk-fix") from None
     return dq.detach(), dk.detach()
 
 
@@ -59,15 +78,17 @@ def qk_correction(rec: Recorded, grad: torch.Tensor, dq: torch.Tensor, dk: torch
     src, dst = rows
     cut = lambda t, r: t[r, :, shift:].detach().float()  # noqa: E731  the pair's positions, not the padding
     qs, qd, ks, kd = cut(rec.query, src), cut(rec.query, dst), cut(rec.key, src), cut(rec.key, dst)
-    a = rec.probs[dst, :, shift:, shift:].detach().float()
     g = grad[dst, :, shift:, shift:].float()
-    n = a.shape[-1]
-    mask = (torch.zeros(n, n, device=a.device).masked_fill(~torch.ones(n, n, dtype=torch.bool, device=a.device)
+    n = g.shape[-1]
+    mask = (torch.zeros(n, n, device=g.device).masked_fill(~torch.ones(n, n, dtype=torch.bool, device=g.device)
                                                            .tril(), float("-inf"))
             if rec.mask is None else rec.mask[min(dst, rec.mask.shape[0] - 1), 0, shift:, shift:].float())
     raw = qd @ kd.transpose(-1, -2) * rec.scaling
     slope = 1.0 if rec.softcap is None else 1 - torch.tanh(raw / rec.softcap) ** 2  # d softcap(raw) / d raw
-    dd, sd, ds = rec.scores(qd, kd), rec.scores(qs, kd), rec.scores(qd, ks)
+    dd, sd, ds, ss = (rec.scores(x, y) for x, y in ((qd, kd), (qs, kd), (qd, ks), (qs, ks)))
+    # the destination's probabilities, recomputed as the patched ones are (in float32): the layer's own, rounded
+    # to a half-precision model's dtype, would not cancel in rows a patch leaves as they were
+    a = torch.softmax(dd + mask, -1)
     lin_q = dq[dst, :, shift:].float() @ kd.transpose(-1, -2) * rec.scaling * slope  # row t: query t moved
     lin_k = qd @ dk[dst, :, shift:].float().transpose(-1, -2) * rec.scaling * slope  # column s: key s moved
 
@@ -77,8 +98,8 @@ def qk_correction(rec: Recorded, grad: torch.Tensor, dq: torch.Tensor, dk: torch
         linear = (a * (lin - (a * lin).sum(-1, keepdim=True)) * g).sum((-3, -2, -1))
         return exact - linear
 
-    whole = change(rec.scores(qs, ks), lin_q + lin_k)
-    ss = rec.scores(qs, ks).diagonal(dim1=-2, dim2=-1)  # (heads, n): the patched query against the patched key
+    whole = change(ss, lin_q + lin_k)
+    diag = ss.diagonal(dim1=-2, dim2=-1)  # (heads, n): the patched query against the patched key
     out, step = [], max(1, CHUNK // max(1, a.numel()))
     for start in range(0, n, step):
         p = torch.arange(start, min(n, start + step), device=a.device)
@@ -86,7 +107,7 @@ def qk_correction(rec: Recorded, grad: torch.Tensor, dq: torch.Tensor, dk: torch
         row = (at[None, :] == p[:, None])[:, None, :, None]  # (P, 1, n, 1): query row p
         col = (at[None, :] == p[:, None])[:, None, None, :]  # (P, 1, 1, n): key column p
         scores = torch.where(row, sd, torch.where(col, ds, dd))
-        scores = torch.where(row & col, ss.T[p][:, :, None, None], scores)
+        scores = torch.where(row & col, diag.T[p][:, :, None, None], scores)
         out.append(change(scores, torch.where(row, lin_q, 0.0) + torch.where(col, lin_k, 0.0)))
     return torch.cat(out), whole
 

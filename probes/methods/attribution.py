@@ -8,9 +8,10 @@ LD = logit(clean answer) - logit(corrupted answer) at the last position. To firs
     (a_source - a_destination) . dLD/da,   the gradient taken in the destination run.
 
 A batch of pairs runs as one forward of their source and destination prompts (left-padded), with a zero leaf added
-to every site read, then one backward of the destination rows' LD: every patch of every pair at once, where exact
-patching runs a row per patch. A head's estimate is its slice of the output projection's input (grouped-query
-attention needs no ungrouping: the slices are the query heads'); `whole` sums the positions' (the term is linear).
+to every site read, then one backward of the destination rows' LD (GradDrop: one per block): every patch of every
+pair at once, where exact patching runs a row per patch. A head's estimate is its slice of the output projection's
+input (grouped-query attention needs no ungrouping: the slices are the query heads'); `whole` sums the positions'
+(the term is linear; the QK fix of every position at once is its own).
 Gradients flow through 8-bit and 4-bit layers and across devices as the forward does.
 
 Verification: each pair's `--verify K` patches of largest |estimate| (`all`: every patch) are re-run exactly by the
@@ -38,13 +39,14 @@ from ..models.arch import parse_blocks
 from ..models.attention_record import recording
 from ..stats import interval_text, level, mean
 from ..tasks.base import Item, answer_token, item_columns, token_ids
-from .atp_star import check_qk_fix, gradient_passes, linear_qk, qk_correction
+from .atp_star import check_fixes, gradient_passes, linear_qk, qk_correction
 from .patch_engine import answer_columns, first_difference, patch_list, patch_logits, site_value
 from .patching import parse_sites, pairs_used, report_patching, summarize_patching
 from .positions import named_positions, resolve_positions
 
 ESTIMATORS = {(False, False): "AtP", (True, False): "AtP + QK fix", (False, True): "AtP + GradDrop",
               (True, True): "AtP* (QK fix + GradDrop)"}
+UNSIGNED = {ESTIMATORS[qk, True] for qk in (False, True)}  # GradDrop's scores have no sign
 TOP_EXACT, TOP_ESTIMATE = 10, 20  # with --verify all: the exact top 10 patches looked for in the estimate's top 20
 
 
@@ -77,7 +79,9 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
                         value += leaves[i, site]
                     else:  # out of place: the attention kernel's backward needs its output unchanged, and a
                         value = value + leaves[i, site]  # quantized layer's output may be a view autograd guards
-                        arch.set_heads_input(i, value) if site == "head" else arch.set_update(i, site, value, like=x)
+                        arch.set_heads_input(i, value) if site == "head" else arch.set_update(i, site, value)
+                if dropped and not patched:  # the module's own output (OPT's flat FFN output, not a view of it)
+                    value = arch.update_output(i, site)
                 if dropped and value.requires_grad:  # block i's contribution to the residual, dropped in pass i
                     value.register_hook(lambda g, i=i: torch.zeros_like(g) if drop["block"] == i else g)
         logits = loaded.model.output.logits[:, -1]
@@ -87,6 +91,9 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
         acts = nnsight.save(acts)
     delta = {key: value[0::2] - value[1::2] for key, value in acts.items()}
     fixed = [i for i in blocks if qk_fix and (i, "resid") in leaves]
+    if set(fixed) - set(rec):
+        raise ProbeError(f"--qk-fix: block {min(set(fixed) - set(rec))}'s attention was not recorded (it bypasses "
+                         "transformers' attention interface); accepted: attribution-patching without --qk-fix")
     with torch.enable_grad():
         moved = {}
         for i in fixed:  # the queries' and keys' first-order move, with the block input moved in destination rows
@@ -127,8 +134,7 @@ def prepare_attribution(loaded, task, items: list[Item], options: dict):
         raise ProbeError(f"attribution-patching needs gradients through {loaded.spec.name}'s 4-bit layers, which "
                          f"bitsandbytes computes on the CPU with an inference-only kernel ({cpu_4bit[0]}); accepted: "
                          "8-bit or unquantized on the CPU, 4-bit on a GPU, or activation-patching")
-    if options.get("qk_fix"):
-        check_qk_fix(loaded)
+    check_fixes(loaded, options)
     return prepare_patching(loaded, task, items, options)
 
 
@@ -220,7 +226,7 @@ def summarize_attribution(df, seed: int = 0) -> dict:
     v = df[df.verified.astype(bool) & df.item.isin(pairs_used(df))]
     if "changes" in v:  # patches before the first token where the pair differs change nothing, exactly or estimated
         v = v[v.changes.astype(bool)]
-    unsigned = "GradDrop" in str(df.estimator.iloc[0]) if "estimator" in df and len(df) else False
+    unsigned = "estimator" in df and len(df) > 0 and df.estimator.iloc[0] in UNSIGNED
     exact = lambda g: g.effect_exact.abs() if unsigned else g.effect_exact  # noqa: E731  a GradDrop score has no sign
     rho = [_spearman(g.estimate.to_numpy(float), exact(g).to_numpy(float)) for _, g in v.groupby("item")]
     rho = [r for r in rho if np.isfinite(r)]
@@ -237,6 +243,7 @@ def summarize_attribution(df, seed: int = 0) -> dict:
             top = set(g.effect_exact.abs().nlargest(TOP_EXACT).index)
             found.append(len(top & set(g.estimate.abs().nlargest(TOP_ESTIMATE).index)) / min(TOP_EXACT, len(g)))
         check.update(mean(found, "top_found", seed=seed))
+    v = v.assign(recovery_exact=v.recovery_exact.abs()) if unsigned else v
     cells = v.groupby(["site", "block", "position", "head"], dropna=False)[["recovery", "recovery_exact"]].mean()
     cells = cells.reindex(cells.recovery.abs().sort_values(ascending=False).index).head(10)
     check["cells"] = [{"site": s, "block": int(b), "position": p, "head": None if h != h else int(h),
@@ -275,5 +282,7 @@ def attribution_passes(n_layers: int, options: dict) -> float:
 
     verify = options.get("verify", 32)
     every = patching_passes(n_layers, options) - 2
-    backward = 2 * n_layers if options.get("graddrop") else 2  # a backward costs about two forwards
+    # a backward costs about two forwards; GradDrop's passes together about one per block (started part-way); the
+    # QK fix about one more backward for its queries' and keys' first-order move
+    backward = (n_layers if options.get("graddrop") else 2) + (2 if options.get("qk_fix") else 0)
     return 1 + backward + (every if verify == "all" else min(int(verify), every))

@@ -163,13 +163,20 @@ class Arch:
         """Replace what the output projection of block i reads (out of place: autograd may hold the tensor)."""
         _get(self.block(i), self.spec.attn_out).input = value
 
-    def set_update(self, i: int, site: str, value, like=None) -> None:
+    def _update_module(self, i: int, site: str):
+        return _get(self.block(i), self.spec.attn if site == "attn" else self.spec.ffn)
+
+    def update_output(self, i: int, site: str):
+        """Block i's attention or FFN update (site 'attn' or 'ffn') as its module returns it (flat for flat FFNs):
+        the tensor the block goes on to use."""
+        return _first(self._update_module(i, site).output)
+
+    def set_update(self, i: int, site: str, value) -> None:
         """Replace block i's attention or FFN update (site 'attn' or 'ffn'), as attn_update / ffn_output give it,
         out of place: a quantized layer's output may be a view that autograd forbids editing in place."""
-        module = _get(self.block(i), self.spec.attn if site == "attn" else self.spec.ffn)
+        module = self._update_module(i, site)
         out = module.output
-        first = _first(out)
-        value = value.view(first.shape) if site == "ffn" and self.spec.ffn_flat else value
+        value = value.view(_first(out).shape) if site == "ffn" and self.spec.ffn_flat else value
         module.output = (value, *out[1:]) if isinstance(out, tuple) else value
 
     def ffn_module(self, i: int):

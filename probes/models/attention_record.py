@@ -29,8 +29,8 @@ class Recorded:
     probs: torch.Tensor | None  # (batch, heads, seq, seq): the probabilities the layer multiplies the values by
 
     def scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """Masked scores of queries (..., q, d) against keys (..., k, d) as the layer computes them, before the
-        mask: softcap(scaling q . k)."""
+        """Scores of queries (..., q, d) against keys (..., k, d) as the layer computes them, before its mask is
+        added: softcap(scaling q . k)."""
         s = query @ key.transpose(-1, -2) * self.scaling
         return s if self.softcap is None else torch.tanh(s / self.softcap) * self.softcap
 
