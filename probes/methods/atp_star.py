@@ -21,8 +21,8 @@ gradient through block l's contribution to the residual (its attention and FFN u
 patch by sum_l |estimate_l| / (L - 1): a patch whose paths cancel scores high when one of them is dropped. The score
 has no sign; it ranks patches (compare it with |exact effect|). A patch inside block l (attn, ffn, head) scores zero
 in pass l, hence L - 1 (so a resid patch, which no pass zeroes, has up to L/(L-1) the weight of an attn, ffn or
-head patch of the same size: compare within a site when that matters). Blocks before every patched one leave every estimate as AtP's, so they are not re-run, and
-pass l starts part-way (`gradient_passes`)."""
+head patch of the same size: compare within a site when that matters). Blocks before every patched one leave every
+estimate as AtP's, so they are not re-run, and pass l starts part-way (`gradient_passes`)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def qk_correction(rec: Recorded, grad: torch.Tensor, dq: torch.Tensor, dk: torch
             if rec.mask is None else rec.mask[min(dst, rec.mask.shape[0] - 1), 0, shift:, shift:].float())
     raw = qd @ kd.transpose(-1, -2) * rec.scaling
     slope = 1.0 if rec.softcap is None else 1 - torch.tanh(raw / rec.softcap) ** 2  # d softcap(raw) / d raw
-    dd, sd, ds, ss = (rec.scores(x, y) for x, y in ((qd, kd), (qs, kd), (qd, ks), (qs, ks)))
+    dd = rec.capped(raw)
+    sd, ds, ss = (rec.scores(x, y) for x, y in ((qs, kd), (qd, ks), (qs, ks)))
     # the destination's probabilities, recomputed as the patched ones are (in float32): the layer's own, rounded
     # to a half-precision model's dtype, would not cancel in rows a patch leaves as they were
     a = torch.softmax(dd + mask, -1)
@@ -101,9 +102,9 @@ def qk_correction(rec: Recorded, grad: torch.Tensor, dq: torch.Tensor, dk: torch
     whole = change(ss, lin_q + lin_k)
     diag = ss.diagonal(dim1=-2, dim2=-1)  # (heads, n): the patched query against the patched key
     out, step = [], max(1, CHUNK // max(1, a.numel()))
+    at = torch.arange(n, device=a.device)
     for start in range(0, n, step):
-        p = torch.arange(start, min(n, start + step), device=a.device)
-        at = torch.arange(n, device=a.device)
+        p = at[start:start + step]
         row = (at[None, :] == p[:, None])[:, None, :, None]  # (P, 1, n, 1): query row p
         col = (at[None, :] == p[:, None])[:, None, None, :]  # (P, 1, 1, n): key column p
         scores = torch.where(row, sd, torch.where(col, ds, dd))

@@ -71,7 +71,8 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
                 dropped = graddrop and (site == "attn" or site == "ffn" and arch.has_ffn)
                 if not (patched or dropped):
                     continue
-                value = site_value(arch, i, site, x)
+                # a dropped-only update is hooked on its module's own output (OPT's flat FFN output, not a view)
+                value = site_value(arch, i, site, x) if patched else arch.update_output(i, site)
                 if patched:
                     acts[i, site] = value.detach().clone()
                     leaves[i, site] = torch.zeros_like(value).requires_grad_(True)
@@ -80,8 +81,6 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
                     else:  # out of place: the attention kernel's backward needs its output unchanged, and a
                         value = value + leaves[i, site]  # quantized layer's output may be a view autograd guards
                         arch.set_heads_input(i, value) if site == "head" else arch.set_update(i, site, value)
-                if dropped and not patched:  # the module's own output (OPT's flat FFN output, not a view of it)
-                    value = arch.update_output(i, site)
                 if dropped and value.requires_grad:  # block i's contribution to the residual, dropped in pass i
                     value.register_hook(lambda g, i=i: torch.zeros_like(g) if drop["block"] == i else g)
         logits = loaded.model.output.logits[:, -1]
@@ -226,15 +225,19 @@ def summarize_attribution(df, seed: int = 0) -> dict:
     v = df[df.verified.astype(bool) & df.item.isin(pairs_used(df))]
     if "changes" in v:  # patches before the first token where the pair differs change nothing, exactly or estimated
         v = v[v.changes.astype(bool)]
-    unsigned = "estimator" in df and len(df) > 0 and df.estimator.iloc[0] in UNSIGNED
-    exact = lambda g: g.effect_exact.abs() if unsigned else g.effect_exact  # noqa: E731  a GradDrop score has no sign
-    rho = [_spearman(g.estimate.to_numpy(float), exact(g).to_numpy(float)) for _, g in v.groupby("item")]
-    rho = [r for r in rho if np.isfinite(r)]
-    rho_abs = [_spearman(g.estimate.abs().to_numpy(float), g.effect_exact.abs().to_numpy(float))
-               for _, g in v.groupby("item")]  # the magnitudes' ranking, comparable across estimators
-    rho_abs = [r for r in rho_abs if np.isfinite(r)]
-    check = {"estimator": str(df.estimator.iloc[0]) if "estimator" in df and len(df) else "AtP",
-             "unsigned": unsigned, "patches": int(len(v)), "pairs": int(v.item.nunique()),
+    estimator = str(df.estimator.iloc[0]) if "estimator" in df and len(df) else ESTIMATORS[False, False]
+    unsigned = estimator in UNSIGNED
+
+    def spearman(magnitudes: bool) -> list[float]:
+        """Per pair: the estimate's ranking against the exact effect's (a GradDrop score has no sign: |exact|)."""
+        rho = [_spearman((g.estimate.abs() if magnitudes else g.estimate).to_numpy(float),
+                         (g.effect_exact.abs() if magnitudes or unsigned else g.effect_exact).to_numpy(float))
+               for _, g in v.groupby("item")]
+        return [r for r in rho if np.isfinite(r)]
+
+    rho = spearman(False)
+    rho_abs = rho if unsigned else spearman(True)  # the magnitudes' ranking, comparable across estimators
+    check = {"estimator": estimator, "unsigned": unsigned, "patches": int(len(v)), "pairs": int(v.item.nunique()),
              "every_patch": bool(df.verified.all()),
              **mean(rho, "spearman", seed=seed), **mean(rho_abs, "spearman_abs", seed=seed)}
     if check["every_patch"]:

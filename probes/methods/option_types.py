@@ -137,7 +137,8 @@ _OPTIONS = [
            "indices '0,5,-1', a slice '-3:', argument, or a position the task names (trees: goal, root, edge_up0, "
            "...). logit-lens: last (default; others give a layer x position heat map); activation-patching: all "
            "(default); ffn-transplant replace: all (broadcast, default) or last", positions("--positions")),
-    Option("controls", "ffn-transplant: skip shuffled and random vectors", boolean("controls"), flag="--no-controls", switch=False),
+    Option("controls", "ffn-transplant: skip shuffled and random vectors", boolean("controls"), flag="--no-controls",
+           switch=False),
     Option("sources", "ffn-transplant: average o over this many source prompts", count("sources", 1), least=1),
     Option("source_items", "ffn-transplant: source inputs, e.g. 'Poland,France'", text),
     Option("source_layer", "ffn-transplant: block of o (default: the FFN switch block)", count("source_layer", 0),

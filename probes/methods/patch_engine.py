@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..models.devices import execution_device
+from ..tasks.base import token_ids
 from .readout import rank_of
 
 PATCH_ROWS = 64
@@ -57,7 +58,7 @@ def patch_logits(loaded, source: str, dest: str, patches: list[tuple[str, int, o
 
 def _tokens(loaded, prompt: str) -> list:
     """What the model reads at each position: token ids, or a vector model's input vectors."""
-    return list(prompt.embeds) if loaded.spec.reads_vectors else loaded.tokenizer(prompt).input_ids
+    return list(prompt.embeds) if loaded.spec.reads_vectors else token_ids(loaded.tokenizer, prompt)
 
 
 def first_difference(loaded, source: str, dest: str) -> int:

@@ -31,8 +31,11 @@ class Recorded:
     def scores(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Scores of queries (..., q, d) against keys (..., k, d) as the layer computes them, before its mask is
         added: softcap(scaling q . k)."""
-        s = query @ key.transpose(-1, -2) * self.scaling
-        return s if self.softcap is None else torch.tanh(s / self.softcap) * self.softcap
+        return self.capped(query @ key.transpose(-1, -2) * self.scaling)
+
+    def capped(self, raw: torch.Tensor) -> torch.Tensor:
+        """The layer's softcap of raw scores (scaling q . k), if it has one."""
+        return raw if self.softcap is None else torch.tanh(raw / self.softcap) * self.softcap
 
 
 def active() -> bool:
