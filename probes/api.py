@@ -97,12 +97,13 @@ run.__doc__ += options_text()
 
 
 def aggregate(results: str | Path = "results", by: tuple[str, ...] | list[str] = ("model", "task", "probe"),
-              skipped: dict | None = None) -> dict[str, pd.DataFrame]:
+              skipped: dict | None = None, trend: str | None = None) -> dict[str, pd.DataFrame]:
     """Every complete run under `results` as tables (one per probe, and curves), as `probe aggregate` writes;
-    folders that are not complete runs go to `skipped` ({folder: reason}) and are logged."""
+    folders that are not complete runs go to `skipped` ({folder: reason}) and are logged. `trend`: a numeric
+    setting (e.g. "n") to test each metric's trend over, the runs as replicates ('<table>-trend' tables)."""
     from .reports.aggregate import aggregate as _aggregate
 
-    return _aggregate(Path(results), list(by), skipped)
+    return _aggregate(Path(results), list(by), skipped, trend)
 
 
 def list_models() -> pd.DataFrame:

@@ -273,7 +273,7 @@ def cmd_aggregate(args) -> None:
     from .api import aggregate
 
     results = Path(args.results or RESULTS)
-    tables = aggregate(results, [b.strip() for b in args.by.split(",") if b.strip()])
+    tables = aggregate(results, [b.strip() for b in args.by.split(",") if b.strip()], trend=args.trend)
     out = Path(args.out or results / "aggregate")
     if out.exists() and not out.is_dir():
         raise ProbeError(f"--out {str(out)!r} is a file; accepted: a folder for the tables")

@@ -216,3 +216,31 @@ def reached_text(summary: dict, name: str, where: str = "layer") -> str:
     if not k:
         return f"never (none of {n} items)"
     return f"at {where} {summary[name]:g} (median of {k} of {n} items" + (f"; {n - k} never)" if n > k else ")")
+
+
+def slope(x: Sequence[float], y: Sequence[float], name: str, conf: float | None = None, seed: int = 0,
+          n_perm: int = 10000) -> dict:
+    """A trend across replicates (models, one value each): the least-squares slope of y on x with its standard
+    error and t interval (n - 2 degrees of freedom), and a two-sided permutation p-value (x shuffled across the
+    replicates). {name_slope, _lo, _hi, _se, _p, _n}; nan where fewer than 3 replicates or one value of x."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = len(x)
+    out = {f"{name}_slope": None, f"{name}_slope_lo": None, f"{name}_slope_hi": None, f"{name}_slope_se": None,
+           f"{name}_slope_p": None, f"{name}_slope_n": int(n)}
+    if n < 3 or np.ptp(x) == 0:
+        return out
+    from scipy.stats import t
+
+    xc = x - x.mean()
+    b = float((xc * (y - y.mean())).sum() / (xc ** 2).sum())
+    resid = y - y.mean() - b * xc
+    se = math.sqrt(float((resid ** 2).sum()) / (n - 2) / float((xc ** 2).sum()))
+    half = float(t.ppf(0.5 + (level() if conf is None else conf) / 2, n - 2)) * se
+    rng = np.random.default_rng(seed)
+    shuffled = np.stack([rng.permutation(xc) for _ in range(n_perm)])  # the slope's numerator under relabelling
+    null = np.abs(shuffled @ (y - y.mean()))
+    p = float((1 + np.sum(null >= abs(b) * (xc ** 2).sum() - 1e-12)) / (n_perm + 1))
+    return {**out, f"{name}_slope": b, f"{name}_slope_lo": b - half, f"{name}_slope_hi": b + half,
+            f"{name}_slope_se": se, f"{name}_slope_p": p}

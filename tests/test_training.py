@@ -56,7 +56,7 @@ def test_train_and_test_sequences_are_disjoint_and_tokenized_as_letters():
     assert len(data["train"]) == 64 and len(data["test"]) == 16
     assert not train_seqs & {tuple(r["input_ids"]) for r in data["test"]}
     row = data["train"][0]
-    assert row["target"][:2] == [-100, -100] and set(row["target"][2:]) <= {0, 1}
+    assert row["target"][:2] == [0, 0] and set(row["target"][2:]) <= {0, 1}  # the authors' loss: every position
     assert tok(" m", add_special_tokens=False).input_ids == tok.convert_tokens_to_ids(["m"])
 
 
@@ -204,9 +204,9 @@ def test_two_processes_train_as_one_at_the_same_global_batch(tmp_path):
     assert two.stdout.count("trained nback-paper") == 1  # reported by the main process only
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["processes"] == 2
     logs = [pd.read_csv(tmp_path / r / "log.csv") for r in ("one", "two")]
-    assert list(logs[0].step) == list(logs[1].step) == [4, 8]
-    for col in ("loss", "eval_loss", "eval_accuracy"):
-        assert np.allclose(logs[0][col], logs[1][col], rtol=1e-5, atol=0), col
+    assert list(logs[0].step) == list(logs[1].step) == [0, 4, 8]  # 0, 4: the epochs' first batches' entropy
+    for col in ("loss", "eval_loss", "eval_accuracy", "train_first_batch_entropy"):  # the global batch's
+        assert np.allclose(logs[0][col], logs[1][col], rtol=1e-5, atol=0, equal_nan=True), col
     a, b = (load_file(tmp_path / r / "model.safetensors") for r in ("one", "two"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]

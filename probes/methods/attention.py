@@ -123,10 +123,15 @@ def run_query_attention(loaded, items: list[Item]) -> list[dict]:
     return rows
 
 
+def total_entropies(probs: torch.Tensor) -> torch.Tensor:
+    """The paper's total entropy per head of one layer's attention (sequences, heads, queries, keys): the matrices
+    averaged over the sequences, the entropies of each row summed (Gong & Zhang's `total_entropy`)."""
+    return entropy(probs.mean(0)).sum(-1)
+
+
 def total_entropy(matrices: list[np.ndarray]) -> float:
-    """The paper's total entropy: average the attention matrices over trials, sum the entropies of its rows."""
-    mean = np.mean(matrices, axis=0)
-    return float(entropy(torch.tensor(mean)).sum())
+    """The paper's total entropy of one head's attention matrices (one per trial)."""
+    return float(total_entropies(torch.tensor(np.stack(matrices))[:, None])[0])
 
 
 def attention_table(df):

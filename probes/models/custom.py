@@ -55,7 +55,7 @@ class ProbeTransformerConfig(PretrainedConfig):
                  residual: bool = False, positions: bool = True, attn_bias: bool = True, attn_out: bool = True,
                  attn_scale: bool = True, value_residual: str = "none", key_residual: str = "none",
                  query_residual: str = "none", head_layers: int = 0, init_attn_std: float | None = None,
-                 init: str = "hf", **kwargs):
+                 init: str = "hf", lm_head_bias: bool = False, **kwargs):
         self.vocab_size, self.n_positions, self.n_layer, self.n_head, self.n_embd = (
             vocab_size, n_positions, n_layer, n_head, n_embd)
         self.ffn, self.n_inner, self.norm, self.residual = ffn, n_inner or 4 * n_embd, norm, residual
@@ -65,7 +65,7 @@ class ProbeTransformerConfig(PretrainedConfig):
         self.head_layers, self.init_attn_std = head_layers, init_attn_std
         if init not in INITS:
             raise ProbeError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
-        self.init = init
+        self.init, self.lm_head_bias = init, lm_head_bias
         # the names transformers and this project read
         self.hidden_size, self.num_hidden_layers, self.num_attention_heads = n_embd, n_layer, n_head
         self.max_position_embeddings = n_positions
@@ -142,8 +142,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, config.n_inner), nn.GELU(),
                                  nn.Linear(config.n_inner, config.n_embd)) if config.ffn else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        a = self.attn(self.norm1(x), mask)[0]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, attentions: list | None = None) -> torch.Tensor:
+        """The block's output; its attention probabilities are appended to `attentions` when given."""
+        a, probs = self.attn(self.norm1(x), mask)
+        if attentions is not None:
+            attentions.append(probs)
         h = x + a if self.residual else a
         if self.mlp is None:
             return h
@@ -161,9 +164,9 @@ class ProbeTransformerModel(nn.Module):
         self.norm = final(config)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, output_hidden_states: bool = False,
-                inputs_embeds=None, keep: int = 0):
+                inputs_embeds=None, keep: int = 0, output_attentions: bool = False):
         """(final hidden states (the last `keep` positions, or all), the residual stream before each block and
-        after the last, or None)."""
+        after the last, or None, each block's attention probabilities (batch, heads, queries, keys), or None)."""
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         if self.wpe is not None:
@@ -174,13 +177,15 @@ class ProbeTransformerModel(nn.Module):
         if attention_mask is not None:  # padding: no query attends to a pad key
             mask = mask & attention_mask[:, None, None, :].bool()
         states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         for block in self.layers:
-            x = block(x, mask)
+            x = block(x, mask, attentions)
             if states is not None:
                 states.append(x)
         if keep:
             x = x[:, -keep:].contiguous()  # a strided slice makes BLAS round rows of one batch differently
-        return (self.norm(x) if self.norm is not None else x), (tuple(states) if states is not None else None)
+        return ((self.norm(x) if self.norm is not None else x), (tuple(states) if states is not None else None),
+                tuple(attentions) if attentions is not None else None)
 
 
 def final(config: ProbeTransformerConfig) -> nn.Module | None:
@@ -202,7 +207,8 @@ class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: ProbeTransformerConfig):
         super().__init__(config)
         self.model = ProbeTransformerModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # a bias: Gong & Zhang's readout is nn.Linear(512, 2) with one (its two rows are the label tokens' rows)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=getattr(config, "lm_head_bias", False))
         self.post_init()
         if getattr(config, "init", "hf") == "torch":
             self._draw_as_torch()
@@ -243,10 +249,11 @@ class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
         self.model.wte = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, logits_to_keep: int = 0,
-                output_hidden_states: bool | None = None, inputs_embeds=None, **kwargs) -> CausalLMOutput:
-        h, states = self.model(input_ids, attention_mask, position_ids, bool(output_hidden_states), inputs_embeds,
-                               logits_to_keep)
-        return CausalLMOutput(logits=self.lm_head(h), hidden_states=states)
+                output_hidden_states: bool | None = None, inputs_embeds=None, output_attentions: bool | None = None,
+                **kwargs) -> CausalLMOutput:
+        h, states, attentions = self.model(input_ids, attention_mask, position_ids, bool(output_hidden_states),
+                                           inputs_embeds, logits_to_keep, bool(output_attentions))
+        return CausalLMOutput(logits=self.lm_head(h), hidden_states=states, attentions=attentions)
 
 
 AutoConfig.register(ProbeTransformerConfig.model_type, ProbeTransformerConfig)

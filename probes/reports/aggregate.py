@@ -19,6 +19,7 @@ import pandas as pd
 from ..errors import ProbeError, choice_error
 from ..runs.rundir import atomic_write, write_csv
 from ..stats import student_half, wilson
+from .trend import check_field, headline_metrics, trend_table
 
 log = logging.getLogger("probes")
 UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed", "training_config", "training_run",
@@ -138,9 +139,11 @@ def curve_table(runs: list[dict], probe: str) -> pd.DataFrame:
 def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame:
     """One row per `by` (+ `keep`, e.g. a curve's dimension) and setup (SETUP_COLUMNS: runs of another limit,
     task content or options are never merged). Runs that differ only by seed are pooled: a rate with its counts
-    (`x_k`, `x_n`) becomes the pooled k / n with its Wilson interval, plus `x_sd` (the spread across runs); other
-    metrics are averaged, and those with an interval get the interval of that mean over the runs (t, the runs as
-    replicates) and `x_sd`. `runs` counts the runs of each row, `seeds` their distinct seeds."""
+    (`x_k`, `x_n`) becomes the pooled k / n with its Wilson interval and, beside it, the mean over the runs as
+    replicates (`x_mean` with its t interval `x_mean_lo`/`_hi` and standard error `x_mean_se`: runs are models,
+    and models vary more than trials do) and `x_sd` (the spread across runs); other metrics are averaged, and those
+    with an interval get the interval of that mean over the runs (t, the runs as replicates), `x_se` and `x_sd`.
+    `runs` counts the runs of each row, `seeds` their distinct seeds."""
     if df.empty:
         return df
     df = df.drop(columns=[c for c in TRAINING_COLUMNS if c in df and df[c].isna().all()])  # pretrained
@@ -169,18 +172,16 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
             out[c] = (k / n).where(n > 0)
             bounds = [wilson(int(a), int(b)) for a, b in zip(k, n)]
             out[f"{c}_lo"], out[f"{c}_hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
-            spreads[f"{c}_sd"] = g[c].std()
+            spreads.update(_replicates(g, c, f"{c}_mean"))  # the models as replicates, beside the pooled trials
     # other metrics with an interval (d', entropies, masses, recovery): across several runs, the interval of their
     # mean with the runs as the replicates (Student's t), and the spread; one run keeps its own interval
     spread = [c for c in numeric if c not in pooled and f"{c}_lo" in numeric and f"{c}_hi" in numeric]
-    if spread:
-        runs, sd = g.size(), g[spread].std()
-        half = {c: [student_half(s, int(r)) for s, r in zip(sd[c], runs)] for c in spread}
-        for c in spread:
-            many = runs > 1
-            out[f"{c}_lo"] = (out[c] - half[c]).where(many, out[f"{c}_lo"])
-            out[f"{c}_hi"] = (out[c] + half[c]).where(many, out[f"{c}_hi"])
-            spreads[f"{c}_sd"] = sd[c]
+    for c in spread:
+        many = g.size() > 1
+        across = _replicates(g, c, c)
+        out[f"{c}_lo"] = across[f"{c}_lo"].where(many, out[f"{c}_lo"])
+        out[f"{c}_hi"] = across[f"{c}_hi"].where(many, out[f"{c}_hi"])
+        spreads.update({f"{c}_sd": across[f"{c}_sd"], f"{c}_se": across[f"{c}_se"]})
     # the bounds were replaced column by column: one block again (pandas warns of fragmentation otherwise)
     out = pd.concat([out, pd.DataFrame(spreads, index=out.index)], axis=1).copy()
     out.insert(0, "runs", g.size())
@@ -193,10 +194,21 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
     return out.sort_values(sort, kind="stable").reset_index(drop=True) if sort else out
 
 
-def aggregate(results: Path, by: list[str], skipped: dict | None = None) -> dict[str, pd.DataFrame]:
+def _replicates(g, column: str, name: str) -> dict:
+    """Per group, `column` across its runs as replicates: {name: mean, name_lo, name_hi (Student's t), name_se
+    (sd / sqrt(runs)), and the sd as <column>_sd}; the interval is nan for one run."""
+    mean, sd, runs = g[column].mean(), g[column].std(), g[column].count()
+    half = pd.Series([student_half(s, int(r)) for s, r in zip(sd, runs)], index=sd.index)
+    return {name: mean, f"{name}_lo": mean - half, f"{name}_hi": mean + half, f"{name}_se": sd / runs.pow(0.5),
+            f"{column}_sd": sd}
+
+
+def aggregate(results: Path, by: list[str], skipped: dict | None = None, trend: str | None = None) -> dict[str, pd.DataFrame]:
     """{table name: DataFrame}: '<probe>' summaries and '<probe>-curve' tables, grouped by `by`, and the training
-    tables of training runs (reports/training.py); folders with a meta.json that are not complete probe runs go to
-    `skipped` ({folder: reason})."""
+    tables of training runs (reports/training.py); with `trend` (a numeric task option, curve dimension or training
+    config field, e.g. n), '<table>-trend' tables: each headline metric's slope over it with the runs as replicates
+    (reports/trend.py). Folders with a meta.json that are not complete probe runs go to `skipped`
+    ({folder: reason})."""
     bad = [b for b in by if b not in UNIT_COLUMNS]
     if bad:
         raise choice_error("--by column", bad[0], UNIT_COLUMNS)
@@ -207,17 +219,26 @@ def aggregate(results: Path, by: list[str], skipped: dict | None = None) -> dict
     runs = complete_runs(results, skipped)
     for folder, reason in skipped.items():  # said wherever tables are made (aggregate, report, the API)
         log.info("skipped %s: %s", folder, reason)
-    tables = training_tables(results)  # training runs: their curves over seeds and steps to given accuracies
+    # training runs: their curves over seeds and steps to given accuracies
+    tables = training_tables(results, trend)
     if not runs and not tables:
         first = next(iter(skipped.items()), None)
         why = (f" ({len(skipped)} folder(s) skipped, e.g. {first[0]}: {first[1]})" if first else "")
         raise ProbeError(f"no complete runs under {str(results)!r}{why}; accepted: a results folder written by "
                          "`probe run` or `probe sweep`, or a folder of training runs")
     for probe in sorted({m["config"]["probe"] for m in runs}):
-        tables[probe] = group(summary_table(runs, probe), by)
+        per_run = {probe: summary_table(runs, probe)}
+        tables[probe] = group(per_run[probe], by)
         curve = curve_table(runs, probe) if probe in CURVES else None
         if curve is not None and len(curve):  # (attention on an in-context classifier has no N to draw against)
             tables[f"{probe}-curve"] = group(curve, by, [CURVES[probe][1]])
+            per_run[f"{probe}-curve"] = curve
+        for name, df in per_run.items() if trend else ():
+            t = trend_table(df, trend, by, headline_metrics(df))
+            if len(t):
+                tables[f"{name}-trend"] = t
+    if trend:
+        check_field(trend, any(name.endswith("-trend") and len(t) for name, t in tables.items()))
     tables.update(paired_tables(runs))  # trained variants compared item by item
     return tables
 

@@ -142,17 +142,9 @@ def finals(runs: list[dict]) -> pd.DataFrame:
     """Per config, metric and variant: the value at each run's last evaluation, its mean over seeds with a t
     interval, and against the baseline variant the difference of means (bootstrap over seeds) and a permutation
     p-value."""
-    labels = label_runs(runs).set_index("path")
-    last = []
-    for r in runs:
-        lab, log = labels.loc[r["path"]], r["log"]
-        for metric in (c for c in log if c.startswith("eval_")):
-            d = log.dropna(subset=[metric]).sort_values("step")
-            if len(d):
-                last.append({"training_config": lab.training_config, "variant": lab.variant, "metric": metric,
-                             "step": int(d.step.iloc[-1]), "value": float(d[metric].iloc[-1])})
+    last = final_values(runs)
     rows = []
-    for (config, metric), sub in pd.DataFrame(last).groupby(["training_config", "metric"], sort=False):
+    for (config, metric), sub in last.groupby(["training_config", "metric"], sort=False):
         variants = list(dict.fromkeys(sub.variant))
         base = _baseline(variants)
         b = sub[sub.variant == base].value.to_numpy(float)
@@ -162,12 +154,56 @@ def finals(runs: list[dict]) -> pd.DataFrame:
             row = {"training_config": config, "metric": metric, "variant": v, "runs": len(a),
                    "step": int(sub[sub.variant == v].step.max()), "mean": finite_or_none(a.mean()),
                    "mean_lo": finite_or_none(a.mean() - half), "mean_hi": finite_or_none(a.mean() + half),
+                   "se": finite_or_none(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else None,
                    "baseline": base}
             if v != base and len(a) > 1 and len(b) > 1:
                 diff, lo, hi = _difference(a, b)
                 row.update(difference=diff, difference_lo=lo, difference_hi=hi, p_permutation=permutation(a, b))
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def final_values(runs: list[dict]) -> pd.DataFrame:
+    """One row per run and metric: training_config, variant, seed, path, metric, step, value: each eval_ metric at
+    the run's last evaluation; each train_ metric (measured during training, e.g. on the first batch of each
+    epoch) at its last measurement and, as `<metric>_min`, its minimum over the run (Gong & Zhang's total entropy
+    is the minimum over epochs)."""
+    labels = label_runs(runs).set_index("path")
+    last = []
+    for r in runs:
+        lab, log = labels.loc[r["path"]], r["log"]
+        base = {"training_config": lab.training_config, "variant": lab.variant, "seed": lab.seed, "path": r["path"]}
+        for metric in (c for c in log if c.startswith(("eval_", "train_"))):
+            d = log.dropna(subset=[metric]).sort_values("step")
+            if not len(d):
+                continue
+            last.append({**base, "metric": metric, "step": int(d.step.iloc[-1]), "value": float(d[metric].iloc[-1])})
+            if metric.startswith("train_"):
+                last.append({**base, "metric": f"{metric}_min", "step": int(d.step.iloc[-1]),
+                             "value": float(d[metric].min())})
+    return pd.DataFrame(last)
+
+
+def trend(runs: list[dict], field: str) -> pd.DataFrame:
+    """Per config (and the other fields that vary between its runs) and metric: the slope of each run's final value
+    over the config field `field` (`n` or `task.n`), the runs as replicates (reports/trend.py); empty where no
+    config has that field varying."""
+    from .trend import trend_table
+
+    last = final_values(runs)
+    if last.empty:
+        return pd.DataFrame()
+    flats = {r["path"]: _flat(r["config"]) for r in runs}
+    name = lambda f: next((k for k in f if k == field or k.split(".", 1)[1] == field), None)  # noqa: E731
+    wide = last.pivot_table(index=["training_config", "path", "seed"], columns="metric", values="value").reset_index()
+    wide.columns.name = None
+    wide[field] = [flats[p].get(name(flats[p])) if name(flats[p]) else None for p in wide.path]
+    others = sorted({k for p in wide.path for k in flats[p]} - {"train.seed", name(flats[wide.path.iloc[0]]) or field})
+    for k in others:  # the fields that vary within a config besides `field` split it into groups
+        wide[k] = [json.dumps(flats[p].get(k)) for p in wide.path]
+    keys = ["training_config"] + [k for k in others if wide.groupby("training_config")[k].nunique().max() > 1]
+    metrics = sorted(set(last.metric))
+    return trend_table(wide, field, keys, metrics)
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple:
@@ -178,14 +214,17 @@ def _difference(a: np.ndarray, b: np.ndarray) -> tuple:
     return tuple(finite_or_none(v) for v in difference(mean, [a], [b]))
 
 
-def training_tables(folder: Path) -> dict[str, pd.DataFrame]:
+def training_tables(folder: Path, trend_field: str | None = None) -> dict[str, pd.DataFrame]:
     """{'training-curves', 'training-final', 'training-milestones', 'training-milestones-runs'} for the training
-    runs under `folder` (milestones where the runs' generator has one); {} if there are none."""
+    runs under `folder` (milestones where the runs' generator has one), and 'training-trend' over `trend_field`;
+    {} if there are none."""
     runs = training_runs(folder)
     if not runs:
         return {}
     per_run, summary = milestones(runs)
     tables = {"training-curves": curves(runs), "training-final": finals(runs)}
+    if trend_field:
+        tables["training-trend"] = trend(runs, trend_field)
     if len(summary):
         tables["training-milestones"] = summary
         tables["training-milestones-runs"] = per_run

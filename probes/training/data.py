@@ -8,20 +8,27 @@ vocabulary (tree: the next token). The vocabulary is a `tokenizers` word-level t
 
 N-back: the letters come from the same generator as the prompted N-back task (tasks/nback_trials.py: exactly `matches`
 targets at positions >= N, no accidental match anywhere), training sequences and test sequences from disjoint
-indices. The model reads the letters alone; at each position from N on, its answer is its choice between the two
-label tokens "m" (match) and "-". The vocabulary is a `tokenizers` word-level tokenizer saved with the model, so
+indices. The model reads the letters alone; at each position its answer is its choice between the two label tokens
+"m" (match) and "-". `loss: all` (the authors') trains every position, the first N labelled "-" (no letter N back:
+position alone decides them); `loss: from-n` trains positions N on only. Every evaluation logs accuracy over all
+positions and over positions >= N, and the authors' total entropy on the test sequences; the first training batch of
+each epoch logs it too (the authors' statistic, whose minimum over epochs they report). The vocabulary is a `tokenizers` word-level tokenizer saved with the model, so
 the project's `nback` task files for trained models (tasks/nback-trained*.yaml) run on a checkpoint unchanged.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import ProbeError
+from ..methods.attention import total_entropies
 from ..tasks.nback_trials import NBack
 from ..tasks.tree import ORDERS, make_tree, vocabulary
 from . import icl_data, lm_data
 from .generator import IGNORE, Generator, TensorRows, word_tokenizer
 
 LABELS = ("-", "m")  # target 0: no match, 1: match
+LOSSES = ("all", "from-n")  # which positions the N-back loss covers: every one (the authors'), or N on
 
 
 def nback_generator(task: dict, n: int | None = None) -> NBack:
@@ -41,16 +48,48 @@ def tokenizer_for(task: dict):
 
 
 def nback_splits(task: dict, tokenizer) -> dict:
-    """{'train': TensorRows, 'test': TensorRows} of (input_ids, target) per sequence."""
+    """{'train': TensorRows, 'test': TensorRows} of (input_ids, target) per sequence; the first N positions' target
+    is "no match" (0) with `loss: all`, IGNORE with `loss: from-n`."""
     gen = nback_generator(task)
-    n = task["n"]
+    n, skip = task["n"], task["loss"] == "from-n"
     ids = tokenizer.convert_tokens_to_ids
     rows = []
     for s in range(task["train"] + task["test"]):
         letters, labels = gen.sequence(n, s)
         rows.append({"input_ids": ids(letters),
-                     "target": [IGNORE if t < n else int(m) for t, m in enumerate(labels)]})
+                     "target": [IGNORE if t < n and skip else int(m) for t, m in enumerate(labels)]})
     return {"train": TensorRows(rows[: task["train"]]), "test": TensorRows(rows[task["train"]:])}
+
+
+def entropy_metrics(attentions: tuple, prefix: str) -> dict:
+    """The authors' total entropy (attention averaged over the sequences, row entropies summed) of every layer and
+    head: `<prefix>` alone for a 1-layer 1-head model, else `<prefix>_L<l>H<h>` each."""
+    values = {(l, h): float(v) for l, a in enumerate(attentions) for h, v in enumerate(total_entropies(a.float()).tolist())}
+    return {prefix if len(values) == 1 else f"{prefix}_L{l}H{h}": v for (l, h), v in values.items()}
+
+
+@torch.no_grad()
+def nback_metrics(model, test, task: dict) -> dict:
+    """At each evaluation, on the test sequences: accuracy over all positions (the first N's answer is "no match")
+    and over positions >= N, and the total entropy."""
+    device = next(model.parameters()).device
+    out = model(input_ids=test.columns["input_ids"].to(device), output_attentions=True)
+    labels = tokenizer_for(task).convert_tokens_to_ids(list(LABELS))
+    right = (out.logits[..., labels].argmax(-1).cpu() == test.columns["target"].clamp_min(0))  # IGNORE: no match
+    return {"accuracy_all": float(right.float().mean()), "accuracy_from_n": float(right[:, task["n"]:].float().mean()),
+            **entropy_metrics(out.attentions, "total_entropy")}
+
+
+@torch.no_grad()
+def nback_epoch_metrics(model, batch: dict, task: dict) -> dict:
+    """At the first training batch of each epoch, before its step: the total entropy on that batch."""
+    out = model(input_ids=batch["input_ids"], output_attentions=True)
+    return entropy_metrics(out.attentions, "first_batch_entropy")
+
+
+def check_nback(task: dict, where: str) -> None:
+    if task["loss"] not in LOSSES:
+        raise ProbeError(f"{where}: task.loss {task['loss']!r}; accepted: {', '.join(LOSSES)}")
 
 
 def tree_splits(task: dict, tokenizer) -> dict:
@@ -78,12 +117,13 @@ def check_tree(task: dict, where: str) -> None:
 GENERATORS = {
     "nback": Generator(
         {"generator": (str, "nback"), "n": (int, 2), "train": (int, 800), "test": (int, 200), "length": (int, 24),
-         "matches": (int, 8), "letters": (str, "bcdfghjklnpqrstvwxyz"), "seed": (int, 0)},
-        check=lambda t, where: None,  # the letters: when the generator is built (nback_generator)
+         "matches": (int, 8), "letters": (str, "bcdfghjklnpqrstvwxyz"), "seed": (int, 0), "loss": (str, "all")},
+        check=check_nback,  # the letters: when the generator is built (nback_generator)
         tokenizer=lambda t: word_tokenizer(["<pad>", "<unk>", *t["letters"], *LABELS], pad="<pad>"),
         splits=nback_splits, readout=lambda t: LABELS, positions=lambda t: t["length"],
-        run_name=lambda t, seed: f"n{t['n']}-seed{seed}", chance=lambda t: 1 - t["matches"] / (t["length"] - t["n"]),
-        summary=lambda t: f"N={t['n']}"),
+        run_name=lambda t, seed: f"n{t['n']}-seed{seed}",
+        chance=lambda t: 1 - t["matches"] / (t["length"] - (t["n"] if t["loss"] == "from-n" else 0)),
+        summary=lambda t: f"N={t['n']}", extra_metrics=nback_metrics, epoch_metrics=nback_epoch_metrics),
     "tree": Generator(
         {"generator": (str, "tree"), "nodes": (int, 16), "train": (int, 135000), "test": (int, 15000),
          "order": (str, "mixed"), "seed": (int, 0)},

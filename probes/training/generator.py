@@ -76,7 +76,9 @@ class Generator:
     summary: Callable  # task -> what a run trained on, in a few words
     collate: Callable = lambda splits: collate_ids  # the train split -> its batches' collate function
     eval_on_start: bool = False  # evaluate before the first step too (curves from step 0)
-    extra_metrics: Callable | None = None  # (model, test splits) -> {name: value}, logged at every evaluation
+    extra_metrics: Callable | None = None  # (model, test splits, task) -> {name: value}, logged at every evaluation
+    # (model, the epoch's first training batch, task) -> {name: value}, logged as train_<name> before that step
+    epoch_metrics: Callable | None = None
     eval_batch: int = 64  # sequences per evaluation batch
     whole_sequences: bool = True  # also the accuracy of whole sequences (every scored position right)
     milestone: str | None = "eval_accuracy"  # the logged metric whose steps to 50% and 95% runs are compared on

@@ -103,4 +103,4 @@ GENERATOR = Generator(
     positions=icl_sequences.length, run_name=lambda t, seed: f"seed{seed}", chance=lambda t: 1 / t["labels"],
     summary=lambda t: f"in-context classification, {t['pairs']} pairs", collate=lambda splits: collate(splits["train"]),
     eval_on_start=True, eval_batch=1000, milestone="eval_ic_accuracy",
-    extra_metrics=lambda model, test: {f"ic_{k}": v for k, v in query_attention(model, test["ic"]).items()})
+    extra_metrics=lambda model, test, task: {f"ic_{k}": v for k, v in query_attention(model, test["ic"]).items()})

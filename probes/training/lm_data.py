@@ -113,4 +113,4 @@ GENERATOR = Generator(
     FIELDS, check=check, tokenizer=tokenizer, splits=splits, readout=lambda t: None, positions=lambda t: t["context"],
     run_name=lambda t, seed: f"seed{seed}", chance=lambda t: None,
     summary=lambda t: f"{t['corpus']}, {t['context']}-token blocks",
-    extra_metrics=lambda model, test: icl_score(model, test), eval_batch=16, whole_sequences=False, milestone=None)
+    extra_metrics=lambda model, test, task: icl_score(model, test), eval_batch=16, whole_sequences=False, milestone=None)

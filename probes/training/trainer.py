@@ -66,13 +66,16 @@ def _trainer_class():
         between the two labels) or the whole vocabulary (the next token)."""
 
         label_ids: list[int] | None = None
-        extra_metrics = None  # the generator's (model, test splits) -> {name: value}
+        task: dict | None = None  # the config's task (for the generator's metrics)
+        extra_metrics = None  # the generator's (model, test splits, task) -> {name: value}
+        epoch_metrics = None  # the generator's (model, first batch of an epoch, task) -> {name: value}
+        epoch_start = False  # set by EpochStart: the next batch is an epoch's first
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             if self.extra_metrics is not None and eval_dataset is None and metric_key_prefix == "eval":
                 model = self.model.eval()
-                extra = {f"eval_{k}": v for k, v in self.extra_metrics(model, self.eval_dataset).items()}
+                extra = {f"eval_{k}": v for k, v in self.extra_metrics(model, self.eval_dataset, self.task).items()}
                 self.log(extra)
                 metrics.update(extra)
             return metrics
@@ -81,6 +84,11 @@ def _trainer_class():
             target = inputs["target"]
             # token ids or vectors (inputs_embeds), never padded: whole sequences of one length
             given = {k: v for k, v in inputs.items() if k != "target"}
+            if self.epoch_start and self.epoch_metrics is not None and model.training:
+                self.epoch_start = False  # measured on this batch before its step, as Gong & Zhang record it
+                batch = {k: self.accelerator.gather(v) for k, v in given.items()}  # the global batch (processes)
+                self.log({f"train_{k}": v for k, v in self.epoch_metrics(
+                    self.accelerator.unwrap_model(model), batch, self.task).items()})
             out = model(**given, attention_mask=torch.ones(target.shape, dtype=torch.long, device=target.device))
             logits = out.logits[..., self.label_ids] if self.label_ids else out.logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
@@ -185,7 +193,12 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
                                    data_collator=generator(cfg).collate(data))
         readout = generator(cfg).readout(cfg["task"])
         trainer.label_ids = tok.convert_tokens_to_ids(list(readout)) if readout else None
-        trainer.extra_metrics = generator(cfg).extra_metrics
+        trainer.task, trainer.extra_metrics = cfg["task"], generator(cfg).extra_metrics
+        trainer.epoch_metrics = generator(cfg).epoch_metrics
+
+        class EpochStart(TrainerCallback):  # an epoch's first batch (not a resumed run's first batch mid-epoch)
+            def on_epoch_begin(self, a, st, control, train_dataloader=None, **kw):
+                trainer.epoch_start = train_dataloader is not None and st.global_step % len(train_dataloader) == 0
 
         class Log(TrainerCallback):  # the log as CSV after every logging step: a killed run keeps its curve
             def on_log(self, a, st, control, **kw):
@@ -193,6 +206,7 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
                     write_log(run, st.log_history)
 
         trainer.add_callback(Log())
+        trainer.add_callback(EpochStart())
         if not progress:  # without a bar, Trainer prints every log dict instead: quiet means quiet
             from transformers.trainer_callback import PrinterCallback
 
@@ -239,6 +253,7 @@ def _arguments(run: Path, t: dict, world: int, progress: bool, gen):
 
 
 NOT_LOGGED = ("_runtime", "_samples_per_second", "_steps_per_second")  # timings, not results
+NOT_LOGGED_TRAIN = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss")
 
 
 def write_log(run: Path, history: list[dict]) -> None:
@@ -249,7 +264,8 @@ def write_log(run: Path, history: list[dict]) -> None:
             continue
         row = rows.setdefault(step, {"step": step})
         for k, v in h.items():
-            if k in ("loss", "learning_rate", "epoch") or (k.startswith("eval_") and not k.endswith(NOT_LOGGED)):
+            if k in ("loss", "learning_rate", "epoch") or k.startswith("train_") and k not in NOT_LOGGED_TRAIN or (
+                    k.startswith("eval_") and not k.endswith(NOT_LOGGED)):
                 row[k] = v
     if rows:
         log = pd.DataFrame(sorted(rows.values(), key=lambda r: r["step"]))
