@@ -4,11 +4,12 @@ its exact re-runs are activation-patching's numbers."""
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 
 import probes
-from probes.methods.attribution import _verified
+from probes.methods.attribution import _verified, report_attribution, summarize_attribution
 from probes.models.arch import _get
 from probes.tasks.base import answer_token
 from probes.tasks.files import load_task
@@ -145,3 +146,53 @@ def test_bad_verify_values_are_refused_before_loading():
     for value in ("-1", "some", 1.5):
         with pytest.raises(probes.ProbeError, match="bad verify"):
             probes.run("tiny-gpt2", task, "attribution-patching", verify=value)
+
+
+def test_verification_cells_key_on_the_position_from_the_end():
+    """Pairs of 5 and 6 tokens: absolute position 4 is the last token of one and the second-to-last of the other,
+    so its patches belong to two cells (as in the heat maps), not one."""
+    rows = []
+    for item, n, patches in ((0, 5, [(3, 0.1, 0.0), (4, 0.9, 0.96), ("whole", 1.0, 1.0)]),
+                             (1, 6, [(4, 0.0, -0.0001), (5, 0.8, 0.9), ("whole", 0.8, 0.7)])):
+        for p, recovery, exact in patches:
+            rows.append({"item": item, "direction": "denoise", "tokens": n, "ld_source": 2.0, "ld_dest": 0.0,
+                         "estimator": "AtP", "site": "resid", "head": None, "block": 0, "position": str(p),
+                         "from_end": None if p == "whole" else p - n, "estimate": 2 * recovery, "changes": True,
+                         "recovery": recovery, "verified": True, "effect_exact": 2 * exact,
+                         "recovery_exact": exact})
+    df = pd.DataFrame(rows)
+    summary = summarize_attribution(df)
+    cells = {c["from_end"]: c for c in summary["verification"]["cells"]}
+    assert set(cells) == {-1, -2, None} and all(c["site"] == "resid" and c["block"] == 0 for c in cells.values())
+    assert (cells[-1]["estimate"], cells[-1]["exact"]) == (pytest.approx(0.85), pytest.approx(0.93))
+    assert (cells[-2]["estimate"], cells[-2]["exact"]) == (pytest.approx(0.05), pytest.approx(-0.00005))
+    assert (cells[None]["estimate"], cells[None]["exact"]) == (pytest.approx(0.9), pytest.approx(0.85))
+    report = report_attribution(df, summary)
+    assert "resid block 0 position -1 from the end: 0.850 vs 0.930" in report
+    assert "resid block 0 every position: 0.900 vs 0.850" in report
+
+
+def test_logit_differences_are_float32_subtractions_of_the_models_logits():
+    """In bfloat16, the pair's LDs (which the pair filter reads) are the float32 difference of the two answers'
+    bfloat16 logits, each upcast, as exact patching has it; not a bfloat16 subtraction."""
+    model = loaded("tiny-llama", dtype="bfloat16")
+    task = load_task("capitals", {"ambiguous": "flag"})
+    table = probes.run(model, task, "attribution-patching", limit=6, verify=0, sites="resid", layers="0",
+                       positions="last", batch_size=1).table  # one pair per forward: no padding
+    from probes.methods.patching import prepare_patching
+
+    items, _ = task.scored_items(model.tokenizer, 6)
+    rounded = 0
+    for item in prepare_patching(model, task, items, {})[0]:
+        tok = model.tokenizer
+        good = answer_token(tok, item)
+        bad = answer_token(tok, dataclasses.replace(item, answer=item.extra["corrupted_answer"]))
+        ids = torch.tensor([tok(item.prompt).input_ids, tok(item.extra["corrupted"]).input_ids])
+        with torch.no_grad():
+            logits = model.arch.hf(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        assert logits.dtype == torch.bfloat16
+        want = (logits[:, good].float() - logits[:, bad].float()).tolist()
+        row = table[table.item == item.index].iloc[0]
+        assert (row.ld_source, row.ld_dest) == (want[0], want[1])
+        rounded += (logits[:, good] - logits[:, bad]).float().tolist() != want
+    assert rounded  # a bfloat16 subtraction would have given other numbers

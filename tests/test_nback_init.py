@@ -68,9 +68,11 @@ def total_entropy(model, cfg) -> float:
     return float(-(p * p.clamp_min(1e-30).log()).sum(-1).sum(-1).mean())
 
 
-def test_a_width_64_copy_of_the_paper_config_leaves_uniform_attention_in_training(tmp_path):
+def test_the_paper_config_leaves_uniform_attention_in_training(tmp_path):
+    """At the paper's width, 100 of its 250 steps (width 64 and 300 steps did, with the loss from position N; with
+    the authors' loss over every position a width-64 copy stays near uniform that long: its embeddings are smaller)."""
     uniform = math.lgamma(24 + 1)  # 54.78 nats
-    small = {"model.n_embd": 64, "train.steps": 300, "train.eval_steps": 300, "train.save_steps": 300}
+    small = {"train.steps": 100, "train.eval_steps": 100, "train.save_steps": 100}
     hf = load_training_config(PAPER, {**small, "model.init": "hf"})
     assert abs(total_entropy(build_model(hf, tokenizer_for(hf["task"])), hf) - uniform) < 1e-3  # the saddle
     cfg = load_training_config(PAPER, small)

@@ -3,7 +3,8 @@
 
 Pairs, sites, blocks, positions, direction and the metric are activation-patching's (patching.py): a patch writes
 the source run's value of a site (resid, attn, ffn, head) at one block and position into the destination run, and
-LD = logit(clean answer) - logit(corrupted answer) at the last position. To first order, the patch changes LD by
+LD = logit(clean answer) - logit(corrupted answer) at the last position (in float32, patch_engine's
+`logit_difference`). To first order, the patch changes LD by
 
     (a_source - a_destination) . dLD/da,   the gradient taken in the destination run.
 
@@ -17,8 +18,9 @@ Gradients flow through 8-bit and 4-bit layers and across devices as the forward 
 Verification: each pair's `--verify K` patches of largest |estimate| (`all`: every patch) are re-run exactly by the
 batched engine (patch_engine.py), so rows carry both. The summary is activation-patching's on the estimates (heat
 maps, the held-out best cell) and, over the verified patches, the Spearman correlation of estimate and exact effect
-per pair (mean over pairs, bootstrap interval), and with `all`, how many of each pair's exact top 10 patches are in
-the estimate's top 20.
+per pair (mean over pairs, bootstrap interval), with `all` how many of each pair's exact top 10 patches are in the
+estimate's top 20, and the cells of largest mean estimate against their exact mean (a cell as in the heat maps:
+site, block, head, position from the end, since pairs differ in length).
 
 AtP*'s corrections (Kramar et al. 2024; atp_star.py): `--qk-fix` computes exactly how a resid patch changes its
 block's attention probabilities (the linear term misses a saturated softmax), and `--graddrop` scores each patch by
@@ -40,7 +42,7 @@ from ..models.attention_record import recording
 from ..stats import interval_text, level, mean
 from ..tasks.base import Item, answer_token, item_columns, token_ids
 from .atp_star import check_fixes, gradient_passes, linear_qk, qk_correction
-from .patch_engine import answer_columns, first_difference, patch_list, patch_logits, site_value
+from .patch_engine import answer_columns, first_difference, logit_difference, patch_list, patch_logits, site_value
 from .patching import parse_sites, pairs_used, report_patching, summarize_patching
 from .positions import named_positions, resolve_positions
 
@@ -83,10 +85,8 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
                         arch.set_heads_input(i, value) if site == "head" else arch.set_update(i, site, value)
                 if dropped and value.requires_grad:  # block i's contribution to the residual, dropped in pass i
                     value.register_hook(lambda g, i=i: torch.zeros_like(g) if drop["block"] == i else g)
-        logits = loaded.model.output.logits[:, -1]
-        rows = torch.arange(len(prompts), device=logits.device)
-        ld = nnsight.save(logits[rows, good.to(logits.device).repeat_interleave(2)]
-                          - logits[rows, bad.to(logits.device).repeat_interleave(2)])
+        ld = nnsight.save(logit_difference(loaded.model.output.logits[:, -1], good.repeat_interleave(2),
+                                           bad.repeat_interleave(2)))
         acts = nnsight.save(acts)
     delta = {key: value[0::2] - value[1::2] for key, value in acts.items()}
     fixed = [i for i in blocks if qk_fix and (i, "resid") in leaves]
@@ -117,7 +117,7 @@ def attribution_forward(loaded, prompts: list, good: torch.Tensor, bad: torch.Te
                     per, whole[b] = qk_correction(rec[i], grads["probs", i], *moved[i], (2 * b, 2 * b + 1), shift)
                     one[b, shift:] = per.to(one.device)
             passes.append((weight, {k: v.detach().cpu() for k, v in effects.items()}))  # one transfer per pass
-    return ld.detach().float(), passes
+    return ld.detach(), passes
 
 
 def prepare_attribution(loaded, task, items: list[Item], options: dict):
@@ -170,7 +170,7 @@ def run_attribution(loaded, items: list[Item], state: dict | None = None, sites=
             source, dest = prompts[2 * b], prompts[2 * b + 1]
             out = patch_logits(loaded, source, dest, [patches[k] for k in chosen],
                                reduce=lambda logits: answer_columns(logits, good[b], bad[b]))
-            got = (out[:, 0] - out[:, 1]).tolist()
+            got = out[:, 0].tolist()
             exact = {k: (got[j + 2], got[0], got[1]) for j, k in enumerate(chosen)}
         gap = ld[2 * b] - ld[2 * b + 1]
         start = first_difference(loaded, prompts[2 * b], prompts[2 * b + 1])
@@ -247,10 +247,12 @@ def summarize_attribution(df, seed: int = 0) -> dict:
             found.append(len(top & set(g.estimate.abs().nlargest(TOP_ESTIMATE).index)) / min(TOP_EXACT, len(g)))
         check.update(mean(found, "top_found", seed=seed))
     v = v.assign(recovery_exact=v.recovery_exact.abs()) if unsigned else v
-    cells = v.groupby(["site", "block", "position", "head"], dropna=False)[["recovery", "recovery_exact"]].mean()
+    # a cell is the heat map's: its position counted from the end (pairs differ in length; NaN: every position)
+    cells = v.groupby(["site", "block", "from_end", "head"], dropna=False)[["recovery", "recovery_exact"]].mean()
     cells = cells.reindex(cells.recovery.abs().sort_values(ascending=False).index).head(10)
-    check["cells"] = [{"site": s, "block": int(b), "position": p, "head": None if h != h else int(h),
-                       "estimate": float(r), "exact": float(e)} for (s, b, p, h), (r, e) in cells.iterrows()]
+    check["cells"] = [{"site": s, "block": int(b), "from_end": None if p != p else int(p),
+                       "head": None if h != h else int(h), "estimate": float(r), "exact": float(e)}
+                      for (s, b, p, h), (r, e) in cells.iterrows()]
     out["verification"] = check
     return out
 
@@ -273,9 +275,11 @@ def report_attribution(df, summary) -> str:
         lines.append(f"  exact top {TOP_EXACT} patches found in the estimate's top {TOP_ESTIMATE}: "
                      f"{interval_text(v, 'top_found', 2)} (share, mean over pairs)")
     if v["cells"]:
-        lines.append("  largest mean estimates, against exact recovery (mean over pairs' verified patches):")
+        lines.append("  largest mean estimates, against exact recovery (by site, block and position from the end, as "
+                     "the heat maps; mean over pairs' verified patches):")
         lines += [f"    {c['site']} block {c['block']}" + (f" head {c['head']}" if c["head"] is not None else "")
-                  + f" position {c['position']}: {c['estimate']:.3f} vs {c['exact']:.3f}" for c in v["cells"]]
+                  + (" every position" if c["from_end"] is None else f" position {c['from_end']} from the end")
+                  + f": {c['estimate']:.3f} vs {c['exact']:.3f}" for c in v["cells"]]
     return "\n".join(lines) + f"\n[{level():.0%} bootstrap intervals over pairs]"
 
 

@@ -174,11 +174,19 @@ def site_value(arch, i: int, site: str, x):
             else arch.attn_update(i) if site == "attn" else arch.ffn_output(i, like=x))
 
 
+def logit_difference(logits: torch.Tensor, good, bad) -> torch.Tensor:
+    """(rows,): LD = logit(good) - logit(bad) of each row of `logits` (rows, vocab), in float32 whatever the model's
+    dtype (each logit upcast before subtracting); `good`, `bad`: one token for every row, or one per row."""
+    rows = torch.arange(len(logits), device=logits.device)
+    return (logits[rows, torch.as_tensor(good, device=logits.device)].float()
+            - logits[rows, torch.as_tensor(bad, device=logits.device)].float())
+
+
 def answer_columns(logits: torch.Tensor, good: int, bad: int) -> torch.Tensor:
-    """(rows, 3): the logits of the clean and the corrupted answer, and the clean answer's rank (exact in float32
-    below 2**24 tokens)."""
+    """(rows, 2), float32: the logit difference of the clean (`good`) and the corrupted (`bad`) answer, and the
+    clean answer's rank (exact in float32 below 2**24 tokens)."""
     rank = rank_of(logits, torch.full((len(logits),), good, device=logits.device))
-    return torch.stack([logits[:, good], logits[:, bad], rank.to(logits.dtype)], 1)
+    return torch.stack([logit_difference(logits, good, bad), rank.float()], 1)
 
 
 def patch_list(sites: list[str], blocks: list[int], positions: list, heads: int = 0) -> list[tuple[str, int, object]]:

@@ -78,7 +78,7 @@ def run_patching(loaded, items: list[Item], state: dict | None = None, sites="re
         patches = patch_list(sites, blocks, pos, arch.n_heads)
         good, bad = answer_token(tok, it), answer_token(tok, dataclasses.replace(it, answer=it.extra["corrupted_answer"]))
         out = patch_logits(loaded, source, dest, patches, reduce=lambda logits: answer_columns(logits, good, bad))
-        ld, rank = (out[:, 0] - out[:, 1]).tolist(), out[:, 2].long().tolist()
+        ld, rank = out[:, 0].tolist(), out[:, 1].long().tolist()
         gap = ld[0] - ld[1]
         cols = {**item_columns(tok, it), "corrupted_input": it.extra["corrupted_input"], "direction": direction,
                 "tokens": n, "ld_source": ld[0], "ld_dest": ld[1]}

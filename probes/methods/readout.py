@@ -83,9 +83,12 @@ def next_token_logits(loaded, prompts: list[str]) -> torch.Tensor:
 
 
 def rank_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """0-based rank of token ids[b] in logits[b, ..., :] (number of strictly larger logits)."""
+    """0-based rank of token ids[b] in logits[b, ..., :] (number of strictly larger logits). NaN explicitly: a NaN
+    logit counts as larger, and a NaN target ranks last (a comparison with NaN is False, which would make every
+    token of a NaN row "top-1")."""
     target = logits.gather(-1, ids.view(-1, *[1] * (logits.dim() - 1)).expand(*logits.shape[:-1], 1))
-    return (logits > target).sum(-1)
+    rank = ((logits > target) | logits.isnan()).sum(-1)
+    return torch.where(target.squeeze(-1).isnan(), logits.shape[-1], rank)
 
 
 def target_ids(loaded, items: list[Item]) -> dict[str, torch.Tensor]:

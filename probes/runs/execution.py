@@ -4,6 +4,8 @@ items in batches, writing each finished batch at once (resumable)."""
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -132,6 +134,18 @@ def execute(plan: RunPlan, loaded=None, progress: bool = False, extra_meta: dict
     return results
 
 
+def check_finite(rows: list[dict], loaded, probe: str) -> None:
+    """Every number a probe writes is finite, or the run stops before writing the batch (the self-check stops a
+    model that computes NaN before anything is written; this catches what its first prompts did not show)."""
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) and not math.isfinite(value):
+                raise ProbeError(f"{probe} computed a non-finite {key} ({value}) for item {row.get('item')} on "
+                                 f"{loaded.spec.name} in {loaded.dtype}{' ' + loaded.quantize if loaded.quantize else ''}"
+                                 "; the batches before it are kept (a rerun resumes); accepted: --dtype float32 or "
+                                 "--dtype bfloat16")
+
+
 def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int | str = 8,
               options: dict | None = None, overwrite: bool = False, progress: bool = True,
               extra_meta: dict | None = None, skip_complete: bool = False, self_check: bool = True):
@@ -200,6 +214,7 @@ def run_task(plan: RunPlan, loaded, task, output: Path, progress: bool = True, e
                     bar.set_postfix(batch_size=size)
                     continue
                 start += len(batch)
+                check_finite(rows, loaded, plan.probe)
                 if task.ambiguous == "flag":
                     for row in rows:
                         row["ambiguous"] = row["item"] in ambiguous

@@ -14,14 +14,22 @@ it, unless the user asks to go on (`--no-self-check`, recorded in meta.json).
 
 from __future__ import annotations
 
+import math
+
 import nnsight
 import torch
 
 from ..errors import ProbeError
 from ..models.devices import smaller_batch
 
-# largest difference accepted, relative to the largest magnitude of what is compared (a block's output, the logits)
+# largest difference accepted, relative to the largest magnitude of what is compared (a block's output, the logits),
+# per compute dtype; a quantized model's by its quantization (its matmuls round far more than its compute dtype)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+QUANTIZED_TOLERANCE = {"8bit": 5e-2, "4bit": 1e-1}
+# a quantized model's outputs depend on its batchmates without any padding (LLM.int8 decides its outlier columns
+# per batch): its padding figure is judged against that dependence, measured on an unpadded batch of the same
+# prompts, up to this factor (padding adds batchmate tokens, the pads, so it moves a little more)
+BATCH_FACTOR = 2.0
 PROMPTS = 8  # of the run's first batch
 
 
@@ -30,8 +38,11 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _top1_agrees(got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
-    """Same top-1 per row, unless the reference's best two are closer than the tolerance (a near tie)."""
+    """Same top-1 per row, unless the reference's best two are closer than the tolerance (a near tie); never
+    where either holds a non-finite value."""
     got, ref = got.float(), ref.float()
+    if not (bool(got.isfinite().all()) and bool(ref.isfinite().all())):
+        return False
     top2 = ref.topk(2, dim=-1).values
     tie = (top2[..., 0] - top2[..., 1]) <= tol * ref.abs().amax(dim=-1)
     return bool(((got.argmax(-1) == ref.argmax(-1)) | tie).all())
@@ -41,33 +52,87 @@ def claims_identity(arch) -> bool:
     return arch.residual and arch.has_ffn
 
 
+def _finite(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Whether every value of `t` is finite (at the positions `mask` keeps: a pad's row may overflow unread)."""
+    ok = t.isfinite()
+    if mask is not None and ok.dim() >= 2 and ok.shape[:2] == mask.shape:
+        ok = ok | ~mask.to(ok.device).bool().view(*mask.shape, *[1] * (ok.dim() - 2))
+    return ok.all()
+
+
 def measure(loaded, prompts: list, lengths: list[int] | None) -> dict:
     """The figures (relative differences) on `prompts` (token `lengths`, None for vectors), in two forwards: the
-    batch (left-padded), then its most padded prompt alone. Padding is 'n/a' where every prompt has one length."""
+    batch (left-padded), then its most padded prompt alone; a quantized model's also on an unpadded batch (its
+    batch dependence by itself). Padding is 'n/a' where every prompt has one length. `nonfinite` names the first
+    place (block and module, in forward order) where a value is NaN or infinite, if any."""
     arch, tol = loaded.arch, tolerance(loaded)
     identity = claims_identity(arch)
+    mask = loaded.tokenizer(prompts, padding=True, return_tensors="pt").attention_mask if lengths else None
     with loaded.trace(prompts, logits_to_keep=1):
-        misses = []
-        for i in range(arch.n_layers) if identity else ():
-            x = arch.block_input(i)
-            a, f = arch.attn_update(i), arch.ffn_update(i, like=x)
-            misses.append(_relative(x + a + f, arch.block_output(i)).to(arch.unembed_device))
+        misses, finite = [], [_finite(arch.resid(0), mask).to(arch.unembed_device)]
+        for i in range(arch.n_layers):
+            if identity:
+                x = arch.block_input(i)
+                a, f = arch.attn_update(i), arch.ffn_update(i, like=x)
+                finite += [_finite(a, mask).to(arch.unembed_device), _finite(f, mask).to(arch.unembed_device)]
+                misses.append(_relative(x + a + f, arch.block_output(i)).to(arch.unembed_device))
+            finite.append(_finite(arch.block_output(i), mask).to(arch.unembed_device))
         last = nnsight.save(arch.resid(arch.n_layers)[:, -1])
         logits = nnsight.save(loaded.model.output.logits[:, -1].float())
         worst = nnsight.save(torch.stack(misses).max()) if misses else None
+        flags = nnsight.save(torch.stack(finite))
     lens = arch.decode(last)
     out = {"prompts": len(prompts), "lens_logits": float(_relative(lens, logits)),
-           "lens_top1": _top1_agrees(lens, logits, tol), "identity": float(worst) if identity else "n/a"}
+           "lens_top1": _top1_agrees(lens, logits, tol), "identity": float(worst) if identity else "n/a",
+           "nonfinite": _first_nonfinite(arch, flags.tolist(), identity, bool(logits.isfinite().all()))}
     if lengths is None or len(set(lengths)) < 2:
         return {**out, "padding": "n/a"}
     shortest = min(range(len(prompts)), key=lengths.__getitem__)
-    with loaded.trace([prompts[shortest]], logits_to_keep=1):
-        alone = nnsight.save(loaded.model.output.logits[:, -1].float())
-    return {**out, "padding": float(_relative(logits[shortest], alone[0])),
-            "padding_top1": _top1_agrees(logits[shortest:shortest + 1], alone, tol)}
+    alone = _last_logits(loaded, [prompts[shortest]])
+    out = {**out, "padding": float(_relative(logits[shortest], alone[0])),
+           "padding_top1": _top1_agrees(logits[shortest:shortest + 1], alone, tol)}
+    if loaded.quantize:
+        out["batch"] = batch_dependence(loaded, prompts[shortest], alone[0])
+    return out
+
+
+def _last_logits(loaded, prompts: list) -> torch.Tensor:
+    with loaded.trace(prompts, logits_to_keep=1):
+        logits = nnsight.save(loaded.model.output.logits[:, -1].float())
+    return logits
+
+
+def batch_dependence(loaded, prompt: str, alone: torch.Tensor) -> float | str:
+    """How far `prompt`'s logits move when it shares an unpadded batch (a second prompt of the same token count:
+    its reversed tokens) against `alone`: what a quantization does by itself, with no padding in the batch."""
+    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids[0]
+    if len(ids) < 2:
+        return "n/a"
+    batch = torch.stack([ids, torch.cat([ids[:1], ids[1:].flip(0)])])  # token ids: no re-encoding, one length
+    with loaded.trace({"input_ids": batch, "attention_mask": torch.ones_like(batch)}, logits_to_keep=1):
+        logits = nnsight.save(loaded.model.output.logits[:, -1].float())
+    return float(_relative(logits[0], alone))
+
+
+def _first_nonfinite(arch, flags: list[bool], identity: bool, logits_finite: bool) -> str | None:
+    """'block 3's attention update (model.layers.3.self_attn)', or None when every value read is finite."""
+    names = ["the embedding output"]
+    for i in range(arch.n_layers):
+        block = f"{arch.spec.layers}.{i}"
+        if identity:
+            names += [f"block {i}'s attention update ({block}.{arch.spec.attn})",
+                      f"block {i}'s FFN update ({block}.{arch.spec.ffn})"]
+        names.append(f"block {i}'s output ({block})")
+    bad = next((name for name, ok in zip(names, flags) if not ok), None)
+    if bad is None and not logits_finite:
+        return f"the final norm or unembedding ({arch.spec.final_norm}, {arch.spec.unembed})"
+    return bad
 
 
 def tolerance(loaded) -> float:
+    """The one tolerance a run's figures are judged by: its quantization's, else its compute dtype's."""
+    if loaded.quantize:
+        return QUANTIZED_TOLERANCE[loaded.quantize]
     return TOLERANCE.get(loaded.arch.hf.dtype, 5e-2)
 
 
@@ -107,26 +172,41 @@ def self_check(loaded, items, truncates: bool = False, strict: bool = True, batc
             break
         except Exception as e:
             size = smaller_batch(e, size, batch_size == "auto")
-    got = {**got, "tolerance": tol, "dtype": str(loaded.arch.hf.dtype).removeprefix("torch.")}
+    got = {**got, "tolerance": tol, "dtype": str(loaded.arch.hf.dtype).removeprefix("torch."),
+           "quantize": loaded.quantize, "batch_factor": BATCH_FACTOR if loaded.quantize else None}
     failed = _failure(got, tol, loaded.spec.name, loaded.arch.model_type)
     if failed and strict:
         raise ProbeError(f"{failed}; accepted: --no-self-check to run anyway (recorded in meta.json)")
     return {**got, "failed": failed, "went_on": bool(failed)} if failed else got
 
 
+def _within(value, limit: float) -> bool:
+    """value <= limit, False for NaN (a comparison that is False for NaN must never pass a check)."""
+    return value == "n/a" or (math.isfinite(value) and value <= limit)
+
+
 def _failure(got: dict, tol: float, name: str, family: str) -> str | None:
-    if got["lens_logits"] > tol or not got["lens_top1"]:
+    if got["nonfinite"]:
+        instead = "float32" if got["dtype"] in ("bfloat16", "float32") else "bfloat16 or float32"
+        return (f"self-check failed on {name}: {got['dtype']}{' ' + got['quantize'] if got['quantize'] else ''} "
+                f"computes non-finite values (NaN or inf), first in {got['nonfinite']}: every figure would be "
+                f"meaningless; accepted: --dtype {instead.replace(' or ', ' or --dtype ')}")
+    if not _within(got["lens_logits"], tol) or not got["lens_top1"]:
         return (f"self-check failed on {name}: the lens of the last layer is not the model's logits (relative "
                 f"difference {got['lens_logits']:.2g}, tolerance {tol:g}{'' if got['lens_top1'] else ', another top-1'}"
                 f"): the architecture table's final norm or unembedding for {family} is not what the model computes")
-    if got["identity"] != "n/a" and got["identity"] > tol:
+    if not _within(got["identity"], tol):
         return (f"self-check failed on {name}: block output = input + attention update + FFN update does not hold "
                 f"(relative difference {got['identity']:.2g}, tolerance {tol:g}): the architecture table's attention "
                 f"or FFN module for {family} is not the update")
-    if got["padding"] != "n/a" and (got["padding"] > tol or not got["padding_top1"]):
+    batch = got.get("batch", "n/a")  # the quantization's own batch dependence: recorded and said, not a failure
+    limit = max(tol, BATCH_FACTOR * batch) if got["quantize"] and batch != "n/a" else tol
+    if not _within(got["padding"], limit) or (got["padding"] != "n/a" and not got["padding_top1"]):
+        cause = (f", beyond {BATCH_FACTOR:g}x the {got['quantize']} batch dependence measured without padding "
+                 f"({batch:.2g})" if got["quantize"] and batch != "n/a" else "")
         return (f"self-check failed on {name}: a left-padded prompt does not get the logits it gets alone (relative "
-                f"difference {got['padding']:.2g}, tolerance {tol:g}{'' if got['padding_top1'] else ', another top-1'}"
-                "): batched results would depend on the batch")
+                f"difference {got['padding']:.2g}, tolerance {limit:.2g}{cause}"
+                f"{'' if got['padding_top1'] else ', another top-1'}): batched results would depend on the padding")
     return None
 
 
@@ -139,6 +219,14 @@ def describe(figures: dict) -> str:
     parts = [f"lens = logits ({figures['lens_logits']:.1g})"]
     ident = figures["identity"]
     parts.append("identity not claimed (no residual FFN block)" if ident == "n/a" else f"identity {ident:.1g}")
-    pad = figures["padding"]
-    parts.append("padding n/a (one length)" if pad == "n/a" else f"padding invariant ({pad:.1g})")
-    return "self-check: " + ", ".join(parts) + f" [{figures['dtype']}, {figures['prompts']} prompts]"
+    pad, batch = figures["padding"], figures.get("batch", "n/a")
+    if pad == "n/a":
+        parts.append("padding n/a (one length)")
+    elif batch != "n/a":
+        parts.append(f"padding {pad:.1g} within {figures['batch_factor']:g}x the {figures['quantize']} batch "
+                     f"dependence without padding ({batch:.1g})" if pad > figures["tolerance"]
+                     else f"padding invariant ({pad:.1g}; {figures['quantize']} batch dependence {batch:.1g})")
+    else:
+        parts.append(f"padding invariant ({pad:.1g})")
+    kind = figures["dtype"] + (f" {figures['quantize']}" if figures.get("quantize") else "")
+    return "self-check: " + ", ".join(parts) + f" [{kind}, {figures['prompts']} prompts, tolerance {figures['tolerance']:g}]"
