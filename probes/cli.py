@@ -116,7 +116,9 @@ def cmd_run(args) -> None:
                     outputs=outputs, output=args.output,
                     overwrite=args.overwrite, self_check=not args.no_self_check, load=load, remote=args.remote)
     loaded = load_for(plan)
-    where = f" {describe(loaded.placement, loaded.dtype)}" if loaded.placement else ""
+    dtype = (f"{loaded.quantize} ({str(loaded.arch.hf.dtype).removeprefix('torch.')} compute)" if loaded.quantize
+             else loaded.dtype)
+    where = f" {describe(loaded.placement, dtype)}" if loaded.placement else ""
     print(f"loaded in {loaded.load_seconds:.1f}s{' (cached)' if loaded.cache_hit else ''}{where}", file=sys.stderr)
     tables = {}
     for task in tasks:  # one at a time, each printed when it ends
@@ -290,7 +292,7 @@ def cmd_report(args) -> None:
     from .reports.html import write_report
 
     results = Path(args.results or RESULTS)
-    out = write_report(results, [b.strip() for b in args.by.split(",") if b.strip()], args.out)
+    out = write_report(results, [b.strip() for b in args.by.split(",") if b.strip()], args.out, args.trend)
     print(f"report: {out}")
 
 

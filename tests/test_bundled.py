@@ -54,3 +54,19 @@ def test_gguf_cache_reloads_identical_weights():
     ids = lm.tokenizer("Q: What is the capital of Poland?\nA:", return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(lm.model._module(**ids).logits, direct(**ids).logits, atol=0, rtol=0)
+
+
+def test_gemma_in_float16_stops_with_one_line_naming_the_overflow(tmp_path):
+    """Gemma 3 overflows float16 (its residual stream passes 65504): the run stops before writing anything, exit
+    2, one line naming the dtype, the first block that computes inf or NaN, and what to use instead; it used to
+    score NaN logits as 8/8 correct."""
+    from .test_cli import probe
+
+    bundled("gemma3-270m")  # the GGUF cached (or a clear failure naming the package)
+    r = probe("run", "--model", "gemma3-270m", "--task", "capitals", "--probe", "accuracy", "--limit", "8",
+              "--dtype", "float16", "--output", tmp_path / "run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("probe: error: self-check failed on gemma3-270m: float16 computes non-finite values")
+    assert "first in block " in line and "--dtype bfloat16 or float32" in line
+    assert not (tmp_path / "run" / "table.csv").exists()

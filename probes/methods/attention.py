@@ -96,9 +96,9 @@ def run_attention(loaded, items: list[Item]) -> list[dict]:
                     other += [float(raw[h, t, t - k]) for k in range(1, t + 1) if k != n]
                 rows.append({**cols, "layer": layer, "head": h,
                              "entropy": float(ent[h, 1:].mean()), "entropy_nosink": float(ent_ns[h, 1:].mean()),
-                             "nback_mass_match": float(np.mean(back[True])) if back[True] else math.nan,
-                             "nback_mass_nonmatch": float(np.mean(back[False])) if back[False] else math.nan,
-                             "other_letter_mass": float(np.mean(other)) if other else math.nan,
+                             "nback_mass_match": float(np.mean(back[True])) if back[True] else None,
+                             "nback_mass_nonmatch": float(np.mean(back[False])) if back[False] else None,
+                             "other_letter_mass": float(np.mean(other)) if other else None,
                              "letter_attention": json.dumps(np.round(sub[h].numpy(), 5).tolist())})
     return rows
 

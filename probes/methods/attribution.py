@@ -184,10 +184,10 @@ def run_attribution(loaded, items: list[Item], state: dict | None = None, sites=
                          "position": "whole" if isinstance(p, slice) else str(p),
                          "from_end": None if isinstance(p, slice) else p - n, "estimate": estimate[k],
                          "changes": isinstance(p, slice) or p >= start,
-                         "recovery": estimate[k] / scale if gap else float("nan"), "verified": k in exact,
+                         "recovery": estimate[k] / scale if gap else None, "verified": k in exact,
                          "effect_exact": None if ld_exact is None else ld_exact - dest_exact,
                          "recovery_exact": (None if ld_exact is None else (ld_exact - dest_exact) / (source_exact - dest_exact)
-                                            if source_exact != dest_exact else float("nan"))})
+                                            if source_exact != dest_exact else None)})
     return rows
 
 

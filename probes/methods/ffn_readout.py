@@ -117,7 +117,7 @@ def ffn_patch_recovery(loaded, item: Item) -> tuple[list[float], float]:
     bad = answer_token(tok, dataclasses.replace(item, answer=item.extra["corrupted_answer"]))
     ld = (logits[:, good] - logits[:, bad]).tolist()
     gap = ld[0] - ld[1]
-    return [(x - ld[1]) / gap if gap else float("nan") for x in ld[2:]], gap
+    return [(x - ld[1]) / gap if gap else None for x in ld[2:]], gap  # None: undefined where the pair ties
 
 
 

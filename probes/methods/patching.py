@@ -88,7 +88,7 @@ def run_patching(loaded, items: list[Item], state: dict | None = None, sites="re
             rows.append({**cols, "site": "head" if head is not None else site, "head": head, "block": block,
                          "position": str(at),
                          "from_end": None if isinstance(p, slice) else p - n, "ld_patched": ld[k],
-                         "recovery": (ld[k] - ld[1]) / gap if gap else float("nan"), "answer_rank": rank[k]})
+                         "recovery": (ld[k] - ld[1]) / gap if gap else None, "answer_rank": rank[k]})
     return rows
 
 

@@ -118,16 +118,19 @@ def metric_plot(df, probe: str, x: str = "params"):
     return fig
 
 
-def build_report(results: Path, by: list[str]) -> str:
+def build_report(results: Path, by: list[str], trend: str | None = None) -> str:
     results = Path(results)
-    tables = aggregate(results, by)
+    tables = aggregate(results, by, trend=trend)
     runs = complete_runs(results)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>probe report: {html.escape(str(results))}"
              f"</title><style>{STYLE}</style></head><body>",
              f"<h1>probe report</h1><p>{len(runs)} complete run(s) under <code>{html.escape(str(results))}</code>, "
              f"grouped by {', '.join(by)}; written {_dt.datetime.now().isoformat(timespec='seconds')}. "
              f"Brackets: {level():.0%} intervals (Wilson for rates, pooled over seeds; bootstrap over items for "
-             "means); <code>_n</code>: items counted; <code>runs</code>/<code>seeds</code>: runs pooled in a row.</p>"]
+             "means); <code>_mean</code>, <code>_se</code>: the mean over runs (models as replicates) with its t "
+             "interval and standard error; <code>_n</code>: items counted; <code>runs</code>/<code>seeds</code>: "
+             "runs pooled in a row; <code>-trend</code> tables: the slope over a numeric setting, runs as "
+             "replicates (t interval, permutation p).</p>"]
     if "training-curves" in tables:
         parts += training_section(tables)
     for probe in sorted({m["config"]["probe"] for m in runs}):
@@ -178,8 +181,8 @@ def training_section(tables: dict) -> list[str]:
     return parts + ["<div class='plots'>" + "".join(figures) + "</div>"]
 
 
-def write_report(results: Path, by: list[str], out: Path | None = None) -> Path:
+def write_report(results: Path, by: list[str], out: Path | None = None, trend: str | None = None) -> Path:
     out = Path(out or Path(results) / "report.html")
-    text = build_report(results, by)
+    text = build_report(results, by, trend)
     atomic_write(out, lambda f: f.write(text))
     return out

@@ -175,8 +175,9 @@ def self_check(loaded, items, truncates: bool = False, strict: bool = True, batc
     got = {**got, "tolerance": tol, "dtype": str(loaded.arch.hf.dtype).removeprefix("torch."),
            "quantize": loaded.quantize, "batch_factor": BATCH_FACTOR if loaded.quantize else None}
     failed = _failure(got, tol, loaded.spec.name, loaded.arch.model_type)
-    if failed and strict:
-        raise ProbeError(f"{failed}; accepted: --no-self-check to run anyway (recorded in meta.json)")
+    if failed and strict:  # non-finite values: running anyway would stop at the first row (execution.check_finite)
+        raise ProbeError(failed if got["nonfinite"] else
+                         f"{failed}; accepted: --no-self-check to run anyway (recorded in meta.json)")
     return {**got, "failed": failed, "went_on": bool(failed)} if failed else got
 
 
@@ -187,10 +188,11 @@ def _within(value, limit: float) -> bool:
 
 def _failure(got: dict, tol: float, name: str, family: str) -> str | None:
     if got["nonfinite"]:
-        instead = "float32" if got["dtype"] in ("bfloat16", "float32") else "bfloat16 or float32"
+        instead = {"float16": "--dtype bfloat16 or float32 (float16 overflows where bfloat16's range does not)",
+                   "bfloat16": "--dtype float32"}.get(got["dtype"], "a model whose weights and inputs are finite")
         return (f"self-check failed on {name}: {got['dtype']}{' ' + got['quantize'] if got['quantize'] else ''} "
                 f"computes non-finite values (NaN or inf), first in {got['nonfinite']}: every figure would be "
-                f"meaningless; accepted: --dtype {instead.replace(' or ', ' or --dtype ')}")
+                f"meaningless; accepted: {instead}")
     if not _within(got["lens_logits"], tol) or not got["lens_top1"]:
         return (f"self-check failed on {name}: the lens of the last layer is not the model's logits (relative "
                 f"difference {got['lens_logits']:.2g}, tolerance {tol:g}{'' if got['lens_top1'] else ', another top-1'}"
