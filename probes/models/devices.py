@@ -4,8 +4,10 @@ this machine's memory; and what to do when a batch runs out of it.
 `--device-map` (and a registry entry's `device_map`) takes `cpu`, `cuda` or `cuda:N` (one device: what
 transformers, accelerate and lm-evaluation-harness users type) or one of accelerate's strategies (`auto`,
 `balanced`, `balanced_low_0`, `sequential`: spread over the GPUs, CPU beyond). Without one, a model goes to the
-first GPU when its weights fit there, is spread over the GPUs (and the CPU beyond) when they do not, and stays on
-the CPU on a machine without a CUDA GPU. What was chosen, and whether by default, is recorded with the run.
+first GPU when its weights fit in what is free there less HEADROOM (and within its `--max-memory` entry, if
+given), is spread over the GPUs (and the CPU beyond) when they do not, and stays on the CPU on a machine without a
+CUDA GPU. A spread map gets `--max-memory`, or else each GPU's free memory less HEADROOM (as `--gpus N` does) and
+90% of the CPU memory available. What was chosen, and whether by default, is recorded with the run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from ..errors import ProbeError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 ACCEPTED = ", ".join(STRATEGIES) + ", cpu, cuda, cuda:N"
-FIT_SHARE = 0.8  # of the first GPU's memory the weights may take to go there whole (activations, CUDA context)
+HEADROOM = 0.2  # of each GPU's total memory kept free of weights: activations, the CUDA context, allocator slack
+CPU_SHARE = 0.9  # of the CPU memory available now that weights may take
 
 
 def parse_device_map(value):
@@ -52,14 +55,46 @@ def check_here(device_map) -> None:
                          f"cuda:{n - 1}, or {', '.join(STRATEGIES)}")
 
 
-def default_device_map(weight_bytes) -> str | None:
-    """No GPU: None (the CPU). The weights fit on the first GPU: `cuda:0`. Else `auto` (every GPU, CPU beyond).
-    `weight_bytes` is called only when there is a GPU (it builds the model on the meta device)."""
+def size(value) -> int:
+    """A max_memory amount ('75GiB' or bytes) in bytes."""
+    from accelerate.utils import convert_file_size_to_int
+
+    return convert_file_size_to_int(value) if isinstance(value, str) else int(value)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def default_device_map(weight_bytes, max_memory: dict | None = None) -> str | None:
+    """No GPU: None (the CPU). The weights fit on the first GPU (its free memory less HEADROOM, and no more than its
+    `max_memory` entry; none: nothing): `cuda:0`. Else `auto` (every GPU, CPU beyond). `weight_bytes` is called
+    only when there is a GPU (it builds the model on the meta device)."""
     if not gpu_count():
         return None
-    if weight_bytes() <= FIT_SHARE * torch.cuda.get_device_properties(0).total_memory:
-        return "cuda:0"
-    return "auto"
+    room = gpu_budgets(1)[0]
+    if max_memory is not None:
+        room = min(room, size(max_memory.get(0, 0)))
+    return "cuda:0" if weight_bytes() <= room else "auto"
+
+
+def check_max_memory(device_map, max_memory: dict, weights: int) -> None:
+    """Refuse weights that `max_memory` cannot hold: on one device, its entry for that device, if it has one
+    (from_pretrained reads max_memory only for a spread map); spread, its entries together (accelerate would put
+    the rest on disk)."""
+    given = ",".join(f"{k}={v}" for k, v in max_memory.items())
+    if device_map in STRATEGIES:
+        room = sum(size(v) for v in max_memory.values())
+        if weights > room:
+            raise ProbeError(f"max_memory {given!r} holds {gib(room)} in all, and the weights take {gib(weights)}; "
+                             "accepted: entries that hold them together (a larger cpu=SIZE, or disk=SIZE)")
+        return
+    device = device_map or "cpu"
+    key = int(device.split(":")[1]) if device.startswith("cuda") else "cpu"
+    if key in max_memory and weights > size(max_memory[key]):
+        raise ProbeError(f"max_memory {given!r} gives {device} {gib(size(max_memory[key]))}, and the weights take "
+                         f"{gib(weights)} there, all on that one device; accepted: a larger {key}= entry, or "
+                         f"--device-map {'/'.join(STRATEGIES)} to spread them under max_memory")
 
 
 def placement(hf, device_map, default: bool) -> dict:
@@ -92,15 +127,36 @@ def first_weight(module) -> torch.Tensor:
     return module.weight if hasattr(module, "weight") else next(module.parameters())
 
 
+def _first_gpus(gpus: int | None) -> range:
+    n = gpu_count()
+    if gpus is not None and gpus > n:
+        raise ProbeError(f"--gpus {gpus}: this machine has {n} CUDA GPU(s); accepted: 0 to {n}")
+    return range(n if gpus is None else gpus)
+
+
 def machine_memory(gpus: int | None = None) -> tuple[list[int], int]:
     """Total memory of each CUDA GPU used (the first `gpus`, or all) and the CPU memory available now."""
     import psutil
 
-    n = gpu_count()
-    if gpus is not None and gpus > n:
-        raise ProbeError(f"--gpus {gpus}: this machine has {n} CUDA GPU(s); accepted: 0 to {n}")
-    return ([torch.cuda.get_device_properties(i).total_memory for i in range(n if gpus is None else gpus)],
+    return ([torch.cuda.get_device_properties(i).total_memory for i in _first_gpus(gpus)],
             psutil.virtual_memory().available)
+
+
+def gpu_budgets(gpus: int | None = None) -> list[int]:
+    """What the weights may take on each CUDA GPU used (the first `gpus`, or all): its free memory now less
+    HEADROOM of its total."""
+    budgets = []
+    for i in _first_gpus(gpus):
+        free, total = torch.cuda.mem_get_info(i)
+        budgets.append(max(0, int(free - HEADROOM * total)))
+    return budgets
+
+
+def machine_max_memory(gpus: int | None = None) -> dict:
+    """accelerate's max_memory for this machine: each GPU's budget (`gpu_budgets`), CPU_SHARE of the CPU's."""
+    import psutil
+
+    return {**dict(enumerate(gpu_budgets(gpus))), "cpu": int(CPU_SHARE * psutil.virtual_memory().available)}
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -30,9 +30,9 @@ from ..paths import ROOT, cache_root
 from ..tasks.base import VectorPrompt
 from . import custom  # noqa: F401  (registers this project's architectures)
 from .arch import Arch, arch_spec
-from .options import load_options, quantization_config
-from .devices import check_here, default_device_map, placement
-from .planning import build_config, check_quantizable, plan
+from .options import load_options
+from .devices import check_here, placement
+from .planning import build_config, check_quantizable, place
 from .registry import ModelSpec
 
 CACHE_FORMAT = 1  # bump when what is written to the cache changes
@@ -263,26 +263,19 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = None, resolved
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoModelForCausalLM
     opts = resolved or load_options(spec, **overrides)
-    dtype, quantize, device_map, compute_dtype = (opts[k] for k in ("dtype", "quantize", "device_map",
-                                                                    "compute_dtype"))
+    dtype, quantize, compute_dtype = (opts[k] for k in ("dtype", "quantize", "compute_dtype"))
     load = spec.load
-    check_here(device_map)
-    default = device_map is None
-    if default:  # the first GPU if the weights fit there, every GPU (CPU beyond) if not; no GPU: the CPU
-        device_map = default_device_map(lambda: plan(spec, dtype=dtype, quantize=quantize,
-                                                     compute_dtype=compute_dtype).weight_bytes)
+    check_here(opts["device_map"])
+    default = opts["device_map"] is None
+    if quantize:
+        check_quantizable(spec, opts)
+    device_map, placed = place(spec, opts)  # before any weight loads: a placement that cannot work is refused here
     start = time.perf_counter()
     src, revision, cache_hit = checkpoint(spec)
-    kwargs = dict(dtype=getattr(torch, dtype if not quantize else compute_dtype), **revision)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if opts["max_memory"]:
-        kwargs["max_memory"] = opts["max_memory"]
+    kwargs = dict(dtype=getattr(torch, dtype if not quantize else compute_dtype), **revision, **placed)
     if device_map not in (None, "cpu"):  # where accelerate puts weights it offloads to disk
         kwargs["offload_folder"] = str(cache_root() / "offload" / spec.name)
     if quantize:
-        check_quantizable(spec, opts)
-        kwargs["quantization_config"] = quantization_config(quantize, compute_dtype)
         # bitsandbytes' 8-bit matmul says so on every call when the compute dtype is bfloat16
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     if attn_implementation:

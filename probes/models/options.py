@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ProbeError
 from .arch import arch_spec
-from .devices import machine_memory, parse_device_map
+from .devices import machine_max_memory, parse_device_map
 from .registry import DTYPES, QUANTIZE, ModelSpec
 
 
@@ -60,14 +60,16 @@ def quiet_bitsandbytes() -> None:
         log.addFilter(_NoHubKernelHint())
 
 
-def quantization_config(quantize: str | None, compute_dtype: str):
+def quantization_config(quantize: str | None, compute_dtype: str, cpu_offload: bool = False):
+    """bitsandbytes' config; `cpu_offload` (8-bit): the modules a device map puts on the CPU or disk stay
+    unquantized (llm_int8_enable_fp32_cpu_offload), which is what lets a quantized model spill past the GPUs."""
     if quantize is None:
         return None
     quiet_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=cpu_offload)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
 
@@ -75,12 +77,11 @@ def quantization_config(quantize: str | None, compute_dtype: str):
 def load_options(spec: ModelSpec, dtype: str | None = None, device_map=None, quantize: str | None = None,
                  max_memory=None, compute_dtype: str | None = None, gpus: int | None = None) -> dict:
     """The registry entry's loading options with command-line overrides, validated. `gpus` spreads the model
-    over the first `gpus` CUDA devices (device map auto, each GPU's whole memory, CPU beyond)."""
+    over the first `gpus` CUDA devices (device map auto; each GPU's free memory less devices.HEADROOM, CPU beyond)."""
     load = spec.load
     if gpus is not None:
-        sizes, cpu = machine_memory(gpus)
         device_map = device_map or "auto"
-        max_memory = max_memory or {**dict(enumerate(sizes)), "cpu": int(0.9 * cpu)}
+        max_memory = max_memory or machine_max_memory(gpus)
     dtype = dtype or spec.dtype
     quantize = quantize or load.get("quantize")
     device_map = device_map or load.get("device_map")

@@ -8,6 +8,7 @@ Configs of every registry model ship in `configs/<name>.json`, so planning needs
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -20,7 +21,8 @@ import torch
 from ..errors import ProbeError
 from ..paths import ROOT
 from . import custom  # noqa: F401  (registers this project's architectures)
-from .devices import machine_memory
+from .devices import (CPU_SHARE, STRATEGIES, check_max_memory, default_device_map, gib, machine_max_memory,
+                      machine_memory, size)
 from .options import load_options, quantization_config
 from .registry import ModelSpec
 
@@ -253,6 +255,65 @@ def plan(spec: ModelSpec, dtype: str | None = None, quantize: str | None = None,
     return result
 
 
+def spread_map(model, quantizer, strategy: str, max_memory: dict) -> dict:
+    """The map from_pretrained makes for `strategy` under `max_memory` (transformers' `_get_device_map`, without the
+    quantizer's check that refuses CPU and disk entries)."""
+    from transformers.integrations.accelerate import get_balanced_memory, get_max_memory, infer_auto_device_map
+
+    split = model._no_split_modules
+    if strategy == "sequential":
+        memory = get_max_memory(dict(max_memory))
+    else:
+        memory = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=split,
+                                     hf_quantizer=quantizer, low_zero=strategy == "balanced_low_0")
+    if quantizer is not None:
+        memory = quantizer.adjust_max_memory(memory)
+    return infer_auto_device_map(model, max_memory=memory, no_split_module_classes=split, hf_quantizer=quantizer)
+
+
+def place(spec: ModelSpec, opts: dict) -> tuple[object, dict]:
+    """Where a load of `spec` with `opts` (`load_options`') puts its weights, decided from its config before any
+    weight loads: (the device map to record, from_pretrained's device_map, max_memory and quantization_config).
+
+    The default and the max_memory rules are devices.py's. A quantized model that a spread map puts partly on the
+    CPU or disk gets that map with bitsandbytes' CPU offload in 8-bit (those modules stay unquantized, in the
+    compute dtype), and is refused in 4-bit."""
+    quantize, max_memory, compute_dtype = opts["quantize"], opts["max_memory"], opts["compute_dtype"]
+
+    @functools.cache
+    def meta():  # the model on the meta device and its weight bytes, built only when a rule needs them
+        model, quantizer = empty_model(model_config(spec), getattr(torch, compute_dtype if quantize else opts["dtype"]),
+                                       quantize, compute_dtype)
+        return model, quantizer, int(_module_sizes(model, quantizer, quantize)[""])
+
+    device_map = opts["device_map"]
+    if device_map is None:
+        device_map = default_device_map(lambda: meta()[2], max_memory)
+    if max_memory and not isinstance(device_map, dict):
+        check_max_memory(device_map, max_memory, meta()[2])
+    kwargs = {} if device_map is None else {"device_map": device_map}
+    offload = False
+    if isinstance(device_map, str) and device_map in STRATEGIES:
+        kwargs["max_memory"] = max_memory or machine_max_memory()
+        if quantize:
+            model, quantizer, weights = meta()
+            spread = spread_map(model, quantizer, device_map, kwargs["max_memory"])
+            where = set(spread.values())
+            if where != {"cpu"} and where & {"cpu", "disk"}:
+                if quantize == "4bit":
+                    room = sum(size(v) for k, v in kwargs["max_memory"].items() if isinstance(k, int))
+                    raise ProbeError(
+                        f"{spec.name} in 4bit does not fit on the GPUs ({gib(room)} for weights; it takes "
+                        f"{gib(weights)}): device map {device_map} would put part of it on the CPU or disk, and this "
+                        "project offloads quantized models in 8-bit only (bitsandbytes' llm_int8_enable_fp32_cpu_"
+                        "offload, which keeps the offloaded modules unquantized); accepted: --quantize 8bit, more GPU "
+                        "memory (--gpus N, --max-memory), or --device-map cpu")
+                kwargs["device_map"], offload = spread, True
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(quantize, compute_dtype, cpu_offload=offload)
+    return device_map, kwargs
+
+
 # Throughputs assumed for Slurm time limits: the low end of what a node delivers, so that limits err long (a unit
 # killed at its limit loses only its unfinished batch, and a rerun resumes). A forward pass of a small batch reads
 # every weight once, so it is bound by memory bandwidth until the batch's FLOPs take longer.
@@ -294,10 +355,6 @@ def describe_map(device_map: dict, layers_path: str) -> dict:
     return text
 
 
-def gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
-
-
 def check_fits(spec: ModelSpec, opts: dict, gpus: int | None = None) -> Plan:
     """Refuse, before anything is downloaded, a model whose weights exceed this machine's GPUs and CPU memory
     together, saying what it needs (GPUs of this machine's size, or of 80 GiB, at each precision)."""
@@ -305,7 +362,7 @@ def check_fits(spec: ModelSpec, opts: dict, gpus: int | None = None) -> Plan:
     gpu_mem = f"{min(gpu_sizes) // GiB}GiB" if gpu_sizes else "80GiB"
     kw = dict(dtype=opts["dtype"], compute_dtype=opts["compute_dtype"], gpu_mem=gpu_mem)
     chosen = plan(spec, quantize=opts["quantize"], **kw)
-    if chosen.weight_bytes <= sum(gpu_sizes) + 0.9 * cpu:
+    if chosen.weight_bytes <= sum(gpu_sizes) + CPU_SHARE * cpu:
         return chosen
     options = [chosen] + [plan(spec, quantize=q, **kw) for q in (None, "8bit", "4bit") if q != opts["quantize"]]
     needs = ", ".join(f"{p.gpus_needed or f'more than {MAX_GPUS}'} in {p.label} ({gib(p.weight_bytes)})"
