@@ -160,10 +160,18 @@ def cmd_train(args) -> None:
     from .training.trainer import train
 
     cfg = load_training_config(args.config, parse_overrides(args.set), args.seed)
-    run = train(cfg, args.output, resume=args.resume, progress=not args.quiet)
+    if args.minutes is not None and not args.minutes > 0:
+        raise ProbeError(f"--minutes {args.minutes:g}; accepted: a positive number of minutes")
+    run = train(cfg, args.output, resume=args.resume, progress=not args.quiet, minutes=args.minutes)
     if int(os.environ.get("RANK", 0)):  # data-parallel: the main process reports
         return
     meta = json.loads((run / "meta.json").read_text())
+    if meta.get("status") == "paused":
+        eta = f"; about {meta['eta_seconds'] / 60:.1f} min left at this window's rate" if meta.get("eta_seconds") else ""
+        print(f"paused {cfg['name']} at step {meta['steps']} of {meta['total_steps']} (--minutes {args.minutes:g})"
+              f"{eta}; continue with --resume")
+        print(f"run: {run}")
+        return
     final = meta.get("final", {})
     from .training.data import GENERATORS
 

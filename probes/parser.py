@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (the value, what is accepted, where help is) and exit status 2."""
+    """argparse, with its errors on one line (the value, what is accepted, where help is) and exit status 2.
+    `valued`: flags whose value may start with '-' (`--positions -3:`, `--scales -1,2`): argparse takes such a
+    word for a flag, so `--flag -x` is read as `--flag=-x`."""
+
+    valued: frozenset = frozenset()
+
+    def parse_known_args(self, args=None, namespace=None):
+        words = list(sys.argv[1:] if args is None else args)
+        joined = []
+        for word in words:
+            if joined and joined[-1] in self.valued and word.startswith("-") and not word.startswith("--") \
+                    and word != "-h":
+                joined[-1] = f"{joined[-1]}={word}"
+            else:
+                joined.append(word)
+        return super().parse_known_args(joined, namespace)
 
     def error(self, message: str):
         self.exit(2, f"probe: error: {message} (see {self.prog} --help)\n")
@@ -42,6 +58,7 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     from .methods.option_types import OPTIONS
 
     p = Parser(prog="probe", description="Probe the internals of pretrained language models.")
+    p.valued = frozenset(o.cli for o in OPTIONS.values() if o.switch is None)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("models", help="list the model registry").set_defaults(func=commands["models"])
     t = sub.add_parser("tasks", help="list tasks with item counts")
@@ -107,6 +124,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                     help="override a config field, e.g. task.n=3 or train.steps=100 (repeatable)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--minutes", type=float, metavar="M", help="a window: checkpoint and stop after M minutes "
+                    "(meta.json: step of total, time left); --resume continues")
     tr.set_defaults(func=commands["train"])
     pl = sub.add_parser("plan", help="memory, device map and GPUs needed, from the model's config alone")
     pl.add_argument("--model", required=True, help="registry name, checkpoint folder or config file")
@@ -145,5 +164,6 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                     "(default model,task,probe)")
     rp.add_argument("--out", help="HTML file (default: RESULTS/report.html)")
     rp.add_argument("--ci", type=_level, default=0.95, help="confidence level of pooled intervals (default 0.95)")
+    rp.add_argument("--trend", metavar="FIELD", help="as probe aggregate --trend")
     rp.set_defaults(func=commands["report"])
     return p

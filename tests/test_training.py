@@ -227,3 +227,45 @@ def test_the_final_metrics_are_the_last_step_evaluation_done_once(tmp_path, eval
     assert list(log.step) == [s for s in range(eval_steps, 24, eval_steps)] + [24]
     assert final["eval_loss"] == pytest.approx(float(log.eval_loss.iloc[-1]), abs=0)
     assert final["eval_accuracy"] == pytest.approx(float(log.eval_accuracy.iloc[-1]), abs=0)
+
+
+class Clock:
+    """time.monotonic for the trainer module: one second per reading, so windows end at the same steps each run."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_three_windows_end_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    """`minutes` checkpoints and stops mid-run (meta.json: paused, step of total, time left); --resume continues;
+    after the windows, the weights, the optimizer state and the log are the uninterrupted run's, bit for bit."""
+    from probes.training import trainer as trainer_module
+
+    whole = train(tiny_config(), tmp_path / "whole", progress=False)
+    monkeypatch.setattr(trainer_module, "time", Clock())
+    out, paused = tmp_path / "windows", []
+    for window in range(6):
+        train(tiny_config(), out, resume=window > 0, progress=False, minutes=1 / 60)
+        meta = json.loads((out / "meta.json").read_text())
+        if meta["status"] == "complete":
+            break
+        paused.append(meta["steps"])
+        assert meta["status"] == "paused" and meta["total_steps"] == 24 and meta["eta_seconds"] > 0
+        assert (out / f"checkpoint-{meta['steps']}").is_dir()
+    assert paused == [8, 16]  # the first logging step (every 8) past each window
+    assert meta["status"] == "complete" and meta["steps"] == 24
+    a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt = [torch.load(r / "checkpoint-24" / "optimizer.pt", weights_only=True)["state"] for r in (whole, out)]
+    assert opt[0].keys() == opt[1].keys() and all(torch.equal(opt[0][k][x], opt[1][k][x])
+                                                  for k in opt[0] for x in opt[0][k])
+    assert (whole / "log.csv").read_text() == (out / "log.csv").read_text()
+
+
+def test_a_window_must_be_positive(tmp_path):
+    r = probe("train", PAPER, "--minutes", "0", "--output", tmp_path / "r")
+    assert r.returncode == 2 and r.stderr.strip().endswith("--minutes 0; accepted: a positive number of minutes")

@@ -16,11 +16,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 import yaml
+from transformers import TrainerCallback
 
 from ..errors import ProbeError
 from ..models import custom  # noqa: F401  (registers this project's architectures)
@@ -141,16 +143,19 @@ def _same_run(run: Path, cfg: dict, resume: bool) -> bool:
 
 
 def train(cfg: dict, output: str | Path | None = None, resume: bool = False, progress: bool = True,
-          skip_complete: bool = False) -> Path:
+          skip_complete: bool = False, minutes: float | None = None) -> Path:
     """Train `cfg` (see training/config.py) into its run folder; returns the folder. A finished run of the same
     config is left as it is (with `skip_complete`, found under the folder's lock, it raises RunComplete); an
     unfinished one continues from its last checkpoint with `resume`.
+
+    `minutes`: a window: when the time is spent, the run checkpoints at its next logging step and stops (meta.json:
+    status "paused", the step of the total, the measured rate and the time left at it); `resume` continues, and
+    windows add up to the uninterrupted run (weights, optimizer state and log; bit for bit on the CPU).
 
     Launched as several processes (`accelerate launch --num_processes K -m probes train ...`, or torchrun), it trains
     data-parallel: `train.batch_size` is the global batch (each process takes batch_size / K of it), so a config
     means the same training on any number of processes; the main process alone writes the run's files."""
     from accelerate import PartialState
-    from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging as hf_logging
 
@@ -207,12 +212,23 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
 
         trainer.add_callback(Log())
         trainer.add_callback(EpochStart())
+        if minutes is not None:
+            trainer.add_callback(Window(minutes))
         if not progress:  # without a bar, Trainer prints every log dict instead: quiet means quiet
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)
         last = get_last_checkpoint(str(run)) if resume else None
+        started, first = time.monotonic(), _step_of(last)
         trainer.train(resume_from_checkpoint=last)
+        if trainer.state.global_step < trainer.state.max_steps:  # the window ran out: checkpointed, not finished
+            if state.is_main_process:
+                write_log(run, trainer.state.log_history)
+                write_json(run / "meta.json", {**meta, "status": "paused", **progress_of(
+                    trainer.state.global_step, trainer.state.max_steps, trainer.state.global_step - first,
+                    time.monotonic() - started)})
+            state.wait_for_everyone()
+            return run
         final = _evaluation_at(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()
         trainer.save_model(str(run))  # final weights, config and tokenizer (main process): the folder loads as a model
         if state.is_main_process:
@@ -228,6 +244,31 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
             lock.release()
             if run.is_dir() and not any(run.iterdir()):  # refused before anything was written: nothing left behind
                 run.rmdir()
+
+
+class Window(TrainerCallback):
+    """Checkpoint and stop at the first logging step past `minutes` (the run's window). A logging step: Trainer logs
+    the mean loss since the last one, and a run resumed between two would log the mean of its own steps only."""
+
+    def __init__(self, minutes: float):
+        self.deadline = time.monotonic() + 60 * minutes
+
+    def on_step_end(self, args, state, control, **kw):
+        if (state.global_step % args.logging_steps == 0 and state.global_step < state.max_steps
+                and time.monotonic() >= self.deadline):
+            control.should_save = control.should_training_stop = True
+        return control
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+
+
+def progress_of(step: int, total: int, steps_done: int, seconds: float) -> dict:
+    """How far a paused run is: step of total, and the time left at this window's rate."""
+    rate = steps_done / seconds if seconds > 0 and steps_done else None
+    return {"steps": step, "total_steps": total, "steps_per_second": round(rate, 3) if rate else None,
+            "eta_seconds": round((total - step) / rate, 1) if rate else None}
 
 
 def _evaluation_at(history: list[dict], step: int) -> dict:
