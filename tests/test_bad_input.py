@@ -187,7 +187,7 @@ def test_every_bad_input_is_one_line_exit_2_naming_the_value(tmp_path, capsys, m
         if not ok:
             failures.append(f"{' '.join(map(str, argv))!r}: exit {code}: {err.strip()[-300:]!r}")
     assert not failures, f"{len(failures)} of {len(all_cases)}:\n" + "\n".join(failures)
-    assert not (tmp_path / "atlantis").exists()  # refused while preparing, after loading: no run folder left behind
+    assert not (tmp_path / "atlantis").exists()  # refused by the plan, before loading: no run folder left behind
 
 
 def test_the_registry_file_is_validated_field_by_field(tmp_path, capsys, monkeypatch):
@@ -295,3 +295,35 @@ def test_valid_controls_of_those_kinds_still_succeed(tmp_path, capsys, monkeypat
         code, out, err = run_case(capsys, [cmd, tmp_path / "results"])
         assert code == 0, err
         assert f"skipped {damaged}: meta.json is not a run's metadata (a JSON list)" in err
+
+
+def test_option_values_judged_without_weights_are_refused_before_loading_in_one_line(tmp_path, capsys, monkeypatch):
+    """From a sweep file: a --layers name only ffn-ablation takes (refused after loading, or never), values of a type
+    the option does not take (a traceback), a position only some of a tree's items name. From the command line:
+    erasing a label whose classes are single items, which leaves no item to score the model on (a KeyError in the
+    summary)."""
+    monkeypatch.setenv("PROBE_RESULTS", str(tmp_path / "results"))
+    good = {"name": "s", "models": ["tiny-gpt2"], "tasks": ["capitals"], "limit": 2, "task_options": {"ambiguous": "flag"}}
+    out = []
+    for i, (probe, options, shown) in enumerate((
+            ("activation-patching", {"layers": "sixths"}, "'sixths'"), ("ffn-transplant", {"layers": "sixths"}, "'sixths'"),
+            ("ffn-ablation", {"layers": 2.5}, "2.5"), ("activation-patching", {"sites": 3}, "site 3"),
+            ("linear-probe", {"label": {"group": 1}}, "{'group': 1}"), ("logit-lens", {"positions": [0.5]}, "0.5"),
+            ("activation-patching", {"positions": "edge_up4"}, "edge_up4"))):
+        sweep = {**good, "probes": [probe], "options": options}
+        if "edge_up4" in str(options):
+            sweep.update(tasks=["tree-trained"], task_options={"trees": 4})
+        (tmp_path / f"sweep{i}.yaml").write_text(yaml.safe_dump(sweep))
+        out.append((["sweep", tmp_path / f"sweep{i}.yaml", "--quiet"], shown))
+    out.append((["run", "--model", "tiny-gpt2", "--task", "capitals", "--task-option", "ambiguous=flag", "--limit", "4",
+                 "--probe", "linear-probe", "--label", "answer", "--erase", "1", "--output", tmp_path / "never"],
+                "--erase: no item is left to score"))
+    failures = []
+    for argv, shown in out:
+        code, stdout, err = run_case(capsys, argv)
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(PROGRESS)]
+        before = argv[0] == "run" or "loading " not in err  # the erasure needs the model's activations
+        if not (code == 2 and len(lines) == 1 and shown in lines[0] and "Traceback" not in err and before):
+            failures.append(f"{' '.join(map(str, argv))!r}: exit {code}: {err.strip()[-300:]!r}")
+    assert not failures, "\n".join(failures)
+    assert not (tmp_path / "never").exists() and not (tmp_path / "results").exists()

@@ -160,3 +160,18 @@ def test_every_command_option_and_argument_has_help_text():
     run_help = next(a for a in parser._subparsers._group_actions[0].choices["run"]._actions
                     if "--probe" in a.option_strings).help
     assert all(name in run_help for name in PROBES) and "default logit-lens" in run_help
+
+
+def test_a_value_starting_with_a_dash_follows_its_flag(tmp_path):
+    """`--positions -3:` as the help writes it: argparse took '-3:' for a flag ("expected one argument"), and only
+    `--positions=-3:` worked. Every probe option's value may start with '-'."""
+    from probes.cli import build_parser
+
+    out = tmp_path / "run"
+    r = probe("run", "--model", "tiny-gpt2", "--task", "capitals", "--task-option", "ambiguous=flag", "--limit", "2",
+              "--positions", "-3:", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "meta.json").read_text())["config"]["options"]["positions"] == "-3:"
+    assert pd.read_csv(out / "table.csv").groupby("item").position.nunique().tolist() == [3, 3]
+    args = build_parser().parse_args(["run", "--model", "m", "--scales", "-1,2", "--position", "-2", "--layers", "1"])
+    assert (args.scales, args.position, args.layers) == ("-1,2", "-2", "1")

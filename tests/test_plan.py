@@ -5,6 +5,7 @@ added by its own functions and one registration, and the package's shape (no imp
 import ast
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -86,6 +87,54 @@ def test_checks_that_need_no_weights_come_before_loading(tmp_path, monkeypatch):
             (capitals, "ffn-ablation", {"how": "scramble"}, "unknown ablation 'scramble'")):
         with pytest.raises(ProbeError, match=shown.replace("(", "\\(")):
             probes.run("tiny-gpt2", task, probe, **options)
+
+
+def test_what_needs_no_weights_is_refused_by_the_plan(monkeypatch):
+    """Checks once made after loading (or never), now made by the plan: a --layers name only ffn-ablation takes,
+    option values of a type the option does not take (from the API or a sweep file), a position only some items
+    name (a tree's edge_up4, which short paths lack: the run stopped at the first such item after writing the
+    batches before it), options that exclude or need each other, an early token after the late one."""
+    from probes.runs import execution
+
+    monkeypatch.setattr(execution, "load_for", lambda plan: pytest.fail("loaded a model for a plan it refuses"))
+    tree = load_task("tree-trained", {"trees": 4})
+    capitals, text = load_task("capitals"), load_task("text-stdlib")
+    short = next(it for it in tree.items() if "edge_up4" not in it.positions)
+    for task, probe, options, shown in (
+            *((capitals, p, {"layers": "sixths"}, "bad --layers 'sixths'; accepted: 'all', a block")
+              for p in ("activation-patching", "attribution-patching", "ffn-transplant")),
+            (capitals, "ffn-ablation", {"layers": 2.5}, "bad --layers 2.5; accepted"),
+            (capitals, "ffn-ablation", {"layers": True}, "bad --layers True; accepted"),
+            (capitals, "activation-patching", {"sites": 3}, "bad patching site 3; accepted: resid, attn, ffn, head"),
+            (capitals, "linear-probe", {"label": 5}, "bad probe label 5; accepted"),
+            (capitals, "linear-probe", {"position": ["last", ["argument"]]}, "bad --position"),
+            (capitals, "ffn-transplant", {"source_items": [1, 2], "source_layer": 0}, "bad source_items"),
+            (capitals, "ffn-transplant", {"scales": [True]}, "bad --scales"),
+            (tree, "activation-patching", {"positions": "goal,edge_up4"},
+             f"patching position 'edge_up4' is not named by item {short.index} "),
+            (tree, "linear-probe", {"position": "edge_up4"}, f"probe position 'edge_up4' is not named by item "
+                                                             f"{short.index} "),
+            (capitals, "ffn-transplant", {"source_items": "Poland", "sources": 2, "source_layer": 1},
+             "--sources counts the source items the probe picks itself"),
+            (capitals, "ffn-transplant", {"source_items": "Poland"}, "--source-items needs --source-layer"),
+            (capitals, "ffn-transplant", {"source_items": "Atlantis", "source_layer": 1},
+             "unknown source item 'Atlantis' of task 'capitals'"),
+            (text, "icl-score", {"early": 100, "late": 60}, "--early 100 is not before --late 60")):
+        with pytest.raises(ProbeError, match=re.escape(shown)) as e:
+            probes.run("tiny-gpt2", task, probe, **options)
+        assert "\n" not in str(e.value)
+
+
+def test_a_list_in_the_api_or_a_sweep_file_means_what_the_command_lines_text_does():
+    """linear-probe's --position as a list became names like "['last'"; every list-valued option takes a list of
+    names (or indices) and records it as the text the command line gives."""
+    task = load_task("past-tense", {"ambiguous": "flag"})
+    listed = probes.run(loaded("tiny-gpt2"), task, "linear-probe", limit=4, position=["last", 0], label=["group"],
+                        self_check=False)
+    assert list(dict.fromkeys(listed.table.position)) == ["last", "0"]
+    chosen = catalog.probe_options("linear-probe", {"position": ["last", 0], "label": ["group", "answer"]})
+    assert chosen["position"] == "last,0" and chosen["label"] == "group,answer"
+    assert catalog.probe_options("activation-patching", {"layers": [0, "2-3"], "positions": [-1]})["layers"] == "0,2-3"
 
 
 def test_one_grammar_of_positions_for_every_probe_that_takes_them():

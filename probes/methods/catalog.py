@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import ProbeError, choice_error
-from .option_types import OPTIONS
+from .option_types import OPTIONS, blocks
 from .positions import FORMS, check_grammar, check_positions
 
 ALL_KINDS = ("abstractive", "extractive", "nback", "tree", "ioi", "prompts")  # of the probes that read answers
@@ -61,12 +61,15 @@ class Probe:
     nback_unit: str | None = "trial"  # on N-back tasks, the items it takes: trials (scored answers), whole
     # sequences (no answers), or None for either
     position_forms: tuple[str, ...] = FORMS  # the forms of the positions grammar its positions option takes
+    layers_also: tuple[str, ...] = ()  # the names its --layers takes beside blocks (ffn-ablation: sixths)
     word: str = ""  # how its errors name it ("unknown lens position ...")
     needs_ffn: bool = False  # it reads FFN updates (a model without FFN blocks is refused)
     compare: Callable | None = None  # (tables, kinds, folder) -> text: several tasks' runs side by side
+    check: Callable | None = None  # (task, options) -> None: what else the plan refuses (options that exclude or
+    # need each other, values only the task can judge); torch-free, it runs before any model loads
 
     def __post_init__(self):
-        for role in ("run", "summarize", "report", "plot", "prepare", "passes", "compare"):
+        for role in ("run", "summarize", "report", "plot", "prepare", "passes", "compare", "check"):
             object.__setattr__(self, role, _fn(getattr(self, role)))
         unknown = set(self.options) - set(OPTIONS)
         assert not unknown, f"probe {self.name!r} declares options no one parses: {unknown}"
@@ -87,7 +90,31 @@ def register(probe: Probe) -> Probe:
     return probe
 
 
-_POSITIONS = ("positions",)
+def check_transplant(task, options: dict) -> None:
+    """ffn-transplant's sources: --sources picks the first N items an FFN switches on, at their switch block, so
+    --source-items (the sources themselves) excludes it and needs --source-layer; each must be an input of the
+    task."""
+    given = options.get("source_items")
+    if given is not None:
+        inputs = {it.input for it in task.items()}
+        unknown = [n for n in (given.split(",") if isinstance(given, str) else given) if n not in inputs]
+        if unknown:
+            raise ProbeError(f"unknown source item {unknown[0]!r} of task {task.name!r}; accepted: inputs of the task, "
+                             f"e.g. {', '.join(sorted(inputs)[:3])}")
+        if options.get("sources") is not None:
+            raise ProbeError("--sources counts the source items the probe picks itself (the first an FFN switches "
+                             "on); with --source-items the sources are those; accepted: one of the two")
+        if options.get("source_layer") is None:
+            raise ProbeError("--source-items needs --source-layer (the FFN switch block is found only for the sources "
+                             "the probe picks itself); accepted: --source-layer BLOCK")
+
+
+def check_icl_score(task, options: dict) -> None:
+    early, late = options.get("early"), options.get("late")
+    if early is not None and late is not None and early >= late:
+        raise ProbeError(f"--early {early} is not before --late {late}; accepted: early < late")
+
+
 for _probe in (
     Probe("logit-lens", "decode the residual stream at every layer (0 = embeddings), at the last or chosen positions",
           "lens:run_lens", "lens:summarize_lens", "lens:report_lens", "probes.reports.plots:plot_lens",
@@ -109,17 +136,18 @@ for _probe in (
           prepare="ffn_transplant:prepare_transplant",
           run_options=("mode", "layers", "scales", "positions", "controls", "vocab"),
           passes="ffn_transplant:transplant_passes", kinds=RELATIONAL, position_forms=("all", "last"),
-          word="transplant", needs_ffn=True),
+          word="transplant", needs_ffn=True, check=check_transplant),
     Probe("ffn-ablation", "zero (or identity-replace) FFN updates of chosen blocks, or the top sixths",
           "ffn_ablation:run_ablation", "ffn_ablation:summarize_ablation", "ffn_ablation:report_ablation",
           "probes.reports.plots:plot_ablation", {"layers": None, "how": None, "vocab": None},
           run_options=("layers", "how", "vocab"), passes="ffn_ablation:ablation_passes", needs_ffn=True,
-          compare="ffn_ablation:compare_tasks"),
+          compare="ffn_ablation:compare_tasks", layers_also=("sixths",)),
     Probe("nback", "N-back hit rate, false alarms, accuracy and signed d' by N", "nback:run_nback",
           "nback:summarize_nback", "nback:report_nback", "probes.reports.plots:plot_nback", kinds=("nback",)),
-    Probe("attention", "attention entropy and mass to the N-back letter, by N x layer x head",
-          "attention:run_attention", "attention:summarize_attention", "attention:report_attention",
-          "probes.reports.plots:plot_attention", load=EAGER, kinds=("nback", "icl"), nback_unit="sequence"),
+    Probe("attention", "attention entropy and mass to the N-back letter, by N x layer x head; on trees, where "
+          "each path step's last position reads, by layer x head", "attention:run_attention",
+          "attention:summarize_attention", "attention:report_attention", "probes.reports.plots:plot_attention",
+          load=EAGER, kinds=("nback", "icl", "tree"), nback_unit="sequence"),
     Probe("activation-patching", "clean activations into a corrupted run (or back) per site, block and position: "
           "logit-difference recovery", "patching:run_patching", "patching:summarize_patching",
           "patching:report_patching", "probes.reports.plots:plot_patching",
@@ -152,7 +180,7 @@ for _probe in (
     Probe("icl-score", "in-context learning score: loss at a late token minus at an early one, over documents",
           "icl_score:run_icl_score", "icl_score:summarize_icl_score", "icl_score:report_icl_score",
           "icl_score:plot_icl_score", {"early": 50, "late": 500}, run_options=("early", "late"), kinds=("text",),
-          truncates=True),
+          truncates=True, check=check_icl_score),
 ):
     register(_probe)
 
@@ -171,7 +199,7 @@ def get_probe(name: str) -> Probe:
 
 def check_task(probe: str, task, options: dict | None = None) -> None:
     """Refuse, before any model loads, a task the probe cannot run on: another kind, prompts without the
-    argument it tracks, positions the task does not name."""
+    argument it tracks, positions not every item names; and what the probe's own check refuses."""
     spec = get_probe(probe)
     if task.kind not in spec.kinds:
         raise ProbeError(f"probe {probe!r} does not run on {task.kind} task {task.name!r}; accepted: "
@@ -188,6 +216,8 @@ def check_task(probe: str, task, options: dict | None = None) -> None:
         if (options or {}).get(name) is not None and name in spec.options:
             also = ("all", "whole") if "whole" in spec.position_forms else ()
             check_positions(options[name], spec.position_forms, spec.word, task.items(), also)
+    if spec.check is not None:
+        spec.check(task, options or {})
 
 
 def probe_options(probe: str, options: dict | None, strict: bool = False) -> dict:
@@ -205,6 +235,8 @@ def probe_options(probe: str, options: dict | None, strict: bool = False) -> dic
     for name in ("positions", "position"):
         if name in chosen:
             check_grammar(chosen[name], spec.position_forms, f"{spec.word} --{name}")
+    if "layers" in chosen:
+        blocks(chosen["layers"], spec.layers_also)
     return chosen
 
 

@@ -1,9 +1,9 @@
 """ffn-transplant (Merullo, Eickhoff & Pavlick): take the FFN update o of source prompts at one block and put it
-into target prompts, either added to the residual stream after a block at the last position (a sweep over every
-block, batched: the prompt's prefix runs once with a KV cache and only the last token is recomputed, once per
-block, in one batch), or replacing the FFN updates of a range of blocks by o (broadcast to all positions, as the
-paper's code does, or at the last position only). Controls: o's coordinates shuffled, and a random direction with
-o's norm.
+into target prompts, either added to the residual stream after a block (a sweep over every block, batched) at the
+last position (the default: the prompt's prefix runs once with a KV cache and only the last token is recomputed, once
+per block, in one batch) or at every position (the whole prompt once per block, in one batch), or replacing the FFN
+updates of a range of blocks by o (broadcast to all positions, as the paper's code does, or at the last position
+only). Controls: o's coordinates shuffled, and a random direction with o's norm.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ class Variant:
         return str(self.blocks[0]) if len(self.blocks) == 1 else f"{self.blocks[0]}-{self.blocks[-1]}"
 
 
-def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> torch.Tensor:
+def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict, positions: str = "last") -> torch.Tensor:
     """Final logits (len(variants), vocab) of `prompt` with each variant's vector added to the residual stream
-    after its block, at the last position. The prefix runs once with a KV cache; the last token runs once for
-    all variants in one batch, which gives exactly what one full forward pass per variant gives. A model without
-    a KV cache runs the whole prompt once per variant, in one batch."""
+    after its block, at the last position or at `positions="all"`. At the last position the prefix runs once with a
+    KV cache and the last token once for all variants in one batch, which gives exactly what one full forward pass
+    per variant gives. At all positions (or on a model without a KV cache) the whole prompt runs once per variant,
+    in one batch."""
     arch, tok, model = loaded.arch, loaded.tokenizer, loaded.model
     ids = tok(prompt, return_tensors="pt").input_ids
     if not loaded.remote:
@@ -61,13 +62,16 @@ def add_sweep(loaded, prompt: str, variants: list[Variant], vectors: dict) -> to
     by_block = _rows_by_block(variants, arch.n_layers)
     # the edits are written out in each trace body (not in a helper): a remote trace's body is sent to NDIF,
     # which cannot import this package
-    if not getattr(model._module, "supports_kv_cache", True):  # this project's trained decoder (never remote)
-        with model.trace(ids.repeat(len(variants), 1)):
+    # at all positions, or on a model without a KV cache (this project's trained decoder, never remote): the whole
+    # prompt once per variant
+    if positions == "all" or not getattr(model._module, "supports_kv_cache", True):
+        at = slice(None) if positions == "all" else -1
+        with loaded.trace(ids.repeat(len(variants), 1)):
             for i in range(arch.n_layers):
                 if by_block[i]:
                     h = arch.block_output(i)
                     for row, v in by_block[i]:
-                        h[row, -1] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
+                        h[row, at] += (vectors[v.vector] * v.scale).to(h.device, h.dtype)
             logits = model.output.logits[:, -1].save()
         return logits.float()
     with loaded.session():  # one job with --remote: the prefix's KV cache stays on the server
@@ -136,11 +140,8 @@ def prepare_transplant(loaded, task, items: list[Item], options: dict):
             raise ProbeError(f"no item of task {task.name!r} has its answer switched on by an FFN in "
                              f"{loaded.spec.name}; pass --source-items and --source-layer")
     layer = options.get("source_layer")
-    if layer is None:
-        found = [s.extra.get("switch_block") for s in sources if s.extra.get("switch_block") is not None]
-        if not found:
-            raise ProbeError("--source-layer is needed with --source-items (no FFN switch to default to)")
-        layer = Counter(found).most_common(1)[0][0]
+    if layer is None:  # the sources' switch blocks (the plan has refused --source-items without --source-layer)
+        layer = Counter(s.extra["switch_block"] for s in sources).most_common(1)[0][0]
     layer = parse_blocks(int(layer), loaded.arch.n_layers, "--source-layer")[0]
     u = last_position_updates(loaded, [s.prompt for s in sources])
     o = u["ffn"][:, layer].mean(0)
@@ -159,28 +160,29 @@ def prepare_transplant(loaded, task, items: list[Item], options: dict):
 def _target_prompt(task, item: Item, context: str) -> str:
     if context == "copy":
         return COPY_CONTEXT.format(arg=item.argument)
-    if not hasattr(task, "template"):
-        raise ProbeError(f"task {task.name!r} has no template for zero-shot targets; use --context copy")
     return task.template.format(input=item.input, output=item.output)
 
 
 def transplant_passes(n_layers: int, options: dict) -> float:
     """Forward passes per target prompt, for time limits: the source search (a read-out pass at most), then in add
-    mode the prefix once and each variant's last token (taken as 1/20 of a pass each); in replace mode one full
-    pass per variant."""
+    mode the prefix once and each variant's last token (taken as 1/20 of a pass each), or at all positions one full
+    pass per variant; in replace mode one full pass per variant."""
     n_scales = len(parse_scales(options.get("scales") or (1.0,)))
     kinds = 3 if options.get("controls", True) else 1
     if options.get("mode", "add") == "add":
-        return 2 + n_scales * kinds * len(parse_blocks(options.get("layers"), n_layers, "--layers")) / 20
+        share = 1 if options.get("positions") == "all" else 1 / 20
+        return 2 + n_scales * kinds * len(parse_blocks(options.get("layers"), n_layers, "--layers")) * share
     return 2 + n_scales * kinds
 
 
 def run_transplant(loaded, items: list[Item], state: dict, mode: str = "add", layers=None, scales=(1.0,),
-                   positions: str = "all", controls: bool = True, vocab: str | None = None) -> list[dict]:
+                   positions: str | None = None, controls: bool = True, vocab: str | None = None) -> list[dict]:
+    """positions: where o goes, last or all (default: last when added, all when it replaces FFN updates)."""
     arch, tok = loaded.arch, loaded.tokenizer
     excluded = excluded_ids(tok, vocab)
     if mode not in ("add", "replace"):
         raise ProbeError(f"unknown transplant mode {mode!r}; accepted: add, replace")
+    positions = positions or ("last" if mode == "add" else "all")
     if positions not in ("all", "last"):
         raise ProbeError(f"unknown positions {positions!r}; accepted: all, last")
     vectors = state["vectors"]
@@ -195,8 +197,8 @@ def run_transplant(loaded, items: list[Item], state: dict, mode: str = "add", la
     variants = [Variant("none")] + [Variant(k, g, s) for g in groups for s in scales for k in kinds]
     rows = []
     for it in items:
-        logits = restrict((add_sweep if mode == "add" else replace_ffn)(
-            loaded, it.prompt, variants, vectors, **({} if mode == "add" else {"positions": positions})), excluded)
+        logits = restrict((add_sweep if mode == "add" else replace_ffn)(loaded, it.prompt, variants, vectors,
+                                                                         positions), excluded)
         ids = torch.tensor([answer_token(tok, it)] * len(variants), device=logits.device)
         arg = torch.tensor([first_token(tok, it.argument)] * len(variants), device=logits.device)
         rank, arg_rank = rank_of(logits, ids).tolist(), rank_of(logits, arg).tolist()

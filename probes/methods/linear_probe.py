@@ -157,6 +157,10 @@ def prepare_linear_probe(loaded, task, items: list[Item], options: dict):
             lambda its: _vectors(loaded, [it.prompt for it in its], site,
                                  _positions(loaded.tokenizer, its, [position]))[:, 0],
             layer, task.seed)
+        if all(it.index in state["erase"]["fit"] for it in items):  # a class of one item is fitted, never scored
+            raise ProbeError(f"--erase: no item is left to score the model on: every class of label {first!r} on "
+                             f"these {len(items)} items has one item or is fitted whole; accepted: a label with at "
+                             "least two items in a class (or a larger --limit)")
         meta.update({"erase_layer": layer, "erase_label": first, "erase_rank": state["erase"]["rank"]})
     return items, state, meta
 
@@ -171,13 +175,16 @@ def _fit(x_train, y_train, x_test):
 
 
 def _macro_f1(truth, pred):
-    """Macro-F1 of integer labels, vectorized over resamples (arrays of shape (..., items))."""
-    scores = []
-    for c in np.unique(truth):
+    """Macro-F1 of integer labels as sklearn's f1_score(average="macro", zero_division=0) scores it (Brinkmann et
+    al.'s probe score): the mean F1 over the classes in the truth or the predictions (a class predicted but absent
+    scores 0), vectorized over resamples (arrays of shape (..., items))."""
+    scores, present = [], []
+    for c in np.union1d(truth, pred):
         tp = ((truth == c) & (pred == c)).sum(-1)
         wrong = ((truth == c) != (pred == c)).sum(-1)
         scores.append(np.where(2 * tp + wrong > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0))
-    return np.mean(scores, axis=0)
+        present.append(((truth == c) | (pred == c)).any(-1))
+    return np.sum(np.array(scores) * present, axis=0) / np.sum(present, axis=0)
 
 
 def summarize_linear_probe(df, seed: int = 0) -> dict:
@@ -264,25 +271,30 @@ def _report(df, summary) -> str:
 
 
 def report_matrix(df, summary) -> str:
-    """Several labels: held-out accuracy [interval] per label (rows) and layer (columns), then per label its
-    count, controls at their best layer and what was left out."""
+    """Several labels: held-out accuracy [interval] per label (rows) and layer (columns), the same for macro-F1 (the
+    authors' score), then per label its count, controls at its best layer and what was left out."""
     import pandas as pd
 
-    cells, notes = {}, []
+    cells, notes = {"accuracy": {}, "macro_f1": {}}, []
     for name, s in summary["labels"].items():
         if not s["layers"]:
             notes.append(f"  {name}: {s['note']}")
             continue
-        cells[name] = {layer: f"{r['accuracy']:.2f} [{r['accuracy_lo']:.2f}, {r['accuracy_hi']:.2f}]"
-                       for layer, r in s["layers"].items()}
+        for score, table in cells.items():
+            table[name] = {layer: f"{r[score]:.2f} [{r[f'{score}_lo']:.2f}, {r[f'{score}_hi']:.2f}]"
+                           for layer, r in s["layers"].items()}
         best = max(s["layers"], key=lambda layer: s["layers"][layer]["accuracy"])
         r = s["layers"][best]
         notes.append(f"  {name}: {len(s['classes'])} classes, fitted on {s['train']}, scored on {s['test']}"
                      + (f" ({s['left_out']} items of single-item classes left out)" if s["left_out"] else "")
-                     + f"; at its best layer {best}: shuffled labels {r['shuffled_accuracy']:.2f}, random weights "
-                     f"{r['random_accuracy']:.2f}, selectivity {r['selectivity']:+.2f}")
-    table = pd.DataFrame(cells).T
-    table.columns.name = "layer"
-    return (f"held-out accuracy by label and layer (site {df.site.iloc[0]}, position {df.position.iloc[0]}, "
-            f"{summary['items']} items):\n" + table.to_string() + "\n" + "\n".join(notes)
-            + f"\n[{level():.0%} Wilson intervals]")
+                     + f"; at its best layer {best}: shuffled labels {r['shuffled_accuracy']:.2f} (macro-F1 "
+                     f"{r['shuffled_macro_f1']:.2f}), random weights {r['random_accuracy']:.2f} (macro-F1 "
+                     f"{r['random_macro_f1']:.2f}), selectivity {r['selectivity']:+.2f}")
+    tables = []
+    for score, title in (("accuracy", "held-out accuracy"), ("macro_f1", "held-out macro-F1 (the authors' score)")):
+        table = pd.DataFrame(cells[score]).T
+        table.columns.name = "layer"
+        tables.append(f"{title} by label and layer (site {df.site.iloc[0]}, position {df.position.iloc[0]}, "
+                      f"{summary['items']} items):\n" + table.to_string())
+    return ("\n".join(tables) + "\n" + "\n".join(notes)
+            + f"\n[{level():.0%} intervals: Wilson for accuracy, bootstrap over held-out items for macro-F1]")

@@ -52,17 +52,25 @@ def check_grammar(value, forms, what: str) -> list[str]:
 
 
 def task_names(items: list[Item]) -> list[str]:
-    """The names the items give positions: `argument`, then the task's (in the first item's order)."""
-    return list(dict.fromkeys(["argument", *(name for it in items for name in it.positions)]))
+    """The names every item gives a position: `argument`, then the task's (in the first item's order)."""
+    return ["argument", *(name for name in (items[0].positions if items else {})
+                          if all(name in it.positions for it in items))]
 
 
 def check_positions(value, forms, what: str, items: list[Item], also: tuple = ()) -> None:
-    """Before loading: the grammar, and every name one the task's items give."""
+    """Before loading: the grammar, and every name one each of the task's items gives (a name only some give would
+    stop the run at the first item without it, after the batches before it are written)."""
     names = task_names(items)
+    accepted = ", ".join([*also, "last", *names]) + " or a token index (negative from the end)"
     for entry in check_grammar(value, forms, what):
-        if form_of(entry) == "name" and entry not in names:
-            raise ProbeError(f"unknown {what} position {entry!r}; accepted: " + ", ".join([*also, "last", *names])
-                             + " or a token index (negative from the end)")
+        if form_of(entry) != "name" or entry in names:
+            continue
+        if all(entry not in it.positions for it in items):
+            raise ProbeError(f"unknown {what} position {entry!r}; accepted: {accepted}")
+        lacking = next(it for it in items if entry not in it.positions)
+        raise ProbeError(f"{what} position {entry!r} is not named by item {lacking.index} ({lacking.input!r}), "
+                         f"which names {', '.join(['argument', *lacking.positions])}; accepted: a position every "
+                         f"item names: {accepted}")
 
 
 def token_index(name: str, length: int, named: dict[str, int], probe: str, item: int | None = None,
