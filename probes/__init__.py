@@ -22,13 +22,14 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; imported on first use, so that `probe --help` does not wait for torch
 _PUBLIC = {"Result": "api", "aggregate": "api", "list_models": "api", "list_probes": "api", "list_tasks": "api",
-           "load": "api", "options": "api", "prompts": "api", "run": "api", "task": "api", "ProbeError": "errors", "Loaded": "models.loading",
-           "Item": "tasks.base", "Task": "tasks.base"}
+           "load": "api", "options": "api", "prompts": "api", "run": "api", "task": "api", "train_lens": "api",
+           "ProbeError": "errors", "Loaded": "models.loading", "Item": "tasks.base", "Task": "tasks.base"}
 __all__ = ["Item", "Loaded", "ProbeError", "Result", "Task", "aggregate", "list_models", "list_probes",
-           "list_tasks", "load", "options", "prompts", "run", "task"]
+           "list_tasks", "load", "options", "prompts", "run", "task", "train_lens"]
 
 if TYPE_CHECKING:
-    from .api import Result, aggregate, list_models, list_probes, list_tasks, load, options, prompts, run, task
+    from .api import (Result, aggregate, list_models, list_probes, list_tasks, load, options, prompts, run, task,
+                      train_lens)
     from .errors import ProbeError
     from .models.loading import Loaded
     from .tasks.base import Item, Task

@@ -24,6 +24,7 @@ from .models.loading import Loaded, load_model, load_remote
 from .models.options import load_options
 from .models.planning import check_fits
 from .models.registry import ModelSpec, load_registry, resolve_model
+from .methods import tuned_lens
 from .runs.execution import Result, execute
 from .runs.plan import plan_run
 from .tasks.base import Task
@@ -94,6 +95,15 @@ def run(model: Loaded | str, task: Task | str, probe: str = "logit-lens", *, lim
 
 
 run.__doc__ += options_text()
+
+
+def train_lens(model: Loaded | str, *, tokens: int = tuned_lens.TOKENS, corpus: str = tuned_lens.CORPUS,
+               output: str | Path | None = None, progress: bool = False) -> Path:
+    """Train a tuned lens for a model (loaded, or by name as `load` takes it) as `probe lens train` does: `tokens`
+    tokens of `corpus` (stdlib-english, dataset:NAME or file:PATH), into `output` or the model's cache folder, which
+    `run(..., lens="tuned")` reads; returns the folder (config.json and params.pt in the tuned-lens package's format,
+    meta.json with the training figures). Method and where it differs from the package: probes/methods/tuned_lens.py."""
+    return tuned_lens.train_lens(model if isinstance(model, Loaded) else load(model), tokens, corpus, output, progress)
 
 
 def aggregate(results: str | Path = "results", by: tuple[str, ...] | list[str] = ("model", "task", "probe"),

@@ -199,6 +199,19 @@ def final_accuracy_text(final: dict, sequences: int) -> str:
     return "test accuracy " + "; ".join(whole(k[len("eval_"):-len("_accuracy")], final[k]) for k in sets)
 
 
+def cmd_lens(args) -> None:
+    from .api import train_lens
+
+    given = {k: getattr(args, k) for k in ("tokens", "corpus") if getattr(args, k) is not None}
+    folder = train_lens(args.model, output=args.output, progress=True, **given)
+    meta = json.loads((folder / "meta.json").read_text())
+    print(f"tuned lens for {args.model}: {meta['tokens']:,} tokens of {meta['corpus']}, {meta['steps']} steps, "
+          f"{meta['seconds']:.0f}s; KL(model || lens) in nats per residual index, logit lens -> tuned:")
+    print("  " + ", ".join(f"{i}: {a:.3g} -> {b:.3g}" for i, (a, b) in
+                           enumerate(zip(meta["kl_first_step"], meta["kl_final"]))))
+    print(f"lens: {folder}  (probe run --lens tuned" + (f":{folder}" if args.output else "") + ")")
+
+
 def cmd_plan(args) -> None:
     from .models.arch import arch_spec
     from .models.planning import describe_map, gib, plan

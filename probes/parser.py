@@ -127,6 +127,16 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     tr.add_argument("--minutes", type=float, metavar="M", help="a window: checkpoint and stop after M minutes "
                     "(meta.json: step of total, time left); --resume continues")
     tr.set_defaults(func=commands["train"])
+    ln = sub.add_parser("lens", help="tuned lenses (probe run --lens tuned): train one for a model")
+    lt = ln.add_subparsers(dest="lens_command", required=True, parser_class=Parser).add_parser(
+        "train", help="train a tuned lens on English text, cached per model (README: The tuned lens)")
+    lt.add_argument("--model", required=True, help="registry name, checkpoint folder or config file")
+    lt.add_argument("--tokens", type=_count(1), help="training tokens (default 2^20; the tuned-lens "
+                    "package trains on 250 x 2^18)")
+    lt.add_argument("--corpus", help="stdlib-english (default), dataset:NAME or file:PATH "
+                    "(.jsonl or .txt), as training configs name corpora")
+    lt.add_argument("--output", help="lens folder (default: the model's in the cache, which --lens tuned reads)")
+    lt.set_defaults(func=commands["lens"])
     pl = sub.add_parser("plan", help="memory, device map and GPUs needed, from the model's config alone")
     pl.add_argument("--model", required=True, help="registry name, checkpoint folder or config file")
     pl.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the registry entry's)")

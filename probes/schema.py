@@ -56,6 +56,10 @@ TRAINING_FIELDS = {
     "task.letters": ("nback: the alphabet", "bcdfghjklnpqrstvwxyz"),
     "task.nodes": ("tree: nodes per tree", "16"),
     "task.order": ("tree: edge order (mixed, forward, backward, random)", "mixed"),
+    "task.topological": ("tree: the topological order forward and backward follow: bfs (children as attached) or "
+                         "networkx (ascending node number, as the authors' networkx.topological_sort)", "networkx"),
+    "task.loss": ("nback: the positions scored, all (the authors') or from-n; tree: path (the path and the two "
+                  "\",\" that end it) or authors (every token after the root through the padding)", "authors"),
     "task.classes": ("icl: classes K (a multiple of labels; class k has label k mod labels)", "512"),
     "task.labels": ("icl: labels L, the readout's choices", "32"),
     "task.pairs": ("icl: item-label pairs before the query", "8"),
@@ -79,12 +83,20 @@ TRAINING_FIELDS = {
     "train.steps": ("optimizer steps, instead of epochs", "1000"),
     "train.batch_size": ("global batch (split over data-parallel processes)", "32"),
     "train.lr": ("learning rate (the peak, after warm-up)", "1.0e-4"),
-    "train.min_lr": ("cosine_with_min_lr: where the cosine ends", "2.0e-6"),
-    "train.schedule": ("constant, linear, cosine or cosine_with_min_lr", "constant"),
+    "train.min_lr": ("cosine_with_min_lr, cosine_per_epoch: where the cosine ends", "2.0e-6"),
+    "train.schedule": ("constant, linear, cosine, cosine_with_min_lr (per step) or cosine_per_epoch (torch's "
+                       "CosineAnnealingLR stepped once per epoch: constant within an epoch; needs epochs)",
+                       "constant"),
+    "train.drop_last": ("drop each epoch's last short batch (false: train on it)", "true"),
     "train.warmup_steps": ("linear warm-up steps", "0"),
     "train.weight_decay": ("weight decay (AdamW's, decoupled; SGD's, scaled by the lr); never on biases or "
                            "LayerNorms", "0.0"),
-    "train.optimizer": ("adamw (the default) or sgd (plain, no momentum)", "sgd"),
+    "train.optimizer": ("adamw (the default; fused into one kernel where this torch has it) or sgd (plain, no "
+                        "momentum)", "sgd"),
+    "train.bf16": ("bfloat16 autocast for the forward and backward (weights and optimizer state in float32)",
+                   "true"),
+    "train.compile": ("torch.compile the model with this mode: default, reduce-overhead (adds CUDA graphs) or "
+                      "max-autotune", "default"),
     "train.max_grad_norm": ("clip gradients to this norm (transformers' default 1.0; 0: never)", "0"),
     "train.adam_beta2": ("AdamW's second beta (default 0.999)", "0.99"),
     "train.eval_steps": ("evaluate on the held-out sequences every this many steps", "25"),

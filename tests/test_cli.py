@@ -44,7 +44,7 @@ def test_run_writes_table_and_metadata_and_resumes(tmp_path):
     assert len(table) == 6 * 3 and set(table.layer) == {0, 1, 2}  # 6 prompts x (embeddings + 2 blocks)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["status"] == "complete" and meta["config"]["model"] == "tiny-llama"
-    assert meta["config"]["task_version"] == 1 and meta["versions"]["torch"] and "git_commit" in meta
+    assert meta["config"]["task_version"] == 2 and meta["versions"]["torch"] and "git_commit" in meta  # pairs per item
 
     # a run killed after some batches resumes: remove one batch and the final table, rerun, same result
     parts = sorted((out / "parts").glob("*.csv"))

@@ -67,7 +67,7 @@ def ignores_padding():
 
 def test_a_model_whose_output_depends_on_padding_fails(ignores_padding):
     lm = ignores_padding
-    with pytest.raises(ProbeError, match="a left-padded prompt does not get the logits it gets alone"):
+    with pytest.raises(ProbeError, match="a padded prompt does not get the logits it gets alone"):
         self_check(lm, items(lm))
     got = self_check(lm, items(lm), strict=False)
     assert got["went_on"] and got["padding"] > 1e-3 and "going on (--no-self-check)" in describe(got)

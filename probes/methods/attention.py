@@ -5,6 +5,8 @@ split by match and non-match, against the mean mass to the other earlier letters
 tokenizer's offsets. The letter-to-letter attention matrix (rows renormalised over letters) is kept per sequence
 so the paper's "total entropy" (entropy of the trial-averaged rows, summed over rows) and heat maps can be
 computed across trials. Attention weights need eager attention; grouped-query models come out per query head.
+In-context classification: the query's attention on its class's items; trees: where each path step reads
+(tree_attention.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..models.arch import _get
 from ..stats import finite_or_none, halves, interval_text, level, mean
 from ..tasks.base import Item, item_columns
 from ..tasks.icl_sequences import query_mass
+from .tree_attention import report_path_attention, run_path_attention, summarize_path_attention
 
 def entropy(rows: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of each row of probabilities (zeros contribute nothing)."""
@@ -70,6 +73,8 @@ def attention_weights(loaded, prompt, with_logits: bool = False):
 def run_attention(loaded, items: list[Item]) -> list[dict]:
     if items and "match_items" in items[0].extra:
         return run_query_attention(loaded, items)
+    if items and "path" in items[0].extra:  # trees: where each path step reads (tree_attention.py)
+        return run_path_attention(loaded, items, attention_weights)
     if not items or "matches" not in items[0].extra:
         raise ProbeError("the attention probe needs whole N-back sequences; accepted: --task nback-sequence")
     tok = loaded.tokenizer
@@ -169,6 +174,8 @@ def _total_entropy_interval(g, seed: int) -> dict:
 def summarize_attention(df, seed: int = 0) -> dict:
     if "item_mass" in df:
         return summarize_query_attention(df, seed)
+    if "chain_mass" in df:
+        return summarize_path_attention(df, seed)
     return summarize_nback_attention(df, seed)
 
 
@@ -218,6 +225,8 @@ def nback_heads(table):
 
 def report_attention(df, summary) -> str:
     t = lambda d, k: interval_text(d, k, digits=2)  # noqa: E731
+    if "path_attention" in summary:
+        return report_path_attention(df, summary)
     if "query" in summary:
         lines = [f"{summary['sequences']} sequences; the query's attention, mean over sequences:"]
         lines += [f"  layer {r['layer']} head {r['head']}: on the matching items {t(r, 'item_mass')}, on their labels "

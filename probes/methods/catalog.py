@@ -118,7 +118,7 @@ def check_icl_score(task, options: dict) -> None:
 for _probe in (
     Probe("logit-lens", "decode the residual stream at every layer (0 = embeddings), at the last or chosen positions",
           "lens:run_lens", "lens:summarize_lens", "lens:report_lens", "probes.reports.plots:plot_lens",
-          {"topk": 5, "positions": None, "vocab": None}, prepare="lens:prepare_lens",
+          {"topk": 5, "positions": None, "vocab": None, "lens": None}, prepare="lens:prepare_lens",
           run_options=("topk", "positions", "vocab"), kinds=(*ALL_KINDS, "icl"),
           position_forms=("last", "all", "index", "slice", "name"), word="lens"),
     Probe("accuracy", "greedy answer: is the answer's first token the top-1 next token", "accuracy:run_accuracy",

@@ -6,10 +6,13 @@ lens equals the model's logits) x position: the last token by default (`--positi
 accumulated_resid and tuned-lens' pictures. Ranks are 0-based (0 = top-1) and the reciprocal rank is
 1 / (rank + 1), as in Merullo et al. Summaries are of the last position.
 
-The decoding itself (and `--vocab text`) is readout.py's, shared with the other probes.
+The decoding itself (and `--vocab text`) is readout.py's, shared with the other probes. `--lens tuned` puts each
+residual index through its tuned-lens translator first (tuned_lens.py; the last index has none).
 """
 
 from __future__ import annotations
+
+import json
 
 import nnsight
 import pandas as pd
@@ -19,6 +22,7 @@ from ..stats import interval_text, level, median_reached, proportion, reached_te
 from ..tasks.base import Item, item_columns, token_ids
 from .positions import entries, form_of, named_positions, token_positions
 from .readout import excluded_ids, lens_tensors, special_flags, stats_rows, target_ids
+from .tuned_lens import TunedLens, file_digest, lens_folder, load_lens
 
 
 def positions_of(value: str | None, length: int, item: Item, tokenizer=None) -> list[int]:
@@ -30,17 +34,25 @@ def positions_of(value: str | None, length: int, item: Item, tokenizer=None) -> 
 
 
 def prepare_lens(loaded, task, items: list[Item], options: dict):
-    """Every item's positions checked against its prompt once, before the first batch."""
+    """Every item's positions checked against its prompt once, before the first batch; a tuned lens (`--lens`)
+    loaded and checked against the model (the batches' state), its folder and training recorded."""
     for it in items:
         positions_of(options.get("positions"), len(token_ids(loaded.tokenizer, it.prompt)), it, loaded.tokenizer)
-    return items, None, {}
+    if options.get("lens", "logit") == "logit":
+        return items, None, {}
+    folder = lens_folder(options["lens"], loaded.spec)
+    lens = load_lens(folder, loaded)
+    trained = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+    return items, lens, {"tuned_lens": {"folder": str(folder), "params_sha256": file_digest(folder / "params.pt"),
+                                        **{k: trained[k] for k in ("corpus", "tokens", "steps") if k in trained}}}
 
 
 def run_lens(loaded, items: list[Item], topk: int = 5, positions: str | None = None,
-             vocab: str | None = None) -> list[dict]:
+             vocab: str | None = None, state: TunedLens | None = None) -> list[dict]:
     """Decoded inside the trace: the residuals never leave the model's devices (or the remote server), only the
     per-layer ranks, probabilities and top-k ids do. Prompts are left-padded, so each prompt's positions are taken
-    as offsets from the end; all of a batch's vectors are decoded in chunks (`lens_tensors`)."""
+    as offsets from the end; all of a batch's vectors are decoded in chunks (`lens_tensors`). `state`: the tuned lens
+    `prepare_lens` loaded (None: the logit lens)."""
     arch, tok = loaded.arch, loaded.tokenizer
     targets = target_ids(loaded, items)
     excluded = excluded_ids(tok, vocab)
@@ -55,6 +67,8 @@ def run_lens(loaded, items: list[Item], topk: int = 5, positions: str | None = N
         index = (offsets.to(h0.device) + h0.shape[1])[..., None].expand(-1, -1, h0.shape[-1])
         hidden = torch.stack([arch.resid(i).gather(1, index.to(arch.resid(i).device)).to(arch.unembed_device)
                               for i in range(arch.n_layers + 1)], dim=1)  # (batch, L + 1, width, d)
+        if state is not None:
+            hidden = state.translate(hidden)
         # assigned, then saved: a remote trace returns only the names it assigns and saves
         stats = nnsight.save(lens_tensors(arch, hidden.flatten(1, 2), targets, topk, excluded=excluded))
     special = special_flags(tok, stats["top"][..., 0].flatten().tolist())  # per (item, layer, position)

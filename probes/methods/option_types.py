@@ -146,6 +146,14 @@ def text(value):
     return value
 
 
+def lens(value):
+    """logit, tuned or tuned:PATH, kept as given; whether the lens is there is the plan's check (it needs the model)."""
+    if value in ("logit", "tuned") or isinstance(value, str) and value.startswith("tuned:") and value[6:].strip():
+        return value
+    raise ProbeError(f"bad --lens {value!r}; accepted: logit, tuned (the lens `probe lens train` caches for the "
+                     "model) or tuned:PATH (a folder of config.json and params.pt, the tuned-lens package's format)")
+
+
 SITES = ("resid", "attn", "ffn", "head")  # activation-patching's sites; linear-probe reads the first three
 _OPTIONS = [
     Option("topk", "logit-lens, ffn-readout: top-k tokens kept per layer (default 5)", count("topk", 1), least=1,
@@ -153,6 +161,9 @@ _OPTIONS = [
     Option("vocab", "logit-lens, accuracy, ffn-*: all (the whole vocabulary, as the paper; default) or text (special "
            "and control tokens left out of top-k and ranks)", choice("--vocab", ("all", "text")),
            examples=("text",)),
+    Option("lens", "logit-lens: logit (final norm and unembedding; default), tuned (each layer's affine translator "
+           "first: the tuned lens that `probe lens train --model M` caches for the model) or tuned:PATH (a lens "
+           "folder in the tuned-lens package's format, config.json and params.pt)", lens, examples=("tuned",)),
     Option("layers", "blocks: 'all', '5', '3,7' or '10-17' (ffn-ablation: also 'sixths', the default)",
            lambda v: blocks(v, ("sixths",)), examples=("0", "1")),
     Option("mode", "ffn-transplant: add (to the residual after each block; default) or replace (the FFN updates of "

@@ -207,6 +207,10 @@ class Arch:
     @torch.no_grad()
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """Residual vectors (..., d) -> logits, through final norm, projection, unembedding and softcap."""
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """`decode` with autograd, for what trains through the read-out (the tuned lens' translators)."""
         if self._norm is not None:
             h = self._norm(h.to(execution_device(self._norm), first_weight(self._norm).dtype))
         if self._pre_unembed is not None:

@@ -20,8 +20,10 @@ projection or 1/sqrt(d) scaling (`attn_bias`, `attn_out`, `attn_scale`), the val
 He-normal, readout N(0, 1/width); else transformers' default (N(0, 0.02^2)). `init: torch` draws every parameter as
 the PyTorch modules Gong & Zhang build their model from would: token and position embeddings N(0, 1)
 (`nn.Embedding`), the attention input projection xavier-uniform with zero biases and a zero output-projection
-bias (`nn.MultiheadAttention`), every other Linear PyTorch's default (Kaiming-uniform); the default, `init: hf`, is
-transformers' N(0, 0.02^2) for every Linear and Embedding (existing configs and checkpoints unchanged). With
+bias (`nn.MultiheadAttention`), every other Linear PyTorch's default (Kaiming-uniform); `init: transformer_lens` as
+TransformerLens 1.x's HookedTransformer draws Brinkmann et al.'s tree model: every weight matrix N(0, 0.64/width),
+biases zero; the default, `init: hf`, is transformers' N(0, 0.02^2) for every Linear and Embedding (existing
+configs and checkpoints unchanged). With
 embeddings at 0.02 the initial attention logits are ~1e-4 apart, and a 1-layer attention-only model without
 residual sits at uniform attention (see docs/nback-trained.md).
 
@@ -74,7 +76,7 @@ class ProbeTransformerConfig(PretrainedConfig):
 
 
 RESIDUAL_MODES = ("none", "previous", "first")
-INITS = ("hf", "torch")  # transformers' N(0, 0.02^2) everywhere, or the PyTorch modules' own draws
+INITS = ("hf", "torch", "transformer_lens")  # transformers' N(0, 0.02^2), the PyTorch modules' own, TransformerLens's
 
 
 def check_modes(**modes: str) -> tuple:
@@ -212,6 +214,8 @@ class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
         if getattr(config, "init", "hf") == "torch":
             self._draw_as_torch()
+        elif getattr(config, "init", "hf") == "transformer_lens":
+            self._draw_as_transformer_lens(config)
         if config.init_attn_std is not None:
             self._draw_as_authors(config)
 
@@ -227,6 +231,20 @@ class ProbeTransformerForCausalLM(PreTrainedModel, GenerationMixin):
             for m in (layer.attn.qkv, layer.attn.out):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def _draw_as_transformer_lens(self, config: ProbeTransformerConfig) -> None:
+        """HookedTransformer.init_weights of TransformerLens 1.x with its default initializer_range 0.8/sqrt(width):
+        every weight matrix (token and position embeddings, Q/K/V/O, MLP, unembedding) N(0, that^2), untruncated and
+        not scaled by depth; every bias zero; LayerNorms 1 and 0."""
+        std = 0.8 / math.sqrt(config.n_embd)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0, std)
+            if isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+            elif isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     @torch.no_grad()
     def _draw_as_authors(self, config: ProbeTransformerConfig) -> None:

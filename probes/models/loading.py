@@ -59,6 +59,9 @@ class Loaded:
         given its prompts' vectors (`VectorPrompt`s, one or a list) as one `inputs_embeds` batch."""
         if self.spec.reads_vectors:
             inputs = tuple(_embeds(x, self.spec.name) for x in inputs)
+        elif getattr(self.tokenizer, "padding_side", "left") != "left":  # every read of "the last position" is the last column
+            raise ProbeError(f"{self.spec.name}'s tokenizer pads on the {self.tokenizer.padding_side}; accepted: "
+                             "padding_side 'left' (probes read each prompt's last position as the batch's last column)")
         elif any(isinstance(p, VectorPrompt) for x in inputs for p in (x if isinstance(x, (list, tuple)) else [x])):
             raise ProbeError(f"{self.spec.name} reads text, and was given vectors; accepted: a model trained on "
                              "the in-context classification task")

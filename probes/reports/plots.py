@@ -217,6 +217,8 @@ def plot_attention(df, meta: dict, path: Path) -> None:
     the query's attention on the matching items and labels by layer (the summary's table says it all)."""
     if "item_mass" in df:
         return _nothing_to_draw(meta, path, "the query's attention by layer is the summary's table (see meta.json)")
+    if "chain_mass" in df:
+        return plot_path_attention(df, meta, path)
     import json
 
     import numpy as np
@@ -250,6 +252,38 @@ def plot_attention(df, meta: dict, path: Path) -> None:
         fig.colorbar(im, ax=ax, fraction=0.046, label="attention")
         ax.set_title(f"N={n}: layer {layer} head {head}\n(shown on {len(rows)} held-out sequences)", fontsize=9)
         ax.set(xlabel="key letter", ylabel="query letter")
+    _save(fig, path)
+
+
+def plot_path_attention(df, meta: dict, path: Path) -> None:
+    """Trees: the mean attention of the root (step 0; every step where no item is at step 0) on each role, per
+    layer and head: backward chaining is the diagonal goal, edge_up0, edge_up1, ... (edges further up than the
+    layers, and the path edges' sources, summed)."""
+    import numpy as np
+
+    from ..methods.tree_attention import role_means
+
+    rows = df[df.step == 0] if (df.step == 0).any() else df
+    depth = int(df.layer.max())  # backward chaining reaches edge_up<depth - 1> by the last layer
+    near = [f"edge_up{k}" for k in range(depth)]
+
+    def fold(m: dict) -> dict:
+        out = {r: v for r, v in m.items() if "_up" not in r or r in near}
+        out[f"edge_up{depth}+"] = sum(v for r, v in m.items() if r.startswith("edge_up") and r not in near)
+        out["source_up*"] = sum(v for r, v in m.items() if r.startswith("source_up"))
+        return out
+
+    means = {f"L{layer}H{head}": fold(role_means(g)) for (layer, head), g in rows.groupby(["layer", "head"])}
+    roles = ["goal", *near, f"edge_up{depth}+", "source_up*", "edge", "source", "comma", "bar", "colon", "root",
+             "path"]
+    grid = np.array([[m.get(r, 0.0) for r in roles] for m in means.values()])
+    fig, ax = plt.subplots(figsize=(0.45 * len(roles) + 2.5, 0.4 * len(means) + 2))
+    im = ax.imshow(grid, cmap="viridis", vmin=0)
+    fig.colorbar(im, ax=ax, fraction=0.03, label="mean attention")
+    ax.set_xticks(range(len(roles)), roles, rotation=70, fontsize=7)
+    ax.set_yticks(range(len(means)), list(means), fontsize=7)
+    ax.set_title(f"attention of the {'root' if (df.step == 0).any() else 'last position'} by role "
+                 f"({rows.item.nunique()} items)\n{_title(meta)}", fontsize=9)
     _save(fig, path)
 
 

@@ -54,6 +54,13 @@ def plan_run(model: str | ModelSpec | None = None, tasks: list | tuple = (), pro
     spec = loaded.spec if loaded is not None else model if isinstance(model, ModelSpec) else resolve_model(model)
     for t in tasks:
         check_inputs(spec, t)
+    if chosen.get("lens", "logit") != "logit":  # a tuned lens that is not there is refused before loading
+        from ..methods.tuned_lens import lens_folder
+
+        if remote or (loaded is not None and loaded.remote):
+            raise ProbeError("--lens tuned applies its translators on this machine; accepted: --lens logit with "
+                             "--remote")
+        lens_folder(chosen["lens"], spec)
     if output is not None and len(tasks) > 1:
         raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
     batch_size = parse_batch_size(batch_size)

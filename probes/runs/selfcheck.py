@@ -206,7 +206,7 @@ def _failure(got: dict, tol: float, name: str, family: str) -> str | None:
     if not _within(got["padding"], limit) or (got["padding"] != "n/a" and not got["padding_top1"]):
         cause = (f", beyond {BATCH_FACTOR:g}x the {got['quantize']} batch dependence measured without padding "
                  f"({batch:.2g})" if got["quantize"] and batch != "n/a" else "")
-        return (f"self-check failed on {name}: a left-padded prompt does not get the logits it gets alone (relative "
+        return (f"self-check failed on {name}: a padded prompt does not get the logits it gets alone (relative "
                 f"difference {got['padding']:.2g}, tolerance {limit:.2g}{cause}"
                 f"{'' if got['padding_top1'] else ', another top-1'}): batched results would depend on the padding")
     return None

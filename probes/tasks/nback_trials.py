@@ -129,9 +129,9 @@ class NBack(Task):
         if self.unit != "trial":
             return None
         length = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
-        rng = np.random.default_rng([self.seed, 7])
         out = []
         for it in items:
+            rng = np.random.default_rng([self.seed, 7, it.index])  # per item: pairs do not depend on the others
             n, t, letters = it.extra["n"], it.extra["position"], it.extra["letters"]
             back = letters[t - n]
             options = (rng.permutation([c for c in self.letters if c not in (back, letters[t])]).tolist()

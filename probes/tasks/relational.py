@@ -150,9 +150,9 @@ class Relational(Task):
         length = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
         pool = self.items()  # partners: any item of the task, limited or not
         query = {it.index: self.template.format(**rows[it.index]) for it in pool}
-        rng = np.random.default_rng([self.seed, 7])
         out = []
         for it in items:
+            rng = np.random.default_rng([self.seed, 7, it.index])  # per item: pairs do not depend on the others
             prefix = it.prompt[: len(it.prompt) - len(query[it.index])]
             n, first = length(it.prompt), answer_token(tokenizer, it)
             for j in rng.permutation(len(pool)):

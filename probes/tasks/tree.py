@@ -8,9 +8,14 @@ at most two children; the goal is never a parent, so it is a leaf). Serialized a
     edges ("A >B", comma-separated; topological order, reversed or shuffled), "|", the goal, ":", the root,
     then the path as ">k" tokens, padded with "," (which also ends the path) to nodes * 4 + 2 tokens
 
+The topological order is breadth-first from the root, each node's edges together: `topological: bfs` takes a node's
+children in the order they were attached (path child first); `topological: networkx` in ascending node number, the
+order the authors' `topological_sort_edges` gets from networkx.topological_sort on their adjacency-matrix graph.
+
 With 16 nodes the 15 edges take positions 0-43, "|" is at 44, the goal at 45, ":" at 46, the root at 47 and the
 path starts at 48. `order: mixed` (the authors') reverses the topological order for even indices and shuffles it
-for odd ones. Training (training/data.py) scores the path tokens and the two "," after them; the probing task
+for odd ones. Training (training/data.py) scores the path tokens and the two "," after them (`loss: path`), or every
+token after the root through the padding (`loss: authors`, their mask); the probing task
 (`kind: tree`) gives one item per path step: the tokens so far, to be continued by the next ">k".
 """
 
@@ -26,6 +31,7 @@ from .base import Item, Task, answer_token, paired
 from .kinds import register_kind
 
 ORDERS = ("mixed", "forward", "backward", "random")
+TOPOLOGICAL = ("bfs", "networkx")  # a node's children: in the order attached, or in ascending node number
 PAD = ","
 
 
@@ -66,10 +72,12 @@ def vocabulary(nodes: int) -> list[str]:
     return [PAD, ":", "|", *(f">{k}" for k in range(nodes)), *(str(k) for k in range(nodes))]
 
 
-def make_tree(seed: int, index: int, nodes: int = 16, order: str = "mixed") -> Tree:
+def make_tree(seed: int, index: int, nodes: int = 16, order: str = "mixed", topological: str = "bfs") -> Tree:
     """Tree `index` of `seed` (see the module docstring), from its own random stream."""
     if order not in ORDERS:
         raise ProbeError(f"unknown tree order {order!r}; accepted: {', '.join(ORDERS)}")
+    if topological not in TOPOLOGICAL:
+        raise ProbeError(f"unknown topological order {topological!r}; accepted: {', '.join(TOPOLOGICAL)}")
     if nodes < 3:
         raise ProbeError(f"trees of {nodes} nodes; accepted: 3 nodes or more")
     rng = np.random.default_rng([seed, index])
@@ -99,8 +107,9 @@ def make_tree(seed: int, index: int, nodes: int = 16, order: str = "mixed") -> T
     edges, queue = [], [path[0]]  # breadth-first from the root: a topological order
     while queue:
         u = queue.pop(0)
-        edges += [(u, c) for c in children[u]]
-        queue += children[u]
+        kids = sorted(children[u]) if topological == "networkx" else children[u]
+        edges += [(u, c) for c in kids]
+        queue += kids
     if order == "backward" or (order == "mixed" and index % 2 == 0):
         edges = edges[::-1]
     elif order == "random" or order == "mixed":
@@ -122,6 +131,9 @@ class TreeTask(Task):
         "first_tree": ("tree: index of the first tree (a trained model's held-out ones)", "135000"),
         "order": ("tree: edge order: mixed (reversed for even trees, shuffled for odd, as the authors), forward, "
                   "backward or random", "mixed"),
+        "topological": ("tree: the topological order that forward and backward follow: bfs (a node's children as "
+                        "attached) or networkx (ascending node number, as the authors' networkx.topological_sort)",
+                        "networkx"),
         "steps": ("tree: all (every step of each path) or first (step 0: the prompt ends at the root)", "first"),
         "corrupt": ("tree: activation-patching's corrupted prompt: another tree (tree) or the same tree with "
                     "another goal leaf whose path turns elsewhere at the step (goal)", "goal"),
@@ -132,6 +144,7 @@ class TreeTask(Task):
     trees: int = 200
     first_tree: int = 0  # trees first_tree, first_tree + 1, ... (a trained model's held-out ones)
     order: str = "mixed"
+    topological: str = "bfs"  # as the training config's task.topological
     steps: str = "all"  # all: every step of each path; first: step 0 only (the prompt ends at the root)
     corrupt: str = "tree"  # activation-patching's corrupted prompt: another tree (tree) or this tree, another goal
     _trees: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -139,6 +152,9 @@ class TreeTask(Task):
     def __post_init__(self):
         if self.order not in ORDERS:
             raise ProbeError(f"task {self.name!r}: order {self.order!r}; accepted: {', '.join(ORDERS)}")
+        if self.topological not in TOPOLOGICAL:
+            raise ProbeError(f"task {self.name!r}: topological {self.topological!r}; accepted: "
+                             f"{', '.join(TOPOLOGICAL)}")
         if self.corrupt not in ("tree", "goal"):
             raise ProbeError(f"task {self.name!r}: corrupt {self.corrupt!r}; accepted: tree, goal")
         if self.steps not in ("all", "first"):
@@ -169,7 +185,7 @@ class TreeTask(Task):
 
     def tree(self, index: int) -> Tree:
         if index not in self._trees:
-            self._trees[index] = make_tree(self.seed, index, self.nodes, self.order)
+            self._trees[index] = make_tree(self.seed, index, self.nodes, self.order, self.topological)
         return self._trees[index]
 
     def items(self, limit: int | None = None, inputs: list[str] | None = None,
@@ -205,9 +221,9 @@ class TreeTask(Task):
         pool: dict[int, list[Item]] = {}
         for other in self.items():
             pool.setdefault(other.extra["step"], []).append(other)
-        rng = np.random.default_rng([self.seed, 7])
         out = []
         for it in items:
+            rng = np.random.default_rng([self.seed, 7, it.index])  # per item: pairs do not depend on the others
             same = pool[it.extra["step"]]
             for j in rng.permutation(len(same)):
                 other = same[int(j)]

@@ -19,13 +19,16 @@ from ..errors import ProbeError, read_yaml
 from ..tasks import icl_sequences
 from .data import GENERATORS
 
-SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr")
+SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr", "cosine_per_epoch")
+MIN_LR = ("cosine_with_min_lr", "cosine_per_epoch")  # the schedules that end at train.min_lr
 TRAIN = {"epochs": int, "steps": int, "batch_size": int, "lr": float, "min_lr": float, "schedule": str,
          "warmup_steps": int, "weight_decay": float, "adam_beta2": float, "optimizer": str, "max_grad_norm": float, "eval_steps": int,
-         "save_steps": int, "seed": int}
+         "save_steps": int, "seed": int, "drop_last": bool, "bf16": bool, "compile": str}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (train.compile)
 OPTIMIZERS = ("adamw", "sgd")
-# min_lr (cosine_with_min_lr), adam_beta2 (default 0.999), optimizer (adamw; or sgd, without momentum) and
-# max_grad_norm (transformers' 1.0; 0: no clipping) have no entry: a config without them is unchanged
+# min_lr (cosine_with_min_lr, cosine_per_epoch), adam_beta2 (default 0.999), optimizer (adamw; or sgd, without
+# momentum), max_grad_norm (transformers' 1.0; 0: no clipping) and drop_last (false: the last short batch of an epoch
+# is trained on) have no entry: a config without them is unchanged
 DEFAULTS = {"train": {"epochs": 10, "batch_size": 32, "lr": 1e-4, "schedule": "constant", "warmup_steps": 0,
                       "weight_decay": 0.0, "eval_steps": 25, "save_steps": 50, "seed": 0}}
 POSITIVE = {"n", "nodes", "train", "test", "length", "epochs", "steps", "batch_size", "eval_steps", "save_steps"}
@@ -69,20 +72,29 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
             if key not in schema:
                 raise ProbeError(f"{where}: unknown {section} field {key!r}; accepted: {', '.join(schema)}")
             want = schema[key]
-            ok = isinstance(value, (int, float) if want is float else want) and not isinstance(value, bool)
+            ok = isinstance(value, bool) if want is bool else (
+                isinstance(value, (int, float) if want is float else want) and not isinstance(value, bool))
             if not ok:
-                raise ProbeError(f"{where}: {section}.{key} {value!r} is not {'a number' if want is float else want.__name__}")
+                name = {float: "a number", bool: "true or false"}.get(want, want.__name__)
+                raise ProbeError(f"{where}: {section}.{key} {value!r} is not {name}")
             if key in POSITIVE and value < 1:
                 raise ProbeError(f"{where}: {section}.{key} {value!r}; accepted: a positive integer")
     GENERATORS[generator].check(cfg["task"], where)
     if "train" not in fields and "steps" not in cfg["train"]:
         raise ProbeError(f"{where}: task generator {generator!r} has no fixed number of training sequences; "
                          "accepted: train.steps instead of train.epochs")
-    if (cfg["train"]["schedule"] == "cosine_with_min_lr") != ("min_lr" in cfg["train"]):
-        raise ProbeError(f"{where}: train.min_lr goes with schedule cosine_with_min_lr (both or neither)")
+    if (cfg["train"]["schedule"] in MIN_LR) != ("min_lr" in cfg["train"]):
+        raise ProbeError(f"{where}: train.min_lr goes with schedule cosine_with_min_lr or cosine_per_epoch (both or "
+                         "neither)")
+    if cfg["train"]["schedule"] == "cosine_per_epoch" and ("steps" in cfg["train"] or cfg["train"]["warmup_steps"]):
+        raise ProbeError(f"{where}: schedule cosine_per_epoch steps its cosine once per epoch, with no warm-up; "
+                         "accepted: train.epochs (not train.steps) and train.warmup_steps 0")
     if cfg["train"].get("max_grad_norm", 1.0) < 0:
         raise ProbeError(f"{where}: train.max_grad_norm {cfg['train']['max_grad_norm']}; accepted: a norm >= 0 "
                          "(0: no clipping)")
+    if cfg["train"].get("compile", "default") not in COMPILE_MODES:
+        raise ProbeError(f"{where}: train.compile {cfg['train']['compile']!r}; accepted: {', '.join(COMPILE_MODES)} "
+                         "(torch.compile's mode; reduce-overhead adds CUDA graphs)")
     if cfg["train"].get("optimizer", "adamw") not in OPTIMIZERS:
         raise ProbeError(f"{where}: unknown train.optimizer {cfg['train']['optimizer']!r}; accepted: "
                          f"{', '.join(OPTIMIZERS)}")
@@ -103,11 +115,13 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
 
 
 def total_steps(cfg: dict, processes: int = 1) -> int:
-    """Optimizer steps of a run: `train.steps`, or epochs x batches per epoch (the last batch may be short)."""
+    """Optimizer steps of a run: `train.steps`, or epochs x batches per epoch (the last batch may be short, or
+    dropped with `train.drop_last`)."""
     t = cfg["train"]
     if "steps" in t:
         return int(t["steps"])
-    return int(t["epochs"]) * -(-int(cfg["task"]["train"]) // (int(t["batch_size"]) * processes))
+    sequences, batch = int(cfg["task"]["train"]), int(t["batch_size"]) * processes
+    return int(t["epochs"]) * (sequences // batch if t.get("drop_last") else -(-sequences // batch))
 
 
 def checkpoint_steps(cfg: dict) -> list[int]:

@@ -23,12 +23,13 @@ import torch
 from ..errors import ProbeError
 from ..methods.attention import total_entropies
 from ..tasks.nback_trials import NBack
-from ..tasks.tree import ORDERS, make_tree, vocabulary
+from ..tasks.tree import ORDERS, TOPOLOGICAL, make_tree, vocabulary
 from . import icl_data, lm_data
 from .generator import IGNORE, Generator, TensorRows, word_tokenizer
 
 LABELS = ("-", "m")  # target 0: no match, 1: match
 LOSSES = ("all", "from-n")  # which positions the N-back loss covers: every one (the authors'), or N on
+TREE_LOSSES = ("path", "authors")  # the path and the two "," that end it, or every token after the root
 
 
 def nback_generator(task: dict, n: int | None = None) -> NBack:
@@ -94,24 +95,32 @@ def check_nback(task: dict, where: str) -> None:
 
 def tree_splits(task: dict, tokenizer) -> dict:
     """{'train': TensorRows, 'test': TensorRows}: trees 0..train-1 and the next `test` ones; the input is the
-    sequence but its last token, the target the next token at the path's positions (each path node, then the two
-    "," that end it, as the authors score them)."""
+    sequence but its last token, the target the next token at the scored positions: `loss: path`, each path node
+    then the two "," that end it; `loss: authors`, every token after the root through the padding (their mask)."""
     ids = tokenizer.convert_tokens_to_ids
     rows = []
     for index in range(task["train"] + task["test"]):
-        tree = make_tree(task["seed"], index, task["nodes"], task["order"])
+        tree = make_tree(task["seed"], index, task["nodes"], task["order"], task["topological"])
         tokens = ids(tree.tokens(task["nodes"]))
-        first, last = tree.start() + 1, tree.start() + len(tree.path) + 1  # target positions (token index)
+        first = tree.start() + 1  # target positions (token index)
+        last = len(tokens) - 1 if task["loss"] == "authors" else tree.start() + len(tree.path) + 1
         rows.append({"input_ids": tokens[:-1],
                      "target": [tokens[p + 1] if first <= p + 1 <= last else IGNORE for p in range(len(tokens) - 1)]})
     return {"train": TensorRows(rows[: task["train"]]), "test": TensorRows(rows[task["train"]:])}
 
 
 def check_tree(task: dict, where: str) -> None:
-    if task["order"] not in ORDERS:
-        raise ProbeError(f"{where}: task.order {task['order']!r}; accepted: {', '.join(ORDERS)}")
+    for key, accepted in (("order", ORDERS), ("topological", TOPOLOGICAL), ("loss", TREE_LOSSES)):
+        if task[key] not in accepted:
+            raise ProbeError(f"{where}: task.{key} {task[key]!r}; accepted: {', '.join(accepted)}")
     if task["nodes"] < 3:
         raise ProbeError(f"{where}: task.nodes {task['nodes']}; accepted: 3 or more")
+
+
+def tree_chance(task: dict) -> float:
+    """`loss: authors`: the share of "," among the scored tokens (nodes + 2 per tree, nodes / 2 of them path nodes
+    on average: path lengths are uniform over 1..nodes-1); `loss: path`: one node in `nodes`."""
+    return (task["nodes"] / 2 + 2) / (task["nodes"] + 2) if task["loss"] == "authors" else 1 / task["nodes"]
 
 
 GENERATORS = {
@@ -126,10 +135,10 @@ GENERATORS = {
         summary=lambda t: f"N={t['n']}", extra_metrics=nback_metrics, epoch_metrics=nback_epoch_metrics),
     "tree": Generator(
         {"generator": (str, "tree"), "nodes": (int, 16), "train": (int, 135000), "test": (int, 15000),
-         "order": (str, "mixed"), "seed": (int, 0)},
+         "order": (str, "mixed"), "topological": (str, "bfs"), "loss": (str, "path"), "seed": (int, 0)},
         check=check_tree, tokenizer=lambda t: word_tokenizer([*vocabulary(t["nodes"]), "<unk>"], pad=","),
         splits=tree_splits, readout=lambda t: None, positions=lambda t: 4 * t["nodes"] + 1,
-        run_name=lambda t, seed: f"seed{seed}", chance=lambda t: 1 / t["nodes"],
+        run_name=lambda t, seed: f"seed{seed}", chance=tree_chance,
         summary=lambda t: f"{t['nodes']}-node trees"),
     "icl": icl_data.GENERATOR,
     "text": lm_data.GENERATOR,

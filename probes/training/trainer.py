@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..paths import runs_root
 from ..runs.rundir import RunBusy, RunComplete, RunLock, _now, atomic_write, environment, safe_name, write_csv, write_json
 from .data import GENERATORS, tokenizer_for
 from .generator import IGNORE
+from .schedules import scheduler_for
 
 
 def generator(cfg: dict):
@@ -72,6 +74,22 @@ def _trainer_class():
         extra_metrics = None  # the generator's (model, test splits, task) -> {name: value}
         epoch_metrics = None  # the generator's (model, first batch of an epoch, task) -> {name: value}
         epoch_start = False  # set by EpochStart: the next batch is an epoch's first
+        _masks: dict = {}  # (length, device) -> causal mask
+        schedule = None  # (optimizer, steps) -> the config's scheduler where Trainer has none (schedules.py)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None and self.schedule is not None:
+                self.lr_scheduler = self.schedule(optimizer or self.optimizer, num_training_steps)
+                self._created_lr_scheduler = True
+            return super().create_scheduler(num_training_steps, optimizer)
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            """Every test sequence, also where training drops each epoch's last short batch (train.drop_last)."""
+            drop, self.args.dataloader_drop_last = self.args.dataloader_drop_last, False
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.args.dataloader_drop_last = drop
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -91,11 +109,23 @@ def _trainer_class():
                 batch = {k: self.accelerator.gather(v) for k, v in given.items()}  # the global batch (processes)
                 self.log({f"train_{k}": v for k, v in self.epoch_metrics(
                     self.accelerator.unwrap_model(model), batch, self.task).items()})
-            out = model(**given, attention_mask=torch.ones(target.shape, dtype=torch.long, device=target.device))
+            out = model(**given, attention_mask=self.causal_mask(model, target))
             logits = out.logits[..., self.label_ids] if self.label_ids else out.logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                      target.reshape(-1), ignore_index=IGNORE)
             return (loss, {"logits": logits}) if return_outputs else loss
+
+        def causal_mask(self, model, target: torch.Tensor) -> torch.Tensor | None:
+            """What the model's attention needs, read by nothing on the host: transformers' families take a 4D
+            causal mask as it is (a 2D mask of ones, or none, makes them look for padding at every step, and each
+            look stops the host until the device has caught up); this project's decoder needs none."""
+            config = self.accelerator.unwrap_model(model).config
+            if config.model_type == "probe_transformer":
+                return None
+            (b, t), key = target.shape, (target.shape[1], target.device)
+            if key not in self._masks:
+                self._masks[key] = torch.ones(t, t, dtype=torch.bool, device=target.device).tril()[None, None]
+            return self._masks[key].expand(b, 1, t, t)
 
         def get_decay_parameter_names(self, model) -> list[str]:
             """Every weight but LayerNorms' and biases' (Trainer's own rule also spares any module named "norm",
@@ -200,15 +230,17 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
         trainer.label_ids = tok.convert_tokens_to_ids(list(readout)) if readout else None
         trainer.task, trainer.extra_metrics = cfg["task"], generator(cfg).extra_metrics
         trainer.epoch_metrics = generator(cfg).epoch_metrics
+        trainer.schedule = scheduler_for(t)
 
         class EpochStart(TrainerCallback):  # an epoch's first batch (not a resumed run's first batch mid-epoch)
             def on_epoch_begin(self, a, st, control, train_dataloader=None, **kw):
                 trainer.epoch_start = train_dataloader is not None and st.global_step % len(train_dataloader) == 0
 
         class Log(TrainerCallback):  # the log as CSV after every logging step: a killed run keeps its curve
-            def on_log(self, a, st, control, **kw):
+            def on_log(self, a, st, control, logs=None, **kw):
                 if st.is_world_process_zero:
                     write_log(run, st.log_history)
+                check_finite_loss(logs or {}, st.global_step, cfg)
 
         trainer.add_callback(Log())
         trainer.add_callback(EpochStart())
@@ -260,6 +292,16 @@ class Window(TrainerCallback):
         return control
 
 
+def check_finite_loss(logs: dict, step: int, cfg: dict) -> None:
+    """The loss is read at logging steps only (no per-step NaN check, which would stop the host at every step):
+    a non-finite one stops the run there, with its checkpoints and log kept."""
+    loss = logs.get("loss")
+    if loss is not None and not math.isfinite(loss):
+        raise ProbeError(f"training loss {loss} at step {step} of {cfg['name']}: the run diverged (its last "
+                         f"checkpoints are kept); accepted: a lower train.lr, train.max_grad_norm > 0, or no "
+                         "train.bf16")
+
+
 def _step_of(checkpoint: str | None) -> int:
     return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
 
@@ -283,14 +325,27 @@ def _arguments(run: Path, t: dict, world: int, progress: bool, gen):
 
     return TrainingArguments(
         output_dir=str(run), per_device_train_batch_size=t["batch_size"] // world, per_device_eval_batch_size=gen.eval_batch,
-        learning_rate=t["lr"], lr_scheduler_type=t["schedule"], warmup_steps=t["warmup_steps"],
-        lr_scheduler_kwargs={"min_lr": t["min_lr"]} if "min_lr" in t else {},
-        weight_decay=t["weight_decay"], adam_beta2=t.get("adam_beta2", 0.999), optim="sgd" if t.get("optimizer") == "sgd" else "adamw_torch", seed=t["seed"], data_seed=t["seed"],
+        learning_rate=t["lr"], warmup_steps=t["warmup_steps"],
+        lr_scheduler_type="constant" if t["schedule"] == "cosine_per_epoch" else t["schedule"],  # ours replaces it
+        lr_scheduler_kwargs={"min_lr": t["min_lr"]} if t["schedule"] == "cosine_with_min_lr" else {},
+        weight_decay=t["weight_decay"], adam_beta2=t.get("adam_beta2", 0.999), optim=_optimizer(t),
+        seed=t["seed"], data_seed=t["seed"], logging_nan_inf_filter=False, bf16=t.get("bf16", False),
+        torch_compile="compile" in t, **({"torch_compile_mode": t["compile"]} if t.get("compile", "default") != "default"
+                                         else {}),
         max_steps=t.get("steps", -1), num_train_epochs=t.get("epochs", 1), eval_strategy="steps",
         eval_steps=t["eval_steps"], save_strategy="steps", save_steps=t["save_steps"], logging_steps=t["eval_steps"],
         label_names=["target"], remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
-        dataloader_drop_last=False, use_cpu=not torch.cuda.is_available(), save_only_model=False,
+        dataloader_drop_last=t.get("drop_last", False), use_cpu=not torch.cuda.is_available(), save_only_model=False,
         ddp_find_unused_parameters=False, eval_on_start=gen.eval_on_start, max_grad_norm=t.get("max_grad_norm", 1.0))
+
+
+def _optimizer(t: dict) -> str:
+    """SGD, or AdamW fused into one kernel per step where this torch has it (no per-parameter host reads of the
+    step count; the same update as the loop implementation, other rounding)."""
+    if t.get("optimizer") == "sgd":
+        return "sgd"
+    fused_cpu = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+    return "adamw_torch_fused" if fused_cpu or torch.cuda.is_available() else "adamw_torch"
 
 
 NOT_LOGGED = ("_runtime", "_samples_per_second", "_steps_per_second")  # timings, not results

@@ -1,0 +1,93 @@
+"""A training step with no host work: the counter of host synchronisations (training/syncs.py) counts what it
+should, a training run reads nothing from its tensors between logging steps (the loss is read at logging steps,
+not checked for NaN at every step; no attention mask to inspect; AdamW fused, with no per-parameter reads of its
+step count), and the compiled step equals the eager one within float32 rounding."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from probes.training import trainer as trainer_module
+from probes.training.config import load_training_config
+from probes.training.syncs import HostSyncs
+
+from .test_training import PAPER, ROOT
+
+TREE = ROOT / "configs" / "training" / "tree-cpu.yaml"
+
+
+def test_the_counter_counts_host_reads():
+    x = torch.ones(3)
+    with HostSyncs() as s:
+        y = (x * 2).sum()
+        assert s.count == 0
+        y.item(), float(y), bool(y > 0)
+        _ = int(x.argmax())
+    assert s.count == 4
+
+
+def intervals(cfg: dict, tmp_path) -> list[tuple[int, int]]:
+    """(global step after the interval, host syncs from one step's start to the next's) over a run of `cfg`."""
+    seen = []
+
+    class Count(TrainerCallback):
+        mode = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
+                seen.append((state.global_step, self.mode.count))
+            self.mode = HostSyncs()
+            self.mode.__enter__()
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
+
+    original = trainer_module._trainer_class
+
+    def counting():
+        cls = original()
+
+        class Counting(cls):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                self.add_callback(Count())
+        return Counting
+
+    trainer_module._trainer_class = counting
+    try:
+        trainer_module.train(cfg, tmp_path / "run", progress=False)
+    finally:
+        trainer_module._trainer_class = original
+    return seen
+
+
+@pytest.mark.parametrize("config, changes", [
+    (TREE, {"task.train": 256, "task.test": 32, "train.steps": 12, "train.eval_steps": 4, "train.save_steps": 12}),
+    (PAPER, {"model.n_embd": 32, "task.train": 64, "task.test": 16, "train.steps": 12, "train.batch_size": 8,
+             "train.eval_steps": 4, "train.save_steps": 12})])
+def test_no_host_sync_between_logging_steps(tmp_path, config, changes):
+    cfg = load_training_config(config, changes)
+    per_epoch = -(-cfg["task"]["train"] // cfg["train"]["batch_size"])
+    seen = intervals(cfg, tmp_path)
+    assert len(seen) == 11
+    logging = {s for s, _ in seen if s % 4 == 0 or s % per_epoch == 0}  # logs, evaluations; epoch-start metrics
+    quiet = [(s, n) for s, n in seen if s not in logging]
+    assert quiet and all(n == 0 for _, n in quiet), quiet
+    assert any(n > 0 for s, n in seen if s in logging)  # the counter sees the reads where they are
+
+
+def test_a_compiled_step_equals_the_eager_one(tmp_path):
+    """50 steps of a small N-back model, eager and with torch.compile (inductor, on this CPU): the same weights
+    within float32 rounding (transformers' init: the paper's leaves the qkv bias's key part, which the softmax
+    ignores, to rounding noise that Adam normalises)."""
+    base = {"model.n_embd": 32, "model.init": "hf", "task.train": 64, "task.test": 16, "train.steps": 50,
+            "train.batch_size": 8, "train.save_steps": 50, "train.eval_steps": 50, "train.lr": 1e-3}
+    runs = [trainer_module.train(load_training_config(PAPER, {**base, **extra}), tmp_path / name, progress=False)
+            for name, extra in (("eager", {}), ("compiled", {"train.compile": "default"}))]
+    a, b = (load_file(r / "model.safetensors") for r in runs)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
