@@ -1,8 +1,10 @@
 """The GPU check: every probe on tiny models of every family on a device against the CPU, quantized loads, a
-GPU+CPU split against all on the GPU, and the speed ratios the GPU work is judged by, in one command.
+GPU+CPU split against all on the GPU, the speed ratios the GPU work is judged by, and training's steps per second,
+in one command.
 
-    python benchmarks/gpu.py                      # on the first CUDA GPU (an H200 session: about 5 minutes)
-    python benchmarks/gpu.py --device cpu --models tiny-gpt2 --speed-model tiny-llama --reps 1   # its dry run
+    python benchmarks/gpu.py --training-out DIR   # on the first CUDA GPU (an H200 session: about 5 minutes before
+                                                  # the training section; DIR keeps the training window's checkpoint)
+    python benchmarks/gpu.py --device cpu --models tiny-gpt2 --speed-model tiny-llama --reps 1 --no-training   # dry run
 
 - probes: each probe on its task (6 items) with the model loaded on --device and on the CPU, both float32: the rank
   columns equal, every other number within 1e-4 (ranks are what the lens reports; float32 sums in another order
@@ -12,8 +14,23 @@ GPU+CPU split against all on the GPU, and the speed ratios the GPU work is judge
 - split (CUDA): --speed-model over GPU 0 (--split-gib of it) and the CPU, against all on GPU 0: lens ranks equal;
 - speed: medians over --reps after a warm-up, each against a bare forward with hidden states on the same prompts
   and batch (CUDA-synchronised): the lens at 8 and 64 prompts, ffn-readout, ffn-ablation (7 variants), the lens
-  over all positions.
+  over all positions;
+- training (--no-training to skip it, --only-training for it alone; where `probe train` trains: the first GPU when
+  there is one, whatever --device says): steady steps per second (from a tenth of the steps on to the last but one,
+  the GPU synchronised at those two points only) of tree-paper's model at its batch of 64 as `probe train` runs it,
+  eagerly, with `train.compile: default` and with `train.compile: reduce-overhead`, against a bare torch loop
+  compiled in the default mode (the floor); of the N-back model (nback-paper) eagerly; each its config cut to
+  --training-steps steps of one epoch (tests of --training-test sequences, evaluated and saved at the last step
+  only). Host synchronisations per step between logging steps of `probe train` and the bare loop (eager
+  tree-paper; on a GPU, device-to-host copies count too). A window of tree-paper (`probe train --minutes
+  --training-minutes`) into --training-out, so that its checkpoint can be brought back and continued with
+  `--resume`, as the JSON's "resume" line says. --training-set FIELD=VALUE changes every training config
+  (train.bf16=true); --quick makes every part small (a dry run: seconds each on a CPU, where torch.compile takes
+  longest; TORCH_COMPILE_DISABLE=1 leaves it out).
 Writes benchmarks/gpu.json and prints a table; exit status 1 when a probe's results differ from the CPU's.
+
+    python benchmarks/gpu.py --device cuda --only-training --training-out $OUT/training   # the training section
+    python benchmarks/gpu.py --device cpu --only-training --quick                        # its dry run
 """
 
 from __future__ import annotations
@@ -37,6 +54,7 @@ from probes.models.loading import load_model
 from probes.models.registry import resolve_model
 from probes.runs.execution import run_probe
 from probes.tasks.files import load_task
+from gpu_training import print_training, training
 
 FLAG = {"ambiguous": "flag"}
 # probe -> (task, task options, probe options): the kinds that need no trained model
@@ -161,25 +179,44 @@ def main():
     p.add_argument("--split-gib", type=float, default=1.0, help="GiB of GPU 0 the split run may use")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=str(Path(__file__).parent / "gpu.json"))
+    p.add_argument("--no-training", action="store_true", help="skip the training section")
+    p.add_argument("--only-training", action="store_true", help="only the training section")
+    p.add_argument("--training-steps", type=int, default=500, help="steps of each timed training run (default 500)")
+    p.add_argument("--training-test", type=int, default=1000, help="test sequences of each (default 1000)")
+    p.add_argument("--training-minutes", type=float, default=0.5, help="the tree-paper window (default 0.5)")
+    p.add_argument("--training-out", help="where the window's run folder (tree-paper-window/) is kept, to bring back "
+                   "and continue (default: a temporary folder, removed)")
+    p.add_argument("--training-set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a field of every training config (train.bf16=true; repeatable)")
+    p.add_argument("--quick", action="store_true", help="the training section at small sizes (a dry run)")
     a = p.parse_args()
+    if a.training_steps < 12 or not a.training_minutes > 0:
+        p.error("--training-steps: at least 12; --training-minutes: more than 0")
     cuda = a.device.startswith("cuda")
     torch.set_grad_enabled(False)
     work = Path(tempfile.mkdtemp(prefix="probe-gpu-"))  # run folders, removed at the end
     result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"),
-              "probes": check_probes(a.models, a.device, a.probes.split(","), work)}
-    result["speed"] = speed(a.speed_model, a.device, "bfloat16" if cuda else "float32", a.reps)
-    if cuda:
-        result["quantized"] = quantized(a.speed_model, a.device, work)
-        result["split"] = split(a.speed_model, a.split_gib, work)
+              "date": time.strftime("%Y-%m-%d"), "probes": []}
+    if not a.only_training:
+        result["probes"] = check_probes(a.models, a.device, a.probes.split(","), work)
+        result["speed"] = speed(a.speed_model, a.device, "bfloat16" if cuda else "float32", a.reps)
+        if cuda:
+            result["quantized"] = quantized(a.speed_model, a.device, work)
+            result["split"] = split(a.speed_model, a.split_gib, work)
+    if not a.no_training:
+        result["training"] = training(a, work)
     shutil.rmtree(work, ignore_errors=True)
     Path(a.out).write_text(json.dumps(result, indent=2, default=str))
-    print("\n" + "\n".join(f"{k:42s} {v:6.2f}x" for k, v in result["speed"].items()))
+    print("\n" + "\n".join(f"{k:42s} {v:6.2f}x" for k, v in result.get("speed", {}).items()))
     for k in ("quantized", "split"):
         if k in result:
             print(f"{k}: {result[k]}")
+    if "training" in result:
+        print_training(result["training"])
     bad = [r for r in result["probes"] if not r["ok"]]
-    print(f"\nprobes: {len(result['probes']) - len(bad)} of {len(result['probes'])} equal the CPU's; written {a.out}")
+    if not a.only_training:
+        print(f"\nprobes: {len(result['probes']) - len(bad)} of {len(result['probes'])} equal the CPU's")
+    print(f"written {a.out}")
     raise SystemExit(1 if bad else 0)
 
 

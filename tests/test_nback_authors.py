@@ -168,3 +168,17 @@ def test_training_runs_give_a_trend_over_their_config_field(tmp_path):
         values[r["config"]["task"]["n"]].append(float(r["log"].eval_accuracy_all.dropna().iloc[-1]))
     assert row.runs == 4 and row.mean_at_1 == pytest.approx(np.mean(values[1]))
     assert row.slope == pytest.approx(np.mean(values[2]) - np.mean(values[1]))  # two values of n, equal counts
+
+
+def test_a_gpt2_nback_model_logs_its_entropies_too(tmp_path):
+    """transformers' families return attention probabilities only from their eager attention: the N-back metrics
+    read them there, so a GPT-2 run (nback-standard) logs every layer and head's entropy, not nothing."""
+    standard = PAPER.parent / "nback-standard.yaml"
+    cfg = load_training_config(standard, {"model.n_embd": 16, "model.n_head": 2, "task.train": 32, "task.test": 8,
+                                          "train.epochs": 1, "train.batch_size": 16, "train.eval_steps": 2,
+                                          "train.save_steps": 2})
+    run = train(cfg, tmp_path / "run", progress=False)
+    log = pd.read_csv(run / "log.csv")
+    for prefix in ("eval_total_entropy", "train_first_batch_entropy"):
+        cols = [c for c in log if c.startswith(prefix + "_L")]
+        assert len(cols) == 4 and log[cols].notna().any().all(), (prefix, list(log))  # 2 layers x 2 heads

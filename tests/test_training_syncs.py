@@ -91,3 +91,22 @@ def test_a_compiled_step_equals_the_eager_one(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_the_training_mask_is_causal_in_every_attention(attention):
+    """The 4D mask the trainer passes (read by nothing on the host) gives the logits of no mask at all, in eager
+    attention (which adds it to the scores) and in SDPA: a later token never moves an earlier position."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from probes.training.trainer import causal_mask
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                                       attn_implementation=attention)).eval()
+    x = torch.randint(0, 50, (3, 10))
+    mask = causal_mask(10, torch.float32, x.device).expand(3, 1, 10, 10)
+    torch.testing.assert_close(model(x, attention_mask=mask).logits, model(x).logits, rtol=0, atol=1e-5)
+    changed = x.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 50
+    torch.testing.assert_close(model(changed, attention_mask=mask).logits[:, :-1],
+                               model(x, attention_mask=mask).logits[:, :-1], rtol=0, atol=1e-6)

@@ -16,7 +16,7 @@ from ..errors import ProbeError
 from ..models.arch import parse_blocks
 from ..stats import bootstrap, difference, finite_or_none, level, mcnemar, proportion
 from ..tasks.base import Item, answer_token, item_columns
-from .readout import excluded_ids, rank_of, restrict, special_flags
+from .readout import excluded_ids, rank_of, require_finite, restrict, special_flags
 
 
 def ablate(loaded, prompts: list[str], variants: list[tuple[int, ...]], how: str = "zero") -> torch.Tensor:
@@ -61,7 +61,9 @@ def run_ablation(loaded, items: list[Item], layers=None, how: str = "zero", voca
     tok = loaded.tokenizer
     variants = ablation_variants(loaded.arch.n_layers, layers)
     names, blocks = list(variants), list(variants.values())
-    logits = restrict(ablate(loaded, [it.prompt for it in items], blocks, how), excluded_ids(tok, vocab))
+    logits = ablate(loaded, [it.prompt for it in items], blocks, how)
+    require_finite(logits, loaded, "ffn-ablation (an ablated variant)")
+    logits = restrict(logits, excluded_ids(tok, vocab))
     ids = torch.tensor([answer_token(tok, it) for it in items for _ in blocks], device=logits.device)
     rank = rank_of(logits, ids).tolist()
     top = logits.argmax(-1).tolist()

@@ -82,6 +82,20 @@ def next_token_logits(loaded, prompts: list[str]) -> torch.Tensor:
     return logits.float()
 
 
+def finite_instead(dtype: str) -> str:
+    """What to use instead of a dtype that computes NaN or inf (the 'accepted' part of the one-line errors)."""
+    return {"float16": "--dtype bfloat16 or float32 (float16 overflows where bfloat16's range does not)",
+            "bfloat16": "--dtype float32"}.get(dtype, "a model whose weights and inputs are finite")
+
+
+def require_finite(logits: torch.Tensor, loaded, what: str) -> None:
+    """Stop where a probe would turn non-finite logits into ranks (a NaN row ranks last: a plausible integer)."""
+    if not bool(logits.isfinite().all()):  # one read per batch
+        dtype = str(loaded.arch.hf.dtype).removeprefix("torch.")
+        raise ProbeError(f"{what} computes non-finite logits on {loaded.spec.name} in {dtype}; accepted: "
+                         f"{finite_instead(dtype)}")
+
+
 def rank_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """0-based rank of token ids[b] in logits[b, ..., :] (number of strictly larger logits). NaN explicitly: a NaN
     logit counts as larger, and a NaN target ranks last (a comparison with NaN is False, which would make every

@@ -177,7 +177,7 @@ def group(df: pd.DataFrame, by: list[str], keep: list[str] = ()) -> pd.DataFrame
     # mean with the runs as the replicates (Student's t), and the spread; one run keeps its own interval
     spread = [c for c in numeric if c not in pooled and f"{c}_lo" in numeric and f"{c}_hi" in numeric]
     for c in spread:
-        many = g.size() > 1
+        many = g[c].count() > 1  # runs with a value (one NaN of two leaves one run: its own interval)
         across = _replicates(g, c, c)
         out[f"{c}_lo"] = across[f"{c}_lo"].where(many, out[f"{c}_lo"])
         out[f"{c}_hi"] = across[f"{c}_hi"].where(many, out[f"{c}_hi"])

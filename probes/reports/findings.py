@@ -110,14 +110,6 @@ def model_kind(meta: dict) -> str:
     return "pretrained"
 
 
-def model_kinds(runs: list[dict]) -> dict[str, str]:
-    """{model name: kind} over the runs (a name seen with two kinds keeps the first)."""
-    out: dict[str, str] = {}
-    for m in runs:
-        out.setdefault(m["config"]["model"], model_kind(m))
-    return out
-
-
 def row_keys(df: pd.DataFrame, by: list[str]) -> list[str]:
     """The columns that tell the rows of an aggregate table apart, as aggregate.group() grouped them."""
     return [c for c in [*by, *SETUP_COLUMNS] if c in df and (c not in TASK_SETUP or "task" in by)]

@@ -15,6 +15,10 @@ from ..errors import ProbeError
 from ..stats import slope, student_half
 
 
+REPLICATES = ("model", "seed", "training_run", "path")
+TREND_SETUP = ("limit", "options", "dtype", "quantize", "task_version")  # the task's digest and options hold `field`
+
+
 def setting(df: pd.DataFrame, field: str) -> pd.Series:
     """The numeric value of `field` per row: a column (a curve's `n`), else a task option of the run."""
     if field in df:
@@ -34,7 +38,9 @@ def trend_table(df: pd.DataFrame, field: str, by: list[str], metrics: list[str])
     df = df.assign(_x=x)[x.notna()]
     if df.empty:
         return pd.DataFrame()
-    keys = [c for c in by if c in df and c != field]
+    # the runs are the replicates (never a key), and runs of another setup are never pooled (as aggregate.group)
+    keys = [c for c in [*by, *TREND_SETUP] if c in df and c != field and c not in REPLICATES]
+    keys = list(dict.fromkeys(keys))
     rows = []
     for key, sub in (df.groupby(keys, dropna=False, sort=False) if keys else [((), df)]):
         key = key if isinstance(key, tuple) else (key,)

@@ -3,6 +3,7 @@ items in batches, writing each finished batch at once (resumable)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
@@ -16,6 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import ProbeError
+from ..methods.readout import finite_instead
 from ..models.devices import smaller_batch
 from ..methods.catalog import check_bounds
 from ..stats import level
@@ -139,11 +141,31 @@ def check_finite(rows: list[dict], loaded, probe: str) -> None:
     model that computes NaN before anything is written; this catches what its first prompts did not show)."""
     for row in rows:
         for key, value in row.items():
-            if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) and not math.isfinite(value):
-                raise ProbeError(f"{probe} computed a non-finite {key} ({value}) for item {row.get('item')} on "
-                                 f"{loaded.spec.name} in {loaded.dtype}{' ' + loaded.quantize if loaded.quantize else ''}"
-                                 "; the batches before it are kept (a rerun resumes); accepted: --dtype float32 or "
-                                 "--dtype bfloat16")
+            bad = next((v for v in _numbers(value) if not math.isfinite(v)), None)
+            if bad is not None:
+                dtype = str(loaded.arch.hf.dtype).removeprefix("torch.")
+                raise ProbeError(f"{probe} computed a non-finite {key} ({bad}) for item {row.get('item')} on "
+                                 f"{loaded.spec.name} in {dtype}{' ' + loaded.quantize if loaded.quantize else ''}"
+                                 f"; the batches before it are kept (a rerun resumes); accepted: "
+                                 f"{finite_instead(dtype)}")
+
+
+def _numbers(value):
+    """The real numbers a row's cell holds: itself, or those in its JSON text (attention matrices, vectors)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        yield float(value)
+    elif isinstance(value, str) and value[:1] in "[{":
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return
+        stack = [parsed]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, (list, dict)):
+                stack.extend(x.values() if isinstance(x, dict) else x)
+            elif isinstance(x, float):
+                yield x
 
 
 def run_probe(loaded, task, probe: str, output: Path, limit: int | None = None, batch_size: int | str = 8,

@@ -18,6 +18,8 @@ the project's `nback` task files for trained models (tasks/nback-trained*.yaml) 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import ProbeError
@@ -69,12 +71,36 @@ def entropy_metrics(attentions: tuple, prefix: str) -> dict:
     return {prefix if len(values) == 1 else f"{prefix}_L{l}H{h}": v for (l, h), v in values.items()}
 
 
+@contextlib.contextmanager
+def eager_attention(model):
+    """transformers' families return attention probabilities from their eager attention only (SDPA gives none)."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before not in (None, "eager") and config.model_type != "probe_transformer":
+        config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        if before is not None and config._attn_implementation != before:
+            config._attn_implementation = before
+
+
+def _attentions(model, input_ids) -> tuple:
+    with eager_attention(model):
+        out = model(input_ids=input_ids, output_attentions=True)
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if not out.attentions or (n_layers and len(out.attentions) != n_layers):
+        raise ProbeError(f"{model.config.model_type} returned no attention probabilities; accepted: a model whose "
+                         "attention returns them (eager)")
+    return out
+
+
 @torch.no_grad()
 def nback_metrics(model, test, task: dict) -> dict:
     """At each evaluation, on the test sequences: accuracy over all positions (the first N's answer is "no match")
     and over positions >= N, and the total entropy."""
     device = next(model.parameters()).device
-    out = model(input_ids=test.columns["input_ids"].to(device), output_attentions=True)
+    out = _attentions(model, test.columns["input_ids"].to(device))
     labels = tokenizer_for(task).convert_tokens_to_ids(list(LABELS))
     right = (out.logits[..., labels].argmax(-1).cpu() == test.columns["target"].clamp_min(0))  # IGNORE: no match
     return {"accuracy_all": float(right.float().mean()), "accuracy_from_n": float(right[:, task["n"]:].float().mean()),
@@ -84,8 +110,7 @@ def nback_metrics(model, test, task: dict) -> dict:
 @torch.no_grad()
 def nback_epoch_metrics(model, batch: dict, task: dict) -> dict:
     """At the first training batch of each epoch, before its step: the total entropy on that batch."""
-    out = model(input_ids=batch["input_ids"], output_attentions=True)
-    return entropy_metrics(out.attentions, "first_batch_entropy")
+    return entropy_metrics(_attentions(model, batch["input_ids"]).attentions, "first_batch_entropy")
 
 
 def check_nback(task: dict, where: str) -> None:

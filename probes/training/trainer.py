@@ -74,7 +74,6 @@ def _trainer_class():
         extra_metrics = None  # the generator's (model, test splits, task) -> {name: value}
         epoch_metrics = None  # the generator's (model, first batch of an epoch, task) -> {name: value}
         epoch_start = False  # set by EpochStart: the next batch is an epoch's first
-        _masks: dict = {}  # (length, device) -> causal mask
         schedule = None  # (optimizer, steps) -> the config's scheduler where Trainer has none (schedules.py)
 
         def create_scheduler(self, num_training_steps, optimizer=None):
@@ -122,10 +121,8 @@ def _trainer_class():
             config = self.accelerator.unwrap_model(model).config
             if config.model_type == "probe_transformer":
                 return None
-            (b, t), key = target.shape, (target.shape[1], target.device)
-            if key not in self._masks:
-                self._masks[key] = torch.ones(t, t, dtype=torch.bool, device=target.device).tril()[None, None]
-            return self._masks[key].expand(b, 1, t, t)
+            b, t = target.shape
+            return causal_mask(t, next(model.parameters()).dtype, target.device).expand(b, 1, t, t)
 
         def get_decay_parameter_names(self, model) -> list[str]:
             """Every weight but LayerNorms' and biases' (Trainer's own rule also spares any module named "norm",
@@ -278,6 +275,14 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
                 run.rmdir()
 
 
+@functools.lru_cache(maxsize=8)
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, length, length) additive causal mask: 0 where a query may look, the dtype's lowest elsewhere (eager
+    attention adds it to the scores; SDPA takes it as it is; a boolean one would add 0 or 1 in eager attention)."""
+    keep = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return torch.zeros(length, length, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)[None, None]
+
+
 class Window(TrainerCallback):
     """Checkpoint and stop at the first logging step past `minutes` (the run's window). A logging step: Trainer logs
     the mean loss since the last one, and a run resumed between two would log the mean of its own steps only."""
@@ -286,10 +291,21 @@ class Window(TrainerCallback):
         self.deadline = time.monotonic() + 60 * minutes
 
     def on_step_end(self, args, state, control, **kw):
-        if (state.global_step % args.logging_steps == 0 and state.global_step < state.max_steps
-                and time.monotonic() >= self.deadline):
+        if state.global_step % args.logging_steps == 0 and state.global_step < state.max_steps and self._spent():
             control.should_save = control.should_training_stop = True
         return control
+
+    def _spent(self) -> bool:
+        """The main process's clock decides for every process (each stopping on its own clock could leave one
+        waiting for the others' gradients)."""
+        spent = time.monotonic() >= self.deadline
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from accelerate import PartialState
+
+            flag = torch.tensor([int(spent)], device=PartialState().device)
+            torch.distributed.broadcast(flag, src=0)
+            spent = bool(flag.item())  # once per logging step
+        return spent
 
 
 def check_finite_loss(logs: dict, step: int, cfg: dict) -> None:
