@@ -165,8 +165,9 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
                                                              "(of model, task, probe, seed, family, kind, params)")
     ag.add_argument("--out", help="folder for the tables (default: RESULTS/aggregate)")
     ag.add_argument("--ci", type=_level, default=0.95, help="confidence level of pooled intervals (default 0.95)")
-    ag.add_argument("--trend", metavar="FIELD", help="a numeric task option or training config field (e.g. n): "
-                    "each metric's slope over it, the runs (models) as replicates, in <table>-trend tables")
+    ag.add_argument("--trend", metavar="FIELD[:LOW-HIGH]", help="a numeric task option or training config field "
+                    "(e.g. n, or n:1-3 for those values only): each metric's slope over it, the runs (models) as "
+                    "replicates, in <table>-trend tables")
     ag.set_defaults(func=commands["aggregate"])
     rp = sub.add_parser("report", help="a static HTML page of the tables and plots, viewable offline")
     rp.add_argument("results", nargs="?", help="results folder (default: results/)")

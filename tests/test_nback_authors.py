@@ -182,3 +182,19 @@ def test_a_gpt2_nback_model_logs_its_entropies_too(tmp_path):
     for prefix in ("eval_total_entropy", "train_first_batch_entropy"):
         cols = [c for c in log if c.startswith(prefix + "_L")]
         assert len(cols) == 4 and log[cols].notna().any().all(), (prefix, list(log))  # 2 layers x 2 heads
+
+
+def test_a_trend_over_part_of_the_range_and_bad_specs():
+    from probes.errors import ProbeError
+    from probes.reports.trend import parse_trend
+
+    x = np.repeat([1, 2, 3, 4], 5)
+    y = np.where(x <= 2, 0.9 - 0.05 * x, 0.8) + np.random.default_rng(2).normal(0, 0.001, 20)
+    df = pd.DataFrame({"task_options": [f'{{"n": [{v}]}}' for v in x], "probe": "p", "acc": y})  # n: [N] lists
+    low = trend_table(df, "n:1-2", ["probe"], ["acc"]).iloc[0]
+    high = trend_table(df, "n:3-4", ["probe"], ["acc"]).iloc[0]
+    assert low.runs == 10 and low.slope == pytest.approx(-0.05, abs=0.003) and abs(high.slope) < 0.003
+    assert parse_trend("n") == ("n", -math.inf, math.inf) and parse_trend("n:1-3") == ("n", 1.0, 3.0)
+    for bad in ("n:3-1", "n:x", ":1-2", "n:1"):
+        with pytest.raises(ProbeError, match=r"^--trend .*; accepted: FIELD or FIELD:LOW-HIGH"):
+            parse_trend(bad)

@@ -188,8 +188,9 @@ def trend(runs: list[dict], field: str) -> pd.DataFrame:
     """Per config (and the other fields that vary between its runs) and metric: the slope of each run's final value
     over the config field `field` (`n` or `task.n`), the runs as replicates (reports/trend.py); empty where no
     config has that field varying."""
-    from .trend import trend_table
+    from .trend import parse_trend, trend_table
 
+    spec, field = field, parse_trend(field)[0]
     last = final_values(runs)
     if last.empty:
         return pd.DataFrame()
@@ -203,7 +204,7 @@ def trend(runs: list[dict], field: str) -> pd.DataFrame:
         wide[k] = [json.dumps(flats[p].get(k)) for p in wide.path]
     keys = ["training_config"] + [k for k in others if wide.groupby("training_config")[k].nunique().max() > 1]
     metrics = sorted(set(last.metric))
-    return trend_table(wide, field, keys, metrics)
+    return trend_table(wide, spec, keys, metrics)
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple:

@@ -8,6 +8,7 @@ across 50 models per N)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 
@@ -19,23 +20,45 @@ REPLICATES = ("model", "seed", "training_run", "path")
 TREND_SETUP = ("limit", "options", "dtype", "quantize", "task_version")  # the task's digest and options hold `field`
 
 
+def parse_trend(spec: str) -> tuple[str, float, float]:
+    """'n' -> ('n', -inf, inf); 'n:1-3' -> ('n', 1, 3): the field, and the range of its values the slope is over."""
+    field, _, span = spec.partition(":")
+    if not span:
+        return field, -math.inf, math.inf
+    lo, sep, hi = span.partition("-")
+    try:
+        bounds = float(lo), float(hi)
+    except ValueError:
+        bounds = None
+    if not field or not sep or bounds is None or bounds[0] >= bounds[1]:
+        raise ProbeError(f"--trend {spec!r}; accepted: FIELD or FIELD:LOW-HIGH (e.g. n or n:1-3)")
+    return field, *bounds
+
+
 def setting(df: pd.DataFrame, field: str) -> pd.Series:
     """The numeric value of `field` per row: a column (a curve's `n`), else a task option of the run."""
     if field in df:
         values = df[field]
     elif "task_options" in df:
-        values = df.task_options.map(lambda o: json.loads(o).get(field) if isinstance(o, str) else None)
+        values = df.task_options.map(lambda o: _one(json.loads(o).get(field)) if isinstance(o, str) else None)
     else:
         values = pd.Series([None] * len(df), index=df.index)
     return pd.to_numeric(values, errors="coerce")
 
 
-def trend_table(df: pd.DataFrame, field: str, by: list[str], metrics: list[str]) -> pd.DataFrame:
-    """One row per group (`by`, without `field`) and metric: runs, the slope over `field` with its interval,
-    standard error and permutation p-value, and `mean_at_<value>` (t interval `_lo`/`_hi`) per value of `field`.
-    `df` has one row per run (a replicate); rows without a numeric `field` are left out."""
+def _one(value):
+    """A task option's value, a one-element list (an N-back task at one N: n: [2]) as its element."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def trend_table(df: pd.DataFrame, spec: str, by: list[str], metrics: list[str]) -> pd.DataFrame:
+    """One row per group (`by`, without the field) and metric: runs, the slope over the field of `spec` (FIELD or
+    FIELD:LOW-HIGH, parse_trend) with its interval, standard error and permutation p-value, and `mean_at_<value>`
+    (t interval `_lo`/`_hi`) per value of the field. `df` has one row per run (a replicate); rows without a numeric
+    value of the field in range are left out."""
+    field, lo, hi = parse_trend(spec)
     x = setting(df, field)
-    df = df.assign(_x=x)[x.notna()]
+    df = df.assign(_x=x)[x.notna() & (x >= lo) & (x <= hi)]
     if df.empty:
         return pd.DataFrame()
     # the runs are the replicates (never a key), and runs of another setup are never pooled (as aggregate.group)
