@@ -261,3 +261,16 @@ def test_path_attention_names_the_key_each_layer_reads_and_scores_the_backward_c
         assert heads["L1H0"]["role_mass"]["edge_up0"] == pytest.approx(0.9)
         assert sum(heads["L1H0"]["role_mass"].values()) == pytest.approx(1.0)
     assert "edge_up0 is the top key in 1.00" in report_path_attention(None, summary)
+
+
+def test_a_tokens_role_is_its_words_past_a_leading_space_and_special_tokens_have_their_own():
+    """Byte-level BPE puts the space before a word into its token (' >' for '>'): the role is the word's, not the
+    previous word's; a BOS token (no text) is 'special', not the first edge's source."""
+    from probes.methods.tree_attention import token_role
+
+    prompt = "a > b , c"
+    words = prompt.split(" ")
+    starts = [0, 2, 4, 6, 8]
+    roles = ["w0", "w1", "w2", "w3", "w4"]
+    assert [token_role(prompt, a, b, starts, roles) for a, b in [(0, 1), (1, 3), (3, 5), (5, 7), (7, 9)]] == roles
+    assert token_role(prompt, 0, 0, starts, roles) == "special" and len(words) == 5

@@ -45,6 +45,16 @@ def chain_role(layer: int) -> str:
     return "goal" if layer == 0 else f"edge_up{layer - 1}"
 
 
+def token_role(prompt: str, start: int, end: int, starts: list[int], by_word: list[str]) -> str:
+    """A token's word's role, its offsets (start, end) past any leading space (byte-level BPE puts the space in the
+    token: 'Ġ>' spans ' >'); a special token with no text (BOS) has a role of its own."""
+    while start < end and prompt[start].isspace():
+        start += 1
+    if start == end:
+        return "special"
+    return by_word[bisect.bisect_right(starts, start) - 1]
+
+
 def run_path_attention(loaded, items: list[Item], attention_weights) -> list[dict]:
     """Rows per item, layer and head (`attention_weights`: attention.py's, eager attention of one prompt)."""
     tok = loaded.tokenizer
@@ -54,7 +64,7 @@ def run_path_attention(loaded, items: list[Item], attention_weights) -> list[dic
         starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]]).tolist()
         offsets = tok(it.prompt, return_offsets_mapping=True)["offset_mapping"]
         by_word = word_roles(it)
-        roles = [by_word[bisect.bisect_right(starts, a) - 1] for a, _ in offsets]  # each token's word's
+        roles = [token_role(it.prompt, a, b, starts, by_word) for a, b in offsets]
         cols = item_columns(tok, it)  # with the tree, step and path length
         for layer, w in enumerate(attention_weights(loaded, it.prompt)):
             query = w[:, -1, :].cpu().numpy()  # (heads, keys): the last position's row
