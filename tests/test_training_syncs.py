@@ -110,3 +110,19 @@ def test_the_training_mask_is_causal_in_every_attention(attention):
     changed[:, -1] = (changed[:, -1] + 1) % 50
     torch.testing.assert_close(model(changed, attention_mask=mask).logits[:, :-1],
                                model(x, attention_mask=mask).logits[:, :-1], rtol=0, atol=1e-6)
+
+
+def test_a_diverged_run_stops_at_its_logging_step_and_says_so(tmp_path):
+    """No per-step NaN check: the loss read at a logging step is checked there; the run stops in one line and its
+    meta.json says failed, with the reason (not "running" forever)."""
+    import json
+
+    from probes.errors import ProbeError
+
+    cfg = load_training_config(PAPER, {"model.n_embd": 32, "task.train": 64, "task.test": 16, "train.steps": 8,
+                                       "train.batch_size": 8, "train.eval_steps": 4, "train.save_steps": 8,
+                                       "train.lr": 1e12})
+    with pytest.raises(ProbeError, match=r"^training loss (nan|inf) at step 4 of nback-paper: the run diverged"):
+        trainer_module.train(cfg, tmp_path / "run", progress=False)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["status"] == "failed" and "diverged" in meta["error"] and meta["optimizer"].startswith("adamw")

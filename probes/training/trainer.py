@@ -214,6 +214,7 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
             data = generator(cfg).splits(cfg["task"], tok)
             model = build_model(cfg, tok)
             meta = {"kind": "training", "config": cfg, "status": "running", "started": _now(), "processes": world,
+                    "optimizer": _optimizer(t),
                     "params": int(sum(p.numel() for p in model.parameters())), **environment()}
             if state.is_main_process:
                 atomic_write(run / "training.yaml", lambda f: yaml.safe_dump(cfg, f, sort_keys=False))
@@ -237,7 +238,12 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
             def on_log(self, a, st, control, logs=None, **kw):
                 if st.is_world_process_zero:
                     write_log(run, st.log_history)
-                check_finite_loss(logs or {}, st.global_step, cfg)
+                try:
+                    check_finite_loss(logs or {}, st.global_step, cfg)
+                except ProbeError as e:  # the run's folder says so: not "running" forever
+                    if st.is_world_process_zero:
+                        write_json(run / "meta.json", {**meta, "status": "failed", "error": str(e)})
+                    raise
 
         trainer.add_callback(Log())
         trainer.add_callback(EpochStart())
