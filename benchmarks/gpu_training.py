@@ -14,7 +14,7 @@ from probes.tasks.files import parse_overrides
 from probes.training.config import load_training_config
 from probes.training.trainer import train
 from training_bench import bare_loop, host_syncs
-from training_hooks import Clock, step_hooks
+from training_hooks import Clock, StepHooks
 
 TRAINING = Path(__file__).resolve().parent.parent / "configs" / "training"
 TREE = TRAINING / "tree-paper.yaml"
@@ -45,8 +45,8 @@ def steady(cfg: dict, work: Path, compile: str | None = None, bare: bool = False
             if bare:
                 bare_loop(cfg, steps, [clock], compile=compile)
             else:
-                with step_hooks(clock):
-                    train(cfg, work / f"{cfg['name']}-{cfg['train'].get('compile', 'eager')}", progress=False)
+                train(cfg, work / f"{cfg['name']}-{cfg['train'].get('compile', 'eager')}", progress=False,
+                      callbacks=[StepHooks(clock)])
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     return {"steps_per_second": clock.steps_per_second, "seconds": time.perf_counter() - start}

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from probes.training import trainer as trainer_module
-from probes.training.config import load_training_config
+from probes.training.config import load_training_config, steps_per_epoch
 from probes.training.data import GENERATORS, IGNORE, tokenizer_for
 from timing import measure
-from training_hooks import Clock, SyncCounter, per_epoch, step_hooks
+from training_hooks import Clock, StepHooks, SyncCounter
 
 
 def bare_loop(cfg: dict, steps: int, hooks=(), compile: str | None = None) -> None:
@@ -126,9 +126,9 @@ def host_syncs(config: str, steps: int, overrides: dict | None = None) -> dict:
     at the last step only): of `probe train`, and of the bare loop (`bare_` keys)."""
     cfg = load_training_config(config, {**(overrides or {}), "train.steps": steps, "train.eval_steps": steps,
                                         "train.save_steps": steps})
-    ours, bare = (SyncCounter(steps, per_epoch(cfg)) for _ in range(2))
-    with torch.enable_grad(), step_hooks(ours), tempfile.TemporaryDirectory() as d:
-        trainer_module.train(cfg, Path(d) / "run", progress=False)
+    ours, bare = (SyncCounter(steps, steps_per_epoch(cfg)) for _ in range(2))
+    with torch.enable_grad(), tempfile.TemporaryDirectory() as d:
+        trainer_module.train(cfg, Path(d) / "run", progress=False, callbacks=[StepHooks(ours)])
         bare_loop(cfg, steps, hooks=[bare])
     return {**ours.summary(), **{f"bare_{k}": v for k, v in bare.summary().items()}}
 
@@ -144,8 +144,8 @@ def bench_training(config: str, steps: int, reps: int, sync_steps: int = 20, ove
     ours_clock, bare_clock = (Clock(1, steps - 1, torch.cuda.is_available()) for _ in range(2))
 
     def ours():
-        with step_hooks(ours_clock), tempfile.TemporaryDirectory() as d:
-            trainer_module.train(cfg, Path(d) / "run", progress=False)
+        with tempfile.TemporaryDirectory() as d:
+            trainer_module.train(cfg, Path(d) / "run", progress=False, callbacks=[StepHooks(ours_clock)])
 
     with torch.enable_grad():
         (ours_s, _), (bare_s, _) = measure(ours, reps), measure(lambda: bare_loop(cfg, steps, [bare_clock]), reps)

@@ -1,10 +1,9 @@
 """Step hooks for the training benchmarks: called at every training step's start with the steps done, in `probe
-train` (its Trainer, through `step_hooks`) and in the bare loop alike. `SyncCounter` counts host synchronisations
+train` (its Trainer, through `StepHooks`) and in the bare loop alike. `SyncCounter` counts host synchronisations
 between logging steps; `Clock` times the steady steps."""
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections import Counter
@@ -12,40 +11,23 @@ from collections import Counter
 import torch
 from transformers import TrainerCallback
 
-from probes.training import trainer as trainer_module
 from probes.training.syncs import HostSyncs
 
 
-@contextlib.contextmanager
-def step_hooks(*hooks):
-    """`train()` (what `probe train` runs) with each hook called at every step's start as hook(steps done, entries
-    in the Trainer's log so far), and once at the end of training as hook(None, entries)."""
+class StepHooks(TrainerCallback):
+    """For `train(..., callbacks=[StepHooks(...)])` (what `probe train` runs): each hook called at every step's
+    start as hook(steps done, entries in the Trainer's log so far), and once at the end as hook(None, entries)."""
 
-    class Hooks(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            for hook in hooks:
-                hook(state.global_step, len(state.log_history))
+    def __init__(self, *hooks):
+        self.hooks = hooks
 
-        def on_train_end(self, args, state, control, **kw):
-            for hook in hooks:
-                hook(None, len(state.log_history))
+    def on_step_begin(self, args, state, control, **kw):
+        for hook in self.hooks:
+            hook(state.global_step, len(state.log_history))
 
-    original = trainer_module._trainer_class
-
-    def hooked():
-        cls = original()
-
-        class Hooked(cls):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, **kw)
-                self.add_callback(Hooks())
-        return Hooked
-
-    trainer_module._trainer_class = hooked
-    try:
-        yield
-    finally:
-        trainer_module._trainer_class = original
+    def on_train_end(self, args, state, control, **kw):
+        for hook in self.hooks:
+            hook(None, len(state.log_history))
 
 
 class SyncCounter:
@@ -99,11 +81,3 @@ class Clock:
     @property
     def steps_per_second(self) -> float | None:
         return statistics.median(self.rates) if self.rates else None
-
-
-def per_epoch(cfg: dict) -> int | None:
-    """Optimizer steps per epoch (None where the generator has no fixed training set)."""
-    train, batch = cfg["task"].get("train"), cfg["train"]["batch_size"]
-    if not train:
-        return None
-    return train // batch if cfg["train"].get("drop_last") else -(-train // batch)

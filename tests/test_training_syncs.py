@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from probes.training import trainer as trainer_module
-from probes.training.config import load_training_config
+from probes.training.config import load_training_config, steps_per_epoch
 from probes.training.syncs import HostSyncs
 
 from .test_training import PAPER, ROOT
@@ -45,22 +45,7 @@ def intervals(cfg: dict, tmp_path) -> list[tuple[int, int]]:
             if self.mode is not None:
                 self.mode.__exit__(None, None, None)
 
-    original = trainer_module._trainer_class
-
-    def counting():
-        cls = original()
-
-        class Counting(cls):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, **kw)
-                self.add_callback(Count())
-        return Counting
-
-    trainer_module._trainer_class = counting
-    try:
-        trainer_module.train(cfg, tmp_path / "run", progress=False)
-    finally:
-        trainer_module._trainer_class = original
+    trainer_module.train(cfg, tmp_path / "run", progress=False, callbacks=[Count()])
     return seen
 
 
@@ -70,7 +55,7 @@ def intervals(cfg: dict, tmp_path) -> list[tuple[int, int]]:
              "train.eval_steps": 4, "train.save_steps": 12})])
 def test_no_host_sync_between_logging_steps(tmp_path, config, changes):
     cfg = load_training_config(config, changes)
-    per_epoch = -(-cfg["task"]["train"] // cfg["train"]["batch_size"])
+    per_epoch = steps_per_epoch(cfg)
     seen = intervals(cfg, tmp_path)
     assert len(seen) == 11
     logging = {s for s, _ in seen if s % 4 == 0 or s % per_epoch == 0}  # logs, evaluations; epoch-start metrics

@@ -120,8 +120,16 @@ def total_steps(cfg: dict, processes: int = 1) -> int:
     t = cfg["train"]
     if "steps" in t:
         return int(t["steps"])
-    sequences, batch = int(cfg["task"]["train"]), int(t["batch_size"]) * processes
-    return int(t["epochs"]) * (sequences // batch if t.get("drop_last") else -(-sequences // batch))
+    return int(t["epochs"]) * steps_per_epoch(cfg, processes)
+
+
+def steps_per_epoch(cfg: dict, processes: int = 1) -> int | None:
+    """Optimizer steps per pass over the training sequences (the last batch short, or dropped with
+    `train.drop_last`); None where the generator has no fixed training set."""
+    sequences, batch = cfg["task"].get("train"), int(cfg["train"]["batch_size"]) * processes
+    if not sequences:
+        return None
+    return int(sequences) // batch if cfg["train"].get("drop_last") else -(-int(sequences) // batch)
 
 
 def checkpoint_steps(cfg: dict) -> list[int]:

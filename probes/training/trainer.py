@@ -170,7 +170,7 @@ def _same_run(run: Path, cfg: dict, resume: bool) -> bool:
 
 
 def train(cfg: dict, output: str | Path | None = None, resume: bool = False, progress: bool = True,
-          skip_complete: bool = False, minutes: float | None = None) -> Path:
+          skip_complete: bool = False, minutes: float | None = None, callbacks: tuple = ()) -> Path:
     """Train `cfg` (see training/config.py) into its run folder; returns the folder. A finished run of the same
     config is left as it is (with `skip_complete`, found under the folder's lock, it raises RunComplete); an
     unfinished one continues from its last checkpoint with `resume`.
@@ -178,6 +178,7 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
     `minutes`: a window: when the time is spent, the run checkpoints at its next logging step and stops (meta.json:
     status "paused", the step of the total, the measured rate and the time left at it); `resume` continues, and
     windows add up to the uninterrupted run (weights, optimizer state and log; bit for bit on the CPU).
+    `callbacks`: TrainerCallbacks added to the run's Trainer.
 
     Launched as several processes (`accelerate launch --num_processes K -m probes train ...`, or torchrun), it trains
     data-parallel: `train.batch_size` is the global batch (each process takes batch_size / K of it), so a config
@@ -249,6 +250,8 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
         trainer.add_callback(EpochStart())
         if minutes is not None:
             trainer.add_callback(Window(minutes))
+        for callback in callbacks:  # the caller's TrainerCallbacks (benchmarks and tests count and time steps)
+            trainer.add_callback(callback)
         if not progress:  # without a bar, Trainer prints every log dict instead: quiet means quiet
             from transformers.trainer_callback import PrinterCallback
 
