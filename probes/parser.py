@@ -124,8 +124,8 @@ def build_parser(commands: dict) -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                     help="override a config field, e.g. task.n=3 or train.steps=100 (repeatable)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    tr.add_argument("--minutes", type=float, metavar="M", help="a window: checkpoint and stop after M minutes "
-                    "(meta.json: step of total, time left); --resume continues")
+    tr.add_argument("--minutes", type=float, metavar="M", help="a window: checkpoint and stop at the first "
+                    "train.log_steps step after M minutes (meta.json: step of total, time left); --resume continues")
     tr.set_defaults(func=commands["train"])
     ln = sub.add_parser("lens", help="tuned lenses (probe run --lens tuned): train one for a model")
     lt = ln.add_subparsers(dest="lens_command", required=True, parser_class=Parser).add_parser(

@@ -89,8 +89,10 @@ TRAINING_FIELDS = {
                        "constant"),
     "train.drop_last": ("drop each epoch's last short batch (false: train on it)", "true"),
     "train.warmup_steps": ("linear warm-up steps", "0"),
-    "train.weight_decay": ("weight decay (AdamW's, decoupled; SGD's, scaled by the lr); never on biases or "
-                           "LayerNorms", "0.0"),
+    "train.weight_decay": ("weight decay (AdamW's, decoupled; SGD's, scaled by the lr); on biases and "
+                           "LayerNorms only with decay_all", "0.0"),
+    "train.decay_all": ("weight decay on every parameter, biases and LayerNorms too (torch's AdamW given "
+                        "model.parameters(), as Brinkmann et al.'s code); false: weights only", "true"),
     "train.optimizer": ("adamw (the default; fused into one kernel where this torch has it) or sgd (plain, no "
                         "momentum)", "sgd"),
     "train.bf16": ("bfloat16 autocast for the forward and backward (weights and optimizer state in float32)",
@@ -100,6 +102,8 @@ TRAINING_FIELDS = {
     "train.max_grad_norm": ("clip gradients to this norm (transformers' default 1.0; 0: never)", "0"),
     "train.adam_beta2": ("AdamW's second beta (default 0.999)", "0.99"),
     "train.eval_steps": ("evaluate on the held-out sequences every this many steps", "25"),
+    "train.log_steps": ("read the training loss (its mean since the last read) every this many steps, default "
+                        "eval_steps; a --minutes window stops at the first of these past its time", "200"),
     "train.save_steps": ("write checkpoint-<step>/ every this many steps", "50"),
     "train.seed": ("initialisation and data order (--seed)", "0"),
 }

@@ -164,7 +164,8 @@ def test_cosine_per_epoch_is_cosine_annealing_stepped_once_per_epoch():
 
 def test_a_run_drops_each_epochs_last_short_batch_and_steps_its_cosine_per_epoch(tmp_path):
     small = {"model.n_layer": 1, "model.n_embd": 32, "model.n_inner": 64, "task.train": 100, "task.test": 16,
-             "train.epochs": 3, "train.batch_size": 32, "train.eval_steps": 1, "train.save_steps": 9}
+             "train.epochs": 3, "train.batch_size": 32, "train.eval_steps": 1, "train.log_steps": 1,
+             "train.save_steps": 9}
     cfg = load_training_config(AUTHORS, small)
     run = train(cfg, tmp_path / "run", progress=False)
     log = pd.read_csv(run / "log.csv")
@@ -178,12 +179,69 @@ def test_a_run_drops_each_epochs_last_short_batch_and_steps_its_cosine_per_epoch
     # a run stopped after its first step and resumed takes the same rates and ends with the same weights
     part = tmp_path / "windows"
     train(cfg, part, progress=False, minutes=0)
-    assert json.loads((part / "meta.json").read_text())["steps"] == 1  # paused after step 1 (eval_steps 1)
+    assert json.loads((part / "meta.json").read_text())["steps"] == 1  # paused after step 1 (log_steps 1)
     train(cfg, part, resume=True, progress=False)
     again = pd.read_csv(part / "log.csv").dropna(subset=["learning_rate"]).set_index("step").learning_rate
     pd.testing.assert_series_equal(again, rates)
     whole, resumed = (AutoModelForCausalLM.from_pretrained(r).state_dict() for r in (run, part))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_decay_all_decays_every_parameter_as_torchs_adamw_on_model_parameters(tmp_path):
+    """Their optimizer is AdamW(model.parameters(), weight_decay=0.01): biases, LayerNorms and embeddings decay too;
+    three steps of the run equal three steps of that AdamW on the same batches."""
+    from transformers import TrainerCallback
+
+    small = {"model.n_layer": 1, "model.n_embd": 32, "model.n_inner": 64, "task.train": 96, "task.test": 16,
+             "train.epochs": 1, "train.batch_size": 32, "train.eval_steps": 3, "train.save_steps": 3,
+             "train.weight_decay": 50.0}  # lr x decay = 1.5% a step: far above the rounding of fused AdamW
+    seen, runs = {}, {}
+
+    class Capture(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            if state.global_step == 0:
+                seen["before"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+                seen["groups"] = [(g["weight_decay"], len(g["params"])) for g in optimizer.param_groups]
+
+    for decay_all in (False, True):
+        cfg = load_training_config(AUTHORS, {**small, "train.decay_all": decay_all})
+        run = train(cfg, tmp_path / str(decay_all), progress=False, callbacks=[Capture()])
+        n = len(seen["before"])
+        decayed = sum(count for wd, count in seen["groups"] if wd == 50.0)
+        assert (decayed == n) == decay_all and decayed >= 4
+        runs[decay_all] = AutoModelForCausalLM.from_pretrained(run).state_dict()
+    # theirs: AdamW over model.parameters() on the run's batches, with the run's rates (constant in epoch 0)
+    model = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(run).config)
+    model.load_state_dict(seen["before"])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.99), weight_decay=50.0)
+    tok = tokenizer_for(cfg["task"])
+    rows = tree_splits(cfg["task"], tok)["train"]
+    g = torch.Generator()
+    g.manual_seed(0)
+    order = torch.randperm(len(rows), generator=g).tolist()  # Trainer's RandomSampler, data_seed 0
+    for step in range(3):
+        batch = rows.__getitems__(order[32 * step: 32 * step + 32])
+        logits = model(input_ids=batch["input_ids"]).logits
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1),
+                                          ignore_index=IGNORE).backward()
+        opt.step()
+        opt.zero_grad()
+    theirs = model.state_dict()
+    for k, v in theirs.items():
+        torch.testing.assert_close(runs[True][k], v, rtol=1e-4, atol=2e-5)  # fused and loop AdamW round apart
+    spared = max((runs[False][k] - v).abs().max().item() for k, v in theirs.items() if "norm" in k or "bias" in k)
+    assert spared > 1e-3  # without decay_all the biases and LayerNorms miss their decay
+
+
+def test_a_window_stops_at_the_first_log_step_past_its_time_not_at_an_evaluation(tmp_path):
+    small = {"model.n_layer": 1, "model.n_embd": 32, "model.n_inner": 64, "task.train": 160, "task.test": 16,
+             "train.epochs": 2, "train.batch_size": 32, "train.eval_steps": 10, "train.log_steps": 2,
+             "train.save_steps": 10}
+    cfg = load_training_config(AUTHORS, small)
+    train(cfg, tmp_path / "w", progress=False, minutes=0)
+    meta = json.loads((tmp_path / "w" / "meta.json").read_text())
+    assert (meta["status"], meta["steps"], meta["total_steps"]) == ("paused", 2, 10)
+    assert (tmp_path / "w" / "checkpoint-2").is_dir()
 
 
 @pytest.mark.parametrize("change, message", [

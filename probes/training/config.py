@@ -23,15 +23,18 @@ SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr", "cosine_per_e
 MIN_LR = ("cosine_with_min_lr", "cosine_per_epoch")  # the schedules that end at train.min_lr
 TRAIN = {"epochs": int, "steps": int, "batch_size": int, "lr": float, "min_lr": float, "schedule": str,
          "warmup_steps": int, "weight_decay": float, "adam_beta2": float, "optimizer": str, "max_grad_norm": float, "eval_steps": int,
-         "save_steps": int, "seed": int, "drop_last": bool, "bf16": bool, "compile": str}
+         "log_steps": int, "save_steps": int, "seed": int, "drop_last": bool, "decay_all": bool, "bf16": bool, "compile": str}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (train.compile)
 OPTIMIZERS = ("adamw", "sgd")
 # min_lr (cosine_with_min_lr, cosine_per_epoch), adam_beta2 (default 0.999), optimizer (adamw; or sgd, without
 # momentum), max_grad_norm (transformers' 1.0; 0: no clipping) and drop_last (false: the last short batch of an epoch
-# is trained on) have no entry: a config without them is unchanged
+# is trained on) have no entry: a config without them is unchanged; log_steps (the training loss's mean is read, and
+# a --minutes window may stop, every this many steps) defaults to eval_steps; decay_all (true: weight decay on every
+# parameter, biases and LayerNorms too, as torch's AdamW given model.parameters()) defaults to false
 DEFAULTS = {"train": {"epochs": 10, "batch_size": 32, "lr": 1e-4, "schedule": "constant", "warmup_steps": 0,
                       "weight_decay": 0.0, "eval_steps": 25, "save_steps": 50, "seed": 0}}
-POSITIVE = {"n", "nodes", "train", "test", "length", "epochs", "steps", "batch_size", "eval_steps", "save_steps"}
+POSITIVE = {"n", "nodes", "train", "test", "length", "epochs", "steps", "batch_size", "eval_steps", "save_steps",
+            "log_steps"}
 
 
 def _set(cfg: dict, dotted: str, value, where: str) -> None:

@@ -75,6 +75,7 @@ def _trainer_class():
         epoch_metrics = None  # the generator's (model, first batch of an epoch, task) -> {name: value}
         epoch_start = False  # set by EpochStart: the next batch is an epoch's first
         schedule = None  # (optimizer, steps) -> the config's scheduler where Trainer has none (schedules.py)
+        decay_all = False  # train.decay_all: weight decay on every parameter (torch's AdamW on model.parameters())
 
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None and self.schedule is not None:
@@ -126,9 +127,11 @@ def _trainer_class():
 
         def get_decay_parameter_names(self, model) -> list[str]:
             """Every weight but LayerNorms' and biases' (Trainer's own rule also spares any module named "norm",
-            which in probe_transformer holds the ReLU layers before the readout)."""
+            which in probe_transformer holds the ReLU layers before the readout); every parameter with decay_all."""
             from transformers.trainer_pt_utils import get_parameter_names
 
+            if self.decay_all:
+                return [name for name, _ in model.named_parameters()]
             return get_parameter_names(model, [torch.nn.LayerNorm], [r"bias"])
 
     return LabelTrainer
@@ -229,7 +232,7 @@ def train(cfg: dict, output: str | Path | None = None, resume: bool = False, pro
         trainer.label_ids = tok.convert_tokens_to_ids(list(readout)) if readout else None
         trainer.task, trainer.extra_metrics = cfg["task"], generator(cfg).extra_metrics
         trainer.epoch_metrics = generator(cfg).epoch_metrics
-        trainer.schedule = scheduler_for(t)
+        trainer.schedule, trainer.decay_all = scheduler_for(t), t.get("decay_all", False)
 
         class EpochStart(TrainerCallback):  # an epoch's first batch (not a resumed run's first batch mid-epoch)
             def on_epoch_begin(self, a, st, control, train_dataloader=None, **kw):
@@ -293,8 +296,9 @@ def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 class Window(TrainerCallback):
-    """Checkpoint and stop at the first logging step past `minutes` (the run's window). A logging step: Trainer logs
-    the mean loss since the last one, and a run resumed between two would log the mean of its own steps only."""
+    """Checkpoint and stop at the first logging step (`train.log_steps`) past `minutes` (the run's window). A logging
+    step: Trainer logs the mean loss since the last one, and a run resumed between two would log the mean of its own
+    steps only."""
 
     def __init__(self, minutes: float):
         self.deadline = time.monotonic() + 60 * minutes
@@ -358,7 +362,7 @@ def _arguments(run: Path, t: dict, world: int, progress: bool, gen):
         torch_compile="compile" in t, **({"torch_compile_mode": t["compile"]} if t.get("compile", "default") != "default"
                                          else {}),
         max_steps=t.get("steps", -1), num_train_epochs=t.get("epochs", 1), eval_strategy="steps",
-        eval_steps=t["eval_steps"], save_strategy="steps", save_steps=t["save_steps"], logging_steps=t["eval_steps"],
+        eval_steps=t["eval_steps"], save_strategy="steps", save_steps=t["save_steps"], logging_steps=t.get("log_steps", t["eval_steps"]),
         label_names=["target"], remove_unused_columns=False, report_to=[], disable_tqdm=not progress,
         dataloader_drop_last=t.get("drop_last", False), use_cpu=not torch.cuda.is_available(), save_only_model=False,
         ddp_find_unused_parameters=False, eval_on_start=gen.eval_on_start, max_grad_norm=t.get("max_grad_norm", 1.0))
