@@ -101,7 +101,8 @@ def bare_loop(cfg: dict, steps: int, hooks=(), compile: str | None = None) -> No
 
 
 def data_path(cfg: dict, steps: int) -> float:
-    """Seconds of `steps` batches from the trainer's own train loader (sampler, fetch, collate), nothing else."""
+    """Seconds of `steps` batches from the trainer's own train loader (sampler, fetch, collate; or, for a split kept
+    on the device, its indexing there), nothing else."""
     from transformers import TrainingArguments
 
     t, gen = cfg["train"], GENERATORS[cfg["task"]["generator"]]
@@ -118,6 +119,8 @@ def data_path(cfg: dict, steps: int) -> float:
                 done += 1
                 if done == steps:
                     break
+        if torch.cuda.is_available():  # batches indexed on the device (training/batches.py): their kernels done
+            torch.cuda.synchronize()
         return time.perf_counter() - timer
 
 

@@ -31,8 +31,9 @@ from ..models.arch import arch_spec
 from ..models.planning import build_config
 from ..paths import runs_root
 from ..runs.rundir import RunBusy, RunComplete, RunLock, _now, atomic_write, environment, safe_name, write_csv, write_json
+from .batches import DeviceBatches
 from .data import GENERATORS, tokenizer_for
-from .generator import IGNORE
+from .generator import IGNORE, TensorRows, collate_ids
 from .schedules import scheduler_for
 
 
@@ -82,6 +83,15 @@ def _trainer_class():
                 self.lr_scheduler = self.schedule(optimizer or self.optimizer, num_training_steps)
                 self._created_lr_scheduler = True
             return super().create_scheduler(num_training_steps, optimizer)
+
+        def get_train_dataloader(self):
+            """A TensorRows split with the plain collate: resident on the device, batches indexed there, in the
+            order of Trainer's own loader (batches.py); any other split: Trainer's loader."""
+            if not isinstance(self.train_dataset, TensorRows) or self.data_collator is not collate_ids:
+                return super().get_train_dataloader()
+            a = self.args
+            return DeviceBatches(self.train_dataset, self._train_batch_size, a.dataloader_drop_last, a.data_seed,
+                                 a.device, a.world_size, a.process_index)
 
         def get_eval_dataloader(self, eval_dataset=None):
             """Every test sequence, also where training drops each epoch's last short batch (train.drop_last)."""
