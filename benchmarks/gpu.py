@@ -60,7 +60,7 @@ FLAG = {"ambiguous": "flag"}
 # probe -> (task, task options, probe options): the kinds that need no trained model
 TASKS = {"nback": ("nback", {}, {}), "attention": ("nback-sequence", {"sequences": 1}, {}),
          "induction": ("repeat", {"sequences": 4}, {}), "icl-score": ("text-stdlib", {}, {"early": 5, "late": 60}),
-         "linear-probe": ("past-tense", FLAG, {}),
+         "linear-probe": ("past-tense", FLAG, {}), "tree-scrub": ("tree-trained-first", {"trees": 200, **FLAG}, {}),
          "ffn-transplant": ("capitals", FLAG, {"source_items": "Abkhazia,France", "source_layer": 0})}
 TINY = ["tiny-gpt2", "tiny-gptj", "tiny-bloom", "tiny-gpt-neox", "tiny-opt", "tiny-llama", "tiny-gemma2",
         "tiny-gemma3", "tiny-falcon"]

@@ -108,7 +108,8 @@ def cmd_run(args) -> None:
     options = {name: getattr(args, name) for name in OPTIONS}
     tasks = _run_tasks(args, parse_overrides(args.task_option))
     spec = resolve_model(args.model)
-    outputs = {t.name: Path(args.output) if args.output else default_output(RESULTS, spec.name, t.name, args.probe)
+    outputs = {t.name: Path(args.output) if args.output else default_output(RESULTS, spec.name, t.name, args.probe,
+                                                                              options.get("lens"))
                for t in tasks}
     load = {"dtype": args.dtype, "device_map": args.device_map, "quantize": args.quantize,
             "max_memory": args.max_memory, "gpus": args.gpus, "compute_dtype": args.compute_dtype}

@@ -158,3 +158,22 @@ def test_a_sweep_writes_path_and_config_models_under_its_results(tmp_path):
     outs = [sweep.output(u) for u in sweep.units()]
     assert all(o.resolve().is_relative_to((tmp_path / "res").resolve()) for o in outs), outs
     assert len({o.parts[-3] for o in outs}) == 2  # one folder per model, named from its path
+
+
+def test_a_runs_table_is_typed_once_over_its_batches_not_per_batch(tmp_path):
+    """A column is a number where every batch wrote numbers, text where any wrote text (a node label "-" above the
+    root in one batch, node numbers in another), and a token's leading space survives; the finished table.csv reads
+    back as the table was."""
+    import pandas as pd
+
+    from probes.runs.rundir import RunDir, read_table, write_csv
+
+    with RunDir(tmp_path / "run", {"probe": "x"}) as run:
+        run.write_part([{"item": 0, "up1": "3", "token": " 1", "rank": 1, "p": 0.5, "ok": True, "none": None}])
+        run.write_part([{"item": 1, "up1": "-", "token": " 12", "rank": 4, "p": 0.25, "ok": False, "none": None}])
+        table = run.table()
+    write_csv(tmp_path / "run" / "table.csv", table)  # as RunDir.finish writes it
+    assert table.up1.tolist() == ["3", "-"] and table.token.tolist() == [" 1", " 12"]
+    assert table["rank"].dtype.kind == "i" and table.p.dtype.kind == "f" and table.ok.tolist() == [True, False]
+    assert table["none"].isna().all()
+    pd.testing.assert_frame_equal(read_table(tmp_path / "run" / "table.csv"), table)

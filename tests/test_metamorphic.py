@@ -42,7 +42,7 @@ from probes.runs import selfcheck
 from probes.runs.selfcheck import tolerance
 from probes.tasks.files import load_task
 
-from .conftest import loaded
+from .conftest import ROOT, loaded
 
 FAMILIES = ("tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-bloom", "tiny-gemma2")
 LIMIT, BATCH = 6, 4
@@ -72,6 +72,9 @@ PROBE_OPTIONS = {"logit-lens": {"positions": "-3:"}, "activation-patching": {"po
                  "attribution-patching": {"positions": "-3:", "verify": 4}}
 # probes no tiny model of FAMILIES can run: probe -> the reason (asserted: the run must be refused saying so)
 CANNOT_RUN: dict[str, str] = {}
+# probes that take only kinds no tiny family runs (NOT_TINY): probe -> the test that checks the same relations on a
+# model they fit (asserted to exist)
+ELSEWHERE = {"tree-scrub": "tests/test_tree_scrub.py::test_the_table_does_not_depend_on_the_batch_or_the_items_order"}
 
 
 @functools.cache
@@ -107,7 +110,7 @@ def made_once(task):
     return task
 
 
-RUNNABLE = [p for p in PROBES if p not in CANNOT_RUN]
+RUNNABLE = [p for p in PROBES if p not in CANNOT_RUN and p not in ELSEWHERE]
 CASES = [pytest.param(family, probe, id=f"{family}-{probe}") for family in FAMILIES for probe in RUNNABLE]
 
 
@@ -122,7 +125,11 @@ def one_thread():
 
 
 def test_every_probe_of_the_catalog_is_covered_or_says_why_not():
-    assert set(RUNNABLE) | set(CANNOT_RUN) == set(PROBES)
+    assert set(RUNNABLE) | set(CANNOT_RUN) | set(ELSEWHERE) == set(PROBES)
+    for probe, test in ELSEWHERE.items():
+        path, name = test.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), test
+        assert not set(PROBES[probe].kinds) - set(NOT_TINY), probe  # a kind a tiny family runs: run it here
     for probe in RUNNABLE:
         check_task(probe, task_for(probe), probe_options(probe, run_options(probe)))
     for probe, reason in CANNOT_RUN.items():
@@ -218,9 +225,10 @@ IDENTITY = {"item", "input", "output", "group", "answer_token", "argument_token"
             "sequence", "letters", "match", "matches", "letter_pattern", "label", "token_index", "document", "early",
             "late", "tokens", "reaches_late", "ambiguous"}
 # differences of two logits: judged relative to the logits' largest magnitude, as the self-check judges the logits
-# (relative to their own largest value, a difference of two close logits would be held to a far tighter bound)
+# (relative to their own largest value, a difference of two close logits would be held to a far tighter bound); the
+# lens' KL to the model's distribution is an expectation of differences of log-probabilities, judged the same way
 LOGIT_DIFFERENCES = {"ld_source", "ld_dest", "ld_patched", "estimate", "effect_exact", "ffn_patch_gap",
-                     "answer_logit_delta", "logit_diff"}
+                     "answer_logit_delta", "logit_diff", "kl_to_final"}
 # ratios of two logit differences (the share of a gap a patch recovers): judged through their numerators, ratio x
 # gap (a logit difference), each table's gap from its own columns; the gap itself is compared on its own (a ratio
 # of float32 noise over a gap of a hundredth of the logits moves by a hundred times the noise)

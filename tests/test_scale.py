@@ -40,6 +40,8 @@ def task_for(probe: str):
         return load_task("past-tense", FLAG)
     if probe == "induction":
         return load_task("repeat", {"sequences": 2, "length": 6})
+    if probe == "tree-scrub":  # tree tasks only; any tokenizer reads a tree
+        return load_task("tree-trained-first", {"trees": 200, **FLAG})
     if probe == "icl-score":  # two documents long enough for --late 20 in any tokenizer
         path = Path(tempfile.mkdtemp()) / "docs.jsonl"
         path.write_text("".join(json.dumps({"text": f"document {i}: " + "the cat sat on the mat and then " * 8}) + "\n"

@@ -93,7 +93,7 @@ def register(probe: Probe) -> Probe:
 def check_transplant(task, options: dict) -> None:
     """ffn-transplant's sources: --sources picks the first N items an FFN switches on, at their switch block, so
     --source-items (the sources themselves) excludes it and needs --source-layer; each must be an input of the
-    task."""
+    task. A tuned --lens decodes only that search, so it is refused with --source-items."""
     given = options.get("source_items")
     if given is not None:
         inputs = {it.input for it in task.items()}
@@ -107,12 +107,23 @@ def check_transplant(task, options: dict) -> None:
         if options.get("source_layer") is None:
             raise ProbeError("--source-items needs --source-layer (the FFN switch block is found only for the sources "
                              "the probe picks itself); accepted: --source-layer BLOCK")
+        if options.get("lens", "logit") != "logit":
+            raise ProbeError(f"--lens {options['lens']} decodes the stages that pick the sources, and --source-items "
+                             "names them; accepted: --lens logit with --source-items, or --sources N")
 
 
 def check_icl_score(task, options: dict) -> None:
     early, late = options.get("early"), options.get("late")
     if early is not None and late is not None and early >= late:
         raise ProbeError(f"--early {early} is not before --late {late}; accepted: early < late")
+
+
+def check_tree_scrub(task, options: dict) -> None:
+    """tree-scrub resamples at the root, the last position of a tree's first-step prompt."""
+    if task.steps != "first":
+        raise ProbeError(f"probe 'tree-scrub' scrubs at the root, the last position of a tree's first step, and task "
+                         f"{task.name!r} has steps: {task.steps}; accepted: a task with steps: first (e.g. "
+                         "tree-trained-first, or --task-option steps=first)")
 
 
 for _probe in (
@@ -126,13 +137,14 @@ for _probe in (
           kinds=(*ALL_KINDS, "icl")),
     Probe("ffn-readout", "each block's FFN update decoded, its norm and effect on the answer; stage layers",
           "ffn_readout:run_readout", "ffn_readout:summarize_readout", "ffn_readout:report_readout",
-          "probes.reports.plots:plot_readout", {"topk": 5, "vocab": None}, prepare="ffn_readout:prepare_readout",
+          "probes.reports.plots:plot_readout", {"topk": 5, "vocab": None, "lens": None},
+          prepare="ffn_readout:prepare_readout",
           run_options=("topk", "vocab"), needs_argument=True, needs_ffn=True),
     Probe("ffn-transplant", "put a source prompt's FFN update o into other prompts (add or replace), with controls",
           "ffn_transplant:run_transplant", "ffn_transplant:summarize_transplant", "ffn_transplant:report_transplant",
           "probes.reports.plots:plot_transplant",
           {"mode": None, "layers": None, "scales": None, "positions": None, "controls": True, "sources": None,
-           "source_items": None, "source_layer": None, "context": None, "vocab": None},
+           "source_items": None, "source_layer": None, "context": None, "vocab": None, "lens": None},
           prepare="ffn_transplant:prepare_transplant",
           run_options=("mode", "layers", "scales", "positions", "controls", "vocab"),
           passes="ffn_transplant:transplant_passes", kinds=RELATIONAL, position_forms=("all", "last"),
@@ -181,6 +193,11 @@ for _probe in (
           "icl_score:run_icl_score", "icl_score:summarize_icl_score", "icl_score:report_icl_score",
           "icl_score:plot_icl_score", {"early": 50, "late": 500}, run_options=("early", "late"), kinds=("text",),
           truncates=True, check=check_icl_score),
+    Probe("tree-scrub", "Brinkmann et al.'s causal scrubbing at the root: each block's attention update there "
+          "resampled from trees with the same node as many steps up from the goal, against any tree: loss recovered",
+          "tree_scrub:run_scrub", "tree_scrub:summarize_scrub", "tree_scrub:report_scrub", options={"layers": None},
+          prepare="tree_scrub:prepare_scrub", passes="tree_scrub:scrub_passes", kinds=("tree",),
+          check=check_tree_scrub),
 ):
     register(_probe)
 

@@ -6,6 +6,16 @@ update made the answer top-1 (the paper's function application).
 "FFN update" and layer numbers are those of probes/models/arch.py: block i's FFN moves residual index i (after
 block i's attention) to residual index i + 1.
 
+What is decoded (through final norm and unembedding, readout.lens_tensors) under `--lens` (tuned_lens.translated):
+- the residual at index i (the stages, `*_after_ffn`, `correct`): the logit lens decodes h_i, the tuned lens
+  T_i(h_i) = h_i + A_i h_i + b_i (index L: h_L, the model's logits);
+- after block i's attention, before its FFN (m_i; `answer_rank_before_ffn`, the switch's attention/FFN verdict and
+  `answer_logit_delta`'s start): m_i, or T_{i+1}(m_i), the translator of the residual the FFN's output lands in, so
+  that before and after differ by the FFN update alone (T_{i+1}(m_i + u_i) - T_{i+1}(m_i) = u_i + A_{i+1} u_i);
+- block i's FFN update u_i alone (`ffn_*`): u_i, or u_i + A_{i+1} u_i, the translator's linear part: the update's
+  share of the translated residual after it. The bias b belongs to a residual, not to a difference of two, so it is
+  never added to an update. `ffn_norm` is |u_i| under either lens.
+
 The causal check (relational tasks): each prompt is paired, as activation-patching pairs it, with the same prompt
 asking about another item (another country); every block's FFN update at the last position is patched from the
 clean run into the corrupted one, one block per row of one batched forward, and the logit difference between the
@@ -21,6 +31,7 @@ import torch
 from ..tasks.base import Item, answer_token, item_columns, token_ids
 from ..stats import halves, interval_text, level, mean, median_reached, proportion, reached_text
 from .readout import excluded_ids, lens_tensors, stats_rows, target_ids
+from .tuned_lens import TunedLens, resolve_lens, translated
 
 
 def updates_in_trace(arch) -> dict[str, torch.Tensor]:
@@ -56,18 +67,21 @@ def stages(answer_ranks: list[int], argument_ranks: list[int], mid_answer_ranks:
             "switch_by": switch_by, "argument_first": arg is not None and ans is not None and arg < ans}
 
 
-def run_readout(loaded, items: list[Item], topk: int = 5, vocab: str | None = None) -> list[dict]:
-    """Decoded inside the trace, as the lens: only ranks, logits, top-k ids and norms leave the model."""
+def run_readout(loaded, items: list[Item], topk: int = 5, vocab: str | None = None,
+                state: TunedLens | None = None) -> list[dict]:
+    """Decoded inside the trace, as the lens: only ranks, logits, top-k ids and norms leave the model. `state`: the
+    tuned lens `prepare_readout` loaded (None: the logit lens); what it decodes where: the module docstring."""
     arch, tok = loaded.arch, loaded.tokenizer
     targets = target_ids(loaded, items)
     ex = excluded_ids(tok, vocab)
     with loaded.trace([it.prompt for it in items], logits_to_keep=1):
         u = updates_in_trace(arch)
         mid = u["resid"][:, :-1] + u["attn"]  # after block i's attention, before its FFN
-        stats = nnsight.save({"lens": lens_tensors(arch, u["resid"], targets, 1, logit=True, excluded=ex),
-                              "before": lens_tensors(arch, mid, targets, 1, logit=True, excluded=ex),
-                              "ffn": lens_tensors(arch, u["ffn"], targets, topk, excluded=ex),
-                              "norms": u["ffn"].float().norm(dim=-1)})
+        stats = nnsight.save({
+            "lens": lens_tensors(arch, translated(state, u["resid"]), targets, 1, logit=True, excluded=ex),
+            "before": lens_tensors(arch, translated(state, mid, first=1), targets, 1, logit=True, excluded=ex),
+            "ffn": lens_tensors(arch, translated(state, u["ffn"], first=1, update=True), targets, topk, excluded=ex),
+            "norms": u["ffn"].float().norm(dim=-1)})
     lens, before = stats_rows(tok, stats["lens"]), stats_rows(tok, stats["before"])
     ffn = stats_rows(tok, stats["ffn"], prefix="ffn_")
     norms = stats["norms"].tolist()
@@ -93,13 +107,15 @@ def run_readout(loaded, items: list[Item], topk: int = 5, vocab: str | None = No
 
 
 def prepare_readout(loaded, task, items: list[Item], options: dict):
-    """Relational tasks: each item paired for the causal check (items without a partner keep no check)."""
+    """`--lens` resolved (tuned_lens.resolve_lens: the batches' state); relational tasks: each item paired for the
+    causal check (items without a partner keep no check)."""
     from ..tasks.relational import Relational
 
+    lens, meta = resolve_lens(loaded, options.get("lens"))
     if not isinstance(task, Relational):
-        return items, None, {"causal_check": False}
+        return items, lens, {"causal_check": False, **meta}
     paired = {it.index: it for it in task.corrupted_pairs(items, loaded.tokenizer)}
-    return [paired.get(it.index, it) for it in items], None, {"causal_check": True, "pairs": len(paired)}
+    return [paired.get(it.index, it) for it in items], lens, {"causal_check": True, "pairs": len(paired), **meta}
 
 
 def ffn_patch_recovery(loaded, item: Item) -> tuple[list[float], float]:

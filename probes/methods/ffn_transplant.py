@@ -4,6 +4,9 @@ last position (the default: the prompt's prefix runs once with a KV cache and on
 per block, in one batch) or at every position (the whole prompt once per block, in one batch), or replacing the FFN
 updates of a range of blocks by o (broadcast to all positions, as the paper's code does, or at the last position
 only). Controls: o's coordinates shuffled, and a random direction with o's norm.
+
+The sources (`--sources N`: the first items whose answer an FFN switches on, at their switch block) are found by
+ffn-readout's stages under the chosen `--lens`; what the transplant itself reads is the model's own final logits.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..stats import best_of, halves, interval_text, level, mcnemar, mean, propor
 from ..tasks.base import Item, answer_token, first_token, item_columns
 from .ffn_readout import last_position_updates, run_readout
 from .readout import excluded_ids, rank_of, restrict, special_flags
+from .tuned_lens import resolve_lens
 from .option_types import parse_scales
 
 COPY_CONTEXT = "table mug free{arg} table mug free{arg} table mug free"  # the paper's neutral copying prompt
@@ -117,19 +121,21 @@ def _rows_by_block(variants: list[Variant], n_layers: int) -> list[list]:
 
 
 def prepare_transplant(loaded, task, items: list[Item], options: dict):
-    """Choose the source prompts and block, compute o, and build the target prompts (the other items)."""
+    """Choose the source prompts and block (found under `--lens`), compute o, and build the target prompts (the other
+    items)."""
     n_sources = options.get("sources") or 1
     if not isinstance(n_sources, int) or isinstance(n_sources, bool) or n_sources < 1:
         raise ProbeError(f"bad --sources {n_sources!r}; accepted: a positive number of source prompts")
     names = options.get("source_items")
     names = names.split(",") if isinstance(names, str) else names
+    lens, lens_meta = resolve_lens(loaded, options.get("lens"))
     if names:
         sources = task.items(inputs=names)
     else:  # the first items (in task order) whose answer is switched on by an FFN, as ffn-readout finds it
         sources = []
         for start in range(0, len(items), 8):
             batch = items[start:start + 8]
-            rows = run_readout(loaded, batch, topk=1)
+            rows = run_readout(loaded, batch, topk=1, state=lens)
             for it in batch:
                 r = next(r for r in rows if r["item"] == it.index)
                 if r["switch_by"] == "ffn" and len(sources) < n_sources:
@@ -137,8 +143,10 @@ def prepare_transplant(loaded, task, items: list[Item], options: dict):
             if len(sources) >= n_sources:
                 break
         if not sources:
+            under = f" under --lens {options['lens']}" if lens is not None else ""
             raise ProbeError(f"no item of task {task.name!r} has its answer switched on by an FFN in "
-                             f"{loaded.spec.name}; pass --source-items and --source-layer")
+                             f"{loaded.spec.name}{under}; pass --source-items and --source-layer"
+                             + (" (with --lens logit)" if under else ""))
     layer = options.get("source_layer")
     if layer is None:  # the sources' switch blocks (the plan has refused --source-items without --source-layer)
         layer = Counter(s.extra["switch_block"] for s in sources).most_common(1)[0][0]
@@ -153,7 +161,7 @@ def prepare_transplant(loaded, task, items: list[Item], options: dict):
                if it.input not in src]
     state = {"vectors": control_vectors(o.float().cpu(), seed=task.seed), "source_layer": layer}
     meta = {"source_items": sorted(src), "source_layer": layer, "o_norm": float(o.float().norm()),
-            "context": context}
+            "context": context, **lens_meta}
     return targets, state, meta
 
 

@@ -161,9 +161,10 @@ _OPTIONS = [
     Option("vocab", "logit-lens, accuracy, ffn-*: all (the whole vocabulary, as the paper; default) or text (special "
            "and control tokens left out of top-k and ranks)", choice("--vocab", ("all", "text")),
            examples=("text",)),
-    Option("lens", "logit-lens: logit (final norm and unembedding; default), tuned (each layer's affine translator "
-           "first: the tuned lens that `probe lens train --model M` caches for the model) or tuned:PATH (a lens "
-           "folder in the tuned-lens package's format, config.json and params.pt)", lens, examples=("tuned",)),
+    Option("lens", "logit-lens, ffn-readout, ffn-transplant (its source search): logit (final norm and unembedding; "
+           "default), tuned (each layer's affine translator first: the tuned lens that `probe lens train --model M` "
+           "caches for the model) or tuned:PATH (a lens folder in the tuned-lens package's format, config.json and "
+           "params.pt)", lens, examples=("tuned",)),
     Option("layers", "blocks: 'all', '5', '3,7' or '10-17' (ffn-ablation: also 'sixths', the default)",
            lambda v: blocks(v, ("sixths",)), examples=("0", "1")),
     Option("mode", "ffn-transplant: add (to the residual after each block; default) or replace (the FFN updates of "

@@ -119,22 +119,34 @@ LOGITS_CHUNK = 2**28  # bytes of float32 logits decoded at once: bounds memory f
 
 
 def lens_tensors(arch, hidden: torch.Tensor, targets: dict, topk: int, logit: bool = False,
-                 excluded: torch.Tensor | None = None) -> dict:
+                 excluded: torch.Tensor | None = None, final_every: int | None = None) -> dict:
     """Decode residual vectors hidden (batch, n, d) and reduce the logits to what the rows keep: top-k ids, and
     per target (ids of shape (batch,)) its rank, probability (and raw logit if asked), each (batch, n[, k]).
+    What is decoded is the caller's: the vectors themselves (the logit lens) or tuned_lens.translated's.
 
     All batch x n vectors go through the unembedding together, in chunks of LOGITS_CHUNK bytes of logits: with a
     few prompts, one decode per layer would read the whole unembedding matrix once per layer, which costs more than
     the forward pass. Plain torch on the model's modules, so it also runs inside a trace (on a remote server).
-    `excluded`: token ids left out of the vocabulary (see `restrict`)."""
+    `excluded`: token ids left out of the vocabulary (see `restrict`). `final_every` g: each run of g vectors ends
+    with the last residual (index L, whose decoding is the model's distribution) at the others' position, and each
+    vector's KL(model's distribution || its distribution) in nats, over the vocabulary `excluded` leaves, is kept
+    as `kl_to_final` (0 for the last itself)."""
     batch, n, _ = hidden.shape
     flat = hidden.reshape(batch * n, -1)
     rows = max(1, LOGITS_CHUNK // (4 * arch.vocab_size))
+    if final_every:
+        rows = max(1, rows // final_every) * final_every  # whole runs of g per chunk
     parts = []
     for start in range(0, batch * n, rows):
-        logits = restrict(arch.decode(flat[start:start + rows]), excluded)  # (rows, vocab) float32
+        raw = arch.decode(flat[start:start + rows])  # (rows, vocab) float32
+        logits = restrict(raw, excluded)
         norm = logits.logsumexp(-1)  # not log_softmax: no second (rows, vocab) tensor
         part = {"top": logits.topk(topk, dim=-1).indices}
+        if final_every:  # KL_i = sum_v p_v (l_v - N - l_iv + N_i), p the final's probabilities (0 where excluded)
+            runs, norms = raw.view(-1, final_every, raw.shape[-1]), norm.view(-1, final_every)
+            p = (logits.view(runs.shape)[:, -1] - norms[:, -1:]).exp()
+            cross = torch.bmm(runs, p[..., None])[..., 0]  # (runs, g): sum_v p_v l_iv, raw logits (finite)
+            part["kl_to_final"] = ((cross[:, -1:] - norms[:, -1:]) - (cross - norms)).flatten()
         for name, ids in targets.items():
             ids = ids.to(logits.device).repeat_interleave(n)[start:start + rows]
             target = logits.gather(-1, ids[:, None])[:, 0]

@@ -1,7 +1,9 @@
 """The tuned lens (Belrose et al. 2023; the `tuned-lens` package, github AlignmentResearch/tuned-lens, 0.2.0): per
 residual index i < L an affine translator, h -> h + A_i h + b_i, before the logit lens' final norm and unembedding
 (`Arch.logits`). A and b start at zero, so an untrained lens is the logit lens exactly; index L (the last block's
-output, whose lens is the model's logits) has none, as in the package. `probe run --lens tuned` decodes through it.
+output, whose lens is the model's logits) has none, as in the package. `--lens tuned` decodes through it in every
+read-out that decodes a residual vector or an FFN update (logit-lens, ffn-readout, ffn-transplant's source search):
+`resolve_lens` loads it once per run, `translated` is what each probe decodes (module docstrings say what where).
 
 Training follows the package's train_loop.py with its defaults: the model frozen, each translator trained to minimise
 KL(final distribution || lens distribution) at every position of text chunks (the current position's distribution:
@@ -65,18 +67,28 @@ class TunedLens(torch.nn.Module):
         for p in self.parameters():
             torch.nn.init.zeros_(p)
 
-    def transform(self, h: torch.Tensor, index: int) -> torch.Tensor:
-        """Residual vectors (..., d) at residual index `index` -> h + A h + b (index L: h), in float32."""
+    def transform(self, h: torch.Tensor, index: int, linear: bool = False) -> torch.Tensor:
+        """Residual vectors (..., d) at residual index `index` -> h + A h + b (index L: h), in float32. `linear`:
+        h + A h, the translator without its bias, for a difference of two residuals at that index (an update):
+        T(x + u) - T(x) = u + A u."""
         x = h.to(torch.float32)
         if index == len(self.layer_translators):
             return x
         translator = self.layer_translators[index]
         x = x.to(translator.weight.device)
-        return x + translator(x)
+        return x + (torch.nn.functional.linear(x, translator.weight) if linear else translator(x))
 
-    def translate(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(batch, L + 1, ..., d) residuals at every index -> each through its translator."""
-        return torch.stack([self.transform(hidden[:, i], i) for i in range(hidden.shape[1])], dim=1)
+    def translate(self, hidden: torch.Tensor, first: int = 0, linear: bool = False) -> torch.Tensor:
+        """(batch, n, ..., d) vectors at residual indices first .. first + n - 1 -> each through its translator."""
+        return torch.stack([self.transform(hidden[:, i], first + i, linear) for i in range(hidden.shape[1])], dim=1)
+
+
+def translated(lens: TunedLens | None, hidden: torch.Tensor, first: int = 0, update: bool = False) -> torch.Tensor:
+    """What a read-out decodes through final norm and unembedding (readout.lens_tensors) for vectors (batch, n, ...,
+    d) at residual indices first .. first + n - 1: under the logit lens (None) the vectors themselves; under a tuned
+    lens residuals through their translators, and updates (`update`: differences of residuals at those indices)
+    through the translators' linear parts, so that translated residuals and updates add up as the vectors do."""
+    return hidden if lens is None else lens.translate(hidden, first, linear=update)
 
 
 def unembed_hash(arch) -> str:
@@ -111,6 +123,27 @@ def lens_folder(value: str, spec) -> Path:
 def file_digest(path: Path) -> str:
     """The first 16 hex digits of a file's sha256: which lens a run used, if its folder is trained again."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def lens_identity(value: str | None, spec) -> dict | None:
+    """What a run's identity keeps of `--lens` beside the option's text (runs/plan.py): for a tuned lens, the digest
+    of its translators (the cached lens' folder is the model identity's already), checked before the model loads;
+    None for the logit lens."""
+    if value in (None, "logit"):
+        return None
+    return {"params_sha256": file_digest(lens_folder(value, spec) / "params.pt")}
+
+
+def resolve_lens(loaded, value: str | None) -> tuple[TunedLens | None, dict]:
+    """`--lens` for a run, once, before its first batch: None for the logit lens, or the tuned lens loaded and checked
+    against the model (`load_lens`); and what meta.json keeps of it (its folder, digest and training)."""
+    if value in (None, "logit"):
+        return None, {}
+    folder = lens_folder(value, loaded.spec)
+    lens = load_lens(folder, loaded)
+    trained = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+    return lens, {"tuned_lens": {"folder": str(folder), "params_sha256": file_digest(folder / "params.pt"),
+                                 **{k: trained[k] for k in ("corpus", "tokens", "steps") if k in trained}}}
 
 
 def dimensions(arch) -> dict:

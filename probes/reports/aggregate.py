@@ -26,7 +26,7 @@ UNIT_COLUMNS = ["model", "params", "family", "task", "kind", "probe", "seed", "t
                 "step"]
 TRAINING_COLUMNS = ("training_config", "training_run", "step")  # a trained checkpoint's; none for pretrained models
 # what else makes two runs comparable: runs that differ in any of these are never merged into one row
-SETUP_COLUMNS = ["limit", "task_version", "task_digest", "task_options", "options", "dtype", "quantize"]
+SETUP_COLUMNS = ["limit", "task_version", "task_digest", "task_options", "options", "dtype", "quantize", "lens"]
 TASK_SETUP = ("task_version", "task_digest")  # tell versions of one task apart; a row averaging tasks has several
 # probe -> (summary key holding {dimension value: metrics}, dimension name); these go to the curve table only
 CURVES = {"ffn-ablation": ("accuracy", "variant"), "nback": ("by_n", "n"), "attention": ("by_n", "n")}
@@ -92,7 +92,9 @@ def _unit(meta: dict) -> dict:
              "task_options": json.dumps({k: v for k, v in (c.get("task_options") or {}).items() if k != "seed"},
                                         sort_keys=True, default=str),
              "options": json.dumps(c.get("options") or {}, sort_keys=True, default=str),
-             "dtype": c.get("dtype"), "quantize": c.get("quantize")}
+             "dtype": c.get("dtype"), "quantize": c.get("quantize"),
+             # a tuned lens' digest (the column only where some run used one): two tuned lenses never pool
+             **({"lens": c["tuned_lens"].get("params_sha256")} if c.get("tuned_lens") else {})}
     trained = meta.get("training") or {}
     return {"model": c["model"], "params": meta.get("model_params"), "family": meta.get("family"),
             "task": c["task"], "kind": meta.get("task_kind"), "probe": c["probe"], "seed": c.get("seed"),

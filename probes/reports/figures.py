@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..runs.rundir import read_table  # noqa: E402
 from .findings import fmt, is_missing, norm  # noqa: E402
 
 STYLE = {"pretrained": "-", "random": "--", "trained": "-."}
@@ -65,7 +66,7 @@ def _legend(fig, axes, n: int) -> None:
 def _read_table(meta: dict, columns: set[str]) -> pd.DataFrame | None:
     path = Path(meta["path"]) / "table.csv"
     try:
-        return pd.read_csv(path, usecols=lambda c: c in columns)
+        return read_table(path, columns)
     except (OSError, ValueError):
         return None
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..runs.rundir import read_table
 from ..stats import mean, sign_flip
 from .training import label_runs
 
@@ -53,7 +54,7 @@ def paired_tables(runs: list[dict]) -> dict[str, pd.DataFrame]:
             continue
         lab = labels.loc[folder]
         key = (m["config"]["probe"], m["config"]["task"], lab.training_config, m["training"].get("step"))
-        values = PER_ITEM[key[0]][1](pd.read_csv(Path(m["path"]) / "table.csv"))
+        values = PER_ITEM[key[0]][1](read_table(Path(m["path"]) / "table.csv"))
         keyed.setdefault(key, {}).setdefault(lab.variant, []).append(values)
     for (probe, task, config, step), variants in sorted(keyed.items(), key=lambda kv: json.dumps(kv[0], default=str)):
         if len(variants) < 2:

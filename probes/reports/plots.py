@@ -30,6 +30,11 @@ def _title(meta: dict) -> str:
     return f"{meta.get('model', '')} · {meta.get('task', '')}"
 
 
+def _lens(meta: dict) -> str:
+    """Which lens a run decoded through (its --lens), as a title says it."""
+    return "logit lens" if (meta.get("options") or {}).get("lens", "logit") == "logit" else "tuned lens"
+
+
 def _yerr(t, col: str):
     """Error bar lengths below and above from `col_lo` / `col_hi` columns. An interval that could not be computed
     (None or NaN: too few items) is drawn as no bar, its point alone."""
@@ -92,7 +97,7 @@ def plot_lens(df, meta: dict, path: Path, layer_col: str = "layer") -> None:
             _band(ax, _means(df.groupby(layer_col), col), fmt, label)
     _note(ax, f"{df.item.nunique()} items; bands: {{level}} bootstrap over items")
     ax.set(xlabel="residual index (0 = embeddings)", ylabel="mean reciprocal rank", ylim=(0, 1.02),
-           title=f"logit lens · {_title(meta)}")
+           title=f"{_lens(meta)} · {_title(meta)}")
     ax.legend()
     _save(fig, path)
 
@@ -124,7 +129,7 @@ def plot_lens_positions(df, meta: dict, path: Path) -> None:
             top = sub.pivot_table(index="layer", columns="position", values="top1", aggfunc="first")
             for (y, x), text in np.ndenumerate(top.to_numpy()):
                 ax.text(x, y, str(text).strip()[:6], ha="center", va="center", fontsize=5, color="white")
-    fig.suptitle(f"logit lens by layer and position · {_title(meta)}\n{len(items)} of {df.item.nunique()} items",
+    fig.suptitle(f"{_lens(meta)} by layer and position · {_title(meta)}\n{len(items)} of {df.item.nunique()} items",
                  fontsize=10)
     _save(fig, path)
 
@@ -141,7 +146,7 @@ def plot_readout(df, meta: dict, path: Path) -> None:
         _band(a, t, fmt, label, x=t.index + 1)
     _note(a, f"{len(items)} items; bands: {{level}} bootstrap over items")
     a.set(xlabel="residual index after block's FFN", ylabel="mean reciprocal rank", ylim=(0, 1.02),
-          title=f"FFN read-out · {_title(meta)}")
+          title=f"FFN read-out, {_lens(meta)} · {_title(meta)}")
     a.legend(fontsize=8)
     b.bar(switches.index, switches.values)
     b.set(xlabel="block whose FFN makes the answer top-1", ylabel="prompts",

@@ -246,7 +246,8 @@ def run_task(plan: RunPlan, loaded, task, output: Path, progress: bool = True, e
         summary = {**spec.summarize(table, seed=task.seed), **counts(task, items, ambiguous, limit),
                    **special_top1(table), "ci": level()}
         if spec.plot is not None:
-            spec.plot(table, {"model": loaded.spec.name, "task": task.name, "seed": task.seed, "summary": summary},
+            spec.plot(table, {"model": loaded.spec.name, "task": task.name, "seed": task.seed, "summary": summary,
+                              "options": options},
                       run.path / "plot.png")
         run.finish(table, summary, {"batch_size_used": size} if auto else {})
     return table, summary

@@ -27,6 +27,7 @@ class RunPlan:
     overwrite: bool = False
     self_check: bool = True
     remote: bool = False
+    lens: dict | None = None  # a tuned --lens' identity (tuned_lens.lens_identity): part of each run's identity
 
     @property
     def spec(self) -> Probe:
@@ -34,7 +35,7 @@ class RunPlan:
 
     def config(self, task) -> dict:
         return run_config(self.model, self.load["dtype"], self.load["quantize"], task, self.probe, self.limit,
-                          self.options)
+                          self.options, self.lens)
 
 
 def plan_run(model: str | ModelSpec | None = None, tasks: list | tuple = (), probe: str = "logit-lens",
@@ -54,13 +55,14 @@ def plan_run(model: str | ModelSpec | None = None, tasks: list | tuple = (), pro
     spec = loaded.spec if loaded is not None else model if isinstance(model, ModelSpec) else resolve_model(model)
     for t in tasks:
         check_inputs(spec, t)
+    lens = None
     if chosen.get("lens", "logit") != "logit":  # a tuned lens that is not there is refused before loading
-        from ..methods.tuned_lens import lens_folder
+        from ..methods.tuned_lens import lens_identity
 
         if remote or (loaded is not None and loaded.remote):
             raise ProbeError("--lens tuned applies its translators on this machine; accepted: --lens logit with "
                              "--remote")
-        lens_folder(chosen["lens"], spec)
+        lens = lens_identity(chosen["lens"], spec)
     if output is not None and len(tasks) > 1:
         raise ProbeError("--output names one run folder; with several tasks leave it out (results/<model>/<task>/...)")
     batch_size = parse_batch_size(batch_size)
@@ -79,7 +81,8 @@ def plan_run(model: str | ModelSpec | None = None, tasks: list | tuple = (), pro
 
             check_fits(spec, opts, (load or {}).get("gpus"))
     plan = RunPlan(model=spec, load=opts, probe=probe, options=chosen, tasks=tuple(tasks), outputs=outputs,
-                   limit=limit, batch_size=batch_size, overwrite=overwrite, self_check=self_check, remote=remote)
+                   limit=limit, batch_size=batch_size, overwrite=overwrite, self_check=self_check, remote=remote,
+                   lens=lens)
     for t in tasks:
         t.items()  # a data file that cannot be read, or has empty cells, is refused now
         if outputs.get(t.name) is not None:
@@ -87,20 +90,24 @@ def plan_run(model: str | ModelSpec | None = None, tasks: list | tuple = (), pro
     return plan
 
 
-def run_config(spec, dtype: str, quantize: str | None, task, probe: str, limit: int | None, options: dict) -> dict:
+def run_config(spec, dtype: str, quantize: str | None, task, probe: str, limit: int | None, options: dict,
+               lens: dict | None = None) -> dict:
     """What identifies a run's results: a rerun with the same config resumes, a different one is refused.
-    `options`: the probe's parsed options (probe_options)."""
+    `options`: the probe's parsed options (probe_options); `lens`: a tuned lens' identity (the logit lens' runs
+    have none, as before the option)."""
     from ..models.loading import model_digest
 
     return {"model": spec.name, "source": spec.where(), "revision": spec.revision, "model_digest": model_digest(spec),
             "dtype": dtype, "quantize": quantize, "task": task.name, "task_version": task.version,
             "task_digest": task.digest(), "seed": task.seed, "task_options": task.overrides, "probe": probe,
-            "limit": limit, "options": options}
+            "limit": limit, "options": options, **({"tuned_lens": lens} if lens else {})}
 
 
-def default_output(results: Path, model: str, task: str, probe: str) -> Path:
-    """results/<model>/<task>/<probe>, each a safe folder name (see `safe_name`)."""
-    return Path(results) / safe_name(model) / safe_name(task) / probe
+def default_output(results: Path, model: str, task: str, probe: str, lens: str | None = None) -> Path:
+    """results/<model>/<task>/<probe>, each a safe folder name (see `safe_name`); a run through a tuned lens in
+    <probe>-lens-<its --lens value> beside the logit lens' run (the two are different runs)."""
+    folder = probe if lens in (None, "logit") else f"{probe}-lens-{safe_name(lens)}"
+    return Path(results) / safe_name(model) / safe_name(task) / folder
 
 
 def parse_batch_size(value) -> int | str:

@@ -246,16 +246,43 @@ class RunDir:
         write_csv(self.parts / f"items-{items[0]:06d}-{items[-1]:06d}.csv", pd.DataFrame(rows))
 
     def table(self) -> pd.DataFrame:
-        parts = [_read_part(f, keep_default_na=False, na_values=[""], low_memory=False) for f in sorted(self.parts.glob("*.csv"))]
+        parts = [_read_part(f, **TEXT) for f in sorted(self.parts.glob("*.csv"))]
         if not parts:
             raise ProbeError(f"{self.path} has no results")
-        return pd.concat(parts, ignore_index=True).sort_values(["item"], kind="stable").reset_index(drop=True)
+        rows = pd.concat(parts, ignore_index=True)
+        return typed(rows).sort_values(["item"], kind="stable").reset_index(drop=True)
 
     def finish(self, df: pd.DataFrame, summary: dict, extra: dict | None = None) -> None:
         write_csv(self.path / "table.csv", df)
         meta = json.loads((self.path / "meta.json").read_text())
         write_json(self.path / "meta.json", {**meta, **(extra or {}), "status": "complete", "finished": _now(),
                                              "summary": summary})
+
+
+TEXT = {"dtype": str, "keep_default_na": False, "na_values": [""]}  # every cell as written; empty: missing
+
+
+def typed(rows: pd.DataFrame) -> pd.DataFrame:
+    """Columns read as text, typed once over all rows: numbers where every value is written as one, True/False
+    as booleans, text elsewhere. pandas' own inference runs per file (a column of node labels came back integers
+    from one batch and text from another, which holds a "-") and reads a token " 1" as the number 1."""
+    out = rows.copy()
+    for c in out.columns:
+        values = out[c].dropna()
+        if values.empty:
+            out[c] = pd.to_numeric(out[c])
+        elif values.isin(["True", "False"]).all():
+            out[c] = out[c].map({"True": True, "False": False})
+        elif (values == values.str.strip()).all():
+            numbers = pd.to_numeric(values, errors="coerce")
+            if numbers.notna().all():
+                out[c] = pd.to_numeric(out[c])
+    return out
+
+
+def read_table(path: Path, columns: set[str] | None = None) -> pd.DataFrame:
+    """A run's table.csv, typed as the run's own table was (`typed`)."""
+    return typed(pd.read_csv(path, usecols=(lambda c: c in columns) if columns else None, **TEXT))
 
 
 def _read_part(path: Path, **kwargs) -> pd.DataFrame:
