@@ -15,6 +15,7 @@ import torch
 from probes.training import trainer as trainer_module
 from probes.training.config import load_training_config, steps_per_epoch
 from probes.training.data import GENERATORS, IGNORE, tokenizer_for
+from probes.training.generator import TensorRows, collate_ids
 from timing import measure
 from training_hooks import Clock, StepHooks, SyncCounter
 
@@ -79,11 +80,15 @@ def bare_loop(cfg: dict, steps: int, hooks=(), compile: str | None = None) -> No
         evaluate()
     model.train()
     done, train_set = 0, data["train"]
+    resident = isinstance(train_set, TensorRows) and collate is collate_ids
+    if resident:  # as probe train (probes/training/batches.py): the split on the device once, indexed there
+        train_set = TensorRows(columns={k: v.to(device) for k, v in train_set.columns.items()})
     while done < steps:
-        for i, idx in enumerate(torch.randperm(len(train_set), generator=order).split(t["batch_size"])):
+        order_here = torch.randperm(len(train_set), generator=order)
+        for i, idx in enumerate((order_here.to(device) if resident else order_here).split(t["batch_size"])):
             for hook in hooks:
                 hook(done, 0)
-            batch = batch_of(train_set, idx.tolist())
+            batch = train_set.__getitems__(idx) if resident else batch_of(train_set, idx.tolist())
             if i == 0 and gen.epoch_metrics is not None:
                 gen.epoch_metrics(model, {k: v for k, v in batch.items() if k != "target"}, task)
             loss = loss_of(batch)
