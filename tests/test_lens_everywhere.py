@@ -300,3 +300,11 @@ def test_a_tuned_run_without_output_goes_beside_the_logit_lens_run(tmp_path):
     other = default_output(tmp_path, "m", "t", "ffn-readout", "tuned:/x/../lens")
     assert other.parent == tmp_path / "m" / "t" and other.name.startswith("ffn-readout-lens-tuned")
     assert "/" not in other.name and ".." not in other.name
+
+
+@pytest.mark.parametrize("probe", LENS_PROBES)
+def test_lens_logit_spelled_out_is_the_run_without_the_option(probe):
+    from probes.methods.catalog import probe_options
+
+    assert probe_options(probe, {"lens": "logit"}) == probe_options(probe, {})
+    assert probe_options(probe, {"lens": "tuned"})["lens"] == "tuned"

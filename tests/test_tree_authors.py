@@ -250,7 +250,8 @@ def test_a_window_stops_at_the_first_log_step_past_its_time_not_at_an_evaluation
     ({"train.drop_last": "yes"}, "train.drop_last 'yes' is not true or false"),
     ({"train.warmup_steps": 10}, "schedule cosine_per_epoch steps its cosine once per epoch, with no warm-up"),
     ({"train.steps": 100}, "accepted: train.epochs \\(not train.steps\\) and train.warmup_steps 0"),
-    ({"train.schedule": "cosine"}, "train.min_lr goes with schedule cosine_with_min_lr or cosine_per_epoch")])
+    ({"train.schedule": "cosine"}, "train.min_lr goes with schedule cosine_with_min_lr or cosine_per_epoch"),
+    ({"train.weight_decay": 0.0}, "train.decay_all true with weight_decay 0 decays nothing; accepted: a weight_decay > 0")])
 def test_bad_authors_settings_are_one_line_errors(change, message):
     with pytest.raises(ProbeError, match=message):
         load_training_config(AUTHORS, change)

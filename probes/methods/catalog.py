@@ -254,6 +254,8 @@ def probe_options(probe: str, options: dict | None, strict: bool = False) -> dic
             check_grammar(chosen[name], spec.position_forms, f"{spec.word} --{name}")
     if "layers" in chosen:
         blocks(chosen["layers"], spec.layers_also)
+    if chosen.get("lens") == "logit":  # the default spelled out: the same computation, so the same run
+        chosen.pop("lens")
     return chosen
 
 

@@ -84,7 +84,7 @@ def prepare_scrub(loaded, task, items: list[Item], options: dict):
     kept = [it for it in items if sources[it.index]]
     if not kept:
         raise ProbeError(f"no tree of task {task.name!r} has another with the same node as many steps up from its goal "
-                         f"as block {blocks[0]}; accepted: more trees (--task-option trees=N)")
+                         f"as any of blocks {', '.join(map(str, blocks))}; accepted: more trees (--task-option trees=N)")
     state = {it.index: {key: (s, first_step(task.tree(s), task.nodes), " ".join(map(str, task.tree(s).path)))
                         for key, s in sources[it.index].items()} for it in kept}
     unmatched = {b: sum((b, "matched") not in sources[it.index] for it in items) for b in blocks}

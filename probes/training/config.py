@@ -92,6 +92,9 @@ def load_training_config(path: str | Path, overrides: dict | None = None, seed: 
     if cfg["train"]["schedule"] == "cosine_per_epoch" and ("steps" in cfg["train"] or cfg["train"]["warmup_steps"]):
         raise ProbeError(f"{where}: schedule cosine_per_epoch steps its cosine once per epoch, with no warm-up; "
                          "accepted: train.epochs (not train.steps) and train.warmup_steps 0")
+    if cfg["train"].get("decay_all") and not cfg["train"]["weight_decay"]:
+        raise ProbeError(f"{where}: train.decay_all true with weight_decay 0 decays nothing; accepted: a "
+                         "weight_decay > 0, or no decay_all")
     if cfg["train"].get("max_grad_norm", 1.0) < 0:
         raise ProbeError(f"{where}: train.max_grad_norm {cfg['train']['max_grad_norm']}; accepted: a norm >= 0 "
                          "(0: no clipping)")
