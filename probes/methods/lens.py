@@ -97,9 +97,10 @@ def at_last_position(df):
 
 def summarize_lens(df, seed: int = 0) -> dict:
     """At the last position: accuracy at the last layer (with its interval), the median first layer at which
-    the answer / argument is top-1, over the items that ever reach it (their count is kept), and per layer the mean
+    the answer / argument is top-1, over the items that ever reach it (their count is kept), per layer the mean
     KL to the model's distribution with its bootstrap interval over items (`kl_to_final`: a list, one entry per
-    layer; tables written before the column have none)."""
+    layer; tables written before the column have none), and per layer the answer's and argument's top-1 share
+    (Wilson) and mean reciprocal rank (bootstrap) with their intervals (`by_layer`)."""
     df = at_last_position(df)
     last = df[df.layer == df.layer.max()]
     n = int(last.item.nunique())
@@ -111,6 +112,10 @@ def summarize_lens(df, seed: int = 0) -> dict:
     if "kl_to_final" in df:
         out["kl_to_final"] = [{"layer": int(layer), **mean(g.kl_to_final, "kl_to_final", seed=seed)}
                               for layer, g in df.groupby("layer")]
+    targets = [t for t in ("answer", "argument") if f"{t}_rank" in df]
+    out["by_layer"] = [{"layer": int(layer), **{k: v for t in targets for k, v in {
+        **proportion(int((g[f"{t}_rank"] == 0).sum()), len(g), f"{t}_top1"),
+        **mean(g[f"{t}_rr"], f"{t}_rr", seed=seed)}.items()}} for layer, g in df.groupby("layer")]
     return out
 
 
@@ -119,9 +124,9 @@ def report_lens(table, summary) -> str:
     KL to the model's distribution with its interval, then the summary lines."""
     targets = [t for t in ("answer", "argument") if f"{t}_rank" in table]
     at_last = at_last_position(table)
-    by_layer = at_last.groupby("layer").agg(**{
-        k: v for t in targets for k, v in ((f"{t}_top1", (f"{t}_rank", lambda r: (r == 0).mean())),
-                                           (f"{t}_rr", (f"{t}_rr", "mean")))})
+    rows = {r["layer"]: r for r in summary["by_layer"]}  # each with its interval: Wilson (share), bootstrap (mean)
+    by_layer = pd.DataFrame({f"{t}_{m}": {layer: interval_text(r, f"{t}_{m}") for layer, r in rows.items()}
+                             for t in targets for m in ("top1", "rr")}).rename_axis("layer")
     kl = ""
     if summary.get("kl_to_final"):
         by_layer["kl_to_final"] = by_layer.index.map({r["layer"]: interval_text(r, "kl_to_final")
@@ -130,7 +135,8 @@ def report_lens(table, summary) -> str:
               "bootstrap over items] (n items)")
     where = " at the last position" if len(at_last) < len(table) else ""
     lines = [f"per residual index (0 = embeddings){where}, over {summary['items']} items: *_top1 = fraction whose "
-             f"token is the lens top-1, *_rr = mean reciprocal rank 1/(rank+1){kl}", by_layer.round(3).to_string(), "",
+             f"token is the lens top-1 [{level():.0%} Wilson], *_rr = mean reciprocal rank 1/(rank+1) [bootstrap]{kl}",
+             by_layer.round(3).to_string(), "",
              f"items {summary['items']}  accuracy {interval_text(summary, 'accuracy')} [{level():.0%} Wilson]"]
     lines += [f"{t} first top-1 {reached_text(summary, f'{t}_top1_layer')}" for t in targets]
     lines.append(f"of {summary['n_layers']} layers (0 = embeddings)")
