@@ -74,6 +74,13 @@ def test_a_training_sweep_trains_then_probes_every_checkpoint_and_gives_curves_o
         assert [u.model for u in sweep.units() if u.probe == "nback"] == [str(run / "checkpoint-6"),
                                                                           str(run / "checkpoint-12")]
         assert [sweep.task(u).overrides["n"] for u in sweep.units()] == [[1]] * 4
+    # a folder or glob relative to the sweep file, whatever the current folder: the same models, paths normalised
+    (tmp_path / "sweeps").mkdir()
+    for models in (["../runs/tiny/n1-seed0/checkpoint-6"], ["../runs/tiny/n1-seed0/checkpoint-*"]):
+        other = write_sweep(tmp_path / "sweeps", train=None, models=models, checkpoints="final",
+                            task_options={"n": 1, "sequences": 4})
+        assert {u.model for u in load_sweep(other).units()} <= {str(run / "checkpoint-6"), str(run / "checkpoint-12")}
+        assert str(run / "checkpoint-6") in {u.model for u in load_sweep(other).units()}
 
 
 def test_on_slurm_each_probe_waits_for_its_own_training_job(tmp_path):

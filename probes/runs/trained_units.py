@@ -5,13 +5,14 @@ See probes/runs/sweep.py for the file as a whole."""
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ProbeError
 from ..training.config import load_training_config
-from .rundir import safe_name
+from .rundir import RunBusy, RunComplete, RunLock, safe_name
 
 TRAIN_KEYS = {"configs", "set", "seeds", "runs", "slurm"}
 CHECKPOINTS = ("final", "all")
@@ -61,8 +62,8 @@ def from_training(value, key: str, unit, sweep):
 
 
 def expand_models(models: list, base: Path, checkpoints: str, where: str) -> list[str]:
-    """Globs (relative to the sweep file) to the folders they match, and training runs to their checkpoint
-    folders with `checkpoints: all` (in step order)."""
+    """Globs to the folders they match, and training runs to their checkpoint folders with `checkpoints: all` (in
+    step order); a relative folder or glob is relative to the sweep file, as `results` and `runs` are."""
     from ..models.registry import trained_checkpoint
 
     out = []
@@ -72,8 +73,11 @@ def expand_models(models: list, base: Path, checkpoints: str, where: str) -> lis
                            key=lambda p: (str(p.parent), _step(p)))
             if not found:
                 raise ProbeError(f"{where}: model glob {m!r} matches no folder; accepted: a glob of checkpoint folders")
-            out += [str(p) for p in found if p.is_dir()]
-        elif checkpoints == "all" and Path(m).is_dir() and (t := trained_checkpoint(Path(m))) and t["final"]:
+            out += [os.path.normpath(p) for p in found if p.is_dir()]
+            continue
+        if not Path(m).is_absolute() and ("/" in m or m.startswith(".")) and (base / m).is_dir():
+            m = os.path.normpath(base / m)  # a folder beside the sweep file (a registry name has no "/")
+        if checkpoints == "all" and Path(m).is_dir() and (t := trained_checkpoint(Path(m))) and t["final"]:
             out += [str(p) for p in sorted(Path(m).glob("checkpoint-*"), key=_step)]
         else:
             out.append(m)
@@ -110,6 +114,21 @@ def train_units(spec, base: Path, where: str) -> list[TrainUnit]:
             for seed in seeds:
                 units.append(TrainUnit(name, str(path), tuple(zip(keys, combo)), seed))
     return units
+
+
+def run_training(sweep, tu: TrainUnit, progress: bool = True) -> str:
+    """Train one unit into its run folder (resuming a killed run); 'done', 'skipped' or 'failed: ...'."""
+    from ..training.trainer import train
+
+    if sweep.trained(tu) or RunLock(sweep.run_dir(tu)).alive():
+        return "skipped"
+    try:  # as run_unit: checked again under the lock
+        train(sweep.train_config(tu), sweep.run_dir(tu), resume=True, progress=progress, skip_complete=True)
+    except (RunBusy, RunComplete):
+        return "skipped"
+    except Exception as e:  # as run_unit: one failure must not stop the others
+        return f"failed: {type(e).__name__}: {e}"
+    return "done"
 
 
 def field_list(data: dict, key: str, where: str) -> list:
