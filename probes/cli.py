@@ -255,7 +255,7 @@ def cmd_sweep(args) -> None:
     if args.executor not in ("local", "slurm"):
         raise ProbeError(f"unknown executor {args.executor!r}; accepted: local, slurm")
     if args.executor == "local" and args.dry_run:  # what would run, nothing run
-        units = [tu.id for tu in sweep.train_units] + [u.id for u in sweep.units()]
+        units = [u.id for u in sweep.all_units()]  # training, lens and probe units, in the order they run
         print(f"sweep {sweep.name} would run {len(units)} unit(s) (finished ones are skipped when it runs):")
         print("\n".join(f"  {u}" for u in units))
         return

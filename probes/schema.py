@@ -42,6 +42,10 @@ SWEEP_FIELDS = {
               "{configs: [configs/training/nback-paper.yaml], set: {task.n: [1, 2]}, seeds: [0, 1]}"),
     "checkpoints": ("trained models: final (the default) or all (every checkpoint, for metrics over training)",
                     "all"),
+    "lens": ("a tuned lens trained for every model first, into the cache --lens tuned reads (as probe lens train): "
+             "tokens (default 2^20), corpus (stdlib-english, dataset:NAME, file:PATH), slurm; probes with "
+             "options: {lens: tuned} wait for it; a lens of other tokens or corpus is trained again",
+             "{tokens: 65536, corpus: stdlib-english}"),
 }
 TRAINING_FIELDS = {
     "name": ("the config's name; runs go to runs/<name>/n<N>-seed<S>", "nback-paper"),

@@ -16,24 +16,29 @@ from pathlib import Path
 from ..errors import ProbeError
 from .queue import queued_units
 from .rundir import write_json
+from .lens_units import LensUnit, lens_time
 from .sweep import GPU_HOST_MEMORY, SLURM_DEFAULTS, Sweep, Unit, unit_states
 from .trained_units import TRAIN_SLURM, TrainUnit
 
 
-def resources(sweep: Sweep, unit: Unit) -> dict:
-    """Slurm resources of a unit: GPUs, host memory and time limit from `probe plan`, the rest from defaults; the
-    sweep's `slurm` mapping overrides any of them."""
-    from .execution import AUTO_START
+def resources(sweep: Sweep, unit) -> dict:
+    """Slurm resources of a unit: GPUs, host memory and time limit from `probe plan` (a lens unit's time from its
+    tokens: lens_units.lens_time), the rest from defaults; the sweep's `slurm` mapping overrides any of them, and
+    `train.slurm` or `lens.slurm` those of its training or lens units."""
+    from ..methods.catalog import get_probe, probe_options
     from ..models.planning import GiB, plan, time_limit
+    from .execution import AUTO_START
 
+    own = (sweep.train_slurm if isinstance(unit, TrainUnit) else sweep.lens["slurm"] if isinstance(unit, LensUnit)
+           else {})
     res = {**SLURM_DEFAULTS, **{k: v for k, v in sweep.slurm.items() if k != "extra"}}
     if isinstance(unit, TrainUnit) or unit.trained_by is not None:
         # training a small model, or probing one the sweep trains (not there yet to plan): the training defaults,
-        # or what the sweep's slurm (for probes) and train.slurm (for training) say
-        res = {**res, **{k: v for k, v in TRAIN_SLURM.items() if k not in sweep.slurm},
-               **(sweep.train_slurm if isinstance(unit, TrainUnit) else {})}
+        # or what the sweep's slurm (for probes) and train.slurm or lens.slurm (for their units) say
+        res = {**res, **{k: v for k, v in TRAIN_SLURM.items() if k not in sweep.slurm}, **own}
         res.pop("gpu_mem")
         return res
+    res.update(own)
     if not {"gpus", "mem", "time"} <= set(res):
         opts = sweep.load_options(unit)  # the sweep's, the same for every unit of a model: one plan per model
         p = sweep._once(("plan", unit.model), lambda: plan(
@@ -44,11 +49,13 @@ def resources(sweep: Sweep, unit: Unit) -> dict:
         # on CPU the weights live in host memory. Plus 4 GiB for Python, torch and the tokenizer.
         host = min(p.weight_bytes, GPU_HOST_MEMORY) if int(res["gpus"]) else 1.2 * p.weight_bytes
         res.setdefault("mem", f"{math.ceil(host / GiB) + 4}G")
-        if "time" not in res:
+        if "time" not in res and isinstance(unit, LensUnit):
+            res["time"] = lens_time(p, unit, gpu=bool(int(res["gpus"])))
+        elif "time" not in res:
             prompts = sweep._once(("prompts", unit.task, unit.seed),
                                   lambda: [it.prompt for it in sweep.task(unit).items(limit=sweep.limit)])
             tokens = math.ceil(max(map(len, prompts)) / 3)  # characters per token: 3 or more in these tasks
-            passes = sweep.plan(unit).spec.passes(p.n_layers, sweep.plan(unit).options)
+            passes = get_probe(unit.probe).passes(p.n_layers, probe_options(unit.probe, sweep.options))
             batch = AUTO_START if sweep.batch_size == "auto" else sweep.batch_size
             res["time"] = time_limit(p, passes, len(prompts), batch, tokens, gpu=bool(int(res["gpus"])))
     res.pop("gpu_mem")
@@ -88,33 +95,35 @@ def job_script(sweep: Sweep, res: dict, units_file: Path) -> str:
 
 def submit_slurm(sweep: Sweep, dry_run: bool = False) -> list[dict]:
     """Submit every unit that is not done, running or queued: one job array per set of equal resources, training
-    units first; probes on a checkpoint the sweep still trains wait for its training job (afterok)."""
+    units first, then lens units; a unit waits (afterok) for the job of the unit it waits for (Sweep.waits_for): a
+    probe for its model's lens (if it reads it), else for its model's training, and a lens for its model's training."""
     if not dry_run and shutil.which("sbatch") is None:
         raise ProbeError("--executor slurm needs Slurm's sbatch on PATH; accepted: --executor local")
     states = unit_states(sweep)
     todo = [u for u, state, _ in states if state in ("pending", "failed")]
     queued = queued_units(sweep)
-    # the array task of each training unit already in the queue ("pending (job 123_4)" -> "123_4")
-    training_job = {tu: queued[tu.id].split("job ")[-1].rstrip(")") for tu in sweep.train_units if tu.id in queued}
+    # the array task of each training or lens unit already in the queue ("pending (job 123_4)" -> "123_4")
+    jobs = {u: queued[u.id].split("job ")[-1].rstrip(")") for u in [*sweep.train_units, *sweep.lens_units()]
+            if u.id in queued}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     submitted = []
-    for stage in (TrainUnit, Unit):
+    for stage in (TrainUnit, LensUnit, Unit):
         groups: dict[str, list] = {}
         for unit in (u for u in todo if isinstance(u, stage)):
-            res = resources(sweep, unit)
             after = None
-            if isinstance(unit, Unit) and not sweep.ready(unit):
-                after = training_job.get(unit.trained_by)
-                if after is None:  # its training failed to be queued: nothing to wait for yet
+            if (waits := sweep.waits_for(unit)) is not None:
+                after = jobs.get(waits)
+                if after is None:  # what it waits for failed to be queued: nothing to wait for yet
                     continue
+            res = resources(sweep, unit)
             groups.setdefault(json.dumps([res, after], sort_keys=True), []).append(unit)
         for key, units in groups.items():
             res, after = json.loads(key)
             record = _submit(sweep, units, res, after, sweep.bookkeeping / f"{stamp}-{len(submitted)}", dry_run)
             submitted.append(record)
-            for i, u in enumerate(units):  # each probe waits for its own training run only
-                if isinstance(u, TrainUnit):
-                    training_job[u] = f"{record.get('job', '<job>')}_{i}"
+            for i, u in enumerate(units):  # each unit waits for its own training or lens only
+                if not isinstance(u, Unit):
+                    jobs[u] = f"{record.get('job', '<job>')}_{i}"
     return submitted
 
 

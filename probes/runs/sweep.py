@@ -27,6 +27,9 @@ written "{task.n}" takes that field of the model's training config (an N-back ta
 A model of `models` that is a training run's folder, or a glob ("runs/x/n2-seed0/checkpoint-*"), expands the same
 way. On Slurm, the probes on a run's checkpoints wait for its training job (afterok).
 
+`lens: {tokens: 65536, corpus: stdlib-english}` adds a tuned-lens training unit per model, run before its probes,
+into the cache that `options: {lens: tuned}` reads (probes/runs/lens_units.py).
+
 Each unit writes its own run folder (a shard: parts, table.csv, meta.json, all written atomically, under a lock)
 at <results>/<model>/<task>/<probe>[/seed-<s>]. A unit whose meta.json is complete and whose config matches is
 skipped, so running a sweep again resumes it and retries what failed. Slurm resources come from `probe plan`
@@ -46,11 +49,13 @@ from pathlib import Path
 from ..errors import ProbeError, choice_error, read_yaml
 from ..paths import runs_root
 from ..training.config import checkpoint_steps, load_training_config
+from .lens_units import LensUnit, lens_folder, lens_spec, lens_state, lock_folder, matches, reads_lens, run_lens
 from .rundir import RunBusy, RunComplete, RunLock, finished, safe_name
-from .trained_units import CHECKPOINTS, TrainUnit, expand_models, field_list, from_training, train_units
+from .trained_units import (CHECKPOINTS, TrainUnit, expand_models, field_list, from_training, run_training,
+                             train_units)
 
 KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
-        "results", "slurm", "train", "checkpoints"}
+        "results", "slurm", "train", "checkpoints", "lens"}
 LOAD_KEYS = {"dtype", "quantize", "device_map", "max_memory", "compute_dtype"}
 SLURM_KEYS = {"partition", "time", "gpus", "mem", "cpus_per_task", "gpu_mem", "account", "qos", "extra"}
 SLURM_DEFAULTS = {"cpus_per_task": 4, "gpu_mem": "80GiB"}
@@ -93,9 +98,11 @@ class Sweep:
     runs: Path = Path("runs")
     train_slurm: dict = field(default_factory=dict)
     checkpoints: str = "final"
+    lens: dict | None = None  # the `lens` mapping (lens_units.lens_spec), if given
     _cache: dict = field(default_factory=dict, repr=False)  # specs, tasks, configs and plans, each made once
 
-    def units(self) -> list[Unit]:
+    def model_list(self) -> list[tuple]:
+        """(model, label, training unit) of every model, a trained run's checkpoints each one."""
         models = [(m, None, None) for m in self.models]
         for tu in self.train_units:
             run, cfg = self.run_dir(tu), self.train_config(tu)
@@ -104,8 +111,16 @@ class Sweep:
                 models += [(str(run / f"checkpoint-{k}"), f"{label}@{k}", tu) for k in checkpoint_steps(cfg)]
             else:
                 models.append((str(run), label, tu))
+        return list(dict.fromkeys(models))
+
+    def units(self) -> list[Unit]:
         return [Unit(m, t, p, s, label, tu) for (m, label, tu), (t, p), s
-                in itertools.product(models, self.pairs(), self.seeds)]
+                in itertools.product(self.model_list(), self.pairs(), self.seeds)]
+
+    def lens_units(self) -> list[LensUnit]:
+        """One per model with a `lens` mapping."""
+        return [] if self.lens is None else [LensUnit(m, label, tu, self.lens["tokens"], self.lens["corpus"])
+                                             for m, label, tu in self.model_list()]
 
     def pairs(self) -> list[tuple[str, str]]:
         """(task, probe) pairs: every task with every probe, or with `probes` a mapping, each probe's own tasks."""
@@ -127,9 +142,19 @@ class Sweep:
             return False
         return meta.get("status") == "complete" and meta.get("config") == self.train_config(tu)
 
-    def ready(self, unit: Unit) -> bool:
-        """Its model exists: not a checkpoint the sweep has still to train."""
-        return unit.trained_by is None or self.trained(unit.trained_by)
+    def waits_for(self, unit) -> TrainUnit | LensUnit | None:
+        """The unit of this sweep that must finish first: a probe's model's lens unit, if it reads the cached lens
+        and that is not trained yet (a lens unit waits for its model), else the unit training its model."""
+        if isinstance(unit, Unit) and self.lens is not None and reads_lens(self, unit):
+            lens = next(lu for lu in self.lens_units() if lu.model == unit.model)
+            if not (self.ready(lens) and matches(_meta(self, lens), lens)):
+                return lens
+        tu = getattr(unit, "trained_by", None)  # a training unit waits for none
+        return tu if tu is not None and not self.trained(tu) else None
+
+    def ready(self, unit) -> bool:
+        """Its model, and the lens it reads, exist: none is still to be trained by the sweep."""
+        return self.waits_for(unit) is None
 
     def training_config_of(self, unit: Unit) -> dict | None:
         if unit.trained_by is not None:
@@ -138,10 +163,12 @@ class Sweep:
         return read_yaml(Path(trained["path"]) / "training.yaml", "training config") if trained else None
 
     def all_units(self) -> list:
-        """Training units first, then the probe units (some on what they train)."""
-        return [*self.train_units, *self.units()]
+        """Training units first, then lens units, then the probe units (some on what they train)."""
+        return [*self.train_units, *self.lens_units(), *self.units()]
 
     def output(self, unit) -> Path:
+        if isinstance(unit, LensUnit):
+            return lens_folder(self.spec(unit))
         return self.run_dir(unit) if isinstance(unit, TrainUnit) else self.results / unit.id
 
     def _once(self, key, make):
@@ -169,8 +196,11 @@ class Sweep:
             self.spec(unit), [self.task(unit)], unit.probe, self.options, limit=self.limit, batch_size=self.batch_size,
             load=self.load, check_fit=False, strict=False))
 
-    def load_options(self, unit: Unit) -> dict:
-        return self.plan(unit).load
+    def load_options(self, unit) -> dict:
+        """As its plan's (the same for every unit of a model), known before the lens its plan checks."""
+        from ..models.options import load_options
+
+        return self._once(("load", unit.model), lambda: load_options(self.spec(unit), **self.load))
 
     def config(self, unit: Unit) -> dict:
         """The run config its shard must carry to count as done (see plan.run_config)."""
@@ -201,7 +231,8 @@ FIELDS = {"name": ((str,), "a text"), "models": ((list, str), "a list of models"
           "seeds": ((list, int), "a list of integer seeds"), "limit": ((int,), "a positive integer"),
           "batch_size": ((int, str), "a positive integer or 'auto'"), "options": ((dict,), "a mapping"),
           "task_options": ((dict,), "a mapping"), "load": ((dict,), "a mapping"), "slurm": ((dict,), "a mapping"),
-          "results": ((str,), "a folder, relative to the sweep file")}
+          "results": ((str,), "a folder, relative to the sweep file"),
+          "lens": ((dict,), "a mapping of tokens, corpus, slurm")}
 
 
 def _check_fields(data: dict, where: str) -> None:
@@ -275,7 +306,8 @@ def load_sweep(path: str | Path) -> Sweep:
                   task_options=data.get("task_options") or {}, load=data.get("load") or {},
                   results=results.resolve(), slurm=data.get("slurm") or {}, train_units=trained,
                   runs=((base / runs) if runs else runs_root()).resolve(), checkpoints=checkpoints,
-                  train_slurm=(data.get("train") or {}).get("slurm") or {})
+                  train_slurm=(data.get("train") or {}).get("slurm") or {},
+                  lens=lens_spec(data["lens"], base, where) if data.get("lens") is not None else None)
     for tu in trained:
         sweep.train_config(tu)
     registry = load_registry()
@@ -288,6 +320,7 @@ def load_sweep(path: str | Path) -> Sweep:
         get_probe(p)
     _check_slurm(sweep.slurm, where)
     _check_slurm(sweep.train_slurm, f"{where}: train")
+    _check_slurm((sweep.lens or {}).get("slurm", {}), f"{where}: lens")
     for unit in sweep.units():  # every unit's plan: its options, task (every seed) and load options, checked
         try:  # a checkpoint the sweep has still to train: its task and options (its plan is made once it exists)
             sweep.plan(unit) if sweep.ready(unit) else check_task(unit.probe, sweep.task(unit),
@@ -313,12 +346,15 @@ def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
     queued = queued_units(sweep)
     rows = []
     for unit in sweep.all_units():
+        if waits := sweep.waits_for(unit):
+            state = ("queued" if waits.id in queued else "running" if sweep.ready(waits) and _lock(sweep, waits).alive()
+                     else "")
+            rows.append((unit, "pending", f"waits for {waits.id}" + (f" ({state})" if state else "")))
+            continue
         meta = _meta(sweep, unit)
-        lock = RunLock(sweep.output(unit))
-        if isinstance(unit, Unit) and not sweep.ready(unit):
-            tu = unit.trained_by
-            state = "queued" if tu.id in queued else "running" if RunLock(sweep.run_dir(tu)).alive() else ""
-            rows.append((unit, "pending", f"waits for {tu.id}" + (f" ({state})" if state else "")))
+        lock = _lock(sweep, unit)
+        if isinstance(unit, LensUnit):
+            rows.append((unit, *lens_state(sweep, unit, meta, queued)))
         elif _done(sweep, unit, meta):
             rows.append((unit, "done", f"{meta.get('finished', '')}"))
         elif lock.alive():
@@ -342,6 +378,11 @@ def unit_states(sweep: Sweep) -> list[tuple[Unit, str, str]]:
         else:
             rows.append((unit, "pending", ""))
     return rows
+
+
+def _lock(sweep: Sweep, unit) -> RunLock:
+    """The lock of a unit's output (a lens unit's beside its lens)."""
+    return RunLock(lock_folder(sweep.output(unit)) if isinstance(unit, LensUnit) else sweep.output(unit))
 
 
 # --- local execution --------------------------------------------------------------------------------------------
@@ -368,24 +409,9 @@ def run_unit(sweep: Sweep, unit: Unit, loaded, progress: bool = True) -> str:
     return "done"
 
 
-def run_training(sweep: Sweep, tu: TrainUnit, progress: bool = True) -> str:
-    """Train one unit into its run folder (resuming a killed run); 'done', 'skipped' or 'failed: ...'."""
-    from ..training.trainer import train
-
-    if sweep.trained(tu) or RunLock(sweep.run_dir(tu)).alive():
-        return "skipped"
-    try:  # as run_unit: checked again under the lock
-        train(sweep.train_config(tu), sweep.run_dir(tu), resume=True, progress=progress, skip_complete=True)
-    except (RunBusy, RunComplete):
-        return "skipped"
-    except Exception as e:  # as run_unit: one failure must not stop the others
-        return f"failed: {type(e).__name__}: {e}"
-    return "done"
-
-
 def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True) -> dict[str, str]:
-    """Run the units (or those named in `only`) that are not done: training units first, then the probes,
-    loading each model once. A probe unit whose training failed fails with it."""
+    """Run the units (or those named in `only`) that are not done: training units first, then per model its lens
+    unit and its probes, loading each model once. A unit whose training (or lens) failed fails with it."""
     from ..methods.catalog import get_probe
     from ..models.loading import load_model
 
@@ -397,8 +423,8 @@ def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True
     for tu in (u for u in wanted if isinstance(u, TrainUnit)):
         outcome[tu.id] = run_training(sweep, tu, progress)
         print(f"{tu.id}: {outcome[tu.id]}", file=sys.stderr, flush=True)
-    wanted = [u for u in wanted if isinstance(u, Unit)]
-    for u in [u for u in wanted if not sweep.ready(u)]:
+    wanted = [u for u in wanted if not isinstance(u, TrainUnit)]  # lens units first (all_units' order)
+    for u in [u for u in wanted if u.trained_by is not None and not sweep.trained(u.trained_by)]:
         outcome[u.id] = f"failed: its model is not trained ({u.trained_by.id} is not done)"
         wanted.remove(u)
     for model in dict.fromkeys(u.model for u in wanted):
@@ -407,20 +433,25 @@ def run_local(sweep: Sweep, only: list[str] | None = None, progress: bool = True
         outcome.update({u.id: "skipped" for u in units if u not in todo})
         if not todo:
             continue
-        needs = {k: v for u in todo for k, v in get_probe(u.probe).load.items()}
+        needs = {k: v for u in todo if isinstance(u, Unit) for k, v in get_probe(u.probe).load.items()}
         try:
             loaded = load_model(sweep.spec(todo[0]), resolved=sweep.load_options(todo[0]), **needs)
         except Exception as e:
             outcome.update({u.id: f"failed: loading {model}: {type(e).__name__}: {e}" for u in todo})
             continue
-        for unit in todo:
-            outcome[unit.id] = run_unit(sweep, unit, loaded, progress)
+        for unit in todo:  # a probe whose lens failed to train fails with it
+            waits = sweep.waits_for(unit)
+            outcome[unit.id] = (f"failed: {waits.id} is not done" if waits else run_lens(sweep, unit, loaded, progress)
+                                if isinstance(unit, LensUnit) else run_unit(sweep, unit, loaded, progress))
             print(f"{unit.id}: {outcome[unit.id]}", file=sys.stderr, flush=True)
     return outcome
 
 
 def _done(sweep: Sweep, unit, meta: dict | None) -> bool:
-    """Its shard (a training unit: its run) is complete and was computed with the config the sweep asks for now."""
+    """Its shard (a training unit: its run; a lens unit: its lens) is complete and was computed with the config the
+    sweep asks for now."""
     if isinstance(unit, TrainUnit):
         return sweep.trained(unit)
+    if isinstance(unit, LensUnit):
+        return matches(meta, unit)
     return sweep.ready(unit) and finished(meta, sweep.config(unit))
