@@ -65,7 +65,7 @@ def test_an_api_run_and_a_sweep_resolve_options_once_per_run(tmp_path, capsys, p
                                      "task_options": {"ambiguous": "flag"}, "results": "results"}))
     r = probe_here(capsys, "sweep", sweep, "--quiet")
     assert r.returncode == 0, r.stderr
-    assert parses["topk"] == 2 and parses["load_options"] == 2, parses  # two units, one plan each
+    assert parses["topk"] == 2 and parses["load_options"] == 1, parses  # two units, one plan each; one model
 
 
 def test_checks_that_need_no_weights_come_before_loading(tmp_path, monkeypatch):

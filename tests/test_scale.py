@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from probes.errors import ProbeError
 from probes.methods.catalog import PROBES
 from probes.runs.execution import run_probe
+from probes.runs import selfcheck
 from probes.methods.readout import last_residuals
 from probes.models.loading import load_model
 from probes.models.options import load_options
@@ -267,7 +268,9 @@ def test_auto_batch_size_halves_on_out_of_memory_and_keeps_finished_work(tmp_pat
     prompt_tokens = max(len(lm.tokenizer(it.prompt).input_ids) for it in task.items()[:40])
     with AllocatorLimit(5 * prompt_tokens * 128 * 4):
         table, _ = run_probe(lm, task, "logit-lens", tmp_path / "auto", limit=40, batch_size="auto", progress=False)
-    pd.testing.assert_frame_equal(table, ref)
+    # batches of 4 against one of 40: the same rows; floats within float32's declared tolerance (the KL to the
+    # model's distribution sums a vocabulary of log-ratios, whose last bits follow the matmul's batch shape)
+    pd.testing.assert_frame_equal(table, ref, check_exact=False, rtol=selfcheck.TOLERANCE[torch.float32], atol=1e-6)
     meta = json.loads((tmp_path / "auto" / "meta.json").read_text())
     assert meta["batch_size"] == "auto" and meta["batch_size_used"] == 4  # 64 -> 32 -> 16 -> 8 -> 4
     # a fixed batch size that does not fit is an error, not a silent retry

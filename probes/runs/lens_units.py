@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import ProbeError
 from .rundir import RunLock, safe_name, write_json
-from .trained_units import TrainUnit
+from .trained_units import SLURM_KEYS, TrainUnit
 
 LENS_KEYS = ("tokens", "corpus", "slurm")
 
@@ -42,7 +42,6 @@ def lens_spec(spec, base: Path, where: str) -> dict:
     file:PATH relative to the sweep file, kept absolute) and slurm (the lens jobs' resources)."""
     from ..methods.tuned_lens import CORPUS, TOKENS
     from ..tasks.corpus import ACCEPTED, check
-    from .sweep import SLURM_KEYS
 
     bad = sorted(set(spec) - set(LENS_KEYS))
     if bad:

@@ -42,12 +42,13 @@ def plan_run(model: str | ModelSpec | None = None, tasks: list | tuple = (), pro
              options: dict | None = None, *, limit: int | None = None, batch_size: int | str = 8,
              output: str | Path | None = None, outputs: dict | None = None, overwrite: bool = False,
              self_check: bool = True, load: dict | None = None, remote: bool = False, check_fit: bool = True,
-             loaded=None, strict: bool = True) -> RunPlan:
+             loaded=None, strict: bool = True, resolved: dict | None = None) -> RunPlan:
     """Resolve and check a run before loading: the probe and its options (strict: one it does not take is an error),
     each task against the probe and the model, the limit and batch size, the load options (a hub model this
     machine cannot hold is refused, unless check_fit=False), each run folder against the run it would hold.
     `model`: a name, folder or spec; or `loaded`: a model loaded already. `output`: the run folder of the one
-    task, or `outputs`: {task name: folder}; neither: temporary folders."""
+    task, or `outputs`: {task name: folder}; neither: temporary folders. `resolved`: `load`'s load options,
+    resolved already (a sweep resolves them once per model)."""
     get_probe(probe)
     chosen = probe_options(probe, options, strict=strict)
     for t in tasks:
@@ -72,6 +73,8 @@ def plan_run(model: str | ModelSpec | None = None, tasks: list | tuple = (), pro
         opts = {"dtype": loaded.dtype, "quantize": loaded.quantize}
     elif remote:
         opts = {"dtype": spec.dtype, "quantize": None}
+    elif resolved is not None:
+        opts = resolved
     else:
         from ..models.options import load_options
 

@@ -51,13 +51,12 @@ from ..paths import runs_root
 from ..training.config import checkpoint_steps, load_training_config
 from .lens_units import LensUnit, lens_folder, lens_spec, lens_state, lock_folder, matches, reads_lens, run_lens
 from .rundir import RunBusy, RunComplete, RunLock, finished, safe_name
-from .trained_units import (CHECKPOINTS, TrainUnit, expand_models, field_list, from_training, run_training,
-                             train_units)
+from .trained_units import (CHECKPOINTS, SLURM_KEYS, TrainUnit, expand_models, field_list, from_training,
+                             run_training, train_units)
 
 KEYS = {"name", "models", "tasks", "probes", "seeds", "limit", "batch_size", "options", "task_options", "load",
         "results", "slurm", "train", "checkpoints", "lens"}
 LOAD_KEYS = {"dtype", "quantize", "device_map", "max_memory", "compute_dtype"}
-SLURM_KEYS = {"partition", "time", "gpus", "mem", "cpus_per_task", "gpu_mem", "account", "qos", "extra"}
 SLURM_DEFAULTS = {"cpus_per_task": 4, "gpu_mem": "80GiB"}
 GPU_HOST_MEMORY = 60 * 2**30  # host memory asked for a GPU unit, at most (plus 4 GiB)
 
@@ -194,7 +193,7 @@ class Sweep:
 
         return self._once(("plan", unit), lambda: plan_run(
             self.spec(unit), [self.task(unit)], unit.probe, self.options, limit=self.limit, batch_size=self.batch_size,
-            load=self.load, check_fit=False, strict=False))
+            load=self.load, check_fit=False, strict=False, resolved=self.load_options(unit)))
 
     def load_options(self, unit) -> dict:
         """As its plan's (the same for every unit of a model), known before the lens its plan checks."""

@@ -15,6 +15,8 @@ from ..training.config import load_training_config
 from .rundir import RunBusy, RunComplete, RunLock, safe_name
 
 TRAIN_KEYS = {"configs", "set", "seeds", "runs", "slurm"}
+# what a slurm mapping may set: the sweep's, its training units' and its lens units' (lens_units.py)
+SLURM_KEYS = {"partition", "time", "gpus", "mem", "cpus_per_task", "gpu_mem", "account", "qos", "extra"}
 CHECKPOINTS = ("final", "all")
 TRAIN_SLURM = {"gpus": 0, "mem": "8G", "time": "02:00:00"}  # a training unit's resources unless `slurm` says
 
