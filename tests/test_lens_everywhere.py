@@ -308,3 +308,28 @@ def test_lens_logit_spelled_out_is_the_run_without_the_option(probe):
 
     assert probe_options(probe, {"lens": "logit"}) == probe_options(probe, {})
     assert probe_options(probe, {"lens": "tuned"})["lens"] == "tuned"
+
+
+def test_the_reports_lens_figure_names_the_lens_of_its_rows(tmp_path):
+    """The report's figure across runs is titled by the lens its rows used (aggregate's `lens` column: a tuned lens'
+    digest, missing for the logit lens), and a tuned row is labelled as such beside logit ones."""
+    from probes.reports.figures import lens_figures
+
+    table = pd.DataFrame({"item": [0, 0, 1, 1], "layer": [0, 1, 0, 1], "answer_rank": [3, 0, 2, 0],
+                          "answer_prob": [0.1, 0.9, 0.2, 0.8]})
+    table.to_csv(tmp_path / "table.csv", index=False)
+
+    def entry(label, lens=None):
+        row = {"task": "capitals", "answer_top1_layer": 1, "answer_top1_layer_reached": 2, "answer_top1_layer_of": 2,
+               **({"lens": lens} if lens else {})}
+        return {"runs": [{"path": str(tmp_path)}], "row": row, "label": label, "kind": "pretrained"}
+
+    def titles(entries):
+        return [fig._suptitle.get_text() for fig, _ in lens_figures(entries)]
+
+    assert titles([entry("m")])[0].startswith("logit lens · capitals")
+    assert titles([entry("m", "abc")])[0].startswith("tuned lens · capitals")
+    mixed = lens_figures([entry("m"), entry("m", "abc")])[0][0]
+    assert mixed._suptitle.get_text().startswith("logit and tuned lenses")
+    labels = [t.get_text() for t in mixed.legends[0].texts] if mixed.legends else []
+    assert any("(tuned lens)" in t for t in labels) and any("(tuned lens)" not in t for t in labels)

@@ -83,6 +83,8 @@ def lens_figures(entries: list[dict]) -> list[tuple]:
         for chunk in _chunks(group):
             fig, axes = _figure(len(chunk))
             drawn = 0
+            # a row's `lens` is its tuned lens' digest (aggregate's setup column), missing for the logit lens
+            lenses = {"logit" if is_missing(e["row"].get("lens")) else "tuned" for e in chunk}
             for colour, e in zip(_colours(len(chunk)), chunk):
                 tables = []
                 for i, m in enumerate(e["runs"]):
@@ -101,7 +103,8 @@ def lens_figures(entries: list[dict]) -> list[tuple]:
                 first, reached, of = (row.get(f"answer_top1_layer{s}") for s in ("", "_reached", "_of"))
                 top1 = ("never top-1" if is_missing(first) else
                         f"top-1 from layer {fmt(first)} ({fmt(reached)}/{fmt(of)} items)")
-                label = f"{e['label']}: n={items}, {top1}"
+                tuned = " (tuned lens)" if not is_missing(row.get("lens")) and len(lenses) > 1 else ""
+                label = f"{e['label']}{tuned}: n={items}, {top1}"
                 axes[0].plot(rank.index, rank[0.5], style, color=colour, marker="o", ms=3, label=label)
                 axes[0].fill_between(rank.index, rank[0.25], rank[0.75], color=colour, alpha=0.12)
                 if "answer_prob" in t:
@@ -128,7 +131,9 @@ def lens_figures(entries: list[dict]) -> list[tuple]:
                         title=f"probability: mean, band: {level():.0%} bootstrap")
             for ax in axes:
                 ax.xaxis.get_major_locator().set_params(integer=True)
-            fig.suptitle(f"logit lens{' · ' + task if task else ''}: the answer at the last position, by layer "
+            lens = {frozenset({"logit"}): "logit lens", frozenset({"tuned"}): "tuned lens"}.get(
+                frozenset(lenses), "logit and tuned lenses")
+            fig.suptitle(f"{lens}{' · ' + task if task else ''}: the answer at the last position, by layer "
                          "(star: first top-1 layer)", fontsize=10)
             _legend(fig, axes, len(chunk))
             plt.close(fig)
