@@ -258,14 +258,19 @@ def test_three_windows_end_as_an_uninterrupted_run(tmp_path, monkeypatch):
         assert (out / f"checkpoint-{meta['steps']}").is_dir()
     assert paused == [8, 16]  # the first logging step (every 8) past each window
     assert meta["status"] == "complete" and meta["steps"] == 24
-    a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    opt = [torch.load(r / "checkpoint-24" / "optimizer.pt", weights_only=True)["state"] for r in (whole, out)]
-    assert opt[0].keys() == opt[1].keys() and all(torch.equal(opt[0][k][x], opt[1][k][x])
-                                                  for k in opt[0] for x in opt[0][k])
-    assert (whole / "log.csv").read_text() == (out / "log.csv").read_text()
+    assert_same_run(whole, out, 24)
 
 
 def test_a_window_must_be_positive(tmp_path):
     r = probe("train", PAPER, "--minutes", "0", "--output", tmp_path / "r")
     assert r.returncode == 2 and r.stderr.strip().endswith("--minutes 0; accepted: a positive number of minutes")
+
+
+def assert_same_run(whole, out, last: int) -> None:
+    """Two run folders end alike, bit for bit: final weights, optimizer state at step `last`, and log."""
+    a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt = [torch.load(r / f"checkpoint-{last}" / "optimizer.pt", weights_only=True)["state"] for r in (whole, out)]
+    assert opt[0].keys() == opt[1].keys() and all(torch.equal(opt[0][k][x], opt[1][k][x])
+                                                  for k in opt[0] for x in opt[0][k])
+    assert (whole / "log.csv").read_text() == (out / "log.csv").read_text()

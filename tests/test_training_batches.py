@@ -20,7 +20,7 @@ from probes.training.data import GENERATORS, tokenizer_for
 from probes.training.generator import collate_ids
 
 from .conftest import ICL_TINY
-from .test_training import PAPER, ROOT, TINY, Clock
+from .test_training import PAPER, ROOT, TINY, Clock, assert_same_run
 
 STANDARD = ROOT / "configs" / "training" / "nback-standard.yaml"  # GPT-2 with dropout: the global RNG matters
 # 60 sequences in batches of 8: 7 full batches and a short one (or dropped) per epoch
@@ -185,9 +185,4 @@ def test_windows_that_stop_mid_epoch_end_as_an_uninterrupted_run(tmp_path, monke
             break
         paused.append(meta["steps"])
     assert paused == [6, 12, 18] and meta["status"] == "complete"
-    a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    opt = [torch.load(r / "checkpoint-24" / "optimizer.pt", weights_only=True)["state"] for r in (whole, out)]
-    assert opt[0].keys() == opt[1].keys() and all(torch.equal(opt[0][k][x], opt[1][k][x])
-                                                  for k in opt[0] for x in opt[0][k])
-    assert (whole / "log.csv").read_text() == (out / "log.csv").read_text()
+    assert_same_run(whole, out, 24)
